@@ -1,0 +1,45 @@
+"""czregistry: validate, pack, version and run CZANN / CZMODEL deep-learning packages.
+
+The library surface is imported lazily so ``import czregistry`` (and the CLI) stays fast: nothing here
+imports TensorFlow or ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _md
+from typing import Any
+
+try:
+    __version__ = _md.version("czregistry")
+except _md.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Finding",
+    "Report",
+    "ValidateOptions",
+    "__version__",
+    "inspect_package",
+    "open_package",
+    "validate",
+    "write_package",
+]
+
+_LAZY = {
+    "validate": ("czregistry.validate", "validate"),
+    "ValidateOptions": ("czregistry.checks", "ValidateOptions"),
+    "Report": ("czregistry.report", "Report"),
+    "Finding": ("czregistry.report", "Finding"),
+    "open_package": ("czregistry.package", "open_package"),
+    "inspect_package": ("czregistry.package", "inspect_package"),
+    "write_package": ("czregistry.package", "write_package"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'czregistry' has no attribute {name!r}")

@@ -1,0 +1,89 @@
+"""Validation checks and the context they share.
+
+Every check, built-in or from a plugin, is an object with ``id``, ``needs_model``, ``order`` and
+``run(ctx) -> Iterable[Finding]``. Static checks only read ``ctx.package``; model checks ask
+``ctx.session`` for a loaded model, which is loaded once per validation and shared, and keep expensive
+predictions in ``ctx.cache`` so probing cost grows with tile area, not with the number of checks.
+This module is itself a default plugin: it registers the built-in checks through the same hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..backends import Device, Session, load_session
+from ..hookspecs import hookimpl
+from ..metadata import ModelInfo
+from ..package import Package, ReadLimits
+from ..report import Finding, Report
+
+__all__ = ["Check", "CheckContext", "ValidateOptions", "validate_check"]
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    static: bool = False
+    strict: bool = False
+    backend: str | None = None
+    device: Device = "auto"
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    #: Largest spatial size (per axis) model probes may feed the network.
+    max_probe_size: int = 512
+    #: Soft limit in seconds for probing; checks stop adding probes once exceeded.
+    time_budget: float = 60.0
+
+
+@runtime_checkable
+class Check(Protocol):
+    id: str
+    needs_model: bool
+    order: int
+
+    def run(self, ctx: CheckContext) -> Iterable[Finding]: ...
+
+
+def validate_check(obj: Any) -> str:
+    if not isinstance(obj, Check) or not isinstance(obj.id, str) or not obj.id:
+        raise TypeError("register_checks expects an object with id, needs_model, order and run(ctx)")
+    return obj.id
+
+
+@dataclass
+class CheckContext:
+    package: Package
+    report: Report
+    options: ValidateOptions
+    cache: dict[str, Any] = field(default_factory=dict)
+    _session: Session | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo.from_package(self.package)
+
+    @property
+    def session(self) -> Session:
+        """The package's model, loaded on first use by the selected backend."""
+        if self._session is None:
+            self._session = load_session(self.package, self.options.backend, self.options.device)
+            self.report.measurements.setdefault("backend", self._session.backend)
+            self.report.measurements.setdefault("device", self._session.device)
+        return self._session
+
+    def measure(self, key: str, value: Any) -> None:
+        self.report.measurements[key] = value
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+@hookimpl
+def register_checks(register: Any) -> None:
+    from . import metadata as metadata_checks
+    from . import model as model_checks
+
+    for check in [*metadata_checks.CHECKS, *model_checks.CHECKS]:
+        register(check)

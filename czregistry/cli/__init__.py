@@ -1,0 +1,30 @@
+"""``czreg``: a thin click layer over the library. Commands live one module per area; each module exposes
+``register(group)``. Heavy imports (TensorFlow, ONNX Runtime, SQLAlchemy) happen inside commands only."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from . import pack, plugins_cmd, registry, run, schemas, validate
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="czreg")
+def main() -> None:
+    """Validate, pack, version and run CZANN / CZMODEL model packages for ZEISS ZEN and arivis."""
+
+
+for _module in (validate, schemas, plugins_cmd, pack, registry, run):
+    _module.register(main)
+
+
+def _add_plugin_commands() -> None:
+    from ..plugins import get_host
+
+    get_host().add_commands(main)
+
+
+_add_plugin_commands()

@@ -1,0 +1,65 @@
+"""``czreg validate``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ._common import handle_errors
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--static", is_flag=True, help="Never execute the model: archive and metadata checks only.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report object per package.")
+@click.option("--report", "report_file", type=click.Path(path_type=Path), default=None,
+              help="Also write a shareable report (.html or .md) including the package's SHA-256.")
+@click.option("--backend", default=None, help="Inference backend for model checks (see 'czreg plugins').")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--max-probe-size", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Largest spatial size (pixels per axis) that model probes feed the network.")
+@click.option("--time-budget", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Soft limit in seconds for model probing per package.")
+def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
+             backend: str | None, device: str, max_probe_size: int, time_budget: float) -> None:
+    """Validate packages. Exit 0 if all are valid, 1 if any is invalid, 2 on usage errors."""
+    from ..checks import ValidateOptions
+    from ..report import render_html, render_markdown, render_text
+    from ..validate import validate as run_validate
+
+    if report_file is not None and report_file.suffix.lower() not in (".html", ".htm", ".md"):
+        raise click.BadParameter("the report file must end in .html or .md", param_hint="--report")
+    if report_file is not None and len(paths) > 1:
+        raise click.BadParameter("--report takes one package at a time", param_hint="--report")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise click.UsageError(f"no such package file: {missing[0]}")
+    options = ValidateOptions(static=static, strict=strict, backend=backend, device=device,  # type: ignore[arg-type]
+                              max_probe_size=max_probe_size, time_budget=time_budget)
+    all_valid = True
+    reports = []
+    with handle_errors():
+        for path in paths:
+            report = run_validate(path, options)
+            all_valid &= report.valid
+            reports.append(report)
+            if as_json:
+                continue
+            click.echo(render_text(report))
+    if as_json:
+        payload = [r.to_dict() for r in reports]
+        click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=str))
+    if report_file is not None:
+        text = render_markdown(reports[0]) if report_file.suffix.lower() == ".md" else render_html(reports[0])
+        report_file.write_text(text, encoding="utf-8")
+        if not as_json:
+            click.echo(f"report written to {report_file}", err=True)
+    sys.exit(0 if all_valid else 1)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(validate)

@@ -1,0 +1,89 @@
+"""Typed errors of the library.
+
+The library raises these; only ``czregistry.cli`` turns them into click errors, so a caller embedding
+czregistry gets exceptions it can catch and a CLI user gets one line and a distinct exit code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CzregError",
+    "NoBackendError",
+    "PackError",
+    "PackageError",
+    "PluginError",
+    "RegistryError",
+    "RunError",
+    "SchemaError",
+    "UsageError",
+]
+
+
+class CzregError(Exception):
+    """Base of every error czregistry raises on purpose.
+
+    ``exit_code`` is what the CLI exits with; ``hint`` says what the user can do about it.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(CzregError):
+    """The user asked for something malformed: a missing file, a bad option value."""
+
+    exit_code = 2
+
+
+class PackageError(CzregError):
+    """A package cannot be read at all (the validator turns these into findings instead)."""
+
+    exit_code = 3
+
+
+class SchemaError(CzregError):
+    """A schema is missing or unknown (for example a future ``FormatVersion``)."""
+
+    exit_code = 3
+
+
+class PluginError(CzregError):
+    """A plugin failed to load or misbehaved; the message always names the plugin."""
+
+    exit_code = 4
+
+
+class BackendError(CzregError):
+    """An inference backend could not load or run a model."""
+
+    exit_code = 5
+
+
+class NoBackendError(BackendError):
+    """No installed backend can run the package; the hint names the plugin to install."""
+
+
+class PackError(CzregError):
+    """Packing failed; nothing was written at the output path."""
+
+    exit_code = 6
+
+
+class RegistryError(CzregError):
+    """A registry operation was refused or failed; the registry is unchanged."""
+
+    exit_code = 7
+
+
+class RunError(CzregError):
+    """Tiled inference failed; no half-written output is left under the final name."""
+
+    exit_code = 8

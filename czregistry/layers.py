@@ -1,0 +1,125 @@
+"""Pre- and post-processing layers: their specs and the ``name:key=value,...`` command-line syntax.
+
+A plugin registers a ``LayerSpec`` whose ``factory`` builds the actual (Keras) layer; nothing here imports
+TensorFlow, so ``czreg plugins`` and argument parsing stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UsageError
+
+__all__ = ["LayerSpec", "Param", "available_layers", "parse_layer_arg", "validate_layer_spec"]
+
+ParamType = Literal["float", "int", "floats", "ints", "str", "bool"]
+
+
+@dataclass(frozen=True)
+class Param:
+    type: ParamType
+    default: Any = None
+    required: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """``name`` is the stable CLI name; ``factory(**params)`` returns a Keras layer."""
+
+    name: str
+    kind: Literal["pre", "post"]
+    factory: Callable[..., Any]
+    params: dict[str, Param] = field(default_factory=dict)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "description": self.description,
+                "params": {k: {"type": p.type, "default": p.default, "required": p.required, "help": p.help}
+                           for k, p in self.params.items()}}
+
+
+def validate_layer_spec(obj: Any) -> str:
+    if not isinstance(obj, LayerSpec):
+        raise TypeError("register_layers expects a czregistry.layers.LayerSpec")
+    if not obj.name.replace("_", "").isalnum() or obj.kind not in ("pre", "post"):
+        raise TypeError(f"bad layer name or kind: {obj.name!r}, {obj.kind!r}")
+    return f"{obj.name} ({obj.kind})"
+
+
+def available_layers() -> dict[str, tuple[str, LayerSpec]]:
+    from .plugins import get_host
+
+    return {spec.name: (plugin, spec) for plugin, spec in get_host().layers()}
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets: ``mean=[0.5,0.4],std=0.2`` -> two items."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p for p in (s.strip() for s in parts) if p]
+
+
+def _convert(layer: str, key: str, raw: str, p: Param) -> Any:
+    try:
+        if p.type in ("floats", "ints"):
+            text = raw.strip()
+            items = json.loads(text.replace("(", "[").replace(")", "]")) if text.startswith(("[", "(")) else [
+                float(x) for x in text.split("/")]
+            if not isinstance(items, list):
+                items = [items]
+            return [int(v) if p.type == "ints" else float(v) for v in items]
+        if p.type == "float":
+            return float(raw)
+        if p.type == "int":
+            return int(raw)
+        if p.type == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return raw
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"layer '{layer}': parameter '{key}' expects {p.type}, got '{raw}'",
+                         hint="lists are written [1,2,3]") from exc
+
+
+def parse_layer_arg(arg: str, specs: dict[str, LayerSpec] | None = None) -> tuple[LayerSpec, dict[str, Any]]:
+    """Parse ``normalize:mean=0.5,std=0.2`` into the spec and typed keyword arguments."""
+    if specs is None:
+        specs = {name: spec for name, (_, spec) in available_layers().items()}
+    name, _, rest = arg.partition(":")
+    name = name.strip()
+    if name not in specs:
+        known = ", ".join(sorted(specs)) or "none installed"
+        raise UsageError(f"unknown layer '{name}' (available: {known})", hint="see 'czreg plugins'")
+    spec = specs[name]
+    kwargs: dict[str, Any] = {}
+    for item in _split_top(rest):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or key not in spec.params:
+            allowed = ", ".join(spec.params) or "no parameters"
+            raise UsageError(f"layer '{name}': bad parameter '{item}' (takes {allowed})")
+        kwargs[key] = _convert(name, key, raw.strip(), spec.params[key])
+    for key, p in spec.params.items():
+        if key not in kwargs:
+            if p.required:
+                raise UsageError(f"layer '{name}' needs parameter '{key}' ({p.help or p.type})")
+            if p.default is not None:
+                kwargs[key] = p.default
+    return spec, kwargs

@@ -1,0 +1,543 @@
+"""Safe reading and deterministic writing of CZANN / CZMODEL archives.
+
+Packages come from partners and from the internet, so the reader treats every archive as hostile:
+it never extracts to a path taken from the archive, checks every declared size against limits *before*
+inflating anything (``zipfile`` never inflates past a member's declared size, so checking the declared
+size bounds the work), verifies CRCs by streaming, and reports every problem as a ``Finding`` instead of
+raising. The writer is the reader's mirror: fixed member order, timestamps and permissions, so the same
+inputs give byte-identical archives and registry digests mean something.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+from xml.etree import ElementTree
+
+from .errors import PackageError
+from .report import Finding, Severity
+
+__all__ = [
+    "CZANN_METADATA",
+    "CZANN_MODEL",
+    "ModelFormat",
+    "Package",
+    "PackageKind",
+    "ReadLimits",
+    "inspect_package",
+    "open_package",
+    "parse_legacy_xml",
+    "sha256_file",
+    "sniff_model_format",
+    "write_package",
+    "zip_directory",
+]
+
+CZANN_METADATA = "model.json"
+CZANN_MODEL = "model.model"
+PackageKind = Literal["czann", "czmodel"]
+ModelFormat = Literal["onnx", "savedmodel", "unknown"]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+#: A fixed timestamp for every member we write (the earliest a zip can hold).
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_LICENSE_RE = re.compile(r"^(licen[cs]e|copying|notice)([._-].*)?$", re.IGNORECASE)
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_CHUNK = 1 * MiB
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what the reader will inflate.
+
+    Defaults fit real packages with a wide margin: ZEN requires models to fit an 8 GB GPU and ONNX files
+    stop at 2 GiB, while the deflate ratio of network weights is rarely above 2. Metadata is tiny.
+    The ratio limit only applies to members above ``ratio_floor_bytes``: small text files compress well.
+    """
+
+    max_metadata_bytes: int = 1 * MiB
+    max_member_bytes: int = 4 * GiB
+    max_total_bytes: int = 8 * GiB
+    max_ratio: float = 100.0
+    ratio_floor_bytes: int = 1 * MiB
+    max_members: int = 64
+
+
+@dataclass
+class Package:
+    """A package whose archive structure passed the reader's safety checks.
+
+    ``metadata`` is the parsed metadata: the JSON object for CZANN, the parsed form of the XML for
+    CZMODEL (see ``parse_legacy_xml``); ``None`` when it could not be parsed (a finding says why).
+    """
+
+    path: Path
+    kind: PackageKind
+    metadata_member: str
+    model_member: str
+    license_member: str | None
+    metadata_bytes: bytes
+    metadata: dict[str, Any] | None
+    model_size: int
+    model_format: ModelFormat
+    findings: list[Finding] = field(default_factory=list)
+    limits: ReadLimits = field(default_factory=ReadLimits)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity is Severity.ERROR for f in self.findings)
+
+    @contextlib.contextmanager
+    def open_model(self) -> Iterator[IO[bytes]]:
+        """Stream the model member; ``zipfile`` verifies its CRC when the stream is read to the end."""
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.model_member) as fh:
+            yield fh
+
+    def read_model_bytes(self) -> bytes:
+        """The whole model in memory: only for backends that need bytes (ONNX Runtime sessions)."""
+        with self.open_model() as fh:
+            return fh.read()
+
+    @contextlib.contextmanager
+    def model_file(self) -> Iterator[Path]:
+        """The model member copied to a private temp file, removed on exit (never wholly in memory)."""
+        with tempfile.TemporaryDirectory(prefix="czreg-model-") as tmp:
+            dest = Path(tmp) / "model.model"
+            with self.open_model() as src, dest.open("wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            yield dest
+
+    def read_license(self) -> str | None:
+        if self.license_member is None:
+            return None
+        with zipfile.ZipFile(self.path) as zf:
+            return zf.read(self.license_member).decode("utf-8", errors="replace")
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sniff_model_format(head: bytes) -> ModelFormat:
+    """A zipped SavedModel starts with a zip header; an ONNX ModelProto with field 1 (ir_version)."""
+    if head.startswith(b"PK\x03\x04"):
+        return "savedmodel"
+    if head[:1] == b"\x08":
+        return "onnx"
+    return "unknown"
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def _unsafe_name(name: str) -> str | None:
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "climbs out of the package with '..'"
+    return None
+
+
+def _member_type(info: zipfile.ZipInfo) -> str | None:
+    """'symlink', 'special file' or None for a regular file or directory (Unix-made archives only)."""
+    if info.create_system != 3:
+        return None
+    mode = info.external_attr >> 16
+    if not stat.S_IFMT(mode):  # permission bits only (Python's writestr does this): a regular file
+        return None
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "special file"
+
+
+def _archive_findings(infos: list[zipfile.ZipInfo], limits: ReadLimits) -> list[Finding]:
+    out: list[Finding] = []
+    if len(infos) > limits.max_members:
+        out.append(Finding.error(
+            "archive.too_many_members",
+            f"archive holds {len(infos)} members; a package has at most a handful (limit {limits.max_members})",
+            hint="rebuild the package with only model.json, model.model and an optional license file",
+        ))
+    for name, n in Counter(i.filename for i in infos).items():
+        if n > 1:
+            out.append(Finding.error(
+                "archive.duplicate_member", f"member '{name}' appears {n} times; readers disagree on which wins",
+                location=name, hint="rebuild the package so every member name is unique",
+            ))
+    total = 0
+    for info in infos:
+        name = info.filename
+        if (why := _unsafe_name(name)) is not None:
+            out.append(Finding.error("archive.unsafe_path", f"member path '{name}' {why}", location=name,
+                                     hint="never extract this archive with a generic unzip tool"))
+        if info.flag_bits & 0x1:
+            out.append(Finding.error("archive.encrypted", f"member '{name}' is encrypted; hosts cannot read it",
+                                     location=name, hint="repackage without a password"))
+        if (kind := _member_type(info)) is not None:
+            out.append(Finding.error("archive.special_member", f"member '{name}' is a {kind}", location=name,
+                                     hint="packages hold regular files only"))
+        total += info.file_size
+        if info.file_size > limits.max_member_bytes:
+            out.append(Finding.error(
+                "archive.zip_bomb",
+                f"member '{name}' declares {info.file_size:,} bytes uncompressed, over the "
+                f"{limits.max_member_bytes:,}-byte limit",
+                location=name, hint="raise the limit only for a package from a trusted source",
+            ))
+        elif info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(
+            info.compress_size, 1
+        ):
+            ratio = info.file_size / max(info.compress_size, 1)
+            out.append(Finding.error(
+                "archive.zip_bomb",
+                f"member '{name}' inflates {ratio:,.0f}x ({info.compress_size:,} -> {info.file_size:,} bytes), "
+                f"over the {limits.max_ratio:g}x limit",
+                location=name, hint="real model weights barely compress; this archive is likely a zip bomb",
+            ))
+    if total > limits.max_total_bytes:
+        out.append(Finding.error(
+            "archive.zip_bomb", f"members declare {total:,} bytes in all, over the {limits.max_total_bytes:,} limit",
+            hint="raise the limit only for a package from a trusted source",
+        ))
+    return out
+
+
+def _classify(names: list[str], path: Path) -> tuple[PackageKind, str | None, str | None]:
+    """Decide CZANN vs CZMODEL from the members (the extension only breaks ties)."""
+    if CZANN_METADATA in names or CZANN_MODEL in names:
+        return "czann", CZANN_METADATA, CZANN_MODEL
+    xmls = [n for n in names if n.lower().endswith(".xml") and "/" not in n]
+    models = [n for n in names if n.endswith(".model") and "/" not in n]
+    if xmls or models or path.suffix.lower() in (".czmodel", ".czseg"):
+        stem = Path(xmls[0]).stem if xmls else (Path(models[0]).stem if models else None)
+        return "czmodel", (f"{stem}.xml" if stem else None), (f"{stem}.model" if stem else None)
+    return "czann", CZANN_METADATA, CZANN_MODEL
+
+
+def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    with zf.open(info) as fh:
+        return fh.read(info.file_size + 1)
+
+
+def _verify_crc(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Stream a member to the end so ``zipfile`` checks its CRC; raises BadZipFile / zlib.error."""
+    with zf.open(info) as fh:
+        while fh.read(_CHUNK):
+            pass
+
+
+def inspect_package(path: Path | str, limits: ReadLimits | None = None,
+                    *, verify_crc: bool = True) -> tuple[Package | None, list[Finding]]:
+    """Read a package's structure and metadata; never raises for anything inside the file.
+
+    Returns ``(package, findings)``; ``package`` is ``None`` when the archive is unusable (not a zip,
+    unsafe, a required member missing). ``findings`` are also stored on the returned package.
+    """
+    limits = limits or ReadLimits()
+    path = Path(path)
+    findings: list[Finding] = []
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+    except OSError as exc:
+        raise PackageError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        if head == b"PK\x03\x04":
+            findings.append(Finding.error(
+                "archive.truncated",
+                f"archive is truncated or its central directory is damaged ({size:,} bytes; {exc})",
+                hint="the export or download did not finish; export or download the package again",
+            ))
+        else:
+            findings.append(Finding.error(
+                "archive.not_zip", "file is not a ZIP archive, so it cannot be a .czann or .czmodel package",
+                hint="check that you passed the package, not the model or metadata file",
+            ))
+        return None, findings
+    with zf:
+        try:
+            infos = zf.infolist()
+        except Exception as exc:  # pragma: no cover - zipfile parses eagerly in the constructor
+            findings.append(Finding.error("archive.corrupt", f"cannot list members: {exc}"))
+            return None, findings
+        findings += _archive_findings(infos, limits)
+        if any(f.severity is Severity.ERROR for f in findings):
+            return None, findings
+        files = [i for i in infos if not i.is_dir()]
+        names = [i.filename for i in files]
+        kind, meta_name, model_name = _classify(names, path)
+        required = [n for n in (meta_name, model_name) if n]
+        missing = [n for n in required if n not in names]
+        if kind == "czmodel" and (meta_name is None or model_name is None):
+            missing = ["{Id}.xml", "{Id}.model"]
+        for n in missing:
+            findings.append(Finding.error(
+                "archive.missing_member", f"required member '{n}' is missing from the {kind} package",
+                location=n, hint="re-export the package; a .czann holds model.json and model.model",
+            ))
+        if missing or meta_name is None or model_name is None:
+            return None, findings
+        license_member = None
+        expected = {meta_name, model_name}
+        if kind == "czmodel":
+            expected.add(f"modelid={Path(meta_name).stem}")
+            if f"modelid={Path(meta_name).stem}" not in names:
+                findings.append(Finding.warning(
+                    "archive.missing_marker", f"legacy marker member 'modelid={Path(meta_name).stem}' is missing",
+                    hint="older ZEN releases look for this empty marker entry",
+                ))
+        for n in names:
+            if n in expected:
+                continue
+            if license_member is None and "/" not in n and _LICENSE_RE.match(n):
+                license_member = n
+                continue
+            findings.append(Finding.warning(
+                "archive.extra_member", f"unexpected member '{n}' will be ignored by hosts", location=n,
+                hint="remove it, or name a license file license.txt",
+            ))
+        by_name = {i.filename: i for i in files}
+        meta_info, model_info = by_name[meta_name], by_name[model_name]
+        if meta_info.file_size > limits.max_metadata_bytes:
+            findings.append(Finding.error(
+                "archive.metadata_too_large",
+                f"metadata member '{meta_name}' is {meta_info.file_size:,} bytes; the limit is "
+                f"{limits.max_metadata_bytes:,}",
+                location=meta_name, hint="metadata is a few hundred bytes; this file is not a real package",
+            ))
+            return None, findings
+        try:
+            meta_bytes = _read_bounded(zf, meta_info)
+            with zf.open(model_info) as fh:
+                model_head = fh.read(8)
+            if verify_crc:
+                for info in files:
+                    if info is not meta_info:
+                        _verify_crc(zf, info)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as exc:
+            findings.append(Finding.error(
+                "archive.corrupt", f"archive data is corrupt: {exc}",
+                hint="the file was damaged in transfer or by a crashed export; obtain it again",
+            ))
+            return None, findings
+    metadata, meta_findings = _parse_metadata(kind, meta_name, meta_bytes)
+    findings += meta_findings
+    package = Package(
+        path=path, kind=kind, metadata_member=meta_name, model_member=model_name,
+        license_member=license_member, metadata_bytes=meta_bytes, metadata=metadata,
+        model_size=model_info.file_size, model_format=sniff_model_format(model_head),
+        findings=findings, limits=limits,
+    )
+    if package.model_format == "unknown":
+        findings.append(Finding.error(
+            "archive.model_format", f"'{model_name}' is neither an ONNX model nor a zipped SavedModel",
+            location=model_name, hint="re-export the model",
+        ))
+    return package, findings
+
+
+def _parse_metadata(kind: PackageKind, name: str, data: bytes) -> tuple[dict[str, Any] | None, list[Finding]]:
+    if kind == "czann":
+        try:
+            text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
+            obj = json.loads(text)
+        except UnicodeDecodeError as exc:
+            return None, [Finding.error("metadata.encoding", f"'{name}' is not UTF-8: {exc.reason}", location=name,
+                                        hint="save model.json as UTF-8")]
+        except json.JSONDecodeError as exc:
+            return None, [Finding.error("metadata.json", f"'{name}' is not valid JSON: {exc.msg} at line "
+                                        f"{exc.lineno} column {exc.colno}", location=name)]
+        except RecursionError:
+            return None, [Finding.error("metadata.json", f"'{name}' nests too deeply to be metadata",
+                                        location=name)]
+        if not isinstance(obj, dict):
+            return None, [Finding.error("metadata.json", f"'{name}' must hold a JSON object, not "
+                                        f"{type(obj).__name__}", location=name)]
+        return obj, []
+    try:
+        return parse_legacy_xml(data), []
+    except PackageError as exc:
+        return None, [Finding.error("metadata.xml", f"'{name}': {exc.message}", location=name, hint=exc.hint)]
+
+
+_INT_FIELDS = {"BorderSize", "LabelValue", "colR", "colG", "colB"}
+
+
+def _xml_value(key: str, text: str | None) -> Any:
+    text = (text or "").strip()
+    if key in _INT_FIELDS:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    return text
+
+
+def parse_legacy_xml(data: bytes) -> dict[str, Any]:
+    """Parse CZMODEL XML metadata into the dict form that ``schemas/czmodel-*.json`` describe.
+
+    DTDs and entities are refused before parsing: they are the vehicle of XML bombs and external-entity
+    attacks, and real CZMODEL metadata never uses them.
+    """
+    head = data[:4096].lower()
+    if b"<!doctype" in head or b"<!entity" in data.lower():
+        raise PackageError("XML metadata declares a DTD or entities, which packages never need",
+                           hint="this file may be hostile; do not open it with other tools")
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise PackageError(f"XML metadata is malformed: {exc}", hint="re-export the package") from exc
+    if root.tag != "Model":
+        raise PackageError(f"XML root element is <{root.tag}>, expected <Model>")
+    out: dict[str, Any] = dict(root.attrib)
+    for child in root:
+        if child.tag in ("Channels", "TrainingClasses"):
+            items = []
+            for item in child:
+                entry: dict[str, Any] = {k: _xml_value(k, v) for k, v in item.attrib.items()}
+                for sub in item:
+                    if len(sub):
+                        entry.update({g.tag: _xml_value(g.tag, g.text) for g in sub})
+                        entry.update({k: _xml_value(k, v) for k, v in sub.attrib.items()})
+                    else:
+                        entry[sub.tag] = _xml_value(sub.tag, sub.text)
+                    entry.update({k: _xml_value(k, v) for k, v in sub.attrib.items()})
+                items.append(entry)
+            out[child.tag] = items
+        else:
+            out[child.tag] = _xml_value(child.tag, child.text)
+    return out
+
+
+def open_package(path: Path | str, limits: ReadLimits | None = None) -> Package:
+    """Like ``inspect_package`` but raises ``PackageError`` with the first error; for callers that only
+    want to use a package (run, pack, publish) rather than report on it."""
+    package, findings = inspect_package(path, limits)
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    if package is None or errors:
+        first = errors[0] if errors else Finding.error("archive", "package could not be read")
+        raise PackageError(f"{path}: {first.message}", hint=first.hint)
+    return package
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+
+def _zipinfo(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.create_system = 3
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    return info
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, data: bytes | Path) -> None:
+    info = _zipinfo(name)
+    if isinstance(data, bytes):
+        zf.writestr(info, data, compresslevel=6)
+        return
+    info.file_size = data.stat().st_size
+    with data.open("rb") as src, zf.open(info, "w", force_zip64=info.file_size > 2 * GiB) as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_package(
+    path: Path | str,
+    metadata: dict[str, Any] | bytes,
+    model: bytes | Path,
+    *,
+    kind: PackageKind = "czann",
+    license_text: str | bytes | None = None,
+    license_name: str = "license.txt",
+) -> Path:
+    """Write a package atomically and reproducibly.
+
+    ``metadata`` is the JSON object (CZANN) or the XML document bytes (CZMODEL). ``model`` is ONNX bytes,
+    a zipped SavedModel, or a path to either (streamed, never loaded whole).
+    """
+    path = Path(path)
+    if kind == "czann":
+        meta_bytes = metadata if isinstance(metadata, bytes) else (
+            json.dumps(metadata, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        members: list[tuple[str, bytes | Path]] = [(CZANN_METADATA, meta_bytes), (CZANN_MODEL, model)]
+    else:
+        if not isinstance(metadata, bytes):
+            raise TypeError("legacy CZMODEL metadata must be XML bytes")
+        model_id = str(parse_legacy_xml(metadata).get("Id", ""))
+        if not _UUID_RE.match(model_id):
+            raise PackageError(f"legacy metadata Id '{model_id}' is not a UUID")
+        members = [(f"{model_id}.xml", metadata), (f"{model_id}.model", model), (f"modelid={model_id}", b"")]
+    if license_text is not None:
+        members.append((license_name, license_text.encode() if isinstance(license_text, str) else license_text))
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name, data in members:
+            _write_member(zf, name, data)
+    return path
+
+
+def zip_directory(folder: Path | str, dest: Path | str | None = None) -> bytes | Path:
+    """Zip a SavedModel folder reproducibly (sorted paths, fixed times); to bytes, or to ``dest``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PackageError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer if dest is None else Path(dest), "w") as zf:
+        for p in files:
+            _write_member(zf, p.relative_to(folder).as_posix(), p)
+    return buffer.getvalue() if dest is None else Path(dest)
+
+
+def is_uuid(value: object) -> bool:
+    if not isinstance(value, str) or not _UUID_RE.match(value):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

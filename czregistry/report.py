@@ -1,0 +1,204 @@
+"""One report model for every check: static metadata checks, model checks, smoke tests.
+
+A ``Finding`` is the unit every check produces. ``check`` is a stable dotted id (``archive.zip_bomb``,
+``metadata.classes_count``, ``model.halo``) that users may filter on and that we never rename.
+The JSON form (``Report.to_dict``) is a documented, stable contract (docs/report.md).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "render_html", "render_markdown",
+           "render_text"]
+
+#: Bumped only when a key of ``Report.to_dict`` changes meaning or disappears.
+REPORT_SCHEMA_VERSION = "1"
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    severity: Severity
+    message: str
+    location: str | None = None
+    hint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "severity": self.severity.value,
+            "message": self.message,
+            "location": self.location,
+            "hint": self.hint,
+        }
+
+    @classmethod
+    def error(cls, check: str, message: str, **kw: Any) -> Finding:
+        return cls(check, Severity.ERROR, message, **kw)
+
+    @classmethod
+    def warning(cls, check: str, message: str, **kw: Any) -> Finding:
+        return cls(check, Severity.WARNING, message, **kw)
+
+    @classmethod
+    def info(cls, check: str, message: str, **kw: Any) -> Finding:
+        return cls(check, Severity.INFO, message, **kw)
+
+
+@dataclass
+class Report:
+    """Everything known about one package after validation.
+
+    ``measurements`` carries what model checks measured (tile step, halo, seam error, timings,
+    backend, device) so the registry can store it next to the version.
+    """
+
+    path: str
+    format: str | None = None
+    schema_version: str | None = None
+    sha256: str | None = None
+    findings: list[Finding] = field(default_factory=list)
+    measurements: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+
+    def add(self, *findings: Finding) -> None:
+        self.findings.extend(findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is Severity.WARNING]
+
+    @property
+    def valid(self) -> bool:
+        """No errors; with ``strict``, no warnings either."""
+        if self.errors:
+            return False
+        return not (self.strict and self.warnings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_SCHEMA_VERSION,
+            "path": self.path,
+            "valid": self.valid,
+            "strict": self.strict,
+            "format": self.format,
+            "schema_version": self.schema_version,
+            "sha256": self.sha256,
+            "findings": [f.to_dict() for f in self.findings],
+            "measurements": self.measurements,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        return cls(
+            path=data["path"],
+            format=data.get("format"),
+            schema_version=data.get("schema_version"),
+            sha256=data.get("sha256"),
+            findings=[
+                Finding(f["check"], Severity(f["severity"]), f["message"], f.get("location"), f.get("hint"))
+                for f in data.get("findings", [])
+            ],
+            measurements=dict(data.get("measurements", {})),
+            strict=bool(data.get("strict", False)),
+        )
+
+
+_MARK = {Severity.ERROR: "ERROR  ", Severity.WARNING: "WARNING", Severity.INFO: "info   "}
+
+
+def _verdict(report: Report) -> str:
+    if report.valid:
+        return "VALID"
+    return "INVALID (warnings count as errors with --strict)" if not report.errors else "INVALID"
+
+
+def render_text(report: Report, *, verbose: bool = True) -> str:
+    """Terminal rendering: verdict first, then one line per finding, hints indented beneath."""
+    head = f"{report.path}: {_verdict(report)}"
+    details = [x for x in (report.format, report.schema_version and f"schema {report.schema_version}") if x]
+    if details:
+        head += f"  [{', '.join(details)}]"
+    lines = [head]
+    for f in report.findings:
+        if f.severity is Severity.INFO and not verbose:
+            continue
+        loc = f" ({f.location})" if f.location else ""
+        lines.append(f"  {_MARK[f.severity]} {f.check}: {f.message}{loc}")
+        if f.hint:
+            lines.append(f"           hint: {f.hint}")
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    lines.append(f"  {n_err} error(s), {n_warn} warning(s)")
+    return "\n".join(lines)
+
+
+def _measurement_rows(report: Report) -> list[tuple[str, str]]:
+    return [(k, json.dumps(v, default=str)) for k, v in sorted(report.measurements.items())]
+
+
+def render_markdown(report: Report) -> str:
+    """A shareable report (attach it to the e-mail that sends the package)."""
+    out = [
+        f"# Validation report: `{report.path}`",
+        "",
+        f"- **Verdict:** {_verdict(report)}",
+        f"- **Format:** {report.format or 'unknown'}",
+        f"- **Schema version:** {report.schema_version or 'unknown'}",
+        f"- **SHA-256:** `{report.sha256 or 'n/a'}`",
+        "",
+        "| severity | check | message | location | hint |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(s: str | None) -> str:
+        return (s or "").replace("|", "\\|").replace("\n", " ")
+
+    for f in report.findings:
+        out.append(f"| {f.severity.value} | `{f.check}` | {cell(f.message)} | {cell(f.location)} | {cell(f.hint)} |")
+    if report.measurements:
+        out += ["", "## Measurements", "", "| quantity | value |", "|---|---|"]
+        out += [f"| {k} | `{cell(v)}` |" for k, v in _measurement_rows(report)]
+    return "\n".join(out) + "\n"
+
+
+def render_html(report: Report) -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr class='{f.severity.value}'><td>{e(f.severity.value)}</td><td><code>{e(f.check)}</code></td>"
+        f"<td>{e(f.message)}</td><td>{e(f.location or '')}</td><td>{e(f.hint or '')}</td></tr>"
+        for f in report.findings
+    )
+    meas = "".join(f"<tr><td>{e(k)}</td><td><code>{e(v)}</code></td></tr>" for k, v in _measurement_rows(report))
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>czregistry report: {e(report.path)}</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}.error{background:#fdd}.warning{background:#ffd}"
+        "</style></head><body>"
+        f"<h1>Validation report</h1><p><b>Package:</b> {e(report.path)}<br>"
+        f"<b>Verdict:</b> {e(_verdict(report))}<br><b>Format:</b> {e(report.format or 'unknown')}<br>"
+        f"<b>Schema version:</b> {e(report.schema_version or 'unknown')}<br>"
+        f"<b>SHA-256:</b> <code>{e(report.sha256 or 'n/a')}</code></p>"
+        "<table><tr><th>severity</th><th>check</th><th>message</th><th>location</th><th>hint</th></tr>"
+        f"{rows}</table>"
+        + (f"<h2>Measurements</h2><table>{meas}</table>" if meas else "")
+        + "</body></html>\n"
+    )

@@ -1,0 +1,59 @@
+"""Validation: read the package safely, then run every registered check in order into one report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .checks import CheckContext, ValidateOptions
+from .errors import CzregError, UsageError
+from .package import inspect_package, sha256_file
+from .plugins import get_host
+from .report import Finding, Report, Severity
+
+__all__ = ["ValidateOptions", "validate"]
+
+
+def validate(path: Path | str, options: ValidateOptions | None = None) -> Report:
+    """Validate one package. Raises only ``UsageError`` (no such file); everything found inside the file,
+    however hostile, comes back as findings."""
+    options = options or ValidateOptions()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such package file: {path}", hint="check the path")
+    report = Report(path=str(path), strict=options.strict)
+    report.sha256 = sha256_file(path)
+    package, findings = inspect_package(path, options.limits)
+    report.add(*findings)
+    if package is None:
+        return report
+    report.format = package.kind
+    ctx = CheckContext(package=package, report=report, options=options)
+    timings: dict[str, float] = {}
+    checks = sorted(get_host().checks(), key=lambda pc: (pc[1].order, pc[1].id))
+    try:
+        for plugin, check in checks:
+            if check.needs_model:
+                if options.static:
+                    continue
+                if report.errors:
+                    report.add(Finding.info(
+                        "model.skipped", f"model check '{check.id}' skipped: fix the errors above first"))
+                    continue
+            start = time.perf_counter()
+            try:
+                report.add(*check.run(ctx))
+            except CzregError as exc:
+                report.add(Finding(check.id, Severity.ERROR, exc.message, hint=exc.hint))
+            except Exception as exc:  # a crashing (plugin) check is a finding, never a traceback
+                report.add(Finding.error(
+                    "plugin.check_crashed",
+                    f"check '{check.id}' from plugin '{plugin}' crashed: {type(exc).__name__}: {exc}",
+                    hint=f"report this to the author of plugin '{plugin}'"))
+            if check.needs_model:
+                timings[check.id] = round(time.perf_counter() - start, 4)
+    finally:
+        ctx.close()
+    if timings:
+        report.measurements["timings_s"] = timings
+    return report
