@@ -1,1 +1,121 @@
-"""Placeholder: filled in by the plugins issue."""
+"""ONNX Runtime backend for czregistry.
+
+The CUDA execution provider is used when ONNX Runtime has it and a GPU answers; otherwise the CPU.
+``onnxruntime`` is imported only when a model is loaded, so listing plugins stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
+from czregistry.errors import BackendError
+from czregistry.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from czregistry.package import Package
+
+__all__ = ["OnnxRuntimeBackend", "OnnxSession"]
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
+
+
+def _dims(shape: list[Any]) -> tuple[int | None, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
+
+
+def check_external_data(model_bytes: bytes) -> None:
+    """Refuse ONNX tensors stored as external data: inside a package there is nothing they may point to
+    safely (a path outside the package would read arbitrary files from the host)."""
+    import onnx
+
+    try:
+        proto = onnx.load_model_from_string(model_bytes)
+    except Exception as exc:
+        raise BackendError(f"model.model is not a readable ONNX model: {exc}",
+                           hint="re-export the model with tf2onnx or torch.onnx") from exc
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+            raise BackendError(
+                f"ONNX tensor '{tensor.name}' stores its data outside the model, in '{where}'",
+                hint="packages must embed all weights; re-export without external data")
+
+
+class OnnxSession(Session):
+    backend = "onnxruntime"
+
+    def __init__(self, model_bytes: bytes, device: Device) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        want_gpu = device in ("auto", "gpu") and "CUDAExecutionProvider" in available
+        if device == "gpu" and not want_gpu:
+            raise BackendError("--device gpu was requested but ONNX Runtime has no CUDA execution provider",
+                               hint="pip install onnxruntime-gpu, or use --device cpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_gpu else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
+                               hint="the opset may be newer than this ONNX Runtime; upgrade onnxruntime") from exc
+        used = self._session.get_providers()
+        self.device = "cuda:0" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        ins, outs = self._session.get_inputs(), self._session.get_outputs()
+        self._signature = Signature(
+            tuple(TensorInfo(i.name, _dims(i.shape), _ORT_DTYPES.get(i.type, i.type)) for i in ins),
+            tuple(TensorInfo(o.name, _dims(o.shape), _ORT_DTYPES.get(o.type, o.type)) for o in outs))
+        self._input = ins[0].name if ins else None
+
+    @property
+    def signature(self) -> Signature:
+        return self._signature
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self._session is None:
+            raise BackendError("session is closed")
+        if self._input is None:
+            raise BackendError("model has no inputs")
+        try:
+            out = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime failed on input of shape {tuple(batch.shape)}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+        return np.asarray(out[0])
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    formats = frozenset({"onnx"})
+    priority = 10
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec("onnxruntime") is not None
+
+    @classmethod
+    def gpu_available(cls) -> bool:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+
+    def load(self, package: Package, device: Device = "auto") -> Session:
+        if package.model_format != "onnx":
+            raise BackendError(f"onnxruntime cannot run a {package.model_format} model")
+        data = package.read_model_bytes()
+        check_external_data(data)
+        return OnnxSession(data, device)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(OnnxRuntimeBackend)
