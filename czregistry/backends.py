@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from .errors import BackendError, NoBackendError, UsageError
+from .errors import BackendError, CzregError, NoBackendError, UsageError
 
 if TYPE_CHECKING:
     from .package import ModelFormat, Package
@@ -106,33 +106,64 @@ def available_backends() -> dict[str, tuple[str, type[Backend]]]:
     return {cls.name: (plugin, cls) for plugin, cls in get_host().backends()}
 
 
+def _available(plugin: str, cls: type[Backend]) -> bool:
+    """``cls.is_available()``; a crash in that plugin code becomes a ``BackendError`` naming the plugin."""
+    try:
+        return bool(cls.is_available())
+    except Exception as exc:
+        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in is_available(): "
+                           f"{type(exc).__name__}: {exc}",
+                           hint=f"report this to the author of plugin '{plugin}'") from exc
+
+
 def select_backend(model_format: ModelFormat, name: str | None = None) -> type[Backend]:
+    """The backend class to run ``model_format``: the user's choice (``--backend``), else the available
+    backend with the highest priority. Raises ``UsageError`` for an unknown name and ``NoBackendError``
+    (whose hint names the plugin to install) when nothing can run the format."""
     backends = available_backends()
     if name is not None:
         if name not in backends:
             known = ", ".join(sorted(backends)) or "none installed"
             raise UsageError(f"unknown backend '{name}' (installed: {known})",
                              hint="see 'czreg plugins' for what is installed")
-        cls = backends[name][1]
+        plugin, cls = backends[name]
         if model_format not in cls.formats:
             raise NoBackendError(f"backend '{name}' cannot run {model_format} models "
-                                 f"(it runs {', '.join(sorted(cls.formats))})")
-        if not cls.is_available():
+                                 f"(it runs {', '.join(sorted(cls.formats))})",
+                                 hint="leave out --backend to pick one that can")
+        if not _available(plugin, cls):
             raise NoBackendError(f"backend '{name}' is installed but its engine does not import here",
-                                 hint=f"reinstall plugin '{backends[name][0]}'")
+                                 hint=f"reinstall plugin '{plugin}'")
         return cls
-    candidates = sorted((cls for _, cls in backends.values() if model_format in cls.formats and cls.is_available()),
-                        key=lambda c: -c.priority)
+    candidates = sorted((cls for plugin, cls in backends.values()
+                         if model_format in cls.formats and _available(plugin, cls)), key=lambda c: -c.priority)
     if not candidates:
-        plugin = PLUGIN_FOR_FORMAT.get(model_format, "a backend plugin")
+        package = PLUGIN_FOR_FORMAT.get(model_format)
+        if package is None:
+            raise NoBackendError(f"no installed backend can run {model_format} models",
+                                 hint="model.model is neither ONNX nor a zipped SavedModel; see 'czreg plugins'")
         raise NoBackendError(f"no installed backend can run {model_format} models",
-                             hint=f"install the {plugin} plugin (pip install {plugin})")
+                             hint=f"install the {package} plugin (pip install {package})")
     return candidates[0]
 
 
 def load_session(package: Package, backend: str | None = None, device: Device = "auto") -> Session:
+    """Load the package's model once with the selected backend. Any failure is a ``BackendError``; one
+    caused by a bug in a backend plugin (not a ``CzregError``) names the plugin."""
     cls = select_backend(package.model_format, backend)
-    if device == "gpu" and not cls.gpu_available():
-        raise BackendError(f"--device gpu was requested but backend '{cls.name}' sees no usable GPU",
-                           hint="use --device auto or cpu, or install the GPU build of the engine")
-    return cls().load(package, device)
+    plugin = available_backends()[cls.name][0]
+    try:
+        if device == "gpu" and not cls.gpu_available():
+            raise BackendError(f"--device gpu was requested but backend '{cls.name}' sees no usable GPU",
+                               hint="use --device auto or cpu, or install the GPU build of the engine")
+        session = cls().load(package, device)
+    except CzregError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' failed to load the model: "
+                           f"{type(exc).__name__}: {exc}",
+                           hint=f"if the package is valid, report this to the author of plugin '{plugin}'") from exc
+    if not isinstance(session, Session):
+        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' returned {type(session).__name__}, "
+                           "not a Session", hint=f"report this to the author of plugin '{plugin}'")
+    return session

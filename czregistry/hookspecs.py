@@ -1,5 +1,9 @@
 """The plugin surface. Every hook hands the plugin a ``register`` callable, so hooks can grow new
-keyword arguments later without breaking plugins (pluggy lets implementations take fewer arguments)."""
+keyword arguments later without breaking plugins (pluggy lets implementations take fewer arguments).
+
+Each hook is documented, with an example, in ``docs/plugins.md``; ``tests/test_plugins.py`` fails when a
+hook here lacks that documentation or a ``test_hook_<name>`` test.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ hookimpl = pluggy.HookimplMarker("czregistry")
 
 @hookspec
 def register_backends(register: Callable[[Any], None]) -> None:
-    """Register inference backends: call ``register(BackendSubclass)`` once per backend."""
+    """Register inference backends: call ``register(BackendSubclass)`` once per ``backends.Backend`` subclass."""
 
 
 @hookspec
@@ -31,4 +35,4 @@ def register_checks(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_commands(cli: Any) -> None:
-    """Add click commands to the ``czreg`` group (``cli`` is the ``click.Group``)."""
+    """Add click commands to the ``czreg`` group (``cli`` is the ``click.Group``); existing names are kept."""

@@ -7,9 +7,10 @@ TensorFlow, so ``czreg plugins`` and argument parsing stay fast.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import UsageError
 
@@ -35,9 +36,14 @@ class LayerSpec:
     factory: Callable[..., Any]
     params: dict[str, Param] = field(default_factory=dict)
     description: str = ""
+    #: True when an output pixel depends only on a bounded neighbourhood of input pixels (channel maps,
+    #: affine maps): then tiled inference stays exact. False for whole-image statistics (per-image
+    #: standardization): packing warns, since tiles then see different statistics than the whole image.
+    local: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "description": self.description,
+                "local": self.local,
                 "params": {k: {"type": p.type, "default": p.default, "required": p.required, "help": p.help}
                            for k, p in self.params.items()}}
 
@@ -45,8 +51,15 @@ class LayerSpec:
 def validate_layer_spec(obj: Any) -> str:
     if not isinstance(obj, LayerSpec):
         raise TypeError("register_layers expects a czregistry.layers.LayerSpec")
-    if not obj.name.replace("_", "").isalnum() or obj.kind not in ("pre", "post"):
-        raise TypeError(f"bad layer name or kind: {obj.name!r}, {obj.kind!r}")
+    if not obj.name or not obj.name.replace("_", "").isalnum() or obj.kind not in ("pre", "post"):
+        raise TypeError(f"bad layer name or kind: {obj.name!r}, {obj.kind!r} (names are letters, digits and _; "
+                        "kind is 'pre' or 'post')")
+    if not callable(obj.factory):
+        raise TypeError(f"layer '{obj.name}': factory {obj.factory!r} is not callable")
+    for key, param in obj.params.items():
+        if not isinstance(param, Param) or param.type not in get_args(ParamType):
+            raise TypeError(f"layer '{obj.name}': parameter '{key}' must be a Param with type one of "
+                            f"{', '.join(get_args(ParamType))}")
     return f"{obj.name} ({obj.kind})"
 
 
@@ -81,9 +94,19 @@ def _convert(layer: str, key: str, raw: str, p: Param) -> Any:
                 float(x) for x in text.split("/")]
             if not isinstance(items, list):
                 items = [items]
-            return [int(v) if p.type == "ints" else float(v) for v in items]
+            values = [float(v) for v in items]
+            if not values or not all(math.isfinite(v) for v in values):
+                raise ValueError(raw)
+            if p.type == "ints":
+                if any(v != int(v) for v in values):
+                    raise ValueError(raw)
+                return [int(v) for v in values]
+            return values
         if p.type == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
         if p.type == "int":
             return int(raw)
         if p.type == "bool":
@@ -115,6 +138,8 @@ def parse_layer_arg(arg: str, specs: dict[str, LayerSpec] | None = None) -> tupl
         if not eq or key not in spec.params:
             allowed = ", ".join(spec.params) or "no parameters"
             raise UsageError(f"layer '{name}': bad parameter '{item}' (takes {allowed})")
+        if key in kwargs:
+            raise UsageError(f"layer '{name}': parameter '{key}' is given twice")
         kwargs[key] = _convert(name, key, raw.strip(), spec.params[key])
     for key, p in spec.params.items():
         if key not in kwargs:

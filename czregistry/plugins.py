@@ -64,6 +64,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self._cache: dict[str, list[tuple[str, Any]]] = {}
+        #: Names given in ``CZREG_PLUGINS`` that match no installed entry point.
+        self.missing: list[str] = []
         if os.environ.get("CZREG_TRACE_PLUGINS") == "1":
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[czreg plugins] {msg}"))
             self.pm.enable_tracing()
@@ -71,14 +73,21 @@ class PluginHost:
     # -- loading --------------------------------------------------------------------------------------
 
     def load(self) -> None:
+        """Register the default plugins, then every selected entry point of group ``czregistry``."""
         for module_name in DEFAULT_PLUGINS:
             module = importlib.import_module(module_name)
             self._register(module, module_name.rsplit(".", 1)[-1], module_name, None, builtin=True)
         wanted = _selection()
+        seen: set[str] = set()
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if wanted is not None and ep.name not in wanted:
                 continue
             version = ep.dist.version if ep.dist is not None else None
+            if ep.name in seen:
+                self.infos[ep.name].errors.append(
+                    f"a second distribution also provides plugin '{ep.name}' ({ep.value} {version or ''}); ignored")
+                continue
+            seen.add(ep.name)
             try:
                 module = ep.load()
             except Exception as exc:  # a broken plugin must not break the others
@@ -87,17 +96,20 @@ class PluginHost:
                 self.infos[ep.name] = info
                 continue
             self._register(module, ep.name, ep.value, version)
+        self.missing = sorted((wanted or set()) - seen)
 
     def _register(self, module: Any, name: str, module_name: str, version: str | None,
                   builtin: bool = False) -> None:
+        if self.pm.has_plugin(name) or self.pm.is_registered(module):
+            self.infos.setdefault(name, PluginInfo(name, version, module_name, builtin=builtin)).errors.append(
+                f"plugin name '{name}' or module {module_name} is already registered; ignored")
+            return
         info = PluginInfo(name, version, module_name, builtin=builtin)
         self.infos[name] = info
-        if self.pm.is_registered(module) or self.pm.has_plugin(name):
-            return
         try:
             self.pm.register(module, name=name)
             self.pm.check_pending()
-        except Exception as exc:
+        except Exception as exc:  # pluggy rejects unknown hooks (check_pending) and bad signatures
             if self.pm.has_plugin(name):
                 self.pm.unregister(name=name)
             info.errors.append(f"rejected: {exc}")
@@ -115,64 +127,112 @@ class PluginHost:
 
     # -- calling --------------------------------------------------------------------------------------
 
-    def _collect(self, hook_name: str, validate: Callable[[Any], str]) -> list[tuple[str, Any]]:
-        """Call one hook plugin by plugin, so a raising plugin is named and skipped, not fatal."""
+    def _collect(self, hook_name: str, validate: Callable[[Any], str],
+                 key: Callable[[Any], str] | None = None) -> list[tuple[str, Any]]:
+        """Call one hook plugin by plugin, so a misbehaving plugin is named and skipped, not fatal.
+
+        Per plugin it is all or nothing: if the hook raises or registers one invalid object, none of
+        what that plugin registered in this hook is used. ``key`` names objects that must be unique
+        (backend and layer names); a later plugin cannot silently replace an earlier one's object.
+        """
         if hook_name in self._cache:
             return self._cache[hook_name]
         found: list[tuple[str, Any]] = []
+        owners: dict[str, str] = {}
+        what = hook_name.removeprefix("register_")
         hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # registration order (pluggy calls them in reverse): built-ins first
             plugin = impl.plugin_name
             info = self.infos.setdefault(plugin, PluginInfo(plugin, None, str(impl.plugin)))
-            lock = threading.Lock()
+            mine: list[tuple[str, Any]] = []
+            failures: list[str] = []
 
-            def register(obj: Any, _plugin: str = plugin, _info: PluginInfo = info, _lock: Any = lock) -> None:
+            def register(obj: Any, _plugin: str = plugin, _mine: list[tuple[str, Any]] = mine,
+                         _failures: list[str] = failures) -> None:
                 try:
                     label = validate(obj)
-                except PluginError:
-                    raise
                 except Exception as exc:
-                    raise PluginError(f"plugin '{_plugin}' registered an invalid object {obj!r}: {exc}") from exc
-                with _lock:
-                    found.append((_plugin, obj))
-                    _info.registered.setdefault(hook_name.removeprefix("register_"), []).append(label)
+                    message = f"registered an invalid object {obj!r} in {hook_name}: {exc}"
+                    _failures.append(message)  # recorded even if the plugin swallows the exception
+                    raise PluginError(f"plugin '{_plugin}' {message}") from exc
+                _mine.append((label, obj))
 
             try:
-                impl.function(register=register)
+                returned = impl.function(register=register)
             except Exception as exc:
-                info.errors.append(f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                if not (isinstance(exc, PluginError) and failures):  # else already recorded by register()
+                    failures.append(f"{hook_name} failed: {type(exc).__name__}: {exc}")
+            else:
+                if returned is not None:
+                    failures.append(f"{hook_name} returned {type(returned).__name__}; hooks must call "
+                                    "register(...) and return None")
+            if failures:
+                info.errors.extend(dict.fromkeys(failures))
+                continue
+            for label, obj in mine:
+                if key is not None:
+                    k = key(obj)
+                    if k in owners:
+                        info.errors.append(f"{what[:-1]} '{k}' is already registered by plugin "
+                                           f"'{owners[k]}'; this one is ignored")
+                        continue
+                    owners[k] = plugin
+                found.append((plugin, obj))
+                info.registered.setdefault(what, []).append(label)
         self._cache[hook_name] = found
         return found
 
     def backends(self) -> list[tuple[str, Any]]:
+        """``[(plugin name, Backend subclass)]``, backend names unique."""
         from .backends import validate_backend_class
 
-        return self._collect("register_backends", validate_backend_class)
+        return self._collect("register_backends", validate_backend_class, key=lambda cls: str(cls.name))
 
     def layers(self) -> list[tuple[str, Any]]:
+        """``[(plugin name, LayerSpec)]``, layer names unique."""
         from .layers import validate_layer_spec
 
-        return self._collect("register_layers", validate_layer_spec)
+        return self._collect("register_layers", validate_layer_spec, key=lambda spec: str(spec.name))
 
     def checks(self) -> list[tuple[str, Any]]:
+        """``[(plugin name, Check)]``, check ids unique."""
         from .checks import validate_check
 
-        return self._collect("register_checks", validate_check)
+        return self._collect("register_checks", validate_check, key=lambda check: str(check.id))
 
     def add_commands(self, cli: Any) -> None:
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        """Let plugins add commands; one that would replace an existing command is undone and reported."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            info = self.infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name, None, str(impl.plugin)))
+            before = dict(cli.commands)
             try:
                 impl.function(cli=cli)
             except Exception as exc:
-                self.infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name, None, "")).errors.append(
-                    f"register_commands failed: {type(exc).__name__}: {exc}")
+                info.errors.append(f"register_commands failed: {type(exc).__name__}: {exc}")
+                cli.commands.clear()
+                cli.commands.update(before)
+                continue
+            for name, command in list(cli.commands.items()):
+                if name in before and command is not before[name]:
+                    cli.commands[name] = before[name]
+                    info.errors.append(f"command '{name}' already exists; the plugin's version is ignored")
+                elif name not in before:
+                    info.registered.setdefault("commands", []).append(name)
 
     def plugin_infos(self) -> list[PluginInfo]:
-        # make sure every hook ran once so 'registers' is complete
+        """Every plugin with what it registered and its errors (each hook is run once for this)."""
         self.backends()
         self.layers()
         self.checks()
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    def problems(self) -> list[str]:
+        """One line per plugin error, each naming the plugin (for warnings in reports and ``czreg plugins``)."""
+        lines = [f"CZREG_PLUGINS names '{name}' but no installed plugin has that entry-point name"
+                 for name in self.missing]
+        for info in self.plugin_infos():
+            lines.extend(f"plugin '{info.name}': {err}" for err in info.errors)
+        return lines
 
 
 _host: PluginHost | None = None

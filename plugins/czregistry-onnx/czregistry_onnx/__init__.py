@@ -38,8 +38,9 @@ def check_external_data(model_bytes: bytes) -> None:
     except Exception as exc:
         raise BackendError(f"model.model is not a readable ONNX model: {exc}",
                            hint="re-export the model with tf2onnx or torch.onnx") from exc
+    # initializers and tensor attributes, subgraphs included
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if onnx.external_data_helper.uses_external_data(tensor):
             where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
             raise BackendError(
                 f"ONNX tensor '{tensor.name}' stores its data outside the model, in '{where}'",
@@ -47,6 +48,13 @@ def check_external_data(model_bytes: bytes) -> None:
 
 
 class OnnxSession(Session):
+    """One ``InferenceSession``, created once per package.
+
+    ``device``: ``cpu`` uses only the CPU provider; ``gpu`` requires CUDA and fails rather than silently
+    falling back (ONNX Runtime falls back to the CPU when the CUDA libraries do not load); ``auto``
+    tries CUDA, then the CPU.
+    """
+
     backend = "onnxruntime"
 
     def __init__(self, model_bytes: bytes, device: Device) -> None:
@@ -61,17 +69,29 @@ class OnnxSession(Session):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+            self._session: Any = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
+            raise BackendError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}",
                                hint="the opset may be newer than this ONNX Runtime; upgrade onnxruntime") from exc
         used = self._session.get_providers()
-        self.device = "cuda:0" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        on_gpu = bool(used) and used[0] == "CUDAExecutionProvider"
+        if device == "gpu" and not on_gpu:
+            self._session = None
+            raise BackendError("--device gpu was requested but ONNX Runtime could not start CUDA "
+                               "(it fell back to the CPU)",
+                               hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs, or use --device cpu")
+        self.device = "cuda:0" if on_gpu else "cpu"
         ins, outs = self._session.get_inputs(), self._session.get_outputs()
         self._signature = Signature(
             tuple(TensorInfo(i.name, _dims(i.shape), _ORT_DTYPES.get(i.type, i.type)) for i in ins),
             tuple(TensorInfo(o.name, _dims(o.shape), _ORT_DTYPES.get(o.type, o.type)) for o in outs))
-        self._input = ins[0].name if ins else None
+        if len(ins) != 1 or not outs:
+            self._session = None
+            raise BackendError(f"the ONNX model has {len(ins)} inputs and {len(outs)} outputs; "
+                               "packages need exactly one input and at least one output")
+        self._input = ins[0].name
+        in_dtype = self._signature.inputs[0].dtype
+        self._dtype = np.dtype(in_dtype) if in_dtype in _ORT_DTYPES.values() else np.dtype(np.float32)
 
     @property
     def signature(self) -> Signature:
@@ -80,10 +100,8 @@ class OnnxSession(Session):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if self._session is None:
             raise BackendError("session is closed")
-        if self._input is None:
-            raise BackendError("model has no inputs")
         try:
-            out = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+            out = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=self._dtype)})
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on input of shape {tuple(batch.shape)}: "
                                f"{str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,286 @@
+"""Test helpers for plugin authors: check a layer or a backend against czregistry's contract in one call.
+
+    from czregistry.testing import check_layer, check_backend
+
+    def test_my_layer():
+        check_layer(MY_SPEC, {"low": 1.0, "high": 99.8}, channels=1, value_scale=65535)
+
+    def test_my_backend(my_package_path):
+        check_backend(MyBackend, my_package_path)
+
+Each helper raises ``AssertionError`` with a message that says which part of the contract failed and
+returns a small result with what it measured. TensorFlow, Keras, tf2onnx and ONNX Runtime are imported
+inside the functions; layer checks need the ``czregistry-tensorflow`` plugin installed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, Device, Session, Signature, TensorInfo, validate_backend_class
+from .errors import CzregError
+from .layers import LayerSpec, validate_layer_spec
+
+__all__ = ["BackendCheck", "LayerCheck", "check_backend", "check_input", "check_layer", "invariant_conv_model"]
+
+#: Two 3x3 'same' convolutions: an output pixel sees input pixels at most this far away.
+_HALO = 2
+
+
+@dataclass
+class LayerCheck:
+    """What ``check_layer`` measured (max absolute differences against the Keras output)."""
+
+    name: str
+    output_shape: tuple[int, ...]
+    savedmodel_max_abs: float
+    onnx_max_abs: float
+    #: Max difference between tiled and whole-image output of an invariant model with the layer;
+    #: ``None`` when the layer declares ``local=False`` (tiles then legitimately differ).
+    invariance_max_abs: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BackendCheck:
+    """What ``check_backend`` saw."""
+
+    backend: str
+    device: str
+    signature: Signature
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    output: np.ndarray = field(repr=False)
+
+
+def _fail(what: str, detail: str) -> AssertionError:
+    return AssertionError(f"{what}: {detail}")
+
+
+def invariant_conv_model(in_channels: int, out_channels: int, *, activation: str | None = None,
+                         seed: int = 7) -> Any:
+    """A small fully convolutional Keras model (two 3x3 'same' convs, no pooling): translation-equivariant
+    away from its borders, with a halo of 2 pixels. Any input size works."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((None, None, in_channels), name="input")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    out = keras.layers.Conv2D(out_channels, 3, padding="same", activation=activation)(x)
+    return keras.Model(inp, out, name="invariant_conv")
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if a.size else 0.0
+
+
+def _assert_close(what: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> float:
+    if got.shape != want.shape:
+        raise _fail(what, f"output shape {got.shape} differs from the Keras output {want.shape}")
+    diff = _max_abs(got, want)
+    if not np.allclose(got, want, atol=atol, rtol=rtol):
+        raise _fail(what, f"max abs difference {diff:.3g} to the Keras output exceeds atol={atol:g}, rtol={rtol:g}")
+    return diff
+
+
+def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channels: int = 3, tile: int = 32,
+                value_scale: float = 1.0, atol: float = 1e-4, rtol: float = 1e-5, opset: int | None = None,
+                seed: int = 0) -> LayerCheck:
+    """Check a registered layer end to end.
+
+    1. The spec is valid and its factory builds a Keras layer from ``kwargs``.
+    2. ``get_config`` round-trips: ``from_config`` and ``keras.saving`` (de)serialization rebuild a layer
+       with the same output (so the layer is registered as serializable).
+    3. Composed with a small invariant model (before it for ``pre`` layers, after it for ``post``), the
+       model's output survives a SavedModel export (run by the TensorFlow backend's loader) and an ONNX
+       conversion (run by ONNX Runtime on the CPU) within ``atol``/``rtol``.
+    4. For layers declared ``local`` (the default), the composed model stays spatially invariant: the
+       output for a crop equals the crop of the whole-image output away from the crop's edges.
+
+    ``channels`` is what the layer receives; ``value_scale`` scales the random input (65535 for 16-bit).
+    """
+    import keras
+    from czregistry_tensorflow.compose import prepend_and_append
+    from czregistry_tensorflow.export import DEFAULT_OPSET, export_savedmodel_zip, to_onnx
+
+    try:
+        validate_layer_spec(spec)
+    except TypeError as exc:
+        raise _fail(f"layer spec {spec!r}", str(exc)) from exc
+    kwargs = dict(kwargs or {})
+    what = f"layer '{spec.name}'"
+    layer = spec.factory(**kwargs)
+    if not isinstance(layer, keras.layers.Layer):
+        raise _fail(what, f"factory returned {type(layer).__name__}, not a keras.layers.Layer")
+    rng = np.random.default_rng(seed)
+    sample = (rng.random((2, tile, tile, channels)) * value_scale).astype(np.float32)
+    out = np.asarray(layer(sample))
+
+    # 2. serialization
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    if not np.allclose(np.asarray(clone(sample)), out, atol=atol, rtol=rtol):
+        raise _fail(what, "from_config(get_config()) builds a layer with different output; "
+                          "put every constructor argument in get_config()")
+    serialized = keras.saving.serialize_keras_object(layer)
+    try:
+        revived = keras.saving.deserialize_keras_object(serialized)
+    except Exception as exc:
+        raise _fail(what, f"keras.saving cannot deserialize it ({exc}); decorate the class with "
+                          "@keras.saving.register_keras_serializable(package=...)") from exc
+    if type(revived) is not type(layer):
+        raise _fail(what, f"keras.saving revived a {type(revived).__name__}, not a {type(layer).__name__}; "
+                          "register it with keras.saving.register_keras_serializable")
+
+    # 3. export survival
+    if spec.kind == "pre":
+        base = invariant_conv_model(int(out.shape[-1]), 2, activation="softmax")
+        model = prepend_and_append(base, [(spec, kwargs)], [], input_channels=channels)
+        x = sample
+    else:
+        base = invariant_conv_model(1, channels, activation="sigmoid")
+        model = prepend_and_append(base, [], [(spec, kwargs)])
+        x = (rng.random((2, tile, tile, 1)) * value_scale).astype(np.float32)
+    want = np.asarray(model(x))
+    notes: list[str] = []
+    sm_diff = _check_savedmodel(what, model, x, want, atol, rtol, export_savedmodel_zip)
+    onnx_diff = _check_onnx(what, model, x, want, atol, rtol, to_onnx, opset or DEFAULT_OPSET)
+
+    # 4. spatial invariance
+    invariance: float | None = None
+    if spec.local:
+        half = tile // 2
+        crop = x[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
+        whole = want[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
+        tiled = np.asarray(model(crop))
+        m = _HALO
+        invariance = _max_abs(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m])
+        if not np.allclose(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m], atol=atol, rtol=rtol):
+            raise _fail(what, f"breaks spatial invariance (tile vs whole image differ by {invariance:.3g}); "
+                              "if it uses whole-image statistics, declare LayerSpec(..., local=False)")
+    else:
+        notes.append("declared local=False: tiled inference differs from whole-image inference")
+    return LayerCheck(spec.name, tuple(int(d) for d in want.shape), sm_diff, onnx_diff, invariance, notes)
+
+
+def _check_savedmodel(what: str, model: Any, x: np.ndarray, want: np.ndarray, atol: float, rtol: float,
+                      export: Callable[[Any], bytes]) -> float:
+    from czregistry_tensorflow.backend import extract_savedmodel, load_savedmodel_folder
+
+    with tempfile.TemporaryDirectory(prefix="czreg-check-") as tmp:
+        zipped = Path(tmp) / "model.model"
+        zipped.write_bytes(export(model))
+        folder = extract_savedmodel(zipped, Path(tmp) / "sm")
+        session = load_savedmodel_folder(folder, "cpu")
+        try:
+            got = session.predict(x)
+        finally:
+            session.close()
+    return _assert_close(f"{what} in a SavedModel", got, want, atol, rtol)
+
+
+def _check_onnx(what: str, model: Any, x: np.ndarray, want: np.ndarray, atol: float, rtol: float,
+                convert: Callable[[Any, int], bytes], opset: int) -> float:
+    import onnxruntime as ort
+
+    data = convert(model, opset)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+    return _assert_close(f"{what} in ONNX (opset {opset})", got, want, atol, rtol)
+
+
+def _check_tensor_infos(what: str, infos: Any) -> None:
+    if not isinstance(infos, tuple) or not infos:
+        raise _fail(what, f"must be a non-empty tuple of TensorInfo, got {infos!r}")
+    for t in infos:
+        if not isinstance(t, TensorInfo):
+            raise _fail(what, f"{t!r} is not a TensorInfo")
+        if not all(d is None or (isinstance(d, int) and d >= 0) for d in t.shape):
+            raise _fail(what, f"shape {t.shape} of '{t.name}' must hold ints or None (unknown)")
+        try:
+            np.dtype(t.dtype)
+        except TypeError as exc:
+            raise _fail(what, f"dtype {t.dtype!r} of '{t.name}' is not a numpy dtype name") from exc
+
+
+def check_backend(backend_cls: type[Backend], package_path: Path | str, *, device: Device = "cpu",
+                  batch: int = 2, reference: np.ndarray | None = None, atol: float = 1e-4,
+                  seed: int = 0) -> BackendCheck:
+    """Check a backend on a real package.
+
+    Verifies: the class is a valid ``Backend``; ``load`` returns a ``Session`` reporting its backend,
+    device and a well-formed signature whose input rank matches the metadata's ``InputShape``; ``predict``
+    on a float32 ``[batch, *InputShape]`` batch returns a float ndarray with the batch axis first,
+    deterministically; ``close`` is idempotent and a closed session refuses to predict with a czregistry
+    error. With ``reference`` (the expected output for the same seeded input, see ``check_input``), the
+    output must match within ``atol``.
+    """
+    from .package import open_package
+
+    try:
+        validate_backend_class(backend_cls)
+    except TypeError as exc:
+        raise _fail(f"backend {backend_cls!r}", str(exc)) from exc
+    what = f"backend '{backend_cls.name}'"
+    package = open_package(package_path)
+    if package.model_format not in backend_cls.formats:
+        raise _fail(what, f"cannot be checked on a {package.model_format} package "
+                          f"(it runs {sorted(backend_cls.formats)})")
+    meta = package.metadata or {}
+    shape = tuple(int(d) for d in meta.get("InputShape", []))
+    if not shape:
+        raise _fail(what, f"{package_path}: metadata has no InputShape to build a test batch from")
+    session = backend_cls().load(package, device)
+    if not isinstance(session, Session):
+        raise _fail(what, f"load() returned {type(session).__name__}, not a czregistry.backends.Session")
+    try:
+        if session.backend != backend_cls.name:
+            raise _fail(what, f"session.backend is {session.backend!r}, expected {backend_cls.name!r}")
+        if not isinstance(session.device, str) or not session.device:
+            raise _fail(what, "session.device must name the device that runs the model")
+        if device == "cpu" and session.device != "cpu":
+            raise _fail(what, f"device='cpu' was requested but the session runs on {session.device!r}")
+        sig = session.signature
+        if not isinstance(sig, Signature):
+            raise _fail(what, f"signature is {type(sig).__name__}, not a Signature")
+        _check_tensor_infos(f"{what} signature inputs", sig.inputs)
+        _check_tensor_infos(f"{what} signature outputs", sig.outputs)
+        if sig.inputs[0].shape and len(sig.inputs[0].shape) != len(shape) + 1:
+            raise _fail(what, f"input shape {sig.inputs[0].shape} has not the rank of [batch, *InputShape] "
+                              f"= {len(shape) + 1}")
+        x = check_input(shape, batch=batch, seed=seed)
+        y = session.predict(x)
+        if not isinstance(y, np.ndarray):
+            raise _fail(what, f"predict returned {type(y).__name__}, not a numpy array")
+        if y.shape[:1] != (batch,):
+            raise _fail(what, f"predict returned shape {y.shape}; the batch axis ({batch}) must come first")
+        if not np.issubdtype(y.dtype, np.floating):
+            raise _fail(what, f"predict returned dtype {y.dtype}, expected floating point")
+        if not np.array_equal(session.predict(x), y):
+            raise _fail(what, "predict is not deterministic for the same input")
+        if reference is not None:
+            _assert_close(what, y, np.asarray(reference), atol, 0.0)
+    finally:
+        session.close()
+    session.close()  # idempotent
+    try:
+        session.predict(x)
+    except CzregError:
+        pass
+    except Exception as exc:
+        raise _fail(what, f"predict after close raised {type(exc).__name__}, expected a czregistry error "
+                          "(BackendError)") from exc
+    else:
+        raise _fail(what, "predict after close still ran; close() must release the model")
+    return BackendCheck(backend_cls.name, session.device, sig, x.shape, tuple(y.shape), y)
+
+
+def check_input(shape: tuple[int, ...], *, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """The seeded float32 batch ``check_backend`` feeds: ``[batch, *shape]`` uniform in [0, 1)."""
+    return np.random.default_rng(seed).random((batch, *shape), dtype=np.float32)
