@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 from xml.etree import ElementTree
+from xml.parsers import expat
 
 from .errors import PackageError
 from .report import Finding, Severity
@@ -151,6 +152,8 @@ def sniff_model_format(head: bytes) -> ModelFormat:
 
 
 def _unsafe_name(name: str) -> str | None:
+    if not name:  # zipfile cuts names at a NUL byte, so "\x00evil" arrives empty
+        return "is empty (or starts with a NUL byte)"
     if "\x00" in name:
         return "contains a NUL byte"
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
@@ -401,37 +404,47 @@ def _xml_value(key: str, text: str | None) -> Any:
     return text
 
 
+def _refuse_dtd(*_args: Any) -> None:
+    raise PackageError("XML metadata declares a DTD or entities, which packages never need",
+                       hint="this file may be hostile; do not open it with other tools")
+
+
+def _item_entry(item: ElementTree.Element) -> dict[str, Any]:
+    """One ``<Item>``: its attributes and sub-elements; a sub-element's attributes and children are merged in
+    (``<Color colR="255" .../>`` gives ``colR``), its text is kept under its own tag."""
+    entry: dict[str, Any] = {k: _xml_value(k, v) for k, v in item.attrib.items()}
+    for sub in item:
+        entry.update({k: _xml_value(k, v) for k, v in sub.attrib.items()})
+        entry.update({g.tag: _xml_value(g.tag, g.text) for g in sub})
+        if (sub.text or "").strip() or (not len(sub) and not sub.attrib):
+            entry[sub.tag] = _xml_value(sub.tag, sub.text)
+    return entry
+
+
 def parse_legacy_xml(data: bytes) -> dict[str, Any]:
     """Parse CZMODEL XML metadata into the dict form that ``schemas/czmodel-*.json`` describe.
 
-    DTDs and entities are refused before parsing: they are the vehicle of XML bombs and external-entity
-    attacks, and real CZMODEL metadata never uses them.
+    DTDs and entities are refused before building the tree: they are the vehicle of XML bombs and
+    external-entity attacks, and real CZMODEL metadata never uses them. The refusal happens in expat's
+    declaration handlers, so it holds whatever the document's encoding (a byte search alone would miss a
+    UTF-16 ``<!DOCTYPE``).
     """
-    head = data[:4096].lower()
-    if b"<!doctype" in head or b"<!entity" in data.lower():
-        raise PackageError("XML metadata declares a DTD or entities, which packages never need",
-                           hint="this file may be hostile; do not open it with other tools")
+    if b"<!doctype" in data[:4096].lower() or b"<!entity" in data.lower():
+        _refuse_dtd()
+    scanner = expat.ParserCreate()
+    scanner.StartDoctypeDeclHandler = _refuse_dtd
+    scanner.EntityDeclHandler = _refuse_dtd
     try:
+        scanner.Parse(data, True)
         root = ElementTree.fromstring(data)
-    except ElementTree.ParseError as exc:
+    except (expat.ExpatError, ElementTree.ParseError, ValueError) as exc:
         raise PackageError(f"XML metadata is malformed: {exc}", hint="re-export the package") from exc
     if root.tag != "Model":
-        raise PackageError(f"XML root element is <{root.tag}>, expected <Model>")
-    out: dict[str, Any] = dict(root.attrib)
+        raise PackageError(f"XML root element is <{root.tag[:40]}>, expected <Model>")
+    out: dict[str, Any] = {k: _xml_value(k, v) for k, v in root.attrib.items()}
     for child in root:
         if child.tag in ("Channels", "TrainingClasses"):
-            items = []
-            for item in child:
-                entry: dict[str, Any] = {k: _xml_value(k, v) for k, v in item.attrib.items()}
-                for sub in item:
-                    if len(sub):
-                        entry.update({g.tag: _xml_value(g.tag, g.text) for g in sub})
-                        entry.update({k: _xml_value(k, v) for k, v in sub.attrib.items()})
-                    else:
-                        entry[sub.tag] = _xml_value(sub.tag, sub.text)
-                    entry.update({k: _xml_value(k, v) for k, v in sub.attrib.items()})
-                items.append(entry)
-            out[child.tag] = items
+            out[child.tag] = [_item_entry(item) for item in child]
         else:
             out[child.tag] = _xml_value(child.tag, child.text)
     return out

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .checks import CheckContext, ValidateOptions
-from .errors import CzregError, UsageError
+from .errors import CzregError, PackageError, UsageError
 from .package import inspect_package, sha256_file
 from .plugins import get_host
 from .report import Finding, Report, Severity
@@ -22,8 +22,12 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
     report = Report(path=str(path), strict=options.strict)
-    report.sha256 = sha256_file(path)
-    package, findings = inspect_package(path, options.limits)
+    try:
+        report.sha256 = sha256_file(path)
+        package, findings = inspect_package(path, options.limits)
+    except (OSError, PackageError) as exc:  # unreadable (permissions, vanished): the user's to fix, not a finding
+        message = exc.message if isinstance(exc, PackageError) else f"cannot read {path}: {exc.strerror or exc}"
+        raise UsageError(message, hint="check the path and its permissions") from exc
     report.add(*findings)
     if package is None:
         return report

@@ -83,7 +83,8 @@ def metadata_for(kind: str, tile: int = 64, channels: int = 1, classes: int = 2,
             "MultiClassSemanticSegmentation" if classes > 2 else "SingleClassSemanticSegmentation"),
         "InputShape": [*spatial, channels],
         "OutputShape": [*spatial, classes],
-        "MinOverlap": [overlap] * len(spatial),
+        # a z tile of 16 cannot advance with an overlap of 16: cap the z overlap
+        "MinOverlap": [min(overlap, 8), overlap, overlap] if is3d else [overlap, overlap],
         "ModelName": f"test-{kind}",
     }
     if kind != "regression":

@@ -54,8 +54,14 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
         payload = [r.to_dict() for r in reports]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=str))
     if report_file is not None:
+        from ..package import atomic_output
+
         text = render_markdown(reports[0]) if report_file.suffix.lower() == ".md" else render_html(reports[0])
-        report_file.write_text(text, encoding="utf-8")
+        try:
+            with atomic_output(report_file) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise click.UsageError(f"cannot write the report to {report_file}: {exc.strerror or exc}") from None
         if not as_json:
             click.echo(f"report written to {report_file}", err=True)
     sys.exit(0 if all_valid else 1)
