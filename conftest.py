@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +45,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
 
     def get(kind: str, fmt: str = "onnx", *, tile: int = 64, channels: int = 1, classes: int = 2,
             overlap: int = 16, **meta_overrides: Any) -> Path:
-        key = (kind, fmt, tile, channels, classes, overlap, tuple(sorted(meta_overrides.items(), key=str)))
+        key = (kind, fmt, tile, channels, classes, overlap, json.dumps(meta_overrides, sort_keys=True, default=str))
         if key in packages:
             return packages[key]
         mkey = (kind, channels, classes, tile if kind == "dense_head" else None)

@@ -1,5 +1,363 @@
-"""Model checks: run the model and compare it with its metadata (filled in by the model-checks issue)."""
+"""Model checks: run the network and prove it fits its metadata, is shape-invariant and tiles without seams.
+
+Four checks, in this order (each skipped by the validator once an earlier one reported an error):
+
+``model.signature`` (100)
+    The graph's one input and one output against the metadata: rank, batch, channels, classes, fixed
+    dims, dtype. Nothing is run.
+``model.output`` (110)
+    One prediction at the declared tile on inputs in [0, 1]: shape, finiteness, probabilities for
+    segmentation types, [0, 1] for regression (warning), and a second run for determinism.
+``model.invariance`` (120)
+    Accepted sizes and the size step, output size following input size, and translation equivariance
+    by value (``probing.Prober.measure_invariance``).
+``model.receptive_field`` (130)
+    Stride and halo per axis by the shift-consistency probe, the declared border against the halo, a
+    tiled-versus-whole comparison at the declared overlap, and the smallest even ``MinOverlap`` that tiles
+    exactly.
+
+All predictions come from one ``Prober`` kept in ``ctx.cache`` (see ``probing``); measured facts go to
+``report.measurements``. Tolerances and the probe method are documented in docs/model-checks.md.
+"""
 
 from __future__ import annotations
 
-CHECKS: list[object] = []
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..metadata import ModelInfo
+from ..report import Finding
+from .probing import TOLERANCE, InvarianceResult, Prober, ProbeRejected
+
+if TYPE_CHECKING:
+    from . import CheckContext
+
+__all__ = ["CHECKS", "SOFTMAX_TOLERANCE", "get_prober"]
+
+#: Largest allowed ``|sum over classes - 1|`` and overshoot of [0, 1] for segmentation outputs. float32
+#: softmax sums to 1 within ~1e-6; 1e-3 also admits float16 networks, and still catches sigmoid or logit
+#: outputs (whose sums are off by 1e-1 and more).
+SOFTMAX_TOLERANCE = 1e-3
+_PROBER_KEY = "model.prober"
+
+
+def _axes(nd: int) -> list[str]:
+    return ["z", "h", "w"][-nd:] if nd <= 3 else [f"axis{i}" for i in range(nd)]
+
+
+def _fmt(values: Iterable[Any]) -> str:
+    return "[" + ", ".join("?" if v is None else str(v) for v in values) + "]"
+
+
+def get_prober(ctx: CheckContext) -> Prober:
+    """The validation's one ``Prober`` (created on first use, shared by every model check)."""
+    prober = ctx.cache.get(_PROBER_KEY)
+    if prober is None:
+        prober = Prober(ctx.session, ctx.info, max_probe_size=ctx.options.max_probe_size,
+                        time_budget=ctx.options.time_budget)
+        ctx.cache[_PROBER_KEY] = prober
+    assert isinstance(prober, Prober)
+    return prober
+
+
+def _spatial_output(info: ModelInfo, prober: Prober) -> bool:
+    """Whether the output is an image (dense types, or an output with the input's rank)."""
+    if info.is_dense:
+        return True
+    if info.type is None:
+        out = prober.session.signature.outputs
+        return bool(out) and len(out[0].shape) == prober.spatial_ndim + 2
+    return False
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    id: str = "model.signature"
+    needs_model: bool = True
+    order: int = 100
+
+    def run(self, ctx: CheckContext) -> Iterator[Finding]:
+        info = ctx.info
+        start = time.perf_counter()
+        sig = ctx.session.signature  # loads the model: its cost is reported apart from the probes'
+        ctx.measure("model_load_s", round(time.perf_counter() - start, 4))
+        ctx.measure("signature", sig.to_dict())
+        cid = self.id
+        if len(sig.inputs) != 1 or len(sig.outputs) != 1:
+            yield Finding.error(f"{cid}.io", f"the model has {len(sig.inputs)} input(s) and {len(sig.outputs)} "
+                                "output(s); CZANN requires exactly one of each",
+                                hint="export a model with a single input and a single output")
+            return
+        inp, out = sig.inputs[0], sig.outputs[0]
+        nd = info.spatial_ndim
+        ranks = (nd + 2,) if nd is not None else (4, 5)
+        if len(inp.shape) not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            yield Finding.error(f"{cid}.rank", f"input '{inp.name}' has rank {len(inp.shape)} "
+                                f"(shape {_fmt(inp.shape)}); the metadata needs rank {want} "
+                                "([batch, h, w, c] or [batch, z, h, w, c])",
+                                hint="export channels-last with a batch dimension")
+            return
+        nd = len(inp.shape) - 2
+        for t, what in ((inp, "input"), (out, "output")):
+            if t.shape and t.shape[0] not in (None, 1):
+                yield Finding.error(f"{cid}.batch", f"{what} '{t.name}' has batch dimension {t.shape[0]}; "
+                                    "it must be 1 or undefined", hint="export with a free batch dimension")
+            if t.dtype != "float32":
+                yield Finding.error(f"{cid}.dtype", f"{what} '{t.name}' is {t.dtype}; CZANN models take and "
+                                    "give float32", hint="cast inside the model or re-export as float32")
+        channels = inp.shape[-1]
+        if info.input_channels is not None:
+            declared = "sum of the pixel types' channels" if info.kind == "czmodel" else "InputShape[-1]"
+            if channels is None:
+                yield Finding.warning(f"{cid}.input_channels", f"the model's channel dimension is undefined; "
+                                      f"{declared} is {info.input_channels}",
+                                      hint="export with a fixed channel count")
+            elif channels != info.input_channels:
+                yield Finding.error(f"{cid}.input_channels", f"the model takes {channels} input channel(s) but "
+                                    f"{declared} is {info.input_channels}",
+                                    hint="fix the metadata or the model's input layer")
+        out_ch = out.shape[-1] if out.shape else None
+        if info.output_shape is not None and out_ch is not None and out_ch != info.output_shape[-1]:
+            yield Finding.error(f"{cid}.output_channels", f"the model gives {out_ch} output channel(s) but "
+                                f"OutputShape[-1] is {info.output_shape[-1]}",
+                                hint="fix OutputShape or the model's last layer")
+        if info.classes is not None and out_ch is not None and out_ch != len(info.classes):
+            yield Finding.error(f"{cid}.classes", f"the model gives {out_ch} output channel(s) but the "
+                                f"metadata names {len(info.classes)} class(es)",
+                                hint="one class name per output channel")
+        graph_spatial = inp.shape[1:-1]
+        if info.tile is not None and len(info.tile) == nd:
+            for axis, (g, dim) in enumerate(zip(graph_spatial, info.tile)):
+                if g is not None and g != dim:
+                    yield Finding.error(f"{cid}.fixed_dims", f"the model's input is fixed to {g} on axis "
+                                        f"{_axes(nd)[axis]} but InputShape says {dim}",
+                                        hint="InputShape must be the size the graph runs on")
+        if info.output_shape is not None and len(out.shape) == len(info.output_shape) + 1:
+            for axis, (g, dim) in enumerate(zip(out.shape[1:-1], info.output_shape[:-1])):
+                if g is not None and g != dim:
+                    yield Finding.error(f"{cid}.fixed_dims", f"the model's output is fixed to {g} on axis "
+                                        f"{_axes(nd)[axis]} but OutputShape says {dim}")
+        if info.kind == "czmodel" and any(g is None for g in graph_spatial):
+            yield Finding.error(f"{cid}.legacy_dims", f"legacy packages need fully defined spatial input dims; "
+                                f"the model's input is {_fmt(inp.shape)}",
+                                hint="re-export with a fixed tile size, or pack as CZANN with an InputShape")
+        tile = info.tile if info.tile is not None else (
+            tuple(graph_spatial) if all(g is not None for g in graph_spatial) else None)
+        ctx.measure("tile", list(tile) if tile is not None else None)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    id: str = "model.output"
+    needs_model: bool = True
+    order: int = 110
+
+    def run(self, ctx: CheckContext) -> Iterator[Finding]:
+        info = ctx.info
+        prober = get_prober(ctx)
+        cid = self.id
+        try:
+            out = prober.tile_prediction()
+        except ProbeRejected as exc:
+            yield Finding.error(f"{cid}.runs", f"the model fails on its declared tile {_fmt(prober.tile)}: {exc}",
+                                hint="InputShape must be a size the model accepts")
+            return
+        dense = _spatial_output(info, prober)
+        stats: dict[str, Any] = {"shape": list(out.shape)}
+        ctx.measure("output", stats)
+        if dense:
+            want_spatial = tuple(prober.tile)
+            got_spatial = tuple(out.shape[:-1])
+            if got_spatial != want_spatial:
+                yield Finding.error(f"{cid}.shape", f"output spatial size {_fmt(got_spatial)} differs from the "
+                                    f"input tile {_fmt(want_spatial)}",
+                                    hint="use 'same' padding or crop/pad inside the model")
+        finite = np.isfinite(out)
+        if not finite.all():
+            bad = int((~finite).sum())
+            yield Finding.error(f"{cid}.finite", f"{bad} of {out.size} output values are NaN or infinite on "
+                                "inputs in [0, 1]", hint="check the model's normalisation and weights")
+            return
+        lo, hi = float(out.min()), float(out.max())
+        stats.update(min=lo, max=hi)
+        if info.is_segmentation:
+            sums = out.sum(axis=-1, dtype=np.float64)
+            sum_err = float(np.abs(sums - 1.0).max())
+            stats["softmax_sum_error"] = sum_err
+            if lo < -SOFTMAX_TOLERANCE or hi > 1 + SOFTMAX_TOLERANCE:
+                yield Finding.error(f"{cid}.probabilities", f"segmentation output ranges over [{lo:.4g}, {hi:.4g}]; "
+                                    "class probabilities must lie in [0, 1]",
+                                    hint="end the model with a softmax (czmodel's SigmoidToSoftmaxScores for "
+                                    "sigmoid outputs)")
+            elif sum_err > SOFTMAX_TOLERANCE:
+                yield Finding.error(f"{cid}.probabilities", f"class probabilities sum to 1 only within "
+                                    f"{sum_err:.3g} (tolerance {SOFTMAX_TOLERANCE:g})",
+                                    hint="end the model with a softmax over the class axis")
+        elif info.type == "Regression" and (lo < -SOFTMAX_TOLERANCE or hi > 1 + SOFTMAX_TOLERANCE):
+            yield Finding.warning(f"{cid}.range", f"regression output ranges over [{lo:.4g}, {hi:.4g}]; the "
+                                  "format asks for image outputs in [0, 1]",
+                                  hint="rescale inside the model (e.g. a final sigmoid)")
+        again = prober.predict_uncached((0,) * prober.spatial_ndim, prober.tile)
+        det = float(np.abs(again.astype(np.float64) - out.astype(np.float64)).max()) if again.shape == out.shape \
+            else float("inf")
+        stats["determinism_error"] = det
+        tol = TOLERANCE * max(1.0, hi - lo)
+        if det > tol:
+            yield Finding.error(f"{cid}.determinism", f"two runs on the same tile differ by up to {det:.3g} "
+                                f"(tolerance {tol:.3g})",
+                                hint="disable dropout and other random layers at inference")
+
+
+def _invariance_measurements(ctx: CheckContext, prober: Prober) -> None:
+    inv = prober.measure_invariance()
+    ctx.measure("accepts_other_sizes", inv.accepts_other_sizes)
+    ctx.measure("fixed_size", list(inv.fixed_size) if inv.fixed_size else None)
+    ctx.measure("step", list(inv.step))
+    ctx.measure("output_follows_input", inv.output_follows_input)
+    ctx.measure("stride", list(inv.stride))
+    ctx.measure("halo", list(inv.halo))
+    ctx.measure("global_context", inv.global_context)
+    ctx.measure("equivariance_error", inv.equivariance_error)
+    ctx.measure("equivariance_error_rel", inv.equivariance_error_rel)
+    ctx.measure("offgrid_shift_error", inv.offgrid_shift_error)
+    ctx.measure("probe", {"window": list(inv.window), "predictions": prober.predictions,
+                          "predict_seconds": round(prober.predict_seconds, 4), "tolerance": inv.tolerance,
+                          "partial": inv.partial, "notes": inv.notes,
+                          "sizes": [{k: v for k, v in p.items() if k != "error"} for p in inv.size_probes]})
+
+
+class _SpatialCheck:
+    """Shared start of the spatial checks: image-to-image models only, one shared measurement."""
+
+    id: str
+
+    def run(self, ctx: CheckContext) -> Iterator[Finding]:
+        info = ctx.info
+        prober = get_prober(ctx)
+        if not _spatial_output(info, prober):
+            yield Finding.info(self.id, f"not an image-to-image model (type {info.type}): spatial checks skipped")
+            return
+        inv = prober.measure_invariance()
+        _invariance_measurements(ctx, prober)
+        yield from self.check(ctx, info, prober, inv)
+
+    def check(self, ctx: CheckContext, info: ModelInfo, prober: Prober,
+              inv: InvarianceResult) -> Iterator[Finding]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class InvarianceCheck(_SpatialCheck):
+    id: str = "model.invariance"
+    needs_model: bool = True
+    order: int = 120
+
+    def check(self, ctx: CheckContext, info: ModelInfo, prober: Prober,
+              inv: InvarianceResult) -> Iterator[Finding]:
+        cid = self.id
+        nd = inv.spatial_ndim
+        if inv.fixed_size is not None:
+            yield Finding.info(f"{cid}.fixed_size", f"fixed-size graph: it runs only on {_fmt(inv.fixed_size)}; "
+                               "the host tiles at exactly that size (packing cannot change the tile)")
+        elif inv.accepts_other_sizes:
+            yield Finding.info(f"{cid}.sizes", f"accepts other spatial sizes in steps of {_fmt(inv.step)} "
+                               f"({'/'.join(_axes(nd))})")
+        if inv.output_follows_input is False:
+            odd = [p for p in inv.size_probes if p["accepted"] and p["output"] != p["size"]]
+            example = f" (input {odd[0]['size']} gave {odd[0]['output']})" if odd else ""
+            yield Finding.warning(f"{cid}.output_size", f"the output size does not follow the input size"
+                                  f"{example}", hint="models for tiling must map every accepted size to itself")
+        if inv.global_context:
+            where = ("within the fixed tile" if inv.fixed_size else "between a crop and the whole image")
+            err = inv.equivariance_error
+            detail = f"; predictions differ by up to {err:.3g} {where}" if err is not None else ""
+            message = ("the output depends on the whole tile (global pooling, dense layers or per-image "
+                       f"normalisation): it is not translation-equivariant{detail}")
+            if info.is_dense:
+                yield Finding.error(f"{cid}.equivariance", message,
+                                    hint="use a fully convolutional network; tiles of such a model never join "
+                                    "without seams")
+            else:
+                yield Finding.warning(f"{cid}.equivariance", message)
+        elif inv.equivariance_error is not None:
+            yield Finding.info(f"{cid}.equivariance", f"translation-equivariant by value: a crop's prediction "
+                               f"matches the whole prediction within {inv.equivariance_error:.3g} beyond the halo")
+        if inv.partial:
+            yield Finding.info(f"{cid}.budget", f"probing stopped at the time budget ({ctx.options.time_budget:g} "
+                               "s); some measurements are missing", hint="raise --time-budget")
+
+
+@dataclass(frozen=True)
+class ReceptiveFieldCheck(_SpatialCheck):
+    id: str = "model.receptive_field"
+    needs_model: bool = True
+    order: int = 130
+
+    def check(self, ctx: CheckContext, info: ModelInfo, prober: Prober,
+              inv: InvarianceResult) -> Iterator[Finding]:
+        cid = self.id
+        nd = inv.spatial_ndim
+        axes = _axes(nd)
+        if inv.global_context:
+            yield Finding.info(f"{cid}.halo", "no halo exists: the output depends on the whole tile "
+                               "(see model.invariance.equivariance)")
+            return
+        if any(h is None for h in inv.halo):
+            yield Finding.info(f"{cid}.halo", f"halo not measured on every axis: {_fmt(inv.halo)}; "
+                               + "; ".join(inv.notes), hint="raise --max-probe-size or --time-budget")
+            return
+        halo = [int(h) for h in inv.halo if h is not None]
+        exact = [2 * h for h in halo]
+        ctx.measure("min_overlap_exact", exact)
+        border = list(info.border) if info.border is not None and len(info.border) == nd else None
+        overlap = list(info.min_overlap) if info.min_overlap is not None and len(info.min_overlap) == nd else None
+        ctx.measure("declared_border", border)
+        yield Finding.info(f"{cid}.halo", f"measured stride {_fmt(inv.stride)} and halo {_fmt(halo)} px "
+                           f"({'/'.join(axes)}); tiling is exact with MinOverlap >= {_fmt(exact)}")
+        seam = prober.measure_tiling(overlap if overlap is not None else [0] * nd)
+        if seam is not None:
+            ctx.measure("seam_error", seam.seam_error)
+            ctx.measure("seam_error_rel", seam.seam_error_rel)
+            ctx.measure("seam_overlap", list(seam.overlap))
+            ctx.measure("seam_method", seam.method)
+        else:
+            ctx.measure("seam_error", None)
+        declared = "BorderSize" if info.kind == "czmodel" else "MinOverlap/2"
+        short = [a for a, b, h in zip(axes, border or [0] * nd, halo) if b < h]
+        if short:
+            seam_txt = (f"; tiling at the declared overlap differs from the whole prediction by up to "
+                        f"{seam.seam_error:.3g} ({100 * (seam.seam_error_rel or 0):.3g}% of the output range)"
+                        if seam is not None and seam.seam_error is not None else "")
+            what = f"declared border {_fmt(border)} px ({declared})" if border else "no border is declared"
+            fix = ("MinOverlap" if info.kind == "czann" else "BorderSize")
+            want = _fmt(exact) if info.kind == "czann" else str(max(halo))
+            yield Finding.warning(f"{cid}.border", f"{what} is below the measured halo {_fmt(halo)} px on "
+                                  f"{'axes' if len(short) > 1 else 'axis'} {', '.join(short)}: tiles will show seams"
+                                  f"{seam_txt}",
+                                  hint=f"set {fix} to {want} for seamless tiling")
+        elif seam is not None and seam.seam_error is not None and not seam.exact:
+            yield Finding.warning(f"{cid}.seams", f"tiling at the declared overlap {_fmt(seam.overlap)} differs from "
+                                  f"the whole prediction by up to {seam.seam_error:.3g}",
+                                  hint=f"MinOverlap {_fmt(exact)} should tile exactly")
+        if seam is None:
+            yield Finding.info(f"{cid}.seams", "tiled-versus-whole comparison not possible: the overlap leaves "
+                               "no room for a second tile within the probe size")
+        if not prober.over_budget and exact != (list(seam.overlap) if seam else None):
+            check = prober.measure_tiling(exact)
+            ctx.measure("min_overlap_exact_seam_error", check.seam_error if check else None)
+            if check is not None and check.exact is False:
+                yield Finding.warning(f"{cid}.seams", f"tiling at MinOverlap {_fmt(check.overlap)} (twice the halo) "
+                                      f"still differs by {check.seam_error:.3g}: the halo probe and the tiling "
+                                      "disagree", hint="report this model to the czregistry authors")
+        if inv.offgrid_shift_error is not None:
+            yield Finding.info(f"{cid}.stride", f"shifting the input by less than the stride {_fmt(inv.stride)} "
+                               f"changes the output by up to {inv.offgrid_shift_error:.3g}: tiles are consistent "
+                               "only on that grid")
+
+
+CHECKS: list[object] = [SignatureCheck(), OutputCheck(), InvarianceCheck(), ReceptiveFieldCheck()]

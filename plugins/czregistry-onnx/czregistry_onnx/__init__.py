@@ -67,7 +67,7 @@ class OnnxSession(Session):
                                hint="pip install onnxruntime-gpu, or use --device cpu")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_gpu else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: refused probe sizes are findings, not console noise
         try:
             self._session: Any = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:
