@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "inspect_package",
     "open_package",
+    "pack",
     "validate",
     "write_package",
 ]
@@ -33,6 +34,7 @@ _LAZY = {
     "open_package": ("czregistry.package", "open_package"),
     "inspect_package": ("czregistry.package", "inspect_package"),
     "write_package": ("czregistry.package", "write_package"),
+    "pack": ("czregistry.packing", "pack"),
 }
 
 

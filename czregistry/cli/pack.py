@@ -1,9 +1,239 @@
-"""CLI commands for this area (filled in by its issue)."""
+"""``czreg pack``, ``czreg unpack`` and ``czreg inspect``.
+
+Nothing heavy is imported here at start-up: TensorFlow and ONNX Runtime load inside the commands.
+"""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
 import click
+
+from ..errors import PackageError, UsageError
+from ._common import echo_json, handle_errors, json_option
+
+__all__ = ["register"]
+
+_TYPES = ["SingleClassInstanceSegmentation", "MultiClassInstanceSegmentation", "SingleClassSemanticSegmentation",
+          "MultiClassSemanticSegmentation", "SingleClassClassification", "MultiClassClassification",
+          "ObjectDetection", "Regression"]
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Package to write (.czann, or .czmodel for the legacy format).")
+@click.option("--type", "model_type", type=click.Choice(_TYPES), default=None, help="Model Type (metadata).")
+@click.option("--classes", default=None, help="Comma-separated class names, e.g. background,nucleus.")
+@click.option("--min-overlap", default=None, help="MinOverlap per spatial axis: one even number or 'H,W'.")
+@click.option("--name", "model_name", default=None, help="ModelName (metadata).")
+@click.option("--id", "model_id", default=None, help="Model Id (a UUID); derived from the content when absent.")
+@click.option("--scaling", default=None, help="Pixel size in metres, comma-separated x,y[,z].")
+@click.option("--pre", "pre", multiple=True, metavar="NAME[:k=v,...]",
+              help="Preprocessing layer prepended to the model (repeatable; see 'czreg plugins').")
+@click.option("--post", "post", multiple=True, metavar="NAME[:k=v,...]",
+              help="Postprocessing layer appended to the model (repeatable).")
+@click.option("--tile", nargs=2, type=click.IntRange(min=1), default=None, metavar="H W",
+              help="Reset the spatial input size (refused unless the model is spatially invariant).")
+@click.option("--format", "target", type=click.Choice(["czann", "czmodel"]), default=None,
+              help="Package format; default from the output suffix.")
+@click.option("--model-format", type=click.Choice(["onnx", "savedmodel"]), default="onnx", show_default=True)
+@click.option("--opset", type=click.IntRange(min=7), default=None,
+              help="ONNX opset (default 18; 12 for legacy .czmodel).")
+@click.option("--license", "license_file", type=click.Path(path_type=Path), default=None,
+              help="License file to include.")
+@click.option("--pixel-type", "pixel_types", multiple=True, help="Legacy: input pixel type(s), e.g. Gray8.")
+@click.option("--color-handling", type=click.Choice(["ConvertToMonochrome", "SplitRgb"]), default=None,
+              help="Legacy: how hosts feed colour images.")
+@click.option("--border-size", type=click.IntRange(min=0), default=None, help="Legacy: BorderSize in pixels.")
+@click.option("--force", is_flag=True, help="Keep the package even if it fails verification (with its report).")
+@json_option
+def pack(source: Path, output: Path, model_type: str | None, classes: str | None, min_overlap: str | None,
+         model_name: str | None, model_id: str | None, scaling: str | None, pre: tuple[str, ...],
+         post: tuple[str, ...], tile: tuple[int, int] | None, target: str | None, model_format: str,
+         opset: int | None, license_file: Path | None, pixel_types: tuple[str, ...], color_handling: str | None,
+         border_size: int | None, force: bool, as_json: bool) -> None:
+    """Pack SOURCE (SavedModel folder, .keras, .onnx or conversion-spec .json) into a verified package.
+
+    The package is converted, compared with the source on random inputs (within 1e-4), validated, and only
+    then written to OUTPUT. Exit 0 when valid, 1 when kept invalid with --force, 6 when packing failed.
+    """
+    from ..packing import PackWarning
+    from ..packing import pack as run_pack
+    from ..report import render_text
+
+    with handle_errors():
+        metadata: dict[str, Any] = {"Type": model_type, "ModelName": model_name, "Id": model_id,
+                                    "Classes": _split_list(classes), "ColorHandling": color_handling,
+                                    "BorderSize": border_size, "PixelType": list(pixel_types) or None}
+        try:
+            if min_overlap is not None:
+                metadata["MinOverlap"] = [int(v) for v in _split_list(min_overlap) or []]
+            if scaling is not None:
+                metadata["Scaling"] = [float(v) for v in _split_list(scaling) or []]
+        except ValueError as exc:
+            raise UsageError(f"bad number in --min-overlap/--scaling: {exc}") from None
+        is_legacy = (target or ("czmodel" if output.suffix.lower() in (".czmodel", ".czseg") else "czann")) \
+            == "czmodel"
+        if not is_legacy:
+            for key in ("ColorHandling", "BorderSize", "PixelType"):
+                if metadata.pop(key) is not None:
+                    raise UsageError(f"--{key.lower()} applies to legacy .czmodel output only")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PackWarning)
+            result = run_pack(source, metadata, output, preprocessing=list(pre), postprocessing=list(post),
+                              spatial_dims=tile, target=target,  # type: ignore[arg-type]
+                              model_format=model_format, opset=opset,  # type: ignore[arg-type]
+                              license_file=license_file, force=force)
+        del caught  # PackResult.warnings carries them
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        for n in result.notes:
+            click.echo(f"Note: {n}", err=True)
+        for w in result.warnings:
+            click.echo(f"Warning: {w}", err=True)
+        diff = result.parity_max_abs_diff
+        click.echo(f"packed {result.path} ({result.kind}, {result.model_format}"
+                   f"{f', opset {result.opset}' if result.opset else ''}) sha256 {result.sha256}")
+        click.echo(f"  parity: max |packaged - source| = {'n/a' if diff is None else f'{diff:.3g}'} "
+                   f"on {len(result.parity_inputs)} random inputs (tolerance 1e-4)")
+        if result.kept_invalid:
+            click.echo(render_text(result.report))
+            click.echo(f"Warning: the package is INVALID and was kept only because of --force; report: "
+                       f"{result.report_path}", err=True)
+    sys.exit(1 if result.kept_invalid else 0)
+
+
+@click.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Extract into a folder that is not empty (files are overwritten).")
+@json_option
+def unpack(package: Path, directory: Path, force: bool, as_json: bool) -> None:
+    """Extract PACKAGE's members into DIRECTORY safely (never outside it, within the reader's limits)."""
+    with handle_errors():
+        written = unpack_package(package, directory, force=force)
+    if as_json:
+        echo_json({"package": str(package), "directory": str(directory), "files": [str(p) for p in written]})
+    else:
+        for p in written:
+            click.echo(str(p))
+
+
+def unpack_package(package: Path, directory: Path, *, force: bool = False) -> list[Path]:
+    """Extract a package that passed the safe reader. Member names are re-checked against ``directory``
+    (resolved) before anything is written, and only regular files are written."""
+    from ..package import open_package
+
+    if not package.is_file():
+        raise UsageError(f"no such package file: {package}", hint="check the path")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UsageError(f"{directory} is not empty", hint="choose an empty or new folder, or pass --force")
+    pkg = open_package(package)
+    root = directory.resolve()
+    members = [m for m in (pkg.metadata_member, pkg.model_member, pkg.license_member) if m]
+    targets: list[tuple[str, Path]] = []
+    for name in members:
+        target = (root / name).resolve()
+        if root not in target.parents:
+            raise PackageError(f"member '{name}' would be written outside {directory}; refused")
+        targets.append((name, target))
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with zipfile.ZipFile(package) as zf:
+        for name, target in targets:
+            info = zf.getinfo(name)
+            limit = pkg.limits.max_member_bytes
+            if info.file_size > limit:
+                raise PackageError(f"member '{name}' is larger than the reader's limit")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            with zf.open(info) as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            tmp.replace(target)
+            written.append(directory / name)
+    return written
+
+
+@click.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--static", is_flag=True, help="Do not load the model (no signature).")
+@click.option("--backend", default=None, help="Backend used to read the model signature.")
+@json_option
+def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> None:
+    """Show PACKAGE's metadata and model signature at a glance."""
+    with handle_errors():
+        info = inspect_summary(package, load_model=not static, backend=backend)
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"{info['path']}: {info['kind']} package, model {info['model_format']} "
+               f"({info['model_bytes']:,} bytes), sha256 {info['sha256']}")
+    if info.get("license_member"):
+        click.echo(f"  license: {info['license_member']}")
+    click.echo("  metadata:")
+    for key, value in (info["metadata"] or {}).items():
+        click.echo(f"    {key}: {value}")
+    sig = info.get("signature")
+    if sig:
+        click.echo(f"  signature ({info['backend']}):")
+        for side in ("inputs", "outputs"):
+            for t in sig[side]:
+                shape = ", ".join("?" if d is None else str(d) for d in t["shape"])
+                click.echo(f"    {side[:-1]} {t['name']}: [{shape}] {t['dtype']}")
+    else:
+        click.echo(f"  signature: not shown ({info['signature_note']})")
+    for f in info["findings"]:
+        click.echo(f"  {f['severity']}: {f['check']}: {f['message']}")
+
+
+def inspect_summary(package: Path, *, load_model: bool = True, backend: str | None = None) -> dict[str, Any]:
+    """Metadata, archive facts and (when a backend can load it) the model's real signature."""
+    from ..backends import load_session
+    from ..errors import BackendError
+    from ..package import inspect_package, sha256_file
+
+    if not package.is_file():
+        raise UsageError(f"no such package file: {package}", hint="check the path")
+    pkg, findings = inspect_package(package)
+    if pkg is None:
+        first = findings[0] if findings else None
+        raise PackageError(f"{package}: {first.message if first else 'unreadable package'}",
+                           hint=first.hint if first else None)
+    out: dict[str, Any] = {
+        "path": str(package), "kind": pkg.kind, "sha256": sha256_file(package), "model_format": pkg.model_format,
+        "model_member": pkg.model_member, "model_bytes": pkg.model_size, "license_member": pkg.license_member,
+        "metadata": pkg.metadata, "findings": [f.to_dict() for f in findings],
+        "signature": None, "backend": None, "signature_note": None,
+    }
+    if not load_model:
+        out["signature_note"] = "--static"
+        return out
+    try:
+        with load_session(pkg, backend, "cpu") as session:
+            out["signature"] = session.signature.to_dict()
+            out["backend"] = session.backend
+    except BackendError as exc:
+        out["signature_note"] = exc.message + (f"; {exc.hint}" if exc.hint else "")
+    return out
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
+    group.add_command(pack)
+    group.add_command(unpack)
+    group.add_command(inspect)
