@@ -1,9 +1,377 @@
-"""CLI commands for this area (filled in by its issue)."""
+"""Registry commands: publish, pull, list, show, history, alias, tag, yank, unyank, verify, gc, purge.
+
+Thin over ``czregistry.registry`` (imported inside each command: SQLAlchemy stays out of start-up).
+Every command takes ``--registry URL`` and ``--blob-store PATH`` (or ``CZREG_REGISTRY`` /
+``CZREG_BLOB_STORE``).
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import click
+
+from ..errors import RegistryError, UsageError
+from ._common import echo_json, handle_errors, json_option
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+
+__all__ = ["register"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _registry_options(fn: F) -> F:
+    """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily)."""
+
+    @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
+                  help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://... "
+                       "[env CZREG_REGISTRY; default: per-user data folder]")
+    @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
+                  help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, registry_url: str | None, blob_store: str | None, **kwargs: Any) -> Any:
+        with handle_errors():
+            from ..registry import open_registry
+
+            with open_registry(registry_url, blob_store) as reg:
+                return fn(*args, reg=reg, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"invalid tag '{item}'", hint="write --tag key=value")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        click.secho(f"Warning: {line}", fg="yellow", err=True)
+
+
+@click.command("publish")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--name", help="Model name (default: the package's ModelName, else the file name).")
+@click.option("--version", "version", help="Version to publish (PEP 440; e.g. 1.2.0).")
+@click.option("--bump", "bump_part", type=click.Choice(["major", "minor", "patch"]),
+              help="Publish as the next major/minor/patch after the highest version ever used.")
+@click.option("--static", is_flag=True, help="Validate metadata and archive only (skip model checks).")
+@click.option("--allow-invalid", is_flag=True, help="Publish even if validation fails (recorded).")
+@click.option("--smoke", is_flag=True, help="Also run the smoke test and store its report.")
+@click.option("--note", help="Free text stored with the version.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
+@json_option
+@_registry_options
+def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | None, bump_part: Any,
+                static: bool, allow_invalid: bool, smoke: bool, note: str | None, tags: tuple[str, ...],
+                as_json: bool) -> None:
+    """Validate PACKAGE and store it in the registry as NAME VERSION (immutable once published)."""
+    with handle_errors():
+        result = reg.publish(package, name=name, version=version, bump_part=bump_part, static=static,
+                             allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke)
+    v = result.version
+    if as_json:
+        echo_json({**result.to_dict(), "report": result.report.to_dict(),
+                   "smoke": result.smoke.to_dict() if result.smoke else None})
+        return
+    verdict = "valid" if result.report.valid else "INVALID (--allow-invalid)"
+    if result.status == "exists":
+        click.echo(f"Already published: {v['name']} {v['version']} has these exact bytes ({v['digest'][:19]}...)")
+    else:
+        click.echo(f"Published {v['name']} {v['version']} ({v['digest'][:19]}..., {_human(v['size'])}, {verdict})")
+
+
+@click.command("pull")
+@click.argument("requirement")
+@click.option("-o", "--output", type=click.Path(),
+              help="File or folder to write to (default: NAME-VERSION.czann here).")
+@click.option("--pre", is_flag=True, default=None, help="Allow pre-releases to match specifiers.")
+@json_option
+@_registry_options
+def pull_cmd(reg: Registry, requirement: str, output: str | None, pre: bool | None, as_json: bool) -> None:
+    """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST.
+
+    The blob is streamed and its SHA-256 checked before the file appears under its name."""
+    with handle_errors():
+        result = reg.pull(requirement, output, prereleases=pre or None)
+    _warn(result.warnings)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    v = result.version
+    click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({_human(v['size'])}, sha256 verified)")
+
+
+@click.command("list")
+@click.argument("name", required=False)
+@click.option("--type", "model_type", help="Only this model type (e.g. SingleClassSemanticSegmentation).")
+@click.option("--class", "class_name", help="Only models with this class name.")
+@click.option("--tag", help="Only versions with this tag (KEY or KEY=VALUE).")
+@click.option("--alias", help="Only versions an alias points at.")
+@click.option("--all-versions", is_flag=True, help="Every matching version, not only the newest per model.")
+@click.option("--yanked", "include_yanked", is_flag=True, help="Include yanked versions.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@json_option
+@_registry_options
+def list_cmd(reg: Registry, name: str | None, model_type: str | None, class_name: str | None, tag: str | None,
+             alias: str | None, all_versions: bool, include_yanked: bool, limit: int | None,
+             as_json: bool) -> None:
+    """List models (newest version each) or versions; NAME filters by substring or glob (nuclei*)."""
+    with handle_errors():
+        rows = reg.search(name=name, model_type=model_type, class_name=class_name, tag=tag, alias=alias,
+                          all_versions=all_versions, include_yanked=include_yanked, limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No models found.")
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        extra = f"  ({r['versions']} versions)" if "versions" in r else ""
+        flags = " [yanked]" if r["yanked"] else ""
+        click.echo(f"{r['name']:<{width}}  {r['version']:<12} {r['type'] or '-':<32} {_human(r['size']):>9}"
+                   f"  {r['created_at']}{flags}{extra}")
+
+
+@click.command("show")
+@click.argument("requirement")
+@json_option
+@_registry_options
+def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
+    """Show a model (its versions and aliases) or one version (provenance, validation report)."""
+    with handle_errors():
+        info = reg.show(requirement)
+    if as_json:
+        echo_json(info)
+        return
+    if "versions" in info:
+        click.echo(f"{info['name']}  latest: {info['latest'] or '-'}")
+        for a, v in info["aliases"].items():
+            click.echo(f"  @{a} -> {v}")
+        for v in info["versions"]:
+            flags = (" [yanked]" if v["yanked"] else "") + ("" if v["valid"] else " [invalid]")
+            click.echo(f"  {v['version']:<12} {v['digest'][:19]}...  {_human(v['size']):>9}  {v['created_at']}{flags}")
+        if info["purged"]:
+            click.echo(f"  purged (numbers never reused): {', '.join(info['purged'])}")
+        return
+    rep = info["report"]
+    lines = [
+        f"{info['name']} {info['version']}" + (f"  [YANKED: {info['yanked_reason']}]" if info["yanked"] else ""),
+        f"  digest:     {info['digest']}  ({_human(info['size'])}, {info['kind']})",
+        f"  type:       {info['type'] or '-'}   classes: {', '.join(info['classes'] or []) or '-'}",
+        f"  published:  {info['created_at']} by {info['created_by']} on {info['host']} from {info['source']}"
+        f" (czregistry {info['czregistry_version']})",
+        f"  validation: {'valid' if info['valid'] else 'INVALID'}"
+        + (" (published with --allow-invalid)" if info["allow_invalid"] else "")
+        + f", {sum(f['severity'] == 'error' for f in rep['findings'])} error(s),"
+          f" {sum(f['severity'] == 'warning' for f in rep['findings'])} warning(s)",
+    ]
+    if rep.get("measurements"):
+        lines.append("  measured:   " + ", ".join(f"{k}={v}" for k, v in rep["measurements"].items()
+                                                   if k != "timings_s"))
+    if info["smoke"]:
+        lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
+    if info["aliases"]:
+        lines.append("  aliases:    " + ", ".join(f"@{a}" for a in info["aliases"]))
+    if info["tags"]:
+        lines.append("  tags:       " + ", ".join(f"{k}={v}" for k, v in info["tags"].items()))
+    if info["note"]:
+        lines.append(f"  note:       {info['note']}")
+    click.echo("\n".join(lines))
+
+
+@click.command("history")
+@click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@_registry_options
+def history_cmd(reg: Registry, name: str | None, limit: int, as_json: bool) -> None:
+    """The audit trail (newest first): publishes, alias moves, tags, yanks, purges."""
+    with handle_errors():
+        events = reg.history(name, limit=limit)
+    if as_json:
+        echo_json(events)
+        return
+    for e in events:
+        what = e["version"] or ""
+        if e["alias"]:
+            what = f"@{e['alias']}: {e['from'] or '-'} -> {e['to'] or '-'}"
+        click.echo(f"{e['at']}  {e['actor']}@{e['host']}  {e['action']:<12} {e['model']} {what}")
+
+
+@click.group("alias")
+def alias_group() -> None:
+    """Named pointers to versions (@production, @staging); every move is audited. '@latest' is reserved."""
+
+
+@alias_group.command("set")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version")
+@json_option
+@_registry_options
+def alias_set_cmd(reg: Registry, name: str, alias: str, version: str, as_json: bool) -> None:
+    """Point NAME@ALIAS at VERSION (creates or moves it)."""
+    with handle_errors():
+        out = reg.alias_set(name, alias, version)
+    if as_json:
+        echo_json(out)
+    elif not out["changed"]:
+        click.echo(f"{out['name']}@{out['alias']} already points at {out['to']}")
+    else:
+        click.echo(f"{out['name']}@{out['alias']}: {out['from'] or '-'} -> {out['to']}")
+
+
+@alias_group.command("rm")
+@click.argument("name")
+@click.argument("alias")
+@json_option
+@_registry_options
+def alias_rm_cmd(reg: Registry, name: str, alias: str, as_json: bool) -> None:
+    """Remove NAME@ALIAS."""
+    with handle_errors():
+        out = reg.alias_remove(name, alias)
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo(f"Removed {out['name']}@{out['alias']} (was {out['from']})")
+
+
+@alias_group.command("list")
+@click.argument("name")
+@json_option
+@_registry_options
+def alias_list_cmd(reg: Registry, name: str, as_json: bool) -> None:
+    """Show NAME's aliases."""
+    with handle_errors():
+        out = reg.aliases(name)
+    if as_json:
+        echo_json(out)
+    else:
+        for a, v in out.items():
+            click.echo(f"@{a} -> {v}")
+
+
+@click.command("tag")
+@click.argument("requirement")
+@click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
+@json_option
+@_registry_options
+def tag_cmd(reg: Registry, requirement: str, tags: tuple[str, ...], remove: tuple[str, ...], as_json: bool) -> None:
+    """Set or remove tags on a version (e.g. czreg tag nuclei-seg==1.2.0 stain=dapi)."""
+    with handle_errors():
+        if not tags and not remove:
+            raise UsageError("nothing to do", hint="give KEY=VALUE pairs or --rm KEY")
+        out = reg.tag(requirement, _parse_tags(tags), list(remove))
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo(", ".join(f"{k}={v}" for k, v in out.items()) or "(no tags)")
+
+
+@click.command("yank")
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why (shown to everyone who pins it).")
+@json_option
+@_registry_options
+def yank_cmd(reg: Registry, name: str, version: str, reason: str, as_json: bool) -> None:
+    """Hide a version from specifiers and listings; an exact pin still gets it, with a warning."""
+    with handle_errors():
+        out = reg.yank(name, version, reason)
+    echo_json(out) if as_json else click.echo(f"Yanked {out['name']} {out['version']}: {reason}")
+
+
+@click.command("unyank")
+@click.argument("name")
+@click.argument("version")
+@json_option
+@_registry_options
+def unyank_cmd(reg: Registry, name: str, version: str, as_json: bool) -> None:
+    """Undo a yank."""
+    with handle_errors():
+        out = reg.unyank(name, version)
+    echo_json(out) if as_json else click.echo(f"Unyanked {out['name']} {out['version']}")
+
+
+@click.command("verify")
+@json_option
+@_registry_options
+def verify_cmd(reg: Registry, as_json: bool) -> None:
+    """Re-hash every blob; report missing or changed ones with the versions they break (exit 7 if any)."""
+    with handle_errors():
+        out = reg.verify()
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo(f"Checked {out['blobs']} blob(s) for {out['versions']} version(s), {_human(out['bytes'])}")
+        for p in out["problems"]:
+            click.echo(f"  {p['digest'][:19]}... {p['problem']}: {', '.join(p['versions'])}")
+    if not out["ok"]:
+        with handle_errors():
+            raise RegistryError(f"{len(out['problems'])} blob(s) missing or corrupt",
+                                hint="restore them from a backup, or purge the versions")
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@json_option
+@_registry_options
+def gc_cmd(reg: Registry, dry_run: bool, as_json: bool) -> None:
+    """Remove blobs no version references (left by purges or killed publishers)."""
+    with handle_errors():
+        out = reg.gc(dry_run=dry_run)
+    if as_json:
+        echo_json(out)
+    else:
+        verb = "Would remove" if dry_run else "Removed"
+        click.echo(f"{verb} {len(out['blobs'])} blob(s), {_human(out['bytes'])}; "
+                   f"{out['temp_files']} stale temp file(s)")
+
+
+@click.command("purge")
+@click.argument("name")
+@click.argument("version")
+@click.option("--purge", "confirm", is_flag=True, help="Really delete (required: published versions are immutable).")
+@click.option("--reason", help="Recorded in the audit trail.")
+@json_option
+@_registry_options
+def purge_cmd(reg: Registry, name: str, version: str, confirm: bool, reason: str | None, as_json: bool) -> None:
+    """Delete NAME VERSION for good; its number is never reused. Prefer 'czreg yank'."""
+    with handle_errors():
+        if not confirm:
+            raise UsageError(f"refusing to delete {name} {version} without --purge",
+                             hint="consider 'czreg yank' instead; add --purge to really delete it")
+        out = reg.purge(name, version, reason=reason)
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo(f"Purged {out['name']} {out['version']}" + (" and its blob" if out["blob_removed"] else ""))
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
+    for cmd in (publish_cmd, pull_cmd, list_cmd, show_cmd, history_cmd, alias_group, tag_cmd, yank_cmd,
+                unyank_cmd, verify_cmd, gc_cmd, purge_cmd):
+        group.add_command(cmd)

@@ -1,0 +1,741 @@
+"""The registry: publish, resolve, pull, list, show, history, aliases, tags, yank, verify, gc, purge.
+
+Every write is one transaction, retried a bounded number of times when another process holds the lock or
+wins a unique-constraint race. Publishing writes the blob first (temp file, fsync, rename) and commits the
+row last, after checking under the blob lock that the blob is still there, so no row ever points at a
+missing blob; ``gc`` removes unreferenced blobs under the exclusive form of the same lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from packaging.version import Version as PV
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from .. import __version__
+from ..errors import CzregError, RegistryError, UsageError
+from ..report import Report
+from . import db
+from .location import RegistryLocation, resolve_location
+from .models import Alias, Event, Model, Tag, Tombstone, Version
+from .store import CHUNK, BlobStore, open_blob_store
+from .versions import (
+    Bump,
+    Requirement,
+    bump,
+    canonical_name,
+    parse_requirement,
+    parse_version,
+    select_versions,
+    sort_bounds,
+    sort_key,
+    version_key,
+)
+
+__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "open_registry"]
+
+T = TypeVar("T")
+
+RESERVED_ALIASES = frozenset({"latest"})
+MAX_ATTEMPTS = 12
+_GC_LOCK_KEY = 0x637A7267  # advisory lock: publishers take it shared, gc/purge exclusive (PostgreSQL)
+
+
+def open_registry(registry: str | None = None, blob_store: str | None = None) -> Registry:
+    """Open (creating and migrating when needed) the registry at ``registry`` or the default location."""
+    return Registry(resolve_location(registry, blob_store))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat(timespec="seconds")
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+class _BlobGone(Exception):
+    """The blob vanished between put and commit (a concurrent gc): put it again and retry."""
+
+
+@dataclass
+class Resolved:
+    version: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PublishResult:
+    status: str  # "published" | "exists"
+    version: dict[str, Any]
+    report: Report
+    smoke: Report | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, **self.version, "verdict": "valid" if self.report.valid else "invalid"}
+
+
+@dataclass
+class PullResult:
+    version: dict[str, Any]
+    path: Path
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.version, "path": str(self.path), "warnings": self.warnings}
+
+
+class Registry:
+    """A registry database plus its blob store. Cheap to open; safe to use from many processes at once."""
+
+    def __init__(self, location: RegistryLocation, store: BlobStore | None = None) -> None:
+        self.location = location
+        self.store = store or open_blob_store(location.blob_store)
+        self.engine: Engine = db.create_registry_engine(location.url)
+        self._writer = self.engine.execution_options(czreg_write=True)
+        try:
+            db.upgrade(self.engine)
+        except DBAPIError as exc:
+            raise RegistryError(f"cannot open registry {location.display()}: {_short(exc)}",
+                                hint="check the URL, the server and your permissions") from None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except DBAPIError as exc:
+            raise RegistryError(f"registry {self.location.display()}: {_short(exc)}") from None
+
+    def _write(self, fn: Callable[[Session], T], *, on_blob_gone: Callable[[], object] | None = None) -> T:
+        """Run ``fn`` in one write transaction; retry lock timeouts, serialisation failures and unique races
+        with jittered back-off. Trigger refusals (``czreg-...``) are never retried."""
+        delay = 0.02
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                    return fn(s)
+            except _BlobGone:
+                if on_blob_gone is None or attempt == MAX_ATTEMPTS:
+                    raise RegistryError("a blob vanished while publishing (concurrent gc?)",
+                                        hint="publish again") from None
+                on_blob_gone()
+            except (OperationalError, IntegrityError, DBAPIError) as exc:
+                msg = str(exc.orig) if exc.orig is not None else str(exc)
+                if "czreg-" in msg:
+                    raise RegistryError(_trigger_message(msg)) from None
+                retryable = isinstance(exc, OperationalError | IntegrityError) or getattr(
+                    exc.orig, "sqlstate", None) in ("40001", "40P01", "55P03")
+                if not retryable or attempt == MAX_ATTEMPTS:
+                    raise RegistryError(f"registry {self.location.display()} is busy or refused the change: "
+                                        f"{_short(exc)}", hint="try again") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    def _model_for_update(self, s: Session, name: str, display: str | None = None) -> Model | None:
+        """The model row, locked (PostgreSQL ``FOR UPDATE``; SQLite already holds the write lock);
+        created first when ``display`` is given."""
+        if display is not None:
+            ins = (_insert(s)(Model).values(name=name, display_name=display, created_at=_now())
+                   .on_conflict_do_nothing(index_elements=["name"]))
+            s.execute(ins)
+        return s.scalars(select(Model).where(Model.name == name).with_for_update()).first()
+
+    def _event(self, s: Session, action: str, model: str, *, version: str | None = None, alias: str | None = None,
+               from_version: str | None = None, to_version: str | None = None, **detail: Any) -> None:
+        s.add(Event(at=_now(), actor=_who(), host=socket.gethostname(), action=action, model_name=model,
+                    version=version, alias=alias, from_version=from_version, to_version=to_version,
+                    detail=json.dumps(detail, default=str) if detail else None))
+
+    # --- publish -------------------------------------------------------------------------------------
+
+    def publish(self, path: Path | str, *, name: str | None = None, version: str | None = None,
+                bump_part: Bump | None = None, static: bool = False, allow_invalid: bool = False,
+                note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False) -> PublishResult:
+        """Validate, store the blob, then record the version (the row is committed last)."""
+        from ..checks import ValidateOptions
+        from ..package import inspect_package
+        from ..validate import validate
+
+        path = Path(path)
+        if (version is None) == (bump_part is None):
+            raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
+        new_version = parse_version(version) if version is not None else None
+        report = validate(path, ValidateOptions(static=static))
+        smoke_report = _smoke(path) if smoke else None
+        if not report.valid and not allow_invalid:
+            first = report.errors[0] if report.errors else report.warnings[0]
+            raise RegistryError(
+                f"{path.name} is invalid ({len(report.errors)} error(s); first: {first.check}: {first.message}); "
+                "not published", hint="fix it (czreg validate shows every finding) or pass --allow-invalid")
+        if smoke_report is not None and not smoke_report.valid and not allow_invalid:
+            why = f" ({smoke_report.errors[0].check}: {smoke_report.errors[0].message})" if smoke_report.errors else ""
+            raise RegistryError(f"{path.name} failed its smoke test{why}; not published",
+                                hint="fix the model, or pass --allow-invalid")
+        forced = allow_invalid and not (report.valid and (smoke_report is None or smoke_report.valid))
+        model_type: str | None = None
+        classes: list[str] | None = None
+        meta_name: str | None = None
+        package, _ = inspect_package(path)
+        if package is not None and package.metadata is not None:
+            from ..metadata import ModelInfo
+
+            with contextlib.suppress(Exception):
+                info = ModelInfo.from_package(package)
+                model_type, meta_name = info.type, info.name
+                classes = list(info.classes) if info.classes else None
+        display = name or meta_name or path.stem
+        cname = canonical_name(display if name else _slug(display))
+        kind = package.kind if package is not None else path.suffix.lstrip(".").lower() or "czann"
+
+        def put() -> tuple[str, int]:
+            with path.open("rb") as fh:
+                return self.store.put(fh, expected=report.sha256)
+
+        digest, size = put()
+        source, who, host = path.name, _who(), socket.gethostname()
+
+        def txn(s: Session) -> tuple[str, Version]:
+            model = self._model_for_update(s, cname, name or display)
+            assert model is not None
+            db.advisory_lock(s.connection(), _GC_LOCK_KEY, shared=True)
+            if not self.store.exists(digest):
+                raise _BlobGone
+            if new_version is None:
+                assert bump_part is not None
+                same = s.scalars(select(Version).where(Version.model_id == model.id, Version.digest == digest)).first()
+                if same is not None:
+                    return "exists", same
+                top = s.scalars(select(Version.version).where(Version.model_id == model.id)
+                                .order_by(Version.sort_key.desc()).limit(1)).first()
+                used = [*([top] if top else []),
+                        *s.scalars(select(Tombstone.version).where(Tombstone.model_id == model.id))]
+                target = bump(max((PV(v) for v in used), default=None), bump_part)
+            else:
+                target = new_version
+            key = version_key(target)
+            row = s.scalars(select(Version).where(Version.model_id == model.id, Version.version_key == key)).first()
+            if row is not None:
+                if row.digest == digest:
+                    return "exists", row
+                raise RegistryError(
+                    f"{model.display_name} {row.version} is already published with other bytes "
+                    f"(sha256:{row.digest[:12]}); published versions are immutable",
+                    hint="publish under a new version (--bump patch)")
+            if (tomb := s.get(Tombstone, (model.id, key))) is not None:
+                raise RegistryError(f"{model.display_name} {tomb.version} was purged; version numbers are never reused",
+                                    hint="publish under a new version (--bump patch)")
+            row = Version(
+                model_id=model.id, version=str(target), version_key=key, sort_key=sort_key(target),
+                is_pre=target.is_prerelease, digest=digest, size=size, kind=kind,
+                model_type=model_type, classes=json.dumps(classes) if classes is not None else None,
+                valid=report.valid, allow_invalid=forced,
+                report=report.to_json(indent=None), smoke=smoke_report.to_json(indent=None) if smoke_report else None,
+                created_at=_now(), created_by=who, host=host, source_name=source, czreg_version=__version__,
+                note=note, yanked=False)
+            s.add(row)
+            s.flush()
+            for k, v in (tags or {}).items():
+                s.add(Tag(version_id=row.id, key=k, value=v))
+            self._event(s, "publish", cname, version=str(target), digest=digest, source=source,
+                        valid=report.valid, allow_invalid=forced, note=note)
+            return "published", row
+
+        status, row = self._write(txn, on_blob_gone=put)
+        return PublishResult(status, self._describe(row), report, smoke_report)
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def _describe(self, row: Version, *, full: bool = False) -> dict[str, Any]:
+        with self._read() as s:
+            model = s.get(Model, row.model_id)
+            tags = {t.key: t.value for t in s.scalars(select(Tag).where(Tag.version_id == row.id))}
+            aliases = sorted(s.scalars(select(Alias.name).where(Alias.version_id == row.id)))
+        assert model is not None
+        out: dict[str, Any] = {
+            "name": model.display_name, "canonical_name": model.name, "version": row.version,
+            "digest": f"sha256:{row.digest}", "size": row.size, "kind": row.kind, "type": row.model_type,
+            "classes": json.loads(row.classes) if row.classes else None, "valid": row.valid,
+            "allow_invalid": row.allow_invalid, "yanked": row.yanked, "yanked_reason": row.yanked_reason,
+            "created_at": _iso(row.created_at), "created_by": row.created_by, "host": row.host,
+            "source": row.source_name, "czregistry_version": row.czreg_version, "note": row.note,
+            "tags": tags, "aliases": aliases,
+        }
+        if full:
+            out["report"] = json.loads(row.report)
+            out["smoke"] = json.loads(row.smoke) if row.smoke else None
+            out["yanked_at"], out["yanked_by"] = _iso(row.yanked_at), row.yanked_by
+        return out
+
+    def _model(self, s: Session, name: str) -> Model:
+        model = s.scalars(select(Model).where(Model.name == canonical_name(name))).first()
+        if model is None:
+            raise RegistryError(f"no model named '{name}' in registry {self.location.display()}",
+                                hint="czreg list shows what is there")
+        return model
+
+    def _find(self, s: Session, req: Requirement, prereleases: bool | None) -> tuple[Version, list[str]]:
+        if req.digest is not None:
+            q = select(Version).where(Version.digest.startswith(req.digest))
+            if req.name:
+                q = q.where(Version.model_id == self._model(s, req.name).id)
+            rows = list(s.scalars(q.order_by(Version.id)))
+            if not rows:
+                raise RegistryError(f"no version with digest sha256:{req.digest} in the registry")
+            if len({r.digest for r in rows}) > 1:
+                raise RegistryError(f"digest prefix sha256:{req.digest} is ambiguous",
+                                    hint="give more hex digits")
+            return rows[0], []
+        assert req.name is not None
+        model = self._model(s, req.name)
+        if req.alias is not None and req.alias not in RESERVED_ALIASES:
+            alias = s.get(Alias, (model.id, req.alias))
+            if alias is None:
+                raise RegistryError(f"{model.display_name} has no alias '@{req.alias}'",
+                                    hint=f"czreg alias list {model.display_name} shows its aliases")
+            row = s.get(Version, alias.version_id)
+            assert row is not None
+            return row, [f"{model.display_name} {row.version} is yanked: {row.yanked_reason}"] if row.yanked else []
+        exact = req.exact
+        if exact is not None:
+            row = s.scalars(select(Version).where(Version.model_id == model.id,
+                                                  Version.version_key == version_key(exact))).first()
+            if row is None:
+                raise RegistryError(f"{model.display_name} has no version {exact}",
+                                    hint=f"czreg show {model.display_name} lists its versions")
+            warn = [f"{model.display_name} {row.version} is yanked: {row.yanked_reason}"] if row.yanked else []
+            return row, warn
+        if req.specifier is None:  # newest: an index walk, no parsing
+            order = (Version.sort_key.desc(),) if prereleases else (Version.is_pre.asc(), Version.sort_key.desc())
+            row = s.scalars(select(Version).where(Version.model_id == model.id, Version.yanked.is_(False))
+                            .order_by(*order).limit(1)).first()
+            if row is None:
+                raise RegistryError(f"no version of {model.display_name} is available (all yanked?)",
+                                    hint=f"czreg show {model.display_name} lists its versions")
+            return row, []
+        cand = select(Version.version, Version.id).where(Version.model_id == model.id, Version.yanked.is_(False))
+        low, high = sort_bounds(req.specifier)  # index range first, exact PEP 440 matching below
+        if low is not None:
+            cand = cand.where(Version.sort_key >= low)
+        if high is not None:
+            cand = cand.where(Version.sort_key <= high)
+        pairs = s.execute(cand).all()
+        by_version = {PV(v): i for v, i in pairs}
+        matches = select_versions(by_version, req.specifier, prereleases)
+        if not matches:
+            raise RegistryError(f"no version of {model.display_name} matches '{req.specifier}'",
+                                hint=f"czreg show {model.display_name} lists its versions")
+        row = s.get(Version, by_version[matches[0]])
+        assert row is not None
+        return row, []
+
+    def resolve(self, requirement: str | Requirement, *, prereleases: bool | None = None) -> Resolved:
+        req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
+        with self._read() as s:
+            row, warnings = self._find(s, req, prereleases)
+            s.expunge(row)
+        return Resolved(self._describe(row), warnings)
+
+    def show(self, requirement: str, *, prereleases: bool | None = None) -> dict[str, Any]:
+        """One version in full (report, provenance), or a model with its versions when only a name is given."""
+        req = parse_requirement(requirement)
+        if req.name and req.specifier is None and req.alias is None and req.digest is None:
+            with self._read() as s:
+                model = self._model(s, req.name)
+                rows = s.execute(select(Version.version, Version.digest, Version.size, Version.created_at,
+                                        Version.yanked, Version.valid, Version.is_pre)
+                                 .where(Version.model_id == model.id).order_by(Version.sort_key.desc())).all()
+                aliases = s.execute(select(Alias.name, Version.version).join(Version, Alias.version_id == Version.id)
+                                    .where(Alias.model_id == model.id)).all()
+                purged = list(s.scalars(select(Tombstone.version).where(Tombstone.model_id == model.id)))
+            versions = rows
+            latest = next((r.version for r in versions if not r.yanked and not r.is_pre),
+                          next((r.version for r in versions if not r.yanked), None))
+            return {
+                "name": model.display_name, "canonical_name": model.name, "latest": latest,
+                "aliases": dict(sorted(aliases)),
+                "versions": [{"version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
+                              "created_at": _iso(r.created_at), "yanked": r.yanked, "valid": r.valid}
+                             for r in versions],
+                "purged": sorted(purged, key=PV),
+            }
+        with self._read() as s:
+            row, _ = self._find(s, req, prereleases)
+            s.expunge(row)
+        return self._describe(row, full=True)
+
+    def search(self, *, name: str | None = None, model_type: str | None = None, class_name: str | None = None,
+               tag: str | None = None, alias: str | None = None, all_versions: bool = False,
+               include_yanked: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        """Versions matching every filter; by default only the newest matching version of each model."""
+        q: Any = (select(Model.display_name, Model.name, Version.id, Version.version, Version.digest, Version.size,
+                         Version.model_type, Version.classes, Version.created_at, Version.yanked, Version.valid)
+                  .join(Model, Version.model_id == Model.id))
+        if name:
+            pattern = name.replace("*", "%") if "*" in name else f"%{name}%"
+            q = q.where(Model.name.like(canonical_like(pattern)))
+        if model_type:
+            q = q.where(func.lower(Version.model_type) == model_type.lower())
+        if class_name:
+            q = q.where(Version.classes.like(f"%{json.dumps(class_name)}%"))
+        if tag:
+            k, _, v = tag.partition("=")
+            sub = select(Tag.version_id).where(Tag.key == k)
+            if v:
+                sub = sub.where(Tag.value == v)
+            q = q.where(Version.id.in_(sub))
+        if alias:
+            q = q.where(Version.id.in_(select(Alias.version_id).where(Alias.name == alias.lower())))
+        if not include_yanked:
+            q = q.where(Version.yanked.is_(False))
+        if all_versions:
+            q = q.order_by(Model.name, Version.sort_key.desc())
+        else:  # newest matching version per model (finals before pre-releases), counted, in one query
+            order = (Version.is_pre.asc(), Version.sort_key.desc())
+            ranked = q.add_columns(
+                func.row_number().over(partition_by=Version.model_id, order_by=order).label("rn"),
+                func.count().over(partition_by=Version.model_id).label("n")).subquery()
+            q = select(ranked).where(ranked.c.rn == 1).order_by(ranked.c.name)
+        if limit:
+            q = q.limit(limit)
+        with self._read() as s:
+            rows = s.execute(q).all()
+        return [{"name": r.display_name, "version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
+                 "type": r.model_type, "classes": json.loads(r.classes) if r.classes else None,
+                 "created_at": _iso(r.created_at), "yanked": r.yanked, "valid": r.valid,
+                 **({} if all_versions else {"versions": r.n})} for r in rows]
+
+    def history(self, name: str | None = None, *, limit: int | None = None) -> list[dict[str, Any]]:
+        q = select(Event).order_by(Event.id.desc())
+        if name:
+            q = q.where(Event.model_name == canonical_name(name))
+        if limit:
+            q = q.limit(limit)
+        with self._read() as s:
+            events = list(s.scalars(q))
+        return [{"id": e.id, "at": _iso(e.at), "actor": e.actor, "host": e.host, "action": e.action,
+                 "model": e.model_name, "version": e.version, "alias": e.alias, "from": e.from_version,
+                 "to": e.to_version, "detail": json.loads(e.detail) if e.detail else None} for e in events]
+
+    # --- pull ----------------------------------------------------------------------------------------
+
+    def pull(self, requirement: str, dest: Path | str | None = None, *,
+             prereleases: bool | None = None) -> PullResult:
+        """Resolve, then stream the blob to ``dest`` while hashing; the file appears only if the digest
+        matches (a corrupt or missing blob raises ``RegistryError`` naming the version)."""
+        from ..package import atomic_output
+
+        resolved = self.resolve(requirement, prereleases=prereleases)
+        v = resolved.version
+        digest = v["digest"].removeprefix("sha256:")
+        filename = f"{v['canonical_name']}-{v['version']}.{v['kind']}"
+        if dest is None:
+            out = Path.cwd() / filename
+        else:
+            as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
+            out = Path(dest) / filename if as_dir else Path(dest)
+        label = f"{v['name']} {v['version']}"
+        try:
+            src = self.store.open(digest)
+        except FileNotFoundError:
+            raise RegistryError(f"the blob of {label} (sha256:{digest[:12]}) is missing from the blob store "
+                                f"{self.store.location}", hint="run czreg verify; restore the blob or purge the version"
+                                ) from None
+        h = hashlib.sha256()
+        with src, atomic_output(out) as tmp, tmp.open("wb") as fh:
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            if h.hexdigest() != digest:
+                raise RegistryError(f"the blob of {label} is corrupt: sha256 {h.hexdigest()[:12]}... != "
+                                    f"{digest[:12]}...; nothing written", hint="run czreg verify; restore the blob")
+        return PullResult(v, out, resolved.warnings)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def alias_set(self, name: str, alias: str, version: str) -> dict[str, Any]:
+        alias = _check_alias(alias)
+        key = version_key(parse_version(version))
+
+        def txn(s: Session) -> dict[str, Any]:
+            model = self._model(s, name)
+            self._model_for_update(s, model.name)
+            row = s.scalars(select(Version).where(Version.model_id == model.id, Version.version_key == key)).first()
+            if row is None:
+                raise RegistryError(f"{model.display_name} has no version {version}")
+            current = s.get(Alias, (model.id, alias))
+            old = s.get(Version, current.version_id).version if current else None  # type: ignore[union-attr]
+            if current is None:
+                s.add(Alias(model_id=model.id, name=alias, version_id=row.id, updated_at=_now(), updated_by=_who()))
+            elif current.version_id != row.id:
+                current.version_id, current.updated_at, current.updated_by = row.id, _now(), _who()
+            else:
+                return {"name": model.display_name, "alias": alias, "from": old, "to": row.version, "changed": False}
+            self._event(s, "alias_set" if old is None else "alias_move", model.name, alias=alias,
+                        from_version=old, to_version=row.version)
+            return {"name": model.display_name, "alias": alias, "from": old, "to": row.version, "changed": True}
+
+        return self._write(txn)
+
+    def alias_remove(self, name: str, alias: str) -> dict[str, Any]:
+        alias = _check_alias(alias)
+
+        def txn(s: Session) -> dict[str, Any]:
+            model = self._model(s, name)
+            self._model_for_update(s, model.name)
+            current = s.get(Alias, (model.id, alias))
+            if current is None:
+                raise RegistryError(f"{model.display_name} has no alias '@{alias}'")
+            old = s.get(Version, current.version_id)
+            s.delete(current)
+            self._event(s, "alias_remove", model.name, alias=alias, from_version=old.version if old else None)
+            return {"name": model.display_name, "alias": alias, "from": old.version if old else None, "to": None}
+
+        return self._write(txn)
+
+    def aliases(self, name: str) -> dict[str, str]:
+        with self._read() as s:
+            model = self._model(s, name)
+            rows = s.execute(select(Alias.name, Version.version).join(Version, Alias.version_id == Version.id)
+                             .where(Alias.model_id == model.id)).all()
+        return dict(sorted((a, v) for a, v in rows))
+
+    def tag(self, requirement: str, set_tags: dict[str, str], remove: list[str] | None = None) -> dict[str, str]:
+        """Tags are labels on a version (mutable, audited); the version itself stays immutable."""
+        req = parse_requirement(requirement)
+
+        def txn(s: Session) -> dict[str, str]:
+            row, _ = self._find(s, req, None)
+            model = s.get(Model, row.model_id)
+            assert model is not None
+            for k, v in set_tags.items():
+                existing = s.get(Tag, (row.id, k))
+                if existing is None:
+                    s.add(Tag(version_id=row.id, key=k, value=v))
+                else:
+                    existing.value = v
+            for k in remove or []:
+                s.execute(delete(Tag).where(Tag.version_id == row.id, Tag.key == k))
+            self._event(s, "tag", model.name, version=row.version, set=set_tags, removed=remove or [])
+            s.flush()
+            return {t.key: t.value for t in s.scalars(select(Tag).where(Tag.version_id == row.id))}
+
+        return self._write(txn)
+
+    def _exact(self, s: Session, name: str, version: str) -> tuple[Model, Version]:
+        model = self._model(s, name)
+        row = s.scalars(select(Version).where(Version.model_id == model.id,
+                                              Version.version_key == version_key(parse_version(version)))).first()
+        if row is None:
+            raise RegistryError(f"{model.display_name} has no version {version}")
+        return model, row
+
+    def yank(self, name: str, version: str, reason: str) -> dict[str, Any]:
+        """Hide a version from specifiers and aliases-by-latest; exact pins still get it, with a warning."""
+        if not reason.strip():
+            raise UsageError("a yank needs a reason", hint="--reason 'wrong normalisation'")
+
+        def txn(s: Session) -> dict[str, Any]:
+            model, row = self._exact(s, name, version)
+            row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = True, reason, _now(), _who()
+            self._event(s, "yank", model.name, version=row.version, reason=reason)
+            return {"name": model.display_name, "version": row.version, "yanked": True, "reason": reason}
+
+        return self._write(txn)
+
+    def unyank(self, name: str, version: str) -> dict[str, Any]:
+        def txn(s: Session) -> dict[str, Any]:
+            model, row = self._exact(s, name, version)
+            row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = False, None, None, None
+            self._event(s, "unyank", model.name, version=row.version)
+            return {"name": model.display_name, "version": row.version, "yanked": False}
+
+        return self._write(txn)
+
+    def purge(self, name: str, version: str, *, reason: str | None = None) -> dict[str, Any]:
+        """Delete a version for good (tombstone first: the number stays taken); its blob goes too unless
+        another version shares it."""
+
+        def txn(s: Session) -> tuple[dict[str, Any], str]:
+            model, row = self._exact(s, name, version)
+            self._model_for_update(s, model.name)
+            s.add(Tombstone(model_id=model.id, version_key=row.version_key, version=row.version, digest=row.digest,
+                            purged_at=_now(), purged_by=_who(), reason=reason))
+            s.flush()
+            for a in s.scalars(select(Alias).where(Alias.version_id == row.id)):
+                self._event(s, "alias_remove", model.name, alias=a.name, from_version=row.version, cause="purge")
+                s.delete(a)
+            s.execute(delete(Tag).where(Tag.version_id == row.id))
+            s.flush()
+            s.delete(row)
+            self._event(s, "purge", model.name, version=row.version, digest=row.digest, reason=reason)
+            return {"name": model.display_name, "version": row.version, "digest": f"sha256:{row.digest}"}, row.digest
+
+        out, digest = self._write(txn)
+        removed = self._collect([digest])
+        out["blob_removed"] = bool(removed)
+        return out
+
+    def _collect(self, candidates: list[str] | None) -> list[tuple[str, int]]:
+        """Delete unreferenced blobs (all, or only ``candidates``) under the exclusive blob lock."""
+
+        def txn(s: Session) -> list[tuple[str, int]]:
+            db.advisory_lock(s.connection(), _GC_LOCK_KEY)
+            referenced = set(s.scalars(select(Version.digest).distinct()))
+            if candidates is None:
+                pool = [(b.digest, b.size) for b in self.store.iter_blobs()]
+            else:
+                pool = [(d, 0) for d in candidates]
+            removed = [(d, n) for d, n in pool if d not in referenced and self.store.exists(d)]
+            for d, _ in removed:
+                self.store.delete(d)
+            return removed
+
+        return self._write(txn)
+
+    def gc(self, *, dry_run: bool = False, temp_grace_s: float = 3600.0) -> dict[str, Any]:
+        """Remove blobs no version references, and temp files of writers killed more than
+        ``temp_grace_s`` ago (a live writer's temp file is younger)."""
+        if dry_run:
+            with self._read() as s:
+                referenced = set(s.scalars(select(Version.digest).distinct()))
+            orphans = [(b.digest, b.size) for b in self.store.iter_blobs() if b.digest not in referenced]
+            return {"dry_run": True, "blobs": [f"sha256:{d}" for d, _ in orphans],
+                    "bytes": sum(n for _, n in orphans), "temp_files": 0}
+        removed = self._collect(None)
+        temp = self.store.sweep_temp(temp_grace_s)
+        return {"dry_run": False, "blobs": [f"sha256:{d}" for d, _ in removed], "bytes": sum(n for _, n in removed),
+                "temp_files": temp}
+
+    def verify(self) -> dict[str, Any]:
+        """Re-hash every referenced blob; report missing or changed bytes with the versions they break."""
+        with self._read() as s:
+            rows = s.execute(select(Model.display_name, Version.version, Version.digest, Version.size)
+                             .join(Model, Version.model_id == Model.id)).all()
+        by_digest: dict[str, list[str]] = {}
+        sizes: dict[str, int] = {}
+        for r in rows:
+            by_digest.setdefault(r.digest, []).append(f"{r.display_name} {r.version}")
+            sizes[r.digest] = r.size
+        problems: list[dict[str, Any]] = []
+        checked_bytes = 0
+        for digest, versions in sorted(by_digest.items()):
+            try:
+                h = hashlib.sha256()
+                with self.store.open(digest) as fh:
+                    while chunk := fh.read(CHUNK):
+                        h.update(chunk)
+                        checked_bytes += len(chunk)
+            except FileNotFoundError:
+                problems.append({"digest": f"sha256:{digest}", "problem": "missing", "versions": versions})
+                continue
+            if h.hexdigest() != digest:
+                problems.append({"digest": f"sha256:{digest}", "problem": f"corrupt (now sha256:{h.hexdigest()})",
+                                 "versions": versions})
+        return {"blobs": len(by_digest), "versions": len(rows), "bytes": checked_bytes, "ok": not problems,
+                "problems": problems}
+
+
+def canonical_like(pattern: str) -> str:
+    """Canonicalise a LIKE pattern the way names are (lower-case, runs of ``-_.`` become ``-``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", pattern).lower()
+
+
+def _slug(text: str) -> str:
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
+    return slug or "model"
+
+
+def _check_alias(alias: str) -> str:
+    import re
+
+    alias = alias.lstrip("@").lower()
+    if alias in RESERVED_ALIASES:
+        raise UsageError(f"'@{alias}' is reserved: it always means the newest release",
+                         hint="choose another alias name, e.g. production or staging")
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?", alias) or alias.startswith("sha256"):
+        raise UsageError(f"invalid alias '{alias}'", hint="use letters, digits, '.', '_' and '-'")
+    return alias
+
+
+def _smoke(path: Path) -> Report:
+    try:
+        from ..smoke import smoke_test  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        raise RegistryError("--smoke is not available: this installation has no smoke tester (czregistry.smoke)",
+                            hint="publish without --smoke, or update czregistry") from None
+    try:
+        result: Report = smoke_test(path)
+    except CzregError as exc:
+        raise RegistryError(f"smoke test of {path.name} failed: {exc.message}", hint=exc.hint) from None
+    return result
+
+
+def _insert(s: Session) -> Any:
+    """The dialect's INSERT (both have ``on_conflict_do_nothing``)."""
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+def _trigger_message(msg: str) -> str:
+    """The database's own refusal, without driver noise."""
+    start = msg.find("czreg-")
+    line = msg[start:].splitlines()[0]
+    return "the registry database refused the change: " + line.split(": ", 1)[-1]
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,145 @@
+"""Engines and migrations: one place that knows how SQLite and PostgreSQL differ.
+
+SQLite: WAL (readers never wait for the writer), a 30 s busy timeout, and ``BEGIN IMMEDIATE`` for every
+write transaction so two writers never deadlock upgrading read locks; reads use a plain ``BEGIN``.
+PostgreSQL: ordinary READ COMMITTED transactions; writers serialise on the model row (``FOR UPDATE``)
+and on unique constraints, with bounded retries in ``api``.
+
+Migrations run when a registry is opened. Several processes opening a fresh registry at once take turns:
+a file lock beside the SQLite database, a transaction-scoped advisory lock on PostgreSQL; the revision is
+re-read under the lock so only the first one migrates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+from ..errors import RegistryError
+from .migrations import HEAD
+
+__all__ = ["MIGRATIONS_DIR", "advisory_lock", "create_registry_engine", "current_revision", "upgrade"]
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_MIGRATE_LOCK_KEY = 0x637A726567  # "czreg": the advisory lock key for migrations on PostgreSQL
+BUSY_TIMEOUT_MS = 30_000
+
+
+def create_registry_engine(url: str) -> Engine:
+    """An engine configured for safe concurrent use; ``.execution_options(czreg_write=True)`` on it gives
+    the writer engine (``BEGIN IMMEDIATE`` on SQLite)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database in (None, "", ":memory:"):
+            raise RegistryError("an in-memory SQLite registry cannot hold blobs",
+                                hint="give a file: sqlite:////path/registry.db")
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        # Pooled: closing the last connection to a WAL database checkpoints it (milliseconds per write).
+        # Pools must not cross fork(); our parallel tests and docs use spawn.
+        engine = create_engine(u, pool_size=2, max_overflow=8,
+                               connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (pysqlite would defer it)
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute("PRAGMA synchronous = NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            write = conn.get_execution_options().get("czreg_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    if u.get_backend_name() == "postgresql":
+        if u.drivername == "postgresql":
+            u = u.set(drivername="postgresql+psycopg")
+        return create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    raise RegistryError(f"unsupported registry database '{u.get_backend_name()}'",
+                        hint="use a SQLite file or a postgresql+psycopg:// URL")
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The applied revision, without importing Alembic."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        exists = conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").first()
+    else:
+        exists = conn.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+    if not exists:
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as fh:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined, unused-ignore]
+        else:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if os.name != "nt":
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def advisory_lock(conn: Connection, key: int, *, shared: bool = False) -> None:
+    """PostgreSQL transaction-scoped advisory lock (released at commit/rollback); no-op elsewhere."""
+    if conn.dialect.name == "postgresql":
+        fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        conn.execute(text(f"SELECT {fn}(:k)"), {"k": key})
+
+
+def upgrade(engine: Engine, target: str = "head") -> None:
+    """Bring the schema to ``target`` unless it is already at ``HEAD``; safe under concurrency."""
+    if target == "head":
+        with engine.connect() as conn:
+            if current_revision(conn) == HEAD:
+                return
+    writer = engine.execution_options(czreg_write=True)
+    if engine.dialect.name == "sqlite":
+        db = Path(engine.url.database or "")
+        with _file_lock(db.with_name(db.name + ".migrate-lock")):
+            raw = engine.raw_connection()  # WAL is persistent; switching needs no open transaction
+            try:
+                raw.cursor().execute("PRAGMA journal_mode = WAL")
+            finally:
+                raw.close()
+            with writer.begin() as conn:
+                _run_alembic(conn, target)
+    else:
+        with writer.begin() as conn:
+            advisory_lock(conn, _MIGRATE_LOCK_KEY)
+            _run_alembic(conn, target)
+
+
+def _run_alembic(conn: Connection, target: str) -> None:
+    current = current_revision(conn)
+    if current == (HEAD if target == "head" else target):
+        return
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, target)

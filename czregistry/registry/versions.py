@@ -1,0 +1,172 @@
+"""Version numbers and requirement strings, the way pip reads them.
+
+Versions are PEP 440 (``packaging``). ``1.0`` and ``1.0.0`` are the same version to ``packaging``, so the
+registry stores a normalised key (trailing zeros stripped, lower-case, canonical spelling) and makes that
+key unique: two spellings can never hold two different packages. Requirement strings:
+
+``name`` (latest), ``name==1.2.0``, ``name>=1.2,<2``, ``name@production`` (alias), ``sha256:<hex>`` or
+``name@sha256:<hex>`` (digest).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name, canonicalize_version
+from packaging.version import InvalidVersion, Version
+
+from ..errors import UsageError
+
+__all__ = ["Bump", "Requirement", "bump", "canonical_name", "parse_requirement", "parse_version",
+           "select_versions", "sort_bounds", "sort_key", "version_key"]
+
+Bump = Literal["major", "minor", "patch"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-fA-F]{8,64})$")
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 name: ``Nuclei_Seg`` and ``nuclei-seg`` are one model."""
+    if not _NAME_RE.fullmatch(name):
+        raise UsageError(f"invalid model name '{name}'",
+                         hint="use letters, digits, '.', '_' and '-', starting and ending with a letter or digit")
+    return canonicalize_name(name)
+
+
+def parse_version(text: str) -> Version:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        raise UsageError(f"invalid version '{text}'", hint="use a PEP 440 version such as 1.2.0") from None
+
+
+def version_key(version: Version | str) -> str:
+    """The unique key: ``1.0``, ``1.0.0`` and ``1.00`` all give ``1``."""
+    return canonicalize_version(str(version), strip_trailing_zero=True)
+
+
+def sort_key(version: Version | str) -> str:
+    """A string whose byte order is PEP 440 order, so the database can sort and index versions.
+
+    Mirrors ``packaging``'s comparison key: epoch; release without trailing zeros (each component 12
+    digits, ``!`` ends the release so ``1.2`` sorts before ``1.2.1``); then pre-release (a dev release of a
+    final sorts before its pre-releases, a final after them), post and dev. Local labels are ignored (ties).
+    The encoding is stored (migration r0003): changing it needs a migration that rewrites the column.
+    """
+    v = version if isinstance(version, Version) else Version(version)
+    release = list(v.release)
+    while len(release) > 1 and release[-1] == 0:
+        release.pop()
+    out = f"{min(v.epoch, 999_999):06d}" + "".join(f".{min(c, 10**12 - 1):012d}" for c in release[:12]) + "!"
+    if v.pre is None:
+        out += "0" if v.post is None and v.dev is not None else "2"
+    else:
+        out += "1" + {"a": "a", "b": "b", "rc": "c"}[v.pre[0]] + f"{min(v.pre[1], 10**12 - 1):012d}"
+    out += "0" if v.post is None else f"1{min(v.post, 10**12 - 1):012d}"
+    out += "1" if v.dev is None else f"0{min(v.dev, 10**12 - 1):012d}"
+    return out
+
+
+def sort_bounds(specifier: SpecifierSet) -> tuple[str | None, str | None]:
+    """(low, high) ``sort_key`` bounds that every version matching ``specifier`` lies within (inclusive):
+    a superset, so the database can narrow the candidates with the index and ``packaging`` decides."""
+    low: str | None = None
+    high: str | None = None
+    for spec in specifier:
+        op, text = spec.operator, spec.version
+        if text.endswith(".*") or op in ("!=", "==="):
+            continue
+        try:
+            key = sort_key(Version(text))
+        except InvalidVersion:
+            continue
+        if op in (">=", ">", "~=", "=="):
+            low = key if low is None else max(low, key)
+        if op in ("<=", "<", "=="):
+            high = key if high is None else min(high, key)
+    return low, high
+
+
+def bump(latest: Version | None, part: Bump) -> Version:
+    """Next release after ``latest`` (SemVer habit: three components). No latest: ``1.0.0`` for major,
+    ``0.1.0`` for minor, ``0.0.1`` for patch. ``latest`` is the highest number ever used, pre-releases and
+    purged versions included, so a bump never lands on a taken number."""
+    if latest is None:
+        return Version({"major": "1.0.0", "minor": "0.1.0", "patch": "0.0.1"}[part])
+    major, minor, patch = ([*latest.release, 0, 0][:3])
+    if part == "major":
+        return Version(f"{latest.epoch}!{major + 1}.0.0" if latest.epoch else f"{major + 1}.0.0")
+    new = f"{major}.{minor + 1}.0" if part == "minor" else f"{major}.{minor}.{patch + 1}"
+    return Version(f"{latest.epoch}!{new}" if latest.epoch else new)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a user asked for. Exactly one of ``specifier``, ``alias``, ``digest`` may be set; none means
+    the latest release."""
+
+    name: str | None  # canonical
+    specifier: SpecifierSet | None = None
+    alias: str | None = None
+    digest: str | None = None  # lower-case hex, possibly a prefix (>= 8 chars)
+
+    @property
+    def exact(self) -> Version | None:
+        """The pinned version for ``==X`` / ``===X`` without wildcards: the only way to get a yanked one."""
+        if self.specifier is None:
+            return None
+        specs = list(self.specifier)
+        if len(specs) == 1 and specs[0].operator in ("==", "===") and not specs[0].version.endswith(".*"):
+            try:
+                return Version(specs[0].version)
+            except InvalidVersion:
+                return None
+        return None
+
+    def __str__(self) -> str:
+        if self.digest:
+            return f"{self.name}@sha256:{self.digest}" if self.name else f"sha256:{self.digest}"
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}{self.specifier or ''}"
+
+
+def parse_requirement(text: str) -> Requirement:
+    """Parse ``name``, ``name<spec>``, ``name@alias``, ``[name@]sha256:hex``."""
+    text = text.strip()
+    if m := _DIGEST_RE.match(text):
+        return Requirement(None, digest=m.group(1).lower())
+    m = _NAME_RE.match(text)
+    if not m:
+        raise UsageError(f"cannot read requirement '{text}'",
+                         hint="write NAME, NAME==1.2.0, 'NAME>=1.2,<2', NAME@ALIAS or sha256:DIGEST")
+    name, rest = canonical_name(m.group(0)), text[m.end():].strip()
+    if not rest:
+        return Requirement(name)
+    if rest.startswith("@"):
+        target = rest[1:].strip()
+        if d := _DIGEST_RE.match(target):
+            return Requirement(name, digest=d.group(1).lower())
+        if not _NAME_RE.fullmatch(target):
+            raise UsageError(f"invalid alias in '{text}'", hint="aliases use letters, digits, '.', '_' and '-'")
+        return Requirement(name, alias=target.lower())
+    if rest[0].isdigit():  # "name 1.2.0" or "name1.2"? only the spaced form is unambiguous
+        rest = f"=={rest}"
+    try:
+        return Requirement(name, specifier=SpecifierSet(rest))
+    except InvalidSpecifier:
+        raise UsageError(f"invalid version specifier '{rest}' in '{text}'",
+                         hint="use a PEP 440 specifier such as '>=1.2,<2' or '==1.2.0'") from None
+
+
+def select_versions(versions: Iterable[Version], specifier: SpecifierSet | None,
+                    prereleases: bool | None = None) -> list[Version]:
+    """Matching versions, newest first. Pre-releases only when asked, or when the specifier names one, or
+    when nothing else matches (pip's rule, which ``SpecifierSet.filter`` implements)."""
+    spec = specifier if specifier is not None else SpecifierSet()
+    return sorted(spec.filter(versions, prereleases=prereleases), reverse=True)

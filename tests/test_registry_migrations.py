@@ -1,0 +1,96 @@
+"""Schema migrations: from empty, from the first schema (with data in it), and ORM == migrated schema."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sqlalchemy import text
+
+from czregistry.errors import RegistryError
+from czregistry.registry import db, open_registry
+from czregistry.registry.migrations import HEAD
+from czregistry.registry.models import Base
+from czregistry.registry.store import LocalBlobStore
+from tests.test_registry import location, make_package  # noqa: F401  (fixture)
+
+
+def test_head_constant_is_the_newest_script() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(cfg)
+    assert script.get_heads() == [HEAD]
+    assert [r.revision for r in script.walk_revisions()] == ["r0003", "r0002", "r0001"]
+
+
+def _triggers(conn: object) -> set[str]:
+    c = conn  # type: ignore[assignment]
+    if c.dialect.name == "sqlite":  # type: ignore[attr-defined]
+        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    else:
+        sql = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+    return set(c.execute(text(sql)).scalars())  # type: ignore[attr-defined]
+
+
+def test_migrate_from_empty(location: tuple[str, str]) -> None:  # noqa: F811
+    with open_registry(*location) as reg, reg.engine.connect() as conn:
+        assert db.current_revision(conn) == HEAD
+        assert {"versions_immutable", "versions_guard"} & _triggers(conn)
+        if conn.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_orm_models_match_the_migrated_schema(location: tuple[str, str]) -> None:  # noqa: F811
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with open_registry(*location) as reg, reg.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_migrate_from_the_first_schema_keeps_data_and_adds_guards(location: tuple[str, str],  # noqa: F811
+                                                                   tmp_path: Path) -> None:
+    url, blobs = location
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = db.create_registry_engine(url)
+    db.upgrade(engine, "r0001")
+    pkg = make_package(tmp_path)
+    data = pkg.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    with pkg.open("rb") as fh:
+        LocalBlobStore(blobs).put(fh)
+    with engine.connect() as conn:
+        assert db.current_revision(conn) == "r0001"
+        assert not _triggers(conn)
+        conn.execute(text("INSERT INTO models (id, name, display_name, created_at) "
+                          "VALUES (1, 'old-model', 'Old_Model', CURRENT_TIMESTAMP)"))
+        conn.execute(text(
+            "INSERT INTO versions (model_id, version, version_key, digest, size, kind, model_type, classes, valid, "
+            "allow_invalid, report, created_at, created_by, host, source_name, czreg_version, yanked) VALUES "
+            "(1, '0.9.0', '0.9', :d, :n, 'czann', NULL, NULL, :t, :f, '{\"findings\": []}', CURRENT_TIMESTAMP, "
+            "'alice', 'lab-pc', 'old.czann', '0.0.1', :f)"), {"d": digest, "n": len(data), "t": True, "f": False})
+        conn.commit()
+    engine.dispose()
+
+    with open_registry(url, blobs) as reg:  # opening migrates r0001 -> head
+        with reg.engine.connect() as conn:
+            assert db.current_revision(conn) == HEAD
+            backfilled = conn.execute(text("SELECT sort_key, is_pre FROM versions")).one()
+            assert backfilled == ("000000.000000000000.000000000009!201", False)
+        v = reg.show("old-model==0.9")
+        assert (v["name"], v["version"], v["created_by"], v["smoke"]) == ("Old_Model", "0.9.0", "alice", None)
+        assert reg.pull("old-model", tmp_path / "back.czann").path.read_bytes() == data
+        assert reg.publish(make_package(tmp_path), name="old-model", bump_part="minor",
+                           static=True).version["version"] == "0.10.0"
+        reg.purge("old-model", "0.9.0")
+        try:
+            reg.publish(pkg, name="old-model", version="0.9", static=True)
+        except RegistryError as exc:
+            assert "never reused" in exc.message
+        else:
+            raise AssertionError("a purged number was reused after migration")
