@@ -24,6 +24,9 @@ __all__ = ["Backend", "Device", "Session", "Signature", "TensorInfo", "available
 Device = Literal["auto", "cpu", "gpu"]
 #: Which plugin to install for a model format, quoted in the "no backend" error.
 PLUGIN_FOR_FORMAT = {"onnx": "czregistry-onnx", "savedmodel": "czregistry-tensorflow"}
+#: What to install to run a model format on a GPU, quoted when ``--device gpu`` finds no GPU backend.
+GPU_HINT_FOR_FORMAT = {"onnx": "install onnxruntime-gpu, or a CUDA build of torch with the czregistry-torch plugin",
+                       "savedmodel": "install TensorFlow with GPU support (pip install 'tensorflow[and-cuda]')"}
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,23 @@ def _available(plugin: str, cls: type[Backend]) -> bool:
                            hint=f"report this to the author of plugin '{plugin}'") from exc
 
 
-def select_backend(model_format: ModelFormat, name: str | None = None) -> type[Backend]:
-    """The backend class to run ``model_format``: the user's choice (``--backend``), else the available
-    backend with the highest priority. Raises ``UsageError`` for an unknown name and ``NoBackendError``
-    (whose hint names the plugin to install) when nothing can run the format."""
+def _gpu(plugin: str, cls: type[Backend]) -> bool:
+    """``cls.gpu_available()``; a crash in that plugin code becomes a ``BackendError`` naming the plugin."""
+    try:
+        return bool(cls.gpu_available())
+    except Exception as exc:
+        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in gpu_available(): "
+                           f"{type(exc).__name__}: {exc}",
+                           hint=f"report this to the author of plugin '{plugin}'") from exc
+
+
+def select_backend(model_format: ModelFormat, name: str | None = None, device: Device = "auto") -> type[Backend]:
+    """The backend class to run ``model_format``: the user's choice (``--backend``), else among the
+    available backends for the format: with ``device="auto"`` the first (by priority) that has a GPU, else
+    the highest priority; with ``"gpu"`` only backends with a GPU; with ``"cpu"`` the highest priority.
+    ``gpu_available()`` is asked only of backends that can run the format, in priority order, stopping at
+    the first yes. Raises ``UsageError`` for an unknown name and ``NoBackendError`` (whose hint names the
+    plugin to install) when nothing can run the format, or nothing can run it on a GPU for ``"gpu"``."""
     backends = available_backends()
     if name is not None:
         if name not in backends:
@@ -144,13 +160,23 @@ def select_backend(model_format: ModelFormat, name: str | None = None) -> type[B
                                  hint="model.model is neither ONNX nor a zipped SavedModel; see 'czreg plugins'")
         raise NoBackendError(f"no installed backend can run {model_format} models",
                              hint=f"install the {package} plugin (pip install {package})")
+    if device == "cpu" or (device == "auto" and len(candidates) == 1):
+        return candidates[0]
+    for cls in candidates:
+        if _gpu(backends[cls.name][0], cls):
+            return cls
+    if device == "gpu":
+        tried = ", ".join(c.name for c in candidates)
+        raise NoBackendError(f"--device gpu was requested but no installed backend for {model_format} models "
+                             f"sees a usable GPU (tried: {tried})",
+                             hint=f"{GPU_HINT_FOR_FORMAT.get(model_format, 'see czreg plugins')}, or use --device cpu")
     return candidates[0]
 
 
 def load_session(package: Package, backend: str | None = None, device: Device = "auto") -> Session:
     """Load the package's model once with the selected backend. Any failure is a ``BackendError``; one
     caused by a bug in a backend plugin (not a ``CzregError``) names the plugin."""
-    cls = select_backend(package.model_format, backend)
+    cls = select_backend(package.model_format, backend, device)
     plugin = available_backends()[cls.name][0]
     try:
         if device == "gpu" and not cls.gpu_available():

@@ -138,6 +138,9 @@ class _Source:
 def _tf_plugin(module: str) -> Any:
     import importlib
 
+    from ._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     try:
         return importlib.import_module(f"czregistry_tensorflow.{module}")
     except ImportError as exc:

@@ -333,10 +333,11 @@ class ReceptiveFieldCheck(_SpatialCheck):
             seam_txt = (f"; tiling at the declared overlap differs from the whole prediction by up to "
                         f"{seam.seam_error:.3g} ({100 * (seam.seam_error_rel or 0):.3g}% of the output range)"
                         if seam is not None and seam.seam_error is not None else "")
-            what = f"declared border {_fmt(border)} px ({declared})" if border else "no border is declared"
+            what = (f"declared border {_fmt(border)} px ({declared}) is below the measured halo" if border
+                    else "no border is declared, but the measured halo is")
             fix = ("MinOverlap" if info.kind == "czann" else "BorderSize")
             want = _fmt(exact) if info.kind == "czann" else str(max(halo))
-            yield Finding.warning(f"{cid}.border", f"{what} is below the measured halo {_fmt(halo)} px on "
+            yield Finding.warning(f"{cid}.border", f"{what} {_fmt(halo)} px on "
                                   f"{'axes' if len(short) > 1 else 'axis'} {', '.join(short)}: tiles will show seams"
                                   f"{seam_txt}",
                                   hint=f"set {fix} to {want} for seamless tiling")

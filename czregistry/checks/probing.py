@@ -533,6 +533,8 @@ class Prober:
         w = window[axis]
         cut = pos + used // 2
         xs = np.arange(pos, w)  # image coordinates of the overlap
+        if xs.size == 0:  # tiles only abut (no overlap): nothing to compare in this probe
+            return None
         stitched = np.concatenate([np.take(first, xs[xs < cut], axis=axis),
                                    np.take(second, xs[xs >= cut] - pos, axis=axis)], axis=axis)
         reference = np.take(ref, xs - centre, axis=axis)

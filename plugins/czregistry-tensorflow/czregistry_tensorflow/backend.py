@@ -131,6 +131,9 @@ class TensorFlowSession(Session):
     backend = "tensorflow"
 
     def __init__(self, folder: Path, device: Device, workdir: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        from czregistry._quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
         import tensorflow as tf
 
         self._tf = tf
@@ -200,6 +203,9 @@ class TensorFlowBackend(Backend):
 
     @classmethod
     def gpu_available(cls) -> bool:
+        from czregistry._quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
         import tensorflow as tf
 
         return bool(tf.config.list_physical_devices("GPU"))

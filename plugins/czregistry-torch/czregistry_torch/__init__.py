@@ -1,0 +1,344 @@
+"""PyTorch backend for czregistry: ONNX packages converted with ``onnx2torch``, run on CUDA when PyTorch
+sees a GPU, else on the CPU.
+
+Why a second ONNX backend: ONNX Runtime needs its separate ``onnxruntime-gpu`` build for CUDA, while many
+GPU machines already have a CUDA build of PyTorch. Its priority (5) is below ONNX Runtime's (10), so with
+``--device auto`` it is picked only when it has a GPU and ONNX Runtime has none (see
+``czregistry.backends.select_backend``), or when the user asks for it (``--backend torch``).
+
+``torch``, ``onnx`` and ``onnx2torch`` are imported only inside functions, so listing plugins stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
+from czregistry.errors import BackendError
+from czregistry.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from czregistry.package import Package
+
+__all__ = ["TorchBackend", "TorchSession", "check_external_data", "convert_onnx", "make_same_padding_explicit"]
+
+_GPU_HINT = "install a CUDA build of torch (https://pytorch.org/get-started/locally/), or use --device cpu"
+#: Device files whose absence on Linux means no CUDA/ROCm GPU, so ``gpu_available`` need not import torch.
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+#: Ops whose ``auto_pad=SAME_*`` is rewritten to explicit ``pads`` (onnx2torch does not implement SAME).
+_SAME_PAD_OPS = frozenset({"Conv", "MaxPool"})
+
+try:  # one refusal rule for both ONNX backends when the ONNX plugin is installed
+    from czregistry_onnx import check_external_data
+except ImportError:  # pragma: no cover - exercised only without czregistry-onnx
+
+    def check_external_data(model_bytes: bytes) -> None:
+        """Refuse ONNX tensors stored as external data: inside a package they could only point to files
+        outside it (same rule as the ONNX Runtime plugin)."""
+        import onnx
+
+        try:
+            proto = onnx.load_model_from_string(model_bytes)
+        except Exception as exc:
+            raise BackendError(f"model.model is not a readable ONNX model: {exc}",
+                               hint="re-export the model with tf2onnx or torch.onnx") from exc
+        for tensor in onnx.external_data_helper._get_all_tensors(proto):
+            if onnx.external_data_helper.uses_external_data(tensor):
+                where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+                raise BackendError(f"ONNX tensor '{tensor.name}' stores its data outside the model, in '{where}'",
+                                   hint="packages must embed all weights; re-export without external data")
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, asked once per process. On Linux without GPU device files the answer
+    is False without importing torch (a second or more), so backend selection stays cheap on CPU hosts."""
+    if sys.platform.startswith("linux") and "torch" not in sys.modules \
+            and not any(Path(p).exists() for p in _GPU_DEVICE_FILES):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _stub_torchvision() -> None:
+    """Let ``onnx2torch`` import without a working ``torchvision``.
+
+    onnx2torch imports torchvision at import time only for its NonMaxSuppression and RoiAlign converters.
+    A GPU host with a CUDA torch but no matching torchvision (or a torchvision wheel built for another
+    CUDA, which fails to load) would otherwise lose the whole backend. The stub is installed only when the
+    real import fails; models using those two ops then fail at run time with a clear message.
+    """
+    try:
+        importlib.import_module("torchvision.ops")
+        return
+    except Exception:  # absent, or present but built for another torch: both leave it unusable
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise BackendError("this model uses NonMaxSuppression or RoiAlign, which need torchvision",
+                           hint="install the torchvision build that matches your torch")
+
+    package = types.ModuleType("torchvision")
+    ops = types.ModuleType("torchvision.ops")
+    ops.nms = ops.roi_align = ops.box_convert = unavailable  # type: ignore[attr-defined]
+    package.ops = ops  # type: ignore[attr-defined]
+    package.__czregistry_stub__ = True  # type: ignore[attr-defined]
+    sys.modules["torchvision"] = package
+    sys.modules["torchvision.ops"] = ops
+
+
+def _import_onnx2torch() -> Any:
+    if "onnx2torch" not in sys.modules:
+        _stub_torchvision()
+    try:
+        import onnx2torch  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise BackendError(f"the torch backend cannot import onnx2torch: {exc}",
+                           hint="pip install onnx2torch (or use the onnxruntime backend)") from exc
+    from . import _converters
+
+    _converters.register()
+    return onnx2torch
+
+
+def _onnx2torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnx2torch")
+    except PackageNotFoundError:
+        return "?"
+
+
+def make_same_padding_explicit(proto: Any) -> int:
+    """Rewrite ``auto_pad=SAME_UPPER/SAME_LOWER`` of stride-1 ``Conv`` and ``MaxPool`` nodes into the
+    equivalent explicit ``pads``; return how many nodes changed.
+
+    tf2onnx emits SAME_UPPER for every Keras ``padding="same"`` convolution when the spatial size is
+    unknown, and onnx2torch refuses SAME. With stride 1 the padding does not depend on the input size
+    (total ``(k - 1) * dilation`` per axis, the odd pixel at the end for UPPER, at the start for LOWER),
+    so the rewrite is exact. Strided SAME nodes are left alone: their padding depends on the input size,
+    and converting them fails with an error naming the node.
+    """
+    import onnx
+
+    initializers = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type not in _SAME_PAD_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("auto_pad", b"NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        kernel = list(attrs.get("kernel_shape") or [])
+        if not kernel and node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in initializers:
+            kernel = list(initializers[node.input[1]][2:])
+        if not kernel:
+            continue
+        strides = list(attrs.get("strides") or [1] * len(kernel))
+        dilations = list(attrs.get("dilations") or [1] * len(kernel))
+        if any(s != 1 for s in strides):
+            continue
+        totals = [(k - 1) * d for k, d in zip(kernel, dilations)]
+        begins = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in totals]
+        ends = [t - b for t, b in zip(totals, begins)]
+        keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.append(onnx.helper.make_attribute("pads", begins + ends))
+        changed += 1
+    return changed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _failing_node(proto: Any) -> str | None:
+    """Which node onnx2torch cannot convert, as ``'name' (OpType, opset N): reason``. Called only after
+    a conversion failed, to name the op in the error instead of showing onnx2torch's traceback."""
+    from onnx2torch.node_converters.registry import get_converter  # type: ignore[import-untyped]
+    from onnx2torch.onnx_graph import OnnxGraph  # type: ignore[import-untyped]
+
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    try:
+        graph = OnnxGraph(proto.graph)
+    except Exception as exc:
+        return f"(graph) ({_first_line(exc)})"
+    for name, node in graph.nodes.items():
+        version = opsets.get(node.domain, opsets.get("", 0))
+        where = f"'{name}' ({node.operation_type}, opset {version})"
+        try:
+            converter = get_converter(domain=node.domain, operation_type=node.operation_type, version=version)
+        except NotImplementedError:
+            return f"{where}: onnx2torch {_onnx2torch_version()} has no converter for this op"
+        try:
+            converter(node, graph)
+        except Exception as exc:
+            return f"{where}: {_first_line(exc)}"
+    return None
+
+
+def convert_onnx(proto: Any) -> Any:
+    """Convert an ONNX ``ModelProto`` to a ``torch.fx.GraphModule`` in eval mode. A model onnx2torch
+    cannot convert raises ``BackendError`` naming the first unsupported node and its op."""
+    onnx2torch = _import_onnx2torch()
+    make_same_padding_explicit(proto)
+    try:
+        module = onnx2torch.convert(proto)
+    except Exception as exc:
+        culprit = _failing_node(proto)
+        what = f"node {culprit}" if culprit else _first_line(exc)
+        raise BackendError(f"onnx2torch cannot convert the model: {what}",
+                           hint="use the onnxruntime backend (--backend onnxruntime), or re-export the model "
+                                "with ops onnx2torch supports") from exc
+    return module.eval()
+
+
+def _tensor_infos(values: Any, skip: frozenset[str]) -> tuple[TensorInfo, ...]:
+    import onnx
+
+    infos = []
+    for value in values:
+        if value.name in skip:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                     for d in tensor.shape.dim)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        except Exception:
+            dtype = "float32"
+        infos.append(TensorInfo(value.name, dims, dtype))
+    return tuple(infos)
+
+
+@contextlib.contextmanager
+def _exact_float32(on_cuda: bool) -> Iterator[None]:
+    """No TF32 in cuDNN convolutions while predicting: an ONNX float32 model should give float32 results
+    (PyTorch allows TF32 for convolutions by default, which changes outputs by ~1e-3). Other cuDNN flags
+    are kept as the user set them."""
+    if not on_cuda:
+        yield
+        return
+    import torch
+
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
+
+
+class TorchSession(Session):
+    """One converted ``torch.fx.GraphModule``, created once per package, on ``cuda:0`` or the CPU.
+
+    ``device``: ``cpu`` runs on the CPU; ``gpu`` requires a CUDA GPU that PyTorch sees and fails
+    otherwise; ``auto`` uses the GPU when there is one.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model_bytes: bytes, device: Device) -> None:
+        import onnx
+        import torch
+
+        on_gpu = device in ("auto", "gpu") and _cuda_available()
+        if device == "gpu" and not on_gpu:
+            raise BackendError("--device gpu was requested but PyTorch sees no CUDA GPU", hint=_GPU_HINT)
+        self.device = "cuda:0" if on_gpu else "cpu"
+        self._torch_device = torch.device(self.device)
+        try:
+            proto = onnx.load_model_from_string(model_bytes)
+        except Exception as exc:
+            raise BackendError(f"model.model is not a readable ONNX model: {_first_line(exc)}",
+                               hint="re-export the model with tf2onnx or torch.onnx") from exc
+        initializers = frozenset(t.name for t in proto.graph.initializer)
+        self._signature = Signature(_tensor_infos(proto.graph.input, initializers),
+                                    _tensor_infos(proto.graph.output, frozenset()))
+        ins, outs = self._signature.inputs, self._signature.outputs
+        if len(ins) != 1 or not outs:
+            raise BackendError(f"the ONNX model has {len(ins)} inputs and {len(outs)} outputs; "
+                               "packages need exactly one input and at least one output")
+        in_dtype = ins[0].dtype
+        self._dtype = np.dtype(in_dtype) if in_dtype in ("float32", "float64", "float16") else np.dtype(np.float32)
+        module = convert_onnx(proto)
+        try:
+            self._module: Any = module.to(self._torch_device)
+        except Exception as exc:
+            raise BackendError(f"PyTorch cannot move the model to {self.device}: {_first_line(exc)}",
+                               hint="use --device cpu") from exc
+
+    @property
+    def signature(self) -> Signature:
+        return self._signature
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self._module is None:
+            raise BackendError("session is closed")
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=self._dtype)).to(self._torch_device)
+        try:
+            with torch.inference_mode(), _exact_float32(self._torch_device.type == "cuda"):
+                out = self._module(x)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BackendError(f"the GPU ran out of memory on a batch of shape {tuple(batch.shape)}",
+                               hint="lower --batch-size, or use --device cpu") from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"PyTorch failed on input of shape {tuple(batch.shape)}: {_first_line(exc)}") from exc
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return np.asarray(out.detach().to("cpu").numpy())
+
+    def close(self) -> None:
+        if self._module is None:
+            return
+        self._module = None
+        if self._torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    formats = frozenset({"onnx"})
+    priority = 5
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx2torch", "onnx"))
+
+    @classmethod
+    def gpu_available(cls) -> bool:
+        return _cuda_available()
+
+    def load(self, package: Package, device: Device = "auto") -> Session:
+        if package.model_format != "onnx":
+            raise BackendError(f"the torch backend cannot run a {package.model_format} model",
+                               hint="it runs ONNX models; a SavedModel needs the tensorflow backend")
+        data = package.read_model_bytes()
+        check_external_data(data)
+        return TorchSession(data, device)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(TorchBackend)
