@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import __version__
-from . import pack, plugins_cmd, registry, run, schemas, validate
+from . import demo, pack, plugins_cmd, registry, run, schemas, validate
 
 __all__ = ["main"]
 
@@ -15,9 +17,12 @@ __all__ = ["main"]
 @click.version_option(__version__, prog_name="czreg")
 def main() -> None:
     """Validate, pack, version and run CZANN / CZMODEL model packages for ZEISS ZEN and arivis."""
+    # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise on a command line; real
+    # failures still surface as Python exceptions. Users can set the variable themselves to see it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-for _module in (validate, schemas, plugins_cmd, pack, registry, run):
+for _module in (validate, schemas, plugins_cmd, pack, registry, run, demo):
     _module.register(main)
 
 

@@ -1,9 +1,149 @@
-"""CLI commands for this area (filled in by its issue)."""
+"""``czreg run`` (tiled inference on large images) and ``czreg smoke`` (does a package tile cleanly here?).
+
+Only click at import time: the runner, numpy-heavy readers and the backends load inside the commands.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import click
+
+from ._common import echo_json, handle_errors, json_option
+
+__all__ = ["register", "run_cmd", "smoke_cmd"]
+
+
+class _Progress:
+    """A click progress bar that knows its total and shows tiles/s; ETA comes from click."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.done = 0
+        self.t0 = time.perf_counter()
+
+    def start(self, total: int) -> None:
+        if self.quiet:
+            return
+        self.t0 = time.perf_counter()
+        self.bar = click.progressbar(length=total, label="tiles", show_eta=True, show_pos=True, file=sys.stderr,
+                                     item_show_func=lambda _: self._rate())
+        self.bar.__enter__()
+
+    def _rate(self) -> str:
+        dt = time.perf_counter() - self.t0
+        return f"{self.done / dt:.1f} tiles/s" if dt > 0 and self.done else ""
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@click.command("run")
+@click.argument("package", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output file: .ome.tiff / .tif (tiled OME-TIFF) or .zarr.")
+@click.option("--output-kind", type=click.Choice(["probabilities", "uint8", "labels"]), default="probabilities",
+              show_default=True, help="float32 probabilities (or values), uint8-quantised, or argmax labels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tiles per model call.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--backend", default=None, help="Inference backend (see 'czreg plugins').")
+@click.option("--tile", type=int, nargs=2, default=None, metavar="H W",
+              help="Tile size for spatially invariant models (default: the package's InputShape).")
+@click.option("--tile-3d", "tile3", type=int, nargs=3, default=None, metavar="Z H W", help="Tile size, 3D models.")
+@click.option("--geometry", type=click.Choice(["stride", "zen"]), default="stride", show_default=True,
+              help="stride: seamless (origins on the model's stride grid); zen: ZEN's own tiling (cztile).")
+@click.option("--border", type=click.IntRange(min=0), default=None,
+              help="Border dropped per tile side (default: max(MinOverlap/2, measured halo)).")
+@click.option("--blend", is_flag=True, help="Blend overlapping tiles instead of cutting at the middle.")
+@click.option("--channels", default=None, metavar="I,J,...", help="Image channels to feed the model (0-based).")
+@click.option("--axes", default=None, help="Image axes when the file does not say, e.g. ZYXC or TYX.")
+@click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+def run_cmd(package: Path, image: Path, output: Path, output_kind: str, batch_size: int, device: str,
+            backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
+            border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
+            quiet: bool, as_json: bool) -> None:
+    """Run PACKAGE tiled over IMAGE (TIFF/OME-TIFF, PNG, JPEG, .npy, Zarr) and write OUTPUT.
+
+    Memory stays bounded whatever the image size; nothing is left under OUTPUT if the run fails or is
+    interrupted.
+    """
+    from ..runner import RunOptions
+    from ..runner import run as run_tiled
+
+    if not package.is_file():
+        raise click.UsageError(f"no such package file: {package}")
+    try:
+        chans = tuple(int(c) for c in channels.split(",")) if channels else None
+    except ValueError:
+        raise click.BadParameter("give channel numbers separated by commas, e.g. 0,2", param_hint="--channels")\
+            from None
+    options = RunOptions(batch_size=batch_size, device=device, backend=backend,  # type: ignore[arg-type]
+                         tile=tuple(tile3 or tile or ()) or None, geometry=geometry,  # type: ignore[arg-type]
+                         output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
+                         channels=chans, axes=axes, probe=not no_probe)
+    progress = _Progress(quiet or as_json)
+    with handle_errors():
+        try:
+            result = run_tiled(package, image, output, options, progress=progress, on_plan=progress.start)
+        finally:
+            progress.close()
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {result.output} ({result.output_kind}, {'x'.join(map(str, result.shape))} {result.dtype}) "
+               f"from {result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s) "
+               f"on {result.device} via {result.backend}")
+
+
+@click.command("smoke")
+@click.argument("package", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="Test on this image (default: a synthetic one covering several tiles per axis).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--backend", default=None, help="Inference backend (see 'czreg plugins').")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@json_option
+def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | None, batch_size: int,
+              as_json: bool) -> None:
+    """Run PACKAGE tiled on the best device here; check output and seams. Exit 0 pass, 1 fail."""
+    from ..report import render_text
+    from ..smoke import smoke_test
+
+    if not package.is_file():
+        raise click.UsageError(f"no such package file: {package}")
+    with handle_errors():
+        report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
+                            batch_size=batch_size)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(render_text(report).replace(": VALID", ": PASS").replace(": INVALID", ": FAIL", 1))
+        m = report.measurements
+        if "smoke.tiles_per_second" in m:
+            click.echo(f"  {m.get('smoke.tiles')} tiles, {m.get('smoke.tiles_per_second')} tiles/s on "
+                       f"{m.get('smoke.device')} ({m.get('smoke.backend')}); seam error "
+                       f"{m.get('smoke.seam_error', 'n/a')}")
+    sys.exit(0 if report.valid else 1)
 
 
 def register(group: click.Group) -> None:
-    """Add this module's commands to ``group``."""
+    """Add ``run`` and ``smoke`` to ``group``."""
+    group.add_command(run_cmd)
+    group.add_command(smoke_cmd)

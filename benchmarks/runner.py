@@ -1,0 +1,246 @@
+"""Benchmark of the tiled runner, printed as one table.
+
+Columns, on the same small segmentation model (ONNX Runtime, CPU) and the same tile size:
+
+(a) raw      the backend alone on tiles already in memory, batched: the ceiling for any runner;
+(b) runner   ``czregistry.runner.run`` on a generated tiled TIFF of N x N pixels, writing an OME-TIFF label
+             image, in a subprocess so its peak RSS is its own;
+(c) naive    a per-tile loop as public examples write it: a new ONNX Runtime session per call, batch 1
+             (timed on a sample of tiles and extrapolated to the whole image);
+(d) MONAI    ``monai.inferers.sliding_window_inference`` with the same ONNX Runtime model as predictor,
+             only if a Python with MONAI and a CPU torch is given (``--monai-python``): it needs the whole
+             image and the whole output in memory.
+
+Run: ``.venv/bin/python benchmarks/runner.py`` (about 3-5 minutes on 2 cores);
+``--sizes 2048 4096`` for a quick look. Everything is written to a temp folder and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TILE = 256
+OVERLAP = 32
+
+
+def build_package(dest: Path) -> Path:
+    """A small U-Net-like segmentation model (one 2x2 pooling, 4-8 channels) as a .czann."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    import keras
+    from keras import layers
+
+    sys.path.insert(0, str(ROOT))
+    from czregistry.package import write_package
+    from tests.models import export_onnx, metadata_for
+
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((None, None, 1))
+    c1 = layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    p1 = layers.MaxPooling2D(2)(c1)
+    c2 = layers.Conv2D(8, 3, padding="same", activation="relu")(p1)
+    u1 = layers.Concatenate()([layers.UpSampling2D(2)(c2), c1])
+    out = layers.Conv2D(2, 1, activation="softmax")(u1)
+    model = keras.Model(inp, out, name="bench")
+    meta = metadata_for("unet", tile=TILE, overlap=OVERLAP)
+    meta["ModelName"] = "benchmark-small-unet"
+    path = dest / "bench.czann"
+    write_package(path, meta, export_onnx(model))
+    return path
+
+
+def make_image(path: Path, size: int) -> None:
+    """An uncompressed, 256x256-tiled uint8 TIFF of ``size`` x ``size`` (read through tifffile's Zarr store,
+    so the runner's RSS is not inflated by a memory map)."""
+    import tifffile
+
+    rng = np.random.default_rng(size)
+    block = (rng.random((1024, 1024)) * 255).astype(np.uint8)
+
+    def tiles() -> Any:
+        for y in range(0, size, 256):
+            for x in range(0, size, 256):
+                yield block[y % 1024:y % 1024 + 256, x % 1024:x % 1024 + 256]
+
+    tifffile.imwrite(path, data=tiles(), shape=(size, size), dtype=np.uint8, tile=(256, 256),
+                     metadata={"axes": "YX"})
+
+
+def _maxrss_mb() -> float:
+    """Peak RSS of this process. ``VmHWM``, not ``ru_maxrss``: Linux carries ``ru_maxrss`` across exec, so
+    a child forked from a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- children ------------------------------------------------------------------------------------------
+
+
+def child_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
+    from czregistry.runner import RunOptions, run
+
+    t0 = time.perf_counter()
+    res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "pipeline_seconds": res.pipeline_seconds, "predict_seconds": res.predict_seconds,
+            "tiles": res.tiles, "tiles_per_s": res.tiles / dt, "rss_mb": _maxrss_mb(), "grid": res.grid}
+
+
+def child_raw(package: str, batch: int, n: int) -> dict[str, Any]:
+    from czregistry.backends import load_session
+    from czregistry.package import open_package
+
+    with load_session(open_package(package), device="cpu") as s:
+        x = np.random.default_rng(0).random((batch, TILE, TILE, 1), dtype=np.float32)
+        s.predict(x)
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            s.predict(x)
+            done += batch
+        dt = time.perf_counter() - t0
+    return {"tiles_per_s": done / dt, "rss_mb": _maxrss_mb()}
+
+
+def child_naive(package: str, n: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from czregistry.package import open_package
+
+    model = open_package(package).read_model_bytes()
+    x = np.random.default_rng(0).random((1, TILE, TILE, 1), dtype=np.float32)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    dt = time.perf_counter() - t0
+    return {"tiles_per_s": n / dt, "rss_mb": _maxrss_mb()}
+
+
+MONAI_CHILD = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort, tifffile, torch, zipfile
+from monai.inferers import sliding_window_inference
+package, image, tile, overlap, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(1)
+model = zipfile.ZipFile(package).read("model.model")
+sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+name = sess.get_inputs()[0].name
+def predictor(x):
+    y = sess.run(None, {name: np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))})[0]
+    return torch.from_numpy(y.transpose(0, 3, 1, 2).copy())
+t0 = time.perf_counter()
+img = torch.from_numpy(tifffile.imread(image).astype(np.float32) / 255)[None, None]
+with torch.no_grad():
+    out = sliding_window_inference(img, (tile, tile), batch, predictor, overlap=overlap / tile, mode="constant")
+labels = out[0].argmax(0).to(torch.uint8).numpy()
+tifffile.imwrite(sys.argv[6], labels, tile=(256, 256), compression="zlib")
+dt = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"seconds": dt, "rss_mb": int(hwm) / 1024}))
+"""
+
+
+def _child(args: list[str], python: str | None = None) -> dict[str, Any]:
+    cmd = [python or sys.executable, *args]
+    env = {**os.environ, "CZREG_PLUGINS": "onnxruntime", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--naive-tiles", type=int, default=30)
+    ap.add_argument("--raw-tiles", type=int, default=200)
+    ap.add_argument("--monai-python", default=None, help="a Python with torch (CPU) + monai + onnxruntime")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "runner":
+            res = child_runner(rest[0], rest[1], rest[2], int(rest[3]))
+        elif kind == "raw":
+            res = child_raw(rest[0], int(rest[1]), int(rest[2]))
+        else:
+            res = child_naive(rest[0], int(rest[1]))
+        print(json.dumps(res))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-"))
+    try:
+        package = build_package(tmp)
+        me = str(Path(__file__).resolve())
+        naive = _child([me, "--child", "naive", str(package), str(args.naive_tiles)])
+        monai_py = args.monai_python
+        if monai_py:
+            script = tmp / "monai_child.py"
+            script.write_text(MONAI_CHILD)
+        rows = []
+        for size in args.sizes:
+            image = tmp / f"img{size}.tif"
+            make_image(image, size)
+            # raw throughput measured right before each run: the machine may be shared and its load varies
+            raw = _child([me, "--child", "raw", str(package), str(args.batch_size), str(args.raw_tiles)])
+            r = _child([me, "--child", "runner", str(package), str(image), str(tmp / f"out{size}.ome.tif"),
+                        str(args.batch_size)])
+            mp = size * size / 1e6
+            row: dict[str, Any] = {"size": size, "tiles": r["tiles"], "runner_s": r["seconds"],
+                                   "runner_pipeline_s": r["pipeline_seconds"], "raw_tps": raw["tiles_per_s"],
+                                   "runner_tps": r["tiles_per_s"], "runner_rss": r["rss_mb"],
+                                   "raw_s": r["tiles"] / raw["tiles_per_s"],
+                                   "naive_s": r["tiles"] / naive["tiles_per_s"], "mp": mp}
+            if monai_py:
+                try:
+                    m = _child([str(tmp / "monai_child.py"), str(package), str(image), str(TILE), str(OVERLAP),
+                                str(args.batch_size), str(tmp / f"monai{size}.tif")], python=monai_py)
+                    row.update(monai_s=m["seconds"], monai_rss=m["rss_mb"])
+                except RuntimeError as exc:
+                    row.update(monai_error=str(exc))
+            for p in tmp.glob(f"*{size}*"):
+                p.unlink()
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        print(f"\nmodel: small U-Net (1 pooling), tile {TILE}, overlap {OVERLAP}, batch {args.batch_size}, "
+              f"ONNX Runtime CPU, {os.cpu_count()} cores")
+        print(f"(c) naive new-session loop: {naive['tiles_per_s']:.1f} tiles/s (timed on {args.naive_tiles} tiles, "
+              "extrapolated); (b) runner s = wall time incl. loading and probing the model, "
+              "pipeline = reading+predicting+writing; runner/raw compares the pipeline with (a)\n")
+        head = ("| image | tiles | (a) raw s | (b) runner s (pipeline) | runner/raw | runner peak RSS | (c) naive s |"
+                + (" (d) MONAI s | MONAI peak RSS |" if monai_py else ""))
+        print(head)
+        print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
+        for r in rows:
+            line = (f"| {r['size']}x{r['size']} | {r['tiles']} | {r['raw_s']:.1f} | {r['runner_s']:.1f} "
+                    f"({r['runner_pipeline_s']:.1f}) | {r['raw_s'] / r['runner_pipeline_s'] * 100:.0f}% | "
+                    f"{r['runner_rss']:.0f} MB | {r['naive_s']:.1f} |")
+            if monai_py:
+                line += (f" {r['monai_s']:.1f} | {r['monai_rss']:.0f} MB |" if "monai_s" in r
+                         else f" failed | {r.get('monai_error', '')[:40]} |")
+            print(line)
+        if not monai_py:
+            print("\n(d) MONAI skipped: pass --monai-python PATH (a venv with torch CPU, monai, onnxruntime, tifffile)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

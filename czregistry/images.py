@@ -1,0 +1,512 @@
+"""Image readers and writers for the tiled runner.
+
+Readers never load a large image whole: TIFF / OME-TIFF is memory-mapped when it is stored contiguous and
+uncompressed, and otherwise read chunk by chunk through tifffile's Zarr store; ``.npy`` is memory-mapped;
+Zarr is chunked by nature. PNG / JPEG are decoded whole (Pillow has no region decoding; such files are
+small). Every reader exposes the same ``ImageSource``: a lazily indexable array plus its axes, where
+``C`` is the channel axis (TIFF samples ``S`` count as channels) and everything that is neither channel nor
+spatial (T, scenes, and Z for 2D models) is iterated plane by plane.
+
+Writers take rows (2D) or slices (3D) in order and write them incrementally: OME-TIFF as compressed tiles
+fed to ``tifffile.TiffWriter.write`` from a background thread, Zarr chunk row by chunk row. Neither ever
+holds more than one chunk row of the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import RunError, UsageError
+
+__all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
+           "guess_axes", "open_image", "open_writer", "output_format", "scale_to_unit", "to_model_channels"]
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_UNIT_TO_UM = {"m": 1e6, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
+
+
+@dataclass
+class ImageSource:
+    """A lazily indexable image. ``array[...]`` returns numpy; ``axes`` has one letter per dimension."""
+
+    path: Path
+    array: Any
+    axes: str
+    pixel_size: dict[str, float] = field(default_factory=dict)  # micrometres per pixel, keys "X", "Y", "Z"
+    closer: Callable[[], None] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.axes.index("C")] if "C" in self.axes else 1
+
+    def layout(self, spatial_ndim: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """``(leading axes, leading shape, spatial shape)`` for a model with ``spatial_ndim`` spatial dims."""
+        rest = [a for a in self.axes if a != "C"]
+        if len(rest) < spatial_ndim:
+            raise UsageError(f"{self.path.name}: axes '{self.axes}' have fewer than {spatial_ndim} spatial dims",
+                             hint="pass --axes to say which dims are spatial")
+        spatial = rest[-spatial_ndim:]
+        lead = rest[:-spatial_ndim]
+        shape = dict(zip(self.axes, self.shape))
+        return "".join(lead), tuple(shape[a] for a in lead), tuple(shape[a] for a in spatial)
+
+    def read(self, lead_index: Sequence[int], region: Sequence[slice]) -> np.ndarray:
+        """Read one region of one plane as ``(*spatial, C)`` in the file's dtype."""
+        spatial_ndim = len(region)
+        lead_axes, _, _ = self.layout(spatial_ndim)
+        rest = [a for a in self.axes if a != "C"]
+        key: list[Any] = []
+        li = dict(zip(lead_axes, lead_index))
+        si = dict(zip(rest[-spatial_ndim:], region))
+        for a in self.axes:
+            key.append(slice(None) if a == "C" else (li[a] if a in li else si[a]))
+        block = np.asarray(self.array[tuple(key)])
+        if "C" in self.axes:
+            kept = [a for a in self.axes if a not in li]
+            block = np.moveaxis(block, kept.index("C"), -1)
+        else:
+            block = block[..., None]
+        return block
+
+    def read_padded(self, lead_index: Sequence[int], starts: Sequence[int], stops: Sequence[int],
+                    spatial_shape: Sequence[int]) -> np.ndarray:
+        """Like ``read`` but the region may reach past the far end: those pixels are reflected."""
+        from .tiling import reflect_indices
+
+        if all(stop <= n for stop, n in zip(stops, spatial_shape)):
+            return self.read(lead_index, [slice(a, b) for a, b in zip(starts, stops)])
+        idx = [reflect_indices(a, b, n) for a, b, n in zip(starts, stops, spatial_shape)]
+        lo = [int(i.min()) for i in idx]
+        block = self.read(lead_index, [slice(lo_, int(i.max()) + 1) for lo_, i in zip(lo, idx)])
+        return block[np.ix_(*(i - lo_ for i, lo_ in zip(idx, lo)), np.arange(block.shape[-1]))]
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+            self.closer = None
+
+
+def guess_axes(shape: Sequence[int]) -> str:
+    """Axes for arrays without metadata: a last dim of at most 4 is taken as channels."""
+    nd = len(shape)
+    if nd < 2:
+        raise UsageError(f"an image needs at least 2 dimensions, this one has shape {tuple(shape)}")
+    has_c = nd >= 3 and shape[-1] <= 4
+    spatial_and_lead = "TZYX"[-(nd - has_c):] if nd - has_c <= 4 else None
+    if spatial_and_lead is None:
+        raise UsageError(f"cannot guess the axes of a {nd}-dim array", hint="pass --axes, e.g. --axes TZYXC")
+    return spatial_and_lead + ("C" if has_c else "")
+
+
+def _check_axes(axes: str, ndim: int, path: Path) -> str:
+    axes = axes.upper().replace("S", "C")
+    if len(axes) != ndim or len(set(axes)) != len(axes):
+        raise UsageError(f"{path.name}: axes '{axes}' do not match the image's {ndim} dims",
+                         hint="give one distinct letter per dim, e.g. --axes ZYXC")
+    return axes
+
+
+def _ome_pixel_size(xml: str | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if not xml:
+        return out
+    head = re.search(r"<Pixels\b[^>]*>", xml)
+    if not head:
+        return out
+    for ax in "XYZ":
+        m = re.search(rf'PhysicalSize{ax}="([0-9.eE+-]+)"', head.group(0))
+        if m:
+            unit = re.search(rf'PhysicalSize{ax}Unit="([^"]+)"', head.group(0))
+            out[ax] = float(m.group(1)) * _UNIT_TO_UM.get(unit.group(1) if unit else "µm", 1.0)
+    return out
+
+
+def _open_tiff(path: Path) -> ImageSource:
+    import tifffile
+    import zarr
+
+    tif = tifffile.TiffFile(path)
+    try:
+        series = tif.series[0]
+        axes = series.axes.replace("S", "C")
+        if axes.count("C") > 1:  # both channels and samples: read as is, let the user choose
+            raise UsageError(f"{path.name}: has both channel and sample axes ({series.axes})",
+                             hint="convert it to one channel axis first")
+        pixel_size = _ome_pixel_size(tif.ome_metadata)
+        array: Any
+        if series.dataoffset is not None:  # contiguous, uncompressed: the cheapest lazy read
+            array = tifffile.memmap(path, series=0, mode="r")
+        else:
+            array = zarr.open(series.aszarr(), mode="r")
+            if not hasattr(array, "shape"):  # a pyramid: take the full-resolution level
+                array = array["0"]
+    except UsageError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise UsageError(f"cannot read TIFF {path.name}: {exc}") from exc
+    return ImageSource(path, array, axes, pixel_size, tif.close)
+
+
+def _open_pil(path: Path) -> ImageSource:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            im: Any = opened
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode in ("1", "LA", "CMYK", "YCbCr"):
+                im = im.convert("L" if mode in ("1", "LA") else "RGB")
+            arr = np.asarray(im)
+            if im.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+                arr = arr.astype(np.uint16)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read image {path.name}: {exc}") from exc
+    return ImageSource(path, arr, "YXC" if arr.ndim == 3 else "YX")
+
+
+def _open_zarr(path: Path) -> ImageSource:
+    import zarr
+
+    node: Any
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise UsageError(f"cannot open Zarr {path.name}: {exc}") from exc
+    attrs: dict[str, Any] = dict(node.attrs)
+    axes: str | None = attrs.get("axes") if isinstance(attrs.get("axes"), str) else None
+    if not hasattr(node, "shape"):  # a group: OME-Zarr multiscales or the first array
+        ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+        if ms:
+            axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])).upper() or None
+            node = node[ms[0]["datasets"][0]["path"]]
+        else:
+            names = sorted(k for k, _ in node.arrays())
+            if not names:
+                raise UsageError(f"Zarr group {path.name} holds no array")
+            node = node[names[0]]
+            axes = axes or (dict(node.attrs).get("axes") if isinstance(dict(node.attrs).get("axes"), str)
+                            else None)
+    pixel_size = {k: float(v) for k, v in (attrs.get("pixel_size_um") or {}).items()}
+    return ImageSource(path, node, axes or guess_axes(node.shape), pixel_size)
+
+
+def open_image(path: Path | str, axes: str | None = None) -> ImageSource:
+    """Open an image for lazy reading; ``axes`` overrides what the file says (or what is guessed)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"image not found: {path}", hint="check the path")
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".zarr"):
+        src = _open_zarr(path)
+    elif name.endswith(TIFF_SUFFIXES):
+        src = _open_tiff(path)
+    elif name.endswith(".npy"):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path.name}: {exc}") from exc
+        src = ImageSource(path, arr, guess_axes(arr.shape))
+    elif name.endswith(PIL_SUFFIXES):
+        src = _open_pil(path)
+    elif name.endswith(".czi"):
+        raise UsageError(f"{path.name}: CZI files are not read directly (no CZI reader is installed)",
+                         hint="export the image as OME-TIFF from ZEN, or convert it with bfconvert")
+    else:
+        raise UsageError(f"unsupported image type: {path.name}",
+                         hint="use OME-TIFF/TIFF, PNG, JPEG, .npy or Zarr")
+    if axes:
+        src.axes = _check_axes(axes, len(src.shape), path)
+    else:
+        src.axes = _check_axes(src.axes, len(src.shape), path)
+    return src
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+def scale_to_unit(block: np.ndarray) -> np.ndarray:
+    """Scale to float32 in [0, 1] as the host does: uint8 / 255, uint16 / 65535, other integers by their
+    maximum, booleans as 0/1, floats as given."""
+    dt = block.dtype
+    if dt == np.bool_:
+        return block.astype(np.float32)
+    if np.issubdtype(dt, np.integer):
+        out = block.astype(np.float32)
+        out /= np.float32(np.iinfo(dt).max)
+        return out
+    if np.issubdtype(dt, np.floating):
+        return block.astype(np.float32, copy=False)
+    raise UsageError(f"pixel type {dt} is not supported", hint="convert the image to uint8, uint16 or float32")
+
+
+def to_model_channels(block: np.ndarray, model_channels: int, *, select: Sequence[int] | None = None,
+                      color_handling: str | None = None, bgr: bool = False) -> np.ndarray:
+    """Map the image's channels (last axis) to the model's.
+
+    ``select`` picks channels first. Then: equal counts pass; RGB(A) into a 1-channel model is converted to
+    monochrome (the mean of R, G, B, like ZEN's ``ConvertToMonochrome``); gray into a 3-channel model is
+    replicated; RGBA into a 3-channel model drops alpha. ``bgr`` reverses colour order (legacy Bgr types).
+    """
+    if select is not None:
+        n = block.shape[-1]
+        bad = [c for c in select if not 0 <= c < n]
+        if bad:
+            raise UsageError(f"channel {bad[0]} does not exist; the image has {n} channel(s) (0-based)")
+        block = block[..., list(select)]
+    n = block.shape[-1]
+    if bgr and n >= 3:
+        block = np.concatenate([block[..., 2::-1], block[..., 3:]], axis=-1)
+    if n == model_channels:
+        return block
+    if model_channels == 1 and n in (3, 4) and color_handling != "SplitRgb":
+        return block[..., :3].mean(axis=-1, keepdims=True, dtype=np.float32)
+    if model_channels == 3 and n == 1:
+        return np.repeat(block, 3, axis=-1)
+    if model_channels == 3 and n == 4:
+        return block[..., :3]
+    raise UsageError(f"the model takes {model_channels} channel(s) but the image has {n}",
+                     hint="choose channels with --channels, e.g. --channels 0")
+
+
+# --- writers ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What will be written: ``lead_shape`` planes of ``(*spatial, channels)`` pixels."""
+
+    lead_axes: str
+    lead_shape: tuple[int, ...]
+    spatial: tuple[int, ...]
+    channels: int
+    dtype: np.dtype[Any]
+    pixel_size: dict[str, float] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    chunk: int = 256
+
+    @property
+    def n_planes(self) -> int:
+        return math.prod(self.lead_shape)
+
+    @property
+    def unit(self) -> int:
+        """Rows per write along the first spatial axis: a tile row (2D) or one slice (3D)."""
+        return self.chunk if len(self.spatial) == 2 else 1
+
+
+class Writer(Protocol):
+    def write(self, plane: int, start: int, block: np.ndarray) -> None:
+        """``block`` covers rows ``start..`` of the first spatial axis, all of the others, all channels.
+        Rows arrive in order, planes in order."""
+
+    def close(self) -> None:
+        """Finish the file; raise if writing failed."""
+
+    def abort(self) -> None:
+        """Stop without finishing (the caller deletes the temp output)."""
+
+
+class _RowBuffer:
+    """Collects rows in order and releases them in aligned ``unit``-row blocks (the last may be short)."""
+
+    def __init__(self, spec: OutputSpec) -> None:
+        self.spec = spec
+        self.parts: list[np.ndarray] = []
+        self.start = 0
+        self.rows = 0
+
+    def push(self, start: int, block: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        if start != self.start + self.rows:
+            raise RunError(f"internal error: rows arrive out of order ({start} after {self.start + self.rows})")
+        self.parts.append(block)
+        self.rows += block.shape[0]
+        unit = self.spec.unit
+        if self.rows >= unit:
+            data = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+            n = self.rows // unit * unit
+            for i in range(0, n, unit):
+                yield self.start + i, data[i:i + unit]
+            rest = data[n:]
+            self.parts = [rest] if len(rest) else []
+            self.start += n
+            self.rows -= n
+
+    def flush(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self.rows:
+            data = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+            yield self.start, data
+        self.parts, self.start, self.rows = [], 0, 0
+
+
+def _ome_axes(spec: OutputSpec) -> tuple[str, tuple[int, ...]]:
+    lead = spec.lead_axes if spec.lead_axes and set(spec.lead_axes) <= set("TZ") and len(
+        set(spec.lead_axes)) == len(spec.lead_axes) else ("T" if spec.lead_shape else "")
+    lead_shape = spec.lead_shape if lead == spec.lead_axes else ((spec.n_planes,) if spec.lead_shape else ())
+    sp = "ZYX" if len(spec.spatial) == 3 else "YX"
+    axes = lead + sp + ("S" if spec.channels > 1 else "")
+    return axes, (*lead_shape, *spec.spatial, *((spec.channels,) if spec.channels > 1 else ()))
+
+
+class TiffWriterSink:
+    """OME-TIFF, zlib-compressed 256x256 tiles, written by a background thread as rows arrive."""
+
+    _DONE = object()
+
+    def __init__(self, path: Path, spec: OutputSpec) -> None:
+        import tifffile
+
+        self.spec = spec
+        self.buffer = _RowBuffer(spec)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.aborted = threading.Event()
+        axes, shape = _ome_axes(spec)
+        metadata: dict[str, Any] = {"axes": axes}
+        for ax in "XYZ":
+            if ax in spec.pixel_size:
+                metadata[f"PhysicalSize{ax}"] = spec.pixel_size[ax]
+                metadata[f"PhysicalSize{ax}Unit"] = "µm"
+        if spec.attrs.get("name"):
+            metadata["Name"] = str(spec.attrs["name"])
+        self._tw = tifffile.TiffWriter(path, bigtiff=True, ome=True)
+        self._kwargs: dict[str, Any] = {"shape": shape, "dtype": spec.dtype, "tile": (spec.chunk, spec.chunk),
+                        "compression": "zlib", "compressionargs": {"level": 1},  # fast: the CPU is the model's
+                        "photometric": "minisblack", "metadata": metadata, "maxworkers": 1}
+        if spec.channels > 1:
+            self._kwargs["planarconfig"] = "contig"
+            self._kwargs["extrasamples"] = ["unspecified"] * (spec.channels - 1)
+        self._thread = threading.Thread(target=self._run, name="czreg-tiff-writer", daemon=True)
+        self._thread.start()
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        t = self.spec.chunk
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if self.aborted.is_set():
+                raise RunError("aborted")
+            block = item if self.spec.channels > 1 else item[..., 0]
+            pages = block if len(self.spec.spatial) == 3 else block[None]
+            for page in pages:
+                for y in range(0, page.shape[0], t):
+                    for x in range(0, page.shape[1], t):
+                        yield page[y:y + t, x:x + t]
+
+    def _run(self) -> None:
+        try:
+            self._tw.write(data=self._tiles(), **self._kwargs)
+        except BaseException as exc:
+            self.error = exc
+            # drain so producers never block on a dead consumer
+            while True:
+                try:
+                    if self.queue.get(timeout=0.1) is self._DONE:
+                        break
+                except queue.Empty:
+                    if self.aborted.is_set():
+                        break
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise RunError(f"writing the OME-TIFF failed: {self.error}")
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, plane: int, start: int, block: np.ndarray) -> None:
+        for _, chunk in self.buffer.push(start, block):
+            self._put(chunk)
+        if start + block.shape[0] == self.spec.spatial[0]:
+            for _, chunk in self.buffer.flush():
+                self._put(chunk)
+
+    def close(self) -> None:
+        self._put(self._DONE)
+        self._thread.join()
+        self._tw.close()
+        if self.error is not None:
+            raise RunError(f"writing the OME-TIFF failed: {self.error}")
+
+    def abort(self) -> None:
+        self.aborted.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(self._DONE)
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._tw.close()
+
+
+class ZarrWriterSink:
+    """A Zarr array ``(*lead, *spatial, C)`` chunked like the OME-TIFF tiles; attrs carry axes and pixel size."""
+
+    def __init__(self, path: Path, spec: OutputSpec) -> None:
+        import zarr
+
+        self.spec = spec
+        self.buffer = _RowBuffer(spec)
+        sp = len(spec.spatial)
+        chunks = (*(1,) * len(spec.lead_shape), *((spec.chunk, spec.chunk) if sp == 2 else (1, spec.chunk,
+                                                                                              spec.chunk)),
+                  spec.channels)
+        self.array = zarr.open_array(str(path), mode="w", shape=(*spec.lead_shape, *spec.spatial, spec.channels),
+                                     chunks=chunks, dtype=spec.dtype)
+        self.array.attrs.update({"axes": spec.lead_axes + ("ZYX" if sp == 3 else "YX") + "C",
+                                 "pixel_size_um": spec.pixel_size, **spec.attrs})
+
+    def write(self, plane: int, start: int, block: np.ndarray) -> None:
+        lead = np.unravel_index(plane, self.spec.lead_shape) if self.spec.lead_shape else ()
+        chunks = list(self.buffer.push(start, block))
+        if start + block.shape[0] == self.spec.spatial[0]:
+            chunks += list(self.buffer.flush())
+        for s, chunk in chunks:
+            key: tuple[Any, ...] = (*(int(i) for i in lead), slice(s, s + chunk.shape[0]))
+            self.array[key] = chunk
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def output_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".zarr"):
+        return "zarr"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    raise UsageError(f"cannot write '{path.name}': the output must end in .ome.tiff, .tif(f) or .zarr")
+
+
+def open_writer(path: Path, spec: OutputSpec, fmt: str) -> Writer:
+    """Open a ``fmt`` ("tiff" or "zarr") writer at ``path`` (the runner's temp path, renamed when done)."""
+    if fmt == "zarr":
+        return ZarrWriterSink(path, spec)
+    return TiffWriterSink(path, spec)

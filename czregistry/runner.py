@@ -1,0 +1,622 @@
+"""Tiled inference: run a package on images far larger than one tile, with bounded memory.
+
+The pipeline has three stages joined by small bounded queues, so the device never waits for the disk:
+
+1. a **reader** thread cuts tiles (``czregistry.tiling``) from a lazily read image, scales them to [0, 1],
+   maps channels and stacks them into batches of ``batch_size``;
+2. the **caller's** thread runs each batch through the model (loaded once with ``load_session``);
+3. a **writer** thread places each tile's kept interior into a buffer one tile row high and hands
+   completed rows to an incremental writer (OME-TIFF tiles or Zarr chunks).
+
+Tiles are visited row-major, so at any time only a band of about one tile row plus one output chunk row
+of the output exists in memory: peak memory depends on the image *width* and the tile size, never on its
+height or on the number of planes. Output goes to a temp name beside the target and is renamed into
+place only when complete: Ctrl-C or an error leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .backends import Device, Session, load_session
+from .errors import BackendError, RunError, UsageError
+from .metadata import ModelInfo
+from .tiling import Geometry, Tile, TileGrid, blend_weights_1d, plan_tiles
+
+__all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RunOptions", "RunResult", "TiledPredictor",
+           "model_geometry", "predict_image", "run"]
+
+OutputKind = Literal["probabilities", "uint8", "labels"]
+Progress = Callable[[int, int], None]
+_DONE = object()
+#: Largest input band (one tile row, full width) the reader holds; wider images are read tile by tile.
+_MAX_BAND_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``czreg run`` lets users choose. ``None`` means: from the package's metadata / measurements."""
+
+    batch_size: int = 4
+    device: Device = "auto"
+    backend: str | None = None
+    tile: tuple[int, ...] | None = None
+    geometry: Geometry = "stride"
+    output_kind: OutputKind = "probabilities"
+    border: int | None = None
+    step: int | None = None
+    blend: bool = False
+    channels: tuple[int, ...] | None = None
+    axes: str | None = None
+    #: Measure stride and halo by probing the model (a second or so for small models).
+    probe: bool = True
+    probe_budget: float = 20.0
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Stride (shift-equivariance step) and halo per spatial axis, and where they came from."""
+
+    stride: tuple[int, ...]
+    halo: tuple[int | None, ...]
+    source: str
+    global_context: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class RunResult:
+    output: str
+    format: str
+    output_kind: str
+    shape: list[int]
+    dtype: str
+    tiles: int
+    planes: int
+    batch_size: int
+    seconds: float  # wall time, including loading and probing the model
+    pipeline_seconds: float  # reading, predicting and writing the tiles
+    predict_seconds: float  # time inside the backend's predict
+    tiles_per_second: float
+    backend: str
+    device: str
+    grid: dict[str, Any]
+    geometry: dict[str, Any]
+    pixel_size_um: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_geometry(session: Session, info: ModelInfo, *, probe: bool = True, time_budget: float = 20.0,
+                   max_probe_size: int = 256) -> ModelGeometry:
+    """Measure stride and halo with ``czregistry.checks.probing`` (if that module is present).
+
+    Without a measurement the runner aligns origins to a stride of 1 and trusts the declared border:
+    correct for models without pooling, and the smoke test reports any seams that remain.
+    """
+    nd = info.spatial_ndim or max(1, len(session.signature.inputs[0].shape) - 2)
+    if probe:
+        try:
+            from .checks.probing import measure_invariance
+        except ImportError:  # pragma: no cover - probing ships with czregistry
+            measure_invariance = None  # type: ignore[assignment]
+        if measure_invariance is not None:
+            res = measure_invariance(session, info, max_probe_size=max_probe_size, time_budget=time_budget)
+            stride = tuple(int(s or q or 1) for s, q in zip(res.stride, res.step))
+            return ModelGeometry(stride, tuple(res.halo), "measured", bool(res.global_context),
+                                 tuple(res.notes))
+    return ModelGeometry((1,) * nd, (None,) * nd, "default (not measured)")
+
+
+# --- output conversion --------------------------------------------------------------------------------
+
+
+def _argmax_labels(block: np.ndarray) -> np.ndarray:
+    """``argmax`` over the (short) last axis, several times faster than ``np.argmax`` on channels-last
+    data; ties go to the lower class, as with ``np.argmax``."""
+    n = block.shape[-1]
+    if n == 2:
+        return (block[..., 1] > block[..., 0]).view(np.uint8)[..., None]
+    labels = np.zeros(block.shape[:-1], np.uint8 if n <= 256 else np.uint16)
+    best = block[..., 0].copy()
+    for c in range(1, n):
+        channel = block[..., c]
+        np.copyto(labels, c, where=channel > best)
+        np.maximum(best, channel, out=best)
+    return labels[..., None]
+
+
+def _convert(block: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """Turn float32 output rows into what is stored; always a new array (``block`` may be reused)."""
+    if kind == "labels":
+        return _argmax_labels(block)
+    if kind == "uint8":
+        return np.clip(np.rint(block * np.float32(255)), 0, 255).astype(np.uint8)
+    return np.array(block, dtype=np.float32, copy=True)
+
+
+def _out_dtype(kind: OutputKind, channels: int) -> np.dtype[Any]:
+    if kind == "labels":
+        return np.dtype(np.uint8 if channels <= 256 else np.uint16)
+    return np.dtype(np.uint8 if kind == "uint8" else np.float32)
+
+
+# --- the assembler ------------------------------------------------------------------------------------
+
+
+class _Assembler:
+    """Places tile outputs into a band of rows and emits rows that no later tile will touch.
+
+    The band is allocated once, as high as the tallest tile row's kept (or, blending, valid) rows, and
+    reused: after each tile row the finished rows are emitted and the rest moved to the front. ``emit``
+    gets a view into the band that is valid only during the call.
+    """
+
+    def __init__(self, grid: TileGrid, channels: int, blend: bool,
+                 emit: Callable[[int, int, np.ndarray], None]) -> None:
+        self.grid, self.channels, self.blend, self.emit = grid, channels, blend, emit
+        rows = range(len(grid.axes[0]))
+        cap = max(self._row_stop(i) - self._row_start(i) for i in rows)
+        rest = grid.padded_shape[1:]
+        self.acc = np.zeros((cap, *rest, channels), np.float32)
+        self.wsum = np.zeros((cap, *rest, 1), np.float32) if blend else None
+        self.plane: int | None = None
+        self.row: int | None = None
+        self.base = 0  # padded row index of acc[0]
+        self.filled = 0  # rows of acc touched so far
+        # 1D blend weights per axis and tile position; a tile's weights are their outer product
+        self._w1d = [[blend_weights_1d(s) for s in spans] for spans in grid.axes] if blend else []
+
+    def _row_start(self, row: int) -> int:
+        span = self.grid.axes[0][row]
+        return span.valid_start if self.blend else span.keep_start
+
+    def _row_stop(self, row: int) -> int:
+        span = self.grid.axes[0][row]
+        return span.valid_stop if self.blend else span.keep_stop
+
+    def _flush(self, upto: int) -> None:
+        n = upto - self.base
+        if n <= 0 or self.plane is None:
+            return
+        block: np.ndarray = self.acc[:n]
+        if self.wsum is not None:
+            block = block / np.maximum(self.wsum[:n], np.float32(1e-12))
+        rows = max(0, min(n, self.grid.image_shape[0] - self.base))
+        if rows:
+            crop = (slice(0, rows), *(slice(0, s) for s in self.grid.image_shape[1:]))
+            self.emit(self.plane, self.base, block[crop])
+        left = self.filled - n
+        if left > 0:
+            self.acc[:left] = self.acc[n:n + left]  # numpy buffers overlapping copies
+            if self.wsum is not None:
+                self.wsum[:left] = self.wsum[n:n + left]
+        if self.blend:
+            assert self.wsum is not None
+            self.acc[max(left, 0):self.filled] = 0
+            self.wsum[max(left, 0):self.filled] = 0
+        self.filled = max(left, 0)
+        self.base = upto
+
+    def add(self, plane: int, tile: Tile, y: np.ndarray) -> None:
+        row = tile.index[0]
+        if plane != self.plane:
+            self.finish_plane()
+            self.plane, self.row, self.base = plane, row, 0
+        elif row != self.row:
+            self._flush(self._row_start(row))
+            self.row = row
+        if self.blend:
+            assert self.wsum is not None
+            w = self._w1d[0][tile.index[0]]
+            for d in range(1, len(tile.index)):
+                w = np.multiply.outer(w, self._w1d[d][tile.index[d]])
+            w = w[..., None]
+            valid = tuple(slice(s.valid_start, s.valid_stop) for s in tile.spans)
+            local = tuple(slice(s.valid_start - s.origin, s.valid_stop - s.origin) for s in tile.spans)
+            dst = (slice(valid[0].start - self.base, valid[0].stop - self.base), *valid[1:])
+            self.acc[dst] += y[local] * w[local]
+            self.wsum[dst] += w[local]
+            self.filled = max(self.filled, valid[0].stop - self.base)
+        else:
+            keep = tile.keep_slices
+            dst = (slice(keep[0].start - self.base, keep[0].stop - self.base), *keep[1:])
+            self.acc[dst] = y[tile.local_keep_slices]
+            self.filled = max(self.filled, keep[0].stop - self.base)
+
+    def finish_plane(self) -> None:
+        if self.plane is not None:
+            self._flush(self.grid.padded_shape[0])
+        self.plane, self.row, self.base, self.filled = None, None, 0, 0
+        self.acc[:] = 0
+        if self.wsum is not None:
+            self.wsum[:] = 0
+
+
+# --- the pipeline -------------------------------------------------------------------------------------
+
+
+TileReader = Callable[[int, Tile], np.ndarray]
+
+
+class TiledPredictor:
+    """Runs ``session`` over ``planes`` x ``grid`` tiles with a reader and a writer thread.
+
+    ``read(plane, tile)`` returns the float32 model input of one tile; ``write(plane, start, block)``
+    receives finished float32 rows (cropped to the image) in order.
+    """
+
+    def __init__(self, session: Session, grid: TileGrid, out_channels: int, *, batch_size: int = 4,
+                 blend: bool = False, progress: Progress | None = None) -> None:
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        self.session, self.grid, self.out_channels = session, grid, out_channels
+        self.batch_size, self.blend, self.progress = batch_size, blend, progress
+        self.tiles_done = 0
+        self.predict_seconds = 0.0
+
+    def run(self, n_planes: int, read: TileReader, write: Callable[[int, int, np.ndarray], None]) -> None:
+        stop = threading.Event()
+        q_in: queue.Queue[Any] = queue.Queue(maxsize=3)
+        q_out: queue.Queue[Any] = queue.Queue(maxsize=3)
+        errors: list[BaseException] = []
+
+        def put(q: queue.Queue[Any], item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                metas: list[tuple[int, Tile]] = []
+                xs: list[np.ndarray] = []
+                for plane in range(n_planes):
+                    for tile in self.grid:
+                        if stop.is_set():
+                            return
+                        metas.append((plane, tile))
+                        xs.append(read(plane, tile))
+                        if len(xs) == self.batch_size:
+                            if not put(q_in, (metas, np.stack(xs))):
+                                return
+                            metas, xs = [], []
+                if xs and not put(q_in, (metas, np.stack(xs))):
+                    return
+                put(q_in, _DONE)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        assembler = _Assembler(self.grid, self.out_channels, self.blend, write)
+
+        def writer() -> None:
+            try:
+                while True:
+                    try:
+                        item = q_out.get(timeout=0.1)
+                    except queue.Empty:
+                        if stop.is_set():
+                            return
+                        continue
+                    if item is _DONE:
+                        assembler.finish_plane()
+                        return
+                    metas, ys = item
+                    for (plane, tile), y in zip(metas, ys):
+                        assembler.add(plane, tile, y)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        threads = [threading.Thread(target=reader, name="czreg-reader", daemon=True),
+                   threading.Thread(target=writer, name="czreg-writer", daemon=True)]
+        for t in threads:
+            t.start()
+        total = n_planes * self.grid.n_tiles
+        try:
+            while True:
+                try:
+                    item = q_in.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        break
+                    continue
+                if item is _DONE:
+                    put(q_out, _DONE)
+                    break
+                metas, xs = item
+                t0 = time.perf_counter()
+                ys = self.session.predict(xs)
+                self.predict_seconds += time.perf_counter() - t0
+                self._check_output(xs, ys)
+                if not put(q_out, (metas, ys)):
+                    break
+                self.tiles_done += len(metas)
+                if self.progress is not None:
+                    self.progress(self.tiles_done, total)
+            threads[1].join()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+        if errors:
+            exc = errors[0]
+            if isinstance(exc, (RunError, UsageError, BackendError)):
+                raise exc
+            raise RunError(f"tiled inference failed: {type(exc).__name__}: {exc}") from exc
+
+    def _check_output(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        want = (xs.shape[0], *xs.shape[1:-1], self.out_channels)
+        if tuple(ys.shape) != want:
+            raise RunError(f"the model returned shape {tuple(ys.shape)} for input {tuple(xs.shape)}; tiling "
+                           f"needs {want} (output spatial dims equal to the input's)",
+                           hint="only segmentation and regression models with image outputs can be tiled")
+
+
+class ArrayWriter:
+    """Collects rows into an in-memory array (for images that fit, tests and the smoke test)."""
+
+    def __init__(self, lead_shape: tuple[int, ...], spatial: tuple[int, ...], channels: int,
+                 dtype: np.dtype[Any] | type = np.float32) -> None:
+        self.lead_shape = lead_shape
+        self.array = np.zeros((*lead_shape, *spatial, channels), dtype)
+
+    def write(self, plane: int, start: int, block: np.ndarray) -> None:
+        lead = tuple(int(i) for i in np.unravel_index(plane, self.lead_shape)) if self.lead_shape else ()
+        key: tuple[Any, ...] = (*lead, slice(start, start + block.shape[0]))
+        self.array[key] = block
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def _model_facts(session: Session, info: ModelInfo, tile_override: Sequence[int] | None
+                 ) -> tuple[tuple[int, ...], int, int]:
+    sig = session.signature
+    if len(sig.inputs) != 1 or len(sig.outputs) != 1:
+        raise RunError(f"the model has {len(sig.inputs)} inputs and {len(sig.outputs)} outputs; tiling needs "
+                       "exactly one of each")
+    in_shape = sig.inputs[0].shape
+    nd = info.spatial_ndim or len(in_shape) - 2
+    graph = tuple(in_shape[1:-1])
+    tile = tuple(tile_override) if tile_override else (info.tile or None)
+    if tile is None and all(d is not None for d in graph):
+        tile = tuple(int(d) for d in graph if d is not None)
+    if tile is None:
+        raise UsageError("the package declares no tile size", hint="choose one with --tile H W")
+    if len(tile) == 1 and nd > 1:
+        tile = tile * nd
+    if len(tile) != nd:
+        raise UsageError(f"--tile needs {nd} numbers for this {nd}D model")
+    for d, t in zip(graph, tile):
+        if d is not None and d != t:
+            raise UsageError(f"the model's graph is fixed to tile {list(graph)}; --tile {list(tile)} cannot be used")
+    channels = info.input_channels or (in_shape[-1] if in_shape[-1] is not None else 1)
+    out_ch = info.output_channels or sig.outputs[0].shape[-1]
+    if out_ch is None:
+        raise RunError("the package declares no output channel count and the model does not fix one")
+    return tile, int(channels), int(out_ch)
+
+
+def _borders(info: ModelInfo, geom: ModelGeometry, tile: tuple[int, ...], border: int | None,
+             notes: list[str]) -> tuple[int, ...]:
+    out = []
+    for d, t in enumerate(tile):
+        declared = info.border[d] if info.border and d < len(info.border) else 0
+        halo = geom.halo[d] if d < len(geom.halo) else None
+        if border is not None:
+            b = border
+        else:
+            b = max(declared, halo or 0)
+            if halo is not None and halo > declared:
+                notes.append(f"axis {d}: measured halo {halo} px exceeds the declared border {declared} px; "
+                             f"using {halo} px so tiles join without seams")
+        stride = geom.stride[d] if d < len(geom.stride) else 1
+        cap = (t - stride) // 2
+        if b > cap:
+            notes.append(f"axis {d}: border {b} px does not fit a {t} px tile; using {cap} px (seams possible)")
+            b = cap
+        out.append(max(0, b))
+    return tuple(out)
+
+
+def plan_for_model(session: Session, info: ModelInfo, spatial: Sequence[int], options: RunOptions,
+                   notes: list[str]) -> tuple[TileGrid, ModelGeometry, int, int]:
+    """Choose the tile grid for one plane of ``spatial`` size: tile, stride, border, geometry."""
+    tile, in_ch, out_ch = _model_facts(session, info, options.tile)
+    geom = model_geometry(session, info, probe=options.probe, time_budget=options.probe_budget)
+    if options.step is not None:
+        geom = ModelGeometry((options.step,) * len(tile), geom.halo, "given", geom.global_context, geom.notes)
+    if geom.global_context:
+        notes.append("the model uses global context (its output depends on the whole tile): tiled output "
+                     "will show seams whatever the border")
+    border = _borders(info, geom, tile, options.border, notes)
+    if len(spatial) != len(tile):
+        raise UsageError(f"the image plane has {len(spatial)} spatial dims but the model tiles {len(tile)}")
+    grid = plan_tiles(spatial, tile, border=border, step=geom.stride, geometry=options.geometry)
+    return grid, geom, in_ch, out_ch
+
+
+def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options: RunOptions | None = None,
+                  *, progress: Progress | None = None, geometry: ModelGeometry | None = None
+                  ) -> tuple[np.ndarray, TileGrid]:
+    """Tiled prediction of one in-memory plane ``(*spatial, C)`` already scaled to [0, 1] (float32).
+
+    Returns the float32 output ``(*spatial, classes)`` and the grid used. Same pipeline as ``run``.
+    """
+    options = options or RunOptions()
+    notes: list[str] = []
+    if geometry is not None:
+        tile, _, out_ch = _model_facts(session, info, options.tile)
+        border = _borders(info, geometry, tile, options.border, notes)
+        grid = plan_tiles(image.shape[:-1], tile, border=border, step=geometry.stride, geometry=options.geometry)
+    else:
+        grid, _, _, out_ch = plan_for_model(session, info, image.shape[:-1], options, notes)
+    spatial = image.shape[:-1]
+
+    def read(plane: int, tile: Tile) -> np.ndarray:
+        from .tiling import reflect_indices
+
+        idx = [reflect_indices(s.origin, s.origin + s.size, n) for s, n in zip(tile.spans, spatial)]
+        return np.ascontiguousarray(image[np.ix_(*idx, np.arange(image.shape[-1]))], dtype=np.float32)
+
+    sink = ArrayWriter((), tuple(spatial), out_ch)
+    TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
+                   progress=progress).run(1, read, sink.write)
+    return sink.array, grid
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _temp_output(final: Path) -> Iterator[Path]:
+    """A temp path beside ``final`` (file or Zarr directory), renamed into place only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        yield tmp
+        if tmp.is_file():
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            _remove(final)
+        tmp.replace(final)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def run(package: Path | str, image: Path | str, output: Path | str, options: RunOptions | None = None,
+        *, progress: Progress | None = None, on_plan: Callable[[int], None] | None = None) -> RunResult:
+    """Run ``package`` tiled over ``image`` and write ``output`` (``.ome.tiff``/``.tif`` or ``.zarr``).
+
+    ``on_plan(total_tiles)`` is called once the grid is known (to size a progress bar).
+    """
+    from .images import OutputSpec, open_image, open_writer, output_format, scale_to_unit, to_model_channels
+    from .package import open_package
+
+    options = options or RunOptions()
+    output = Path(output)
+    fmt = output_format(output)
+    if Path(image).resolve() == output.resolve():
+        raise UsageError("the output would overwrite the input image", hint="choose another -o path")
+    pkg = open_package(package)
+    info = ModelInfo.from_package(pkg)
+    if info.type is not None and not info.is_dense:
+        raise UsageError(f"{info.type} models give one result per tile, not an image; czreg run tiles "
+                         "segmentation and regression models only")
+    if options.output_kind == "labels" and info.type == "Regression":
+        raise UsageError("--output-kind labels needs a segmentation model; this one is a regression model")
+    src = open_image(image, options.axes)
+    t_start = time.perf_counter()
+    try:
+        with load_session(pkg, options.backend, options.device) as session:
+            nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
+            lead_axes, lead_shape, spatial = src.layout(nd)
+            notes: list[str] = []
+            grid, geom, in_ch, out_ch = plan_for_model(session, info, spatial, options, notes)
+            n_planes = int(np.prod(lead_shape)) if lead_shape else 1
+            legacy = pkg.metadata or {}
+            bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")
+                                                for c in legacy.get("Channels") or [] if isinstance(c, dict))
+            color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
+
+            def prepare(plane: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
+                lead = tuple(int(i) for i in np.unravel_index(plane, lead_shape)) if lead_shape else ()
+                raw = src.read_padded(lead, starts, stops, spatial)
+                x = to_model_channels(scale_to_unit(raw), in_ch, select=options.channels,
+                                      color_handling=color, bgr=bgr)
+                return np.asarray(x, dtype=np.float32)
+
+            # Read a whole tile row (one band) at once when it is small: one call into the reader per row
+            # instead of per tile, and each pixel is scaled once.
+            band_bytes = grid.tile[0] * int(np.prod(grid.padded_shape[1:])) * max(in_ch, src.channels) * 4
+            use_bands = band_bytes <= _MAX_BAND_BYTES
+            band: dict[tuple[int, int], np.ndarray] = {}
+
+            def read(plane: int, tile: Tile) -> np.ndarray:
+                if not use_bands:
+                    return np.ascontiguousarray(prepare(plane, tile.origin,
+                                                        [o + s.size for o, s in zip(tile.origin, tile.spans)]))
+                key = (plane, tile.index[0])
+                if key not in band:
+                    band.clear()
+                    s0 = tile.spans[0]
+                    band[key] = prepare(plane, (s0.origin, *(0,) * (len(spatial) - 1)),
+                                        (s0.origin + s0.size, *grid.padded_shape[1:]))
+                rest = tuple(slice(s.origin, s.origin + s.size) for s in tile.spans[1:])
+                return np.ascontiguousarray(band[key][(slice(None), *rest)])
+
+            # fail early on channel problems, before any file exists
+            read(0, next(iter(grid)))
+            kind = options.output_kind
+            out_c = 1 if kind == "labels" else out_ch
+            pixel_size = dict(src.pixel_size)
+            if not pixel_size and info.scaling:
+                pixel_size = {ax: v * 1e6 for ax, v in zip("XYZ", info.scaling)}
+            spec = OutputSpec(lead_axes, lead_shape, spatial, out_c, _out_dtype(kind, out_ch), pixel_size,
+                              {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
+                               "classes": list(info.classes or [])})
+            if on_plan is not None:
+                on_plan(n_planes * grid.n_tiles)
+            predictor = TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
+                                       progress=progress)
+            t_pipe = time.perf_counter()
+            with _temp_output(output) as tmp:
+                writer = open_writer(tmp, spec, fmt)
+                try:
+                    predictor.run(n_planes, read,
+                                  lambda plane, start, block: writer.write(plane, start, _convert(block, kind)))
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+            pipeline = time.perf_counter() - t_pipe
+            seconds = time.perf_counter() - t_start
+            return RunResult(
+                output=str(output), format=fmt, output_kind=kind,
+                shape=[*lead_shape, *spatial, out_c], dtype=str(spec.dtype), tiles=predictor.tiles_done,
+                planes=n_planes, batch_size=options.batch_size, seconds=round(seconds, 3),
+                pipeline_seconds=round(pipeline, 3), predict_seconds=round(predictor.predict_seconds, 3),
+                tiles_per_second=round(predictor.tiles_done / pipeline, 2) if pipeline else 0.0,
+                backend=session.backend, device=session.device, grid=grid.to_dict(),
+                geometry={"stride": list(geom.stride), "halo": list(geom.halo), "source": geom.source,
+                          "global_context": geom.global_context},
+                pixel_size_um=pixel_size, notes=notes)
+    finally:
+        src.close()

@@ -1,0 +1,208 @@
+"""The smoke test: does a package run tiled, on the best device here, without seams?
+
+It runs the real tiled pipeline (``czregistry.runner``) on an image covering several tiles in each
+direction (a seeded synthetic one, or one the user gives), checks the output's shape, finiteness and value
+semantics (segmentation: probabilities summing to 1), and, where the model accepts the whole image at
+once, compares tiled with whole-image prediction: the largest difference is the **seam error**. Timing of
+the tiled run gives the throughput. The verdict is a ``Report`` like every other check's, so the registry
+stores it next to the version (``publish --smoke``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Device, load_session
+from .errors import CzregError
+from .metadata import ModelInfo
+from .report import Finding, Report
+
+__all__ = ["SEAM_TOLERANCE", "smoke_test", "synthetic_image"]
+
+#: Tiled and whole-image outputs agree when they differ by at most this times max(1, output range).
+SEAM_TOLERANCE = 1e-4
+#: Largest image (pixels per plane) the smoke test predicts whole for the seam comparison.
+MAX_WHOLE_PIXELS = 4 * 1024 * 1024
+
+
+def synthetic_image(shape: tuple[int, ...], channels: int, seed: int = 0) -> np.ndarray:
+    """A seeded image in [0, 1] with structure at several scales (blobs, stripes and noise), so that
+    seams are visible to a model, shape ``(*shape, channels)``."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*(np.linspace(0, 1, n, dtype=np.float32) for n in shape), indexing="ij")
+    out = np.zeros((*shape, channels), np.float32)
+    for c in range(channels):
+        acc = np.zeros(shape, np.float32)
+        for _ in range(6):
+            freq = rng.uniform(2, 12, size=len(shape)).astype(np.float32)
+            phase = rng.uniform(0, 2 * math.pi)
+            acc += np.sin(sum(f * g * 2 * math.pi for f, g in zip(freq, grids)) + phase)
+        acc = (acc - acc.min()) / max(float(acc.max() - acc.min()), 1e-6)
+        out[..., c] = 0.7 * acc + 0.3 * rng.random(shape, dtype=np.float32)
+    return out
+
+
+def _load_given(image: Path | str, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
+    from .images import open_image, scale_to_unit, to_model_channels
+
+    src = open_image(image)
+    try:
+        _, lead_shape, spatial = src.layout(spatial_ndim)
+        # a corner of the first plane, at most max_pixels large
+        side = int(max_pixels ** (1 / spatial_ndim))
+        region = [slice(0, min(n, side)) for n in spatial]
+        raw = src.read((0,) * len(lead_shape), region)
+        return to_model_channels(scale_to_unit(raw), channels).astype(np.float32)
+    finally:
+        src.close()
+
+
+def _semantics(report: Report, info: ModelInfo, out: np.ndarray) -> None:
+    if info.is_segmentation:
+        lo, hi = float(out.min()), float(out.max())
+        sums = out.sum(axis=-1)
+        dev = float(np.abs(sums - 1).max())
+        report.measurements["smoke.probability_sum_error"] = dev
+        if lo < -1e-4 or hi > 1 + 1e-4 or dev > 1e-3:
+            report.add(Finding.error(
+                "smoke.value_semantics",
+                f"segmentation output is not class probabilities: values in [{lo:.3g}, {hi:.3g}], sums off "
+                f"by up to {dev:.3g}",
+                hint="end the network with a softmax over the class axis"))
+        else:
+            report.add(Finding.info("smoke.value_semantics", "output holds class probabilities summing to 1"))
+    else:
+        lo, hi = float(out.min()), float(out.max())
+        if lo < -1e-4 or hi > 1 + 1e-4:
+            report.add(Finding.warning(
+                "smoke.value_semantics", f"image output leaves [0, 1]: values in [{lo:.3g}, {hi:.3g}]",
+                hint="hosts expect float32 outputs scaled to [0, 1]"))
+        else:
+            report.add(Finding.info("smoke.value_semantics", f"output in [0, 1] (values {lo:.3g} .. {hi:.3g})"))
+
+
+def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: str | None = None,
+               device: Device = "auto", tile: tuple[int, ...] | None = None, batch_size: int = 4,
+               tiles_per_axis: float = 2.5, seed: int = 0, max_whole_pixels: int = MAX_WHOLE_PIXELS,
+               probe_budget: float = 20.0) -> Report:
+    """Run ``path`` tiled and report shape, finiteness, value semantics, seam error and throughput.
+
+    Never raises for problems of the package: they become error findings (``smoke.*``).
+    """
+    from .package import open_package
+    from .runner import RunOptions, model_geometry, plan_for_model, predict_image
+
+    report = Report(path=str(path))
+    meas = report.measurements
+    try:
+        pkg = open_package(path)
+    except CzregError as exc:
+        report.add(Finding.error("smoke.package", exc.message, hint=exc.hint))
+        return report
+    from .package import sha256_file
+
+    report.format, report.sha256 = pkg.kind, sha256_file(pkg.path)
+    info = ModelInfo.from_package(pkg)
+    if info.type is not None and not info.is_dense:
+        report.add(Finding.info("smoke.not_tiled", f"{info.type} models give one result per tile; no tiling "
+                                                   "to test"))
+        return report
+    try:
+        session = load_session(pkg, backend, device)
+    except CzregError as exc:
+        report.add(Finding.error("smoke.load", exc.message, hint=exc.hint))
+        return report
+    with session:
+        meas["smoke.backend"], meas["smoke.device"] = session.backend, session.device
+        try:
+            geom = model_geometry(session, info, time_budget=probe_budget)
+            options = RunOptions(batch_size=batch_size, tile=tile, device=device, backend=backend)
+            nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
+            # plan once on a dummy size to learn tile and channels
+            probe_grid, _, in_ch, out_ch = plan_for_model(session, info, (1,) * nd, options, [])
+            t = probe_grid.tile
+            if image is not None:
+                img = _load_given(image, nd, in_ch, max_whole_pixels)
+                meas["smoke.image"] = str(image)
+            else:
+                shape = tuple(max(t_ * 2, math.ceil(t_ * tiles_per_axis / s) * s) for t_, s in zip(t, geom.stride))
+                img = synthetic_image(shape, in_ch, seed)
+                meas["smoke.image"] = f"synthetic {list(shape)} (seed {seed})"
+            t0 = time.perf_counter()
+            out, grid = predict_image(session, info, img, options, geometry=geom)
+            seconds = time.perf_counter() - t0
+        except CzregError as exc:
+            report.add(Finding.error("smoke.run", f"tiled run failed: {exc.message}", hint=exc.hint))
+            return report
+        spatial = img.shape[:-1]
+        meas.update({
+            "smoke.image_shape": list(img.shape), "smoke.grid": grid.to_dict(),
+            "smoke.stride": list(geom.stride), "smoke.halo": list(geom.halo), "smoke.tiles": grid.n_tiles,
+            "smoke.seconds": round(seconds, 4),
+            "smoke.tiles_per_second": round(grid.n_tiles / seconds, 2) if seconds else None,
+            "smoke.megapixels_per_second": round(math.prod(spatial) / seconds / 1e6, 3) if seconds else None,
+        })
+        if out.shape != (*spatial, out_ch):
+            report.add(Finding.error("smoke.shape", f"tiled output has shape {list(out.shape)}, expected "
+                                                    f"{[*spatial, out_ch]}"))
+            return report
+        report.add(Finding.info("smoke.shape", f"output shape {list(out.shape)} from {grid.n_tiles} tiles "
+                                               f"({'x'.join(map(str, grid.counts))}) on {session.device}"))
+        bad = int((~np.isfinite(out)).sum())
+        if bad:
+            report.add(Finding.error("smoke.finite", f"{bad} output values are NaN or infinite",
+                                     hint="check the model's numerics (e.g. a division or log without epsilon)"))
+            return report
+        _semantics(report, info, out)
+        _compare_whole(report, session, img, out, grid, max_whole_pixels, geom.global_context)
+    return report
+
+
+def _compare_whole(report: Report, session: Any, img: np.ndarray, out: np.ndarray, grid: Any,
+                   max_whole_pixels: int, global_context: bool) -> None:
+    from .tiling import reflect_indices
+
+    meas = report.measurements
+    graph = session.signature.inputs[0].shape[1:-1]
+    if any(d is not None for d in graph):
+        if global_context:
+            report.add(Finding.error(
+                "smoke.seams", "the model's output depends on the whole tile (measured by shifted probes), so "
+                               "tiled output has seams whatever the overlap",
+                hint="global pooling, dense layers or per-image normalisation cannot be tiled seamlessly"))
+        else:
+            report.add(Finding.info("smoke.seams", "the model's graph has a fixed tile size, so no whole-image "
+                                                   "prediction exists to compare with"))
+        return
+    padded = grid.padded_shape
+    if math.prod(padded) > max_whole_pixels:
+        report.add(Finding.info("smoke.seams", f"image {list(padded)} is too large to predict whole here"))
+        return
+    idx = [reflect_indices(0, p, n) for p, n in zip(padded, img.shape[:-1])]
+    whole_in = np.ascontiguousarray(img[np.ix_(*idx, np.arange(img.shape[-1]))])
+    try:
+        whole = np.asarray(session.predict(whole_in[None]))[0]
+    except CzregError as exc:
+        report.add(Finding.info("smoke.seams", f"the model refused the whole image ({exc.message})"))
+        return
+    whole = whole[tuple(slice(0, n) for n in out.shape[:-1])]
+    err = float(np.abs(whole - out).max())
+    rng = float(max(1.0, whole.max() - whole.min()))
+    meas["smoke.seam_error"] = err
+    meas["smoke.seam_error_rel"] = err / rng
+    if err <= SEAM_TOLERANCE * rng:
+        report.add(Finding.info("smoke.seams", f"tiled output equals whole-image output (max difference "
+                                               f"{err:.2g})"))
+    else:
+        diff = np.abs(whole - out).max(axis=-1)
+        where = tuple(int(v) for v in np.unravel_index(int(np.argmax(diff)), diff.shape))
+        hint = ("the model uses global context (global pooling, dense layers, per-image normalisation); it "
+                "cannot be tiled without seams" if global_context else
+                "raise MinOverlap to at least twice the model's halo, or make the tile a multiple of its stride")
+        report.add(Finding.error("smoke.seams", f"tiled output differs from whole-image output by up to "
+                                                f"{err:.3g} (at pixel {list(where)})", hint=hint))

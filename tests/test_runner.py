@@ -1,0 +1,286 @@
+"""The tiled runner on real models: tiled equals whole, file formats, CLI, interruption, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from czregistry.backends import Session, load_session
+from czregistry.cli import main
+from czregistry.errors import RunError, UsageError
+from czregistry.metadata import ModelInfo
+from czregistry.package import open_package
+from czregistry.runner import RunOptions, predict_image, run
+from czregistry.tiling import reflect_indices
+
+ModelCache = Callable[..., Path]
+
+
+@pytest.fixture(scope="module")
+def unet(model_cache: ModelCache) -> Path:
+    return model_cache("unet")
+
+
+@pytest.fixture
+def unet_session(unet: Path) -> Iterator[tuple[Session, ModelInfo]]:
+    pkg = open_package(unet)
+    with load_session(pkg) as session:
+        yield session, ModelInfo.from_package(pkg)
+
+
+def _whole(session: Session, img: np.ndarray, padded: tuple[int, ...]) -> np.ndarray:
+    """Whole-image prediction on the image reflected out to ``padded`` (as the runner pads), cropped back."""
+    idx = [reflect_indices(0, p, n) for p, n in zip(padded, img.shape[:-1])]
+    out = session.predict(img[np.ix_(*idx, np.arange(img.shape[-1]))][None])[0]
+    return np.asarray(out[tuple(slice(0, n) for n in img.shape[:-1])])
+
+
+@pytest.mark.parametrize("shape", [(200, 264), (256, 256), (203, 131), (40, 50), (64, 64), (97, 300)])
+def test_tiled_equals_whole_for_the_unet(unet_session: tuple[Session, ModelInfo], shape: tuple[int, int]) -> None:
+    session, info = unet_session
+    img = np.random.default_rng(sum(shape)).random((*shape, 1), dtype=np.float32)
+    out, grid = predict_image(session, info, img, RunOptions(batch_size=3))
+    assert grid.step == (4, 4)  # measured: two 2x2 poolings
+    assert min(grid.border) >= 10  # the measured halo, above the declared border of 8
+    whole = _whole(session, img, grid.padded_shape)
+    assert out.shape == (*shape, 2)
+    assert np.abs(out - whole).max() <= 1e-5
+
+
+def test_borders_below_the_halo_leave_seams_that_the_runner_avoids(unet_session: tuple[Session, ModelInfo]) -> None:
+    session, info = unet_session
+    img = np.random.default_rng(1).random((256, 256, 1), dtype=np.float32)
+    whole = _whole(session, img, (256, 256))
+    thin, _ = predict_image(session, info, img, RunOptions(border=2))
+    assert np.abs(thin - whole).max() > 1e-3  # the test can fail: a thin border shows
+    blended, _ = predict_image(session, info, img, RunOptions(blend=True))
+    assert np.abs(blended - whole).max() <= 1e-5  # blending exact tiles stays exact
+
+
+def test_zen_geometry_is_exact_for_a_stride_1_model(model_cache: ModelCache) -> None:
+    pkg = open_package(model_cache("dilated", overlap=32))
+    with load_session(pkg) as session:
+        info = ModelInfo.from_package(pkg)
+        img = np.random.default_rng(2).random((150, 170, 1), dtype=np.float32)
+        out, grid = predict_image(session, info, img, RunOptions(geometry="zen"))
+        assert grid.geometry == "zen"
+        assert np.abs(out - _whole(session, img, (150, 170))).max() <= 1e-5
+
+
+def _as_uint16(rng_seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return (np.random.default_rng(rng_seed).random(shape) * 65535).astype(np.uint16)
+
+
+def _expected(unet: Path, img: np.ndarray) -> np.ndarray:
+    scaled = img.astype(np.float32) / 65535 if img.dtype == np.uint16 else img.astype(np.float32) / 255
+    with load_session(open_package(unet)) as s:
+        return np.asarray(s.predict(scaled[None, ..., None])[0])
+
+
+def test_tiff_in_ome_tiff_out(unet: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    img = _as_uint16(3, (300, 420))
+    src = tmp_path / "in.ome.tif"
+    tifffile.imwrite(src, img, tile=(64, 64), compression="zlib",
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    out = tmp_path / "out.ome.tiff"
+    result = run(unet, src, out, RunOptions(batch_size=5))
+    with tifffile.TiffFile(out) as tif:
+        got = tif.asarray()
+        assert tif.series[0].axes == "YXS"
+        assert 'PhysicalSizeX="0.25"' in (tif.ome_metadata or "")
+        assert tif.pages[0].is_tiled
+    assert got.shape == (300, 420, 2) and got.dtype == np.float32
+    assert np.abs(got - _expected(unet, img)).max() <= 1e-5
+    assert result.tiles == result.grid["tiles"][0] * result.grid["tiles"][1]
+    assert result.device == "cpu" and result.pixel_size_um == {"X": 0.25, "Y": 0.25}
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_memmapped_tiff_zarr_output_and_labels(unet: Path, tmp_path: Path) -> None:
+    import tifffile
+    import zarr
+
+    img = _as_uint16(4, (2, 260, 300))  # T, Y, X: planes are iterated
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, img, metadata={"axes": "TYX"})  # uncompressed: read through a memory map
+    out = tmp_path / "labels.zarr"
+    result = run(unet, src, out, RunOptions(output_kind="labels"))
+    arr = zarr.open_array(str(out), mode="r")
+    assert arr.shape == (2, 260, 300, 1) and arr.dtype == np.uint8
+    assert result.planes == 2 and dict(arr.attrs)["axes"] == "TYXC"
+    for t in range(2):
+        want = np.argmax(_expected(unet, img[t]), axis=-1)
+        assert (arr[t, ..., 0] == want).mean() > 0.999  # argmax ties may flip on 1e-7 noise
+
+
+def test_zarr_npy_png_inputs_and_uint8(unet: Path, tmp_path: Path) -> None:
+    import zarr
+    from PIL import Image
+
+    img8 = (np.random.default_rng(5).random((140, 200)) * 255).astype(np.uint8)
+    z = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=img8.shape, chunks=(64, 64), dtype=np.uint8)
+    z[:] = img8
+    np.save(tmp_path / "in.npy", img8)
+    rgb = np.repeat(img8[..., None], 3, axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "in.png")  # RGB into a 1-channel model: converted to monochrome
+    want = np.clip(np.rint(_expected(unet, img8) * 255), 0, 255).astype(np.uint8)
+    for name in ("in.zarr", "in.npy", "in.png"):
+        out = tmp_path / f"{name}.out.tif"
+        run(unet, tmp_path / name, out, RunOptions(output_kind="uint8"))
+        import tifffile
+
+        got = tifffile.imread(out)
+        assert got.dtype == np.uint8 and got.shape == (140, 200, 2)
+        assert np.abs(got.astype(int) - want).max() <= 1, name
+
+
+def test_tile_by_tile_reading_matches_band_reading(unet: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tifffile
+
+    import czregistry.runner
+
+    np.save(tmp_path / "a.npy", _as_uint16(9, (130, 250)))
+    run(unet, tmp_path / "a.npy", tmp_path / "band.tif")
+    monkeypatch.setattr(czregistry.runner, "_MAX_BAND_BYTES", 0)  # as for a very wide image
+    run(unet, tmp_path / "a.npy", tmp_path / "tiles.tif")
+    assert np.array_equal(tifffile.imread(tmp_path / "band.tif"), tifffile.imread(tmp_path / "tiles.tif"))
+
+
+def test_regression_writes_float32_and_refuses_labels(model_cache: ModelCache, tmp_path: Path) -> None:
+    import tifffile
+
+    reg = model_cache("regression")
+    np.save(tmp_path / "a.npy", np.random.default_rng(6).random((100, 90), dtype=np.float32))
+    run(reg, tmp_path / "a.npy", tmp_path / "r.tif")
+    assert tifffile.imread(tmp_path / "r.tif").dtype == np.float32
+    with pytest.raises(UsageError, match="segmentation"):
+        run(reg, tmp_path / "a.npy", tmp_path / "l.tif", RunOptions(output_kind="labels"))
+
+
+def test_3d_model(model_cache: ModelCache, tmp_path: Path) -> None:
+    import tifffile
+
+    pkg = model_cache("unet3d")
+    vol = np.random.default_rng(7).random((20, 70, 80), dtype=np.float32)
+    np.save(tmp_path / "v.npy", vol)
+    run(pkg, tmp_path / "v.npy", tmp_path / "v.ome.tif", RunOptions(axes="ZYX"))
+    got = tifffile.imread(tmp_path / "v.ome.tif")
+    assert got.shape == (20, 70, 80, 2)
+    with load_session(open_package(pkg)) as s:
+        grid_pad = (20, 70, 80)
+        want = _whole(s, vol[..., None], grid_pad)
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_interrupted_run_leaves_no_file(unet: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((600, 600), np.float32))
+    out = tmp_path / "out.ome.tiff"
+    out_z = tmp_path / "out.zarr"
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    for target in (out, out_z):
+        with pytest.raises(KeyboardInterrupt):
+            run(unet, tmp_path / "a.npy", target, RunOptions(batch_size=2), progress=interrupt)
+        assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+
+
+def test_a_failing_model_leaves_the_old_output_untouched(model_cache: ModelCache, tmp_path: Path) -> None:
+    # dense_head has a fixed graph: a tile override makes ONNX Runtime refuse every batch
+    pkg = model_cache("dense_head")
+    np.save(tmp_path / "a.npy", np.zeros((100, 100), np.float32))
+    out = tmp_path / "o.tif"
+    out.write_bytes(b"previous")
+    with pytest.raises(UsageError, match="fixed"):
+        run(pkg, tmp_path / "a.npy", out, RunOptions(tile=(32, 32)))
+    assert out.read_bytes() == b"previous"
+
+
+def _peak_bytes(unet: Path, src: Path, out: Path) -> int:
+    tracemalloc.start()
+    try:
+        # probing is skipped: its cached probes are a fixed cost that would blur the measurement
+        run(unet, src, out, RunOptions(tile=(128, 128), batch_size=4, probe=False, step=4, border=10))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_does_not_grow_with_image_height(unet: Path, tmp_path: Path) -> None:
+    small, large = tmp_path / "small.npy", tmp_path / "large.npy"
+    for path, rows in ((small, 1024), (large, 8192)):
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, 384))
+        mm[:] = np.random.default_rng(rows).random((rows, 384), dtype=np.float32)
+        mm.flush()
+        del mm
+    peak_small = _peak_bytes(unet, small, tmp_path / "s.zarr")
+    peak_large = _peak_bytes(unet, large, tmp_path / "l.zarr")
+    image_bytes = 8192 * 384 * 4
+    output_bytes = 8192 * 384 * 2 * 4
+    # the output would be 25 MB and the input 12.6 MB; the runner never holds more than a band of either
+    assert peak_large < image_bytes / 2 and peak_large < output_bytes / 4
+    assert peak_large < 1.5 * peak_small + 256 * 1024
+
+
+def test_unknown_image_and_output_types(unet: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.xyz").write_bytes(b"x")
+    with pytest.raises(UsageError, match="unsupported image type"):
+        run(unet, tmp_path / "a.xyz", tmp_path / "o.tif")
+    np.save(tmp_path / "a.npy", np.zeros((70, 70), np.float32))
+    with pytest.raises(UsageError, match="must end in"):
+        run(unet, tmp_path / "a.npy", tmp_path / "o.png")
+    np.save(tmp_path / "c.npy", np.zeros((70, 70, 2), np.float32))
+    with pytest.raises(UsageError, match="1 channel"):
+        run(unet, tmp_path / "c.npy", tmp_path / "o.tif")
+    run(unet, tmp_path / "c.npy", tmp_path / "o.tif", RunOptions(channels=(1,)))
+    assert (tmp_path / "o.tif").exists()
+
+
+def test_cli_run_json_and_exit_codes(unet: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.random.default_rng(8).random((150, 160), dtype=np.float32))
+    cli = CliRunner()
+    res = cli.invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o.ome.tiff"),
+                            "--json", "--batch-size", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    data: dict[str, Any] = json.loads(res.stdout)
+    assert data["device"] == "cpu" and data["backend"] == "onnxruntime" and data["shape"] == [150, 160, 2]
+    res = cli.invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o2.tif"),
+                            "--tile", "96", "96", "--geometry", "zen", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.stdout and "tiles/s" in res.stdout
+    res = cli.invoke(main, ["run", str(tmp_path / "missing.czann"), str(tmp_path / "a.npy"), "-o", "x.tif"])
+    assert res.exit_code == 2
+    res = cli.invoke(main, ["run", str(unet), str(tmp_path / "nope.tif"), "-o", str(tmp_path / "x.tif")])
+    assert res.exit_code == 2 and "image not found" in res.output
+    res = cli.invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "x.tif"),
+                            "--channels", "3"])
+    assert res.exit_code == 2 and "channel 3 does not exist" in res.output
+    assert not (tmp_path / "x.tif").exists()
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 300])
+def test_fast_argmax_matches_numpy(classes: int) -> None:
+    from czregistry.runner import _argmax_labels
+
+    block = np.random.default_rng(classes).random((7, 9, classes), dtype=np.float32)
+    block[0, 0, :] = 0.5  # a tie goes to the lower class, as with np.argmax
+    got = _argmax_labels(block)
+    assert got.shape == (7, 9, 1) and got.dtype == (np.uint8 if classes <= 256 else np.uint16)
+    assert np.array_equal(got[..., 0], np.argmax(block, axis=-1))
+
+
+def test_run_error_is_typed() -> None:
+    assert RunError.exit_code == 8
