@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from czregistry.package import write_package  # noqa: E402
-from czregistry.registry import Registry, open_registry  # noqa: E402
+from czregistry.package import write_package
+from czregistry.registry import Registry, open_registry
 
 MB = 1_000_000
 
@@ -101,12 +101,12 @@ def many_versions(reg: Registry, work: Path, n: int, url: str | None, blobs: str
     with reg.engine.begin() as conn:
         model_id = conn.execute(Model.__table__.select().where(Model.name == "big")).first().id  # type: ignore[union-attr]
         report = json.dumps({"valid": True, "findings": [], "measurements": {}})
-        rows = [dict(model_id=model_id, version=f"{1 + i // 1000}.{(i // 10) % 100}.{i % 10}",
-                     version_key=f"{1 + i // 1000}.{(i // 10) % 100}.{i % 10}", digest=digest, size=size,
-                     kind="czann", model_type="SingleClassSemanticSegmentation", classes='["bg", "fg"]',
-                     valid=True, allow_invalid=False, report=report, smoke=None, created_at=now,
-                     created_by="bench", host="bench", source_name="bench.czann", czreg_version="bench",
-                     note=None, yanked=False) for i in range(n - 1)]
+        rows = [{"model_id": model_id, "version": f"{1 + i // 1000}.{(i // 10) % 100}.{i % 10}",
+                     "version_key": f"{1 + i // 1000}.{(i // 10) % 100}.{i % 10}", "digest": digest, "size": size,
+                     "kind": "czann", "model_type": "SingleClassSemanticSegmentation", "classes": '["bg", "fg"]',
+                     "valid": True, "allow_invalid": False, "report": report, "smoke": None, "created_at": now,
+                     "created_by": "bench", "host": "bench", "source_name": "bench.czann", "czreg_version": "bench",
+                     "note": None, "yanked": False} for i in range(n - 1)]
         from packaging.version import Version as PV
 
         from czregistry.registry.versions import sort_key, version_key
