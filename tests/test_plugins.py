@@ -270,7 +270,7 @@ def test_cli_plugins_json() -> None:
     assert by_name["tensorflow"]["version"] == "0.1.0"
     assert by_name["tensorflow"]["registers"]["backends"] == ["tensorflow"]
     formats = {b["name"]: b["formats"] for b in data["backends"]}
-    assert formats == {"onnxruntime": ["onnx"], "tensorflow": ["savedmodel"]}
+    assert formats == {"onnxruntime": ["onnx"], "tensorflow": ["savedmodel"], "torch": ["onnx"]}
     layers = {layer["name"]: layer for layer in data["layers"]}
     assert layers["normalize"]["usage"] == "normalize:mean=<floats>,std=<floats>"
     assert layers["normalize"]["params"]["mean"] == {"type": "floats", "default": None, "required": True,

@@ -15,8 +15,8 @@ from czregistry.package import zip_directory
 
 __all__ = ["DEFAULT_OPSET", "export_savedmodel_zip", "to_onnx"]
 
-#: Opset 17 runs on every ONNX Runtime ZEN ships with recent releases, and tf2onnx 1.16+ supports it.
-DEFAULT_OPSET = 17
+#: Recent ZEN / arivis releases expect opset 18 (the format facts); packing passes 12 for legacy CZMODEL.
+DEFAULT_OPSET = 18
 
 
 def _input_shape(model: Any) -> tuple[int | None, ...]:
