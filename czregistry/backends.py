@@ -11,11 +11,11 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
-
 from .errors import BackendError, CzregError, NoBackendError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .package import ModelFormat, Package
 
 __all__ = ["Backend", "Device", "Session", "Signature", "TensorInfo", "available_backends", "load_session",

@@ -826,6 +826,21 @@ def _parity_inputs(shape: tuple[int, ...], n: int, seed: int) -> list[np.ndarray
     return [rng.random((1, *shape), dtype=np.float32) for _ in range(n)]
 
 
+def _resolve_tile(base_shape: tuple[int | None, ...], spatial: tuple[int, ...] | None, declared: Any,
+                  kind: str) -> tuple[int, ...] | None:
+    """The tile to pack at: the requested one (checked against the model's rank), else for legacy targets
+    (which need fixed dims) the declared ``InputShape``; ``None`` keeps the model's own input dims."""
+    ndim = len(base_shape) - 2
+    if spatial is not None and len(spatial) != ndim:
+        raise UsageError(f"tile {_fmt(spatial)} has {len(spatial)} axes; the model has {ndim} spatial axes")
+    if spatial is None and kind == "czmodel" and any(d is None for d in base_shape[1:-1]):
+        if isinstance(declared, list) and len(declared) == ndim + 1:
+            return tuple(int(d) for d in declared[:-1])
+        raise UsageError("legacy .czmodel packages need fully defined spatial input dims; this model "
+                         f"takes {_fmt(base_shape[1:-1])}", hint="pass --tile H W (spatial_dims=...)")
+    return spatial
+
+
 def pack(
     source: Any,
     metadata: dict[str, Any] | None,
@@ -909,15 +924,7 @@ def pack(
         if n_out != 1:
             raise PackError(f"the model has {n_out} outputs; a package needs exactly one",
                             hint="wrap it in a keras.Model that returns only the output the host should use")
-        ndim = len(base_shape) - 2
-        if spatial is not None and len(spatial) != ndim:
-            raise UsageError(f"tile {_fmt(spatial)} has {len(spatial)} axes; the model has {ndim} spatial axes")
-        if spatial is None and kind == "czmodel" and any(d is None for d in base_shape[1:-1]):
-            if isinstance(declared, list) and len(declared) == ndim + 1:
-                spatial = tuple(int(d) for d in declared[:-1])
-            else:
-                raise UsageError("legacy .czmodel packages need fully defined spatial input dims; this model "
-                                 f"takes {_fmt(base_shape[1:-1])}", hint="pass --tile H W (spatial_dims=...)")
+        spatial = _resolve_tile(base_shape, spatial, declared, kind)
         if spatial is not None:
             infos.extend(_check_tile(_KerasSession(src.keras_model), base_shape, spatial, meta.get("Type")))
         model = src.keras_model
@@ -931,15 +938,7 @@ def pack(
             raise UsageError("an ONNX source cannot be packed as a SavedModel", hint="use --model-format onnx")
         reference = _OrtSession(src.onnx_bytes)
         base_shape = reference.signature.inputs[0].shape
-        ndim = len(base_shape) - 2
-        if spatial is not None and len(spatial) != ndim:
-            raise UsageError(f"tile {_fmt(spatial)} has {len(spatial)} axes; the model has {ndim} spatial axes")
-        if spatial is None and kind == "czmodel" and any(d is None for d in base_shape[1:-1]):
-            if isinstance(declared, list) and len(declared) == ndim + 1:
-                spatial = tuple(int(d) for d in declared[:-1])
-            else:
-                raise UsageError("legacy .czmodel packages need fully defined spatial input dims; this model "
-                                 f"takes {_fmt(base_shape[1:-1])}", hint="pass --tile H W (spatial_dims=...)")
+        spatial = _resolve_tile(base_shape, spatial, declared, kind)
         if spatial is not None:
             infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
         model = None

@@ -377,3 +377,15 @@ def test_cli_json_carries_measurements(model_cache: Callable[..., Path]) -> None
     assert strict.exit_code == 1
     static = CliRunner().invoke(cli, ["validate", "--static", "--json", str(path)])
     assert static.exit_code == 0 and "halo" not in json.loads(static.output[static.output.index("{"):])["measurements"]
+
+
+def test_lazy_registrations_match_the_model_checks() -> None:
+    """The default plugin registers model checks by name (so --static never imports NumPy); the names,
+    ids and orders must stay those of the real checks."""
+    from czregistry.checks import MODEL_CHECKS
+    from czregistry.checks import model
+
+    assert [(c.id, c.order, c.needs_model) for c in MODEL_CHECKS] == [
+        (c.id, c.order, c.needs_model) for c in model.CHECKS  # type: ignore[attr-defined]
+    ]
+    assert [type(c).__name__ for c in model.CHECKS] == [c.cls for c in MODEL_CHECKS]

@@ -80,10 +80,35 @@ class CheckContext:
             self._session = None
 
 
+@dataclass(frozen=True)
+class _LazyModelCheck:
+    """A model check registered by name: ``czreg validate --static`` must not pay for importing NumPy and the
+    probing engine just to list checks it will skip. ``tests/test_model_checks.py`` keeps these ids and
+    orders equal to ``model.CHECKS``."""
+
+    id: str
+    order: int
+    cls: str
+    needs_model: bool = True
+
+    def run(self, ctx: CheckContext) -> Iterable[Finding]:
+        from . import model
+
+        check: Check = getattr(model, self.cls)()
+        return check.run(ctx)
+
+
+MODEL_CHECKS = (
+    _LazyModelCheck("model.signature", 100, "SignatureCheck"),
+    _LazyModelCheck("model.output", 110, "OutputCheck"),
+    _LazyModelCheck("model.invariance", 120, "InvarianceCheck"),
+    _LazyModelCheck("model.receptive_field", 130, "ReceptiveFieldCheck"),
+)
+
+
 @hookimpl
 def register_checks(register: Any) -> None:
     from . import metadata as metadata_checks
-    from . import model as model_checks
 
-    for check in [*metadata_checks.CHECKS, *model_checks.CHECKS]:
+    for check in [*metadata_checks.CHECKS, *MODEL_CHECKS]:
         register(check)

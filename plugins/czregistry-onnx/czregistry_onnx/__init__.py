@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
 from czregistry.errors import BackendError
 from czregistry.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from czregistry.package import Package
 
 __all__ = ["OnnxRuntimeBackend", "OnnxSession"]
@@ -58,6 +58,7 @@ class OnnxSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, model_bytes: bytes, device: Device) -> None:
+        import numpy as np
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -98,6 +99,8 @@ class OnnxSession(Session):
         return self._signature
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         if self._session is None:
             raise BackendError("session is closed")
         try:

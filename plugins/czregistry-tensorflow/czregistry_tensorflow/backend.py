@@ -18,14 +18,14 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
 from czregistry.errors import BackendError
 from czregistry.package import ReadLimits, _archive_findings
 from czregistry.report import Severity
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from czregistry.package import Package
 
 __all__ = ["SIGNATURE_PREFERENCE", "TensorFlowBackend", "TensorFlowSession", "extract_savedmodel",
@@ -171,6 +171,8 @@ class TensorFlowSession(Session):
         return self._signature
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         if self._loaded is None:
             raise BackendError("session is closed")
         tf = self._tf

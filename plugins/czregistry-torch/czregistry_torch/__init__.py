@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
 from czregistry.errors import BackendError
 from czregistry.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from czregistry.package import Package
 
 __all__ = ["TorchBackend", "TorchSession", "check_external_data", "convert_onnx", "make_same_padding_explicit"]
@@ -211,6 +211,7 @@ def convert_onnx(proto: Any) -> Any:
 
 
 def _tensor_infos(values: Any, skip: frozenset[str]) -> tuple[TensorInfo, ...]:
+    import numpy as np
     import onnx
 
     infos = []
@@ -254,6 +255,7 @@ class TorchSession(Session):
     backend = "torch"
 
     def __init__(self, model_bytes: bytes, device: Device) -> None:
+        import numpy as np
         import onnx
         import torch
 
@@ -288,6 +290,7 @@ class TorchSession(Session):
         return self._signature
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        import numpy as np
         import torch
 
         if self._module is None:
