@@ -13,6 +13,13 @@ Columns, on the same small segmentation model (ONNX Runtime, CPU) and the same t
 
 Run: ``.venv/bin/python benchmarks/runner.py`` (about 3-5 minutes on 2 cores);
 ``--sizes 2048 4096`` for a quick look. Everything is written to a temp folder and removed afterwards.
+
+``--host`` measures the runner's own (host-side) cost alone: the same pipeline with a "free" in-process
+backend whose ``predict`` returns a precomputed batch of realistic probabilities (smooth class regions,
+full-precision float32 noise) in no time, so what remains is reading, scaling, batching, assembling,
+converting, compressing and writing. It prints, per output kind / format / compression, the pipeline
+time, the host milliseconds per tile (the ceiling on tiles/s that the host allows whatever the device) and
+each stage's busy seconds. No TensorFlow needed; about half a minute.
 """
 
 from __future__ import annotations
@@ -86,6 +93,126 @@ def _maxrss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- host overhead alone ------------------------------------------------------------------------------
+
+
+def build_tiny_package(dest: Path) -> Path:
+    """A .czann holding a pointwise ONNX model (x * w + b, softmax over 2 classes) built with onnx.helper.
+    The free backend never runs it; it gives the runner a real package and signature."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(ROOT))
+    from czregistry.package import write_package
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, None, None, 1])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, None, None, 2])
+    w = numpy_helper.from_array(np.array([4.0, -4.0], np.float32), "w")
+    b = numpy_helper.from_array(np.array([-2.0, 2.0], np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Mul", ["input", "w"], ["m"]),
+                               helper.make_node("Add", ["m", "b"], ["a"]),
+                               helper.make_node("Softmax", ["a"], ["output"], axis=-1)],
+                              "tiny", [x], [y], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    meta = {"FormatVersion": "2.1.0", "Id": "00000000-0000-4000-8000-00000000b0b0",
+            "Type": "SingleClassSemanticSegmentation", "InputShape": [TILE, TILE, 1],
+            "OutputShape": [TILE, TILE, 2], "MinOverlap": [OVERLAP, OVERLAP], "ModelName": "benchmark-free",
+            "Classes": [{"Name": "background", "Color": "#000000"}, {"Name": "object", "Color": "#FF0000"}],
+            "ModelPath": "model.model"}
+    path = dest / "free.czann"
+    write_package(path, meta, model.SerializeToString())
+    return path
+
+
+def register_free_backend() -> None:
+    """Register the ``free`` backend in-process (benchmark only; never installed as a plugin)."""
+    from czregistry.backends import Backend, Session, Signature, TensorInfo
+    from czregistry.hookspecs import hookimpl
+    from czregistry.plugins import get_host
+
+    class FreeSession(Session):
+        backend = "free"
+        device = "none"
+
+        def __init__(self) -> None:
+            self._cache: dict[tuple[int, ...], np.ndarray] = {}
+
+        @property
+        def signature(self) -> Signature:
+            return Signature((TensorInfo("input", (None, None, None, 1), "float32"),),
+                             (TensorInfo("output", (None, None, None, 2), "float32"),))
+
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            key = tuple(batch.shape[:-1])
+            if key not in self._cache:  # once per batch shape; the same (read-only) array is returned after
+                n, h, w = key
+                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+                rng = np.random.default_rng(n)
+                logit = np.stack([3 * np.sin(xx / 19 + i) * np.cos(yy / 23 - i) for i in range(n)])
+                logit += rng.normal(0, 0.5, logit.shape).astype(np.float32)
+                p1 = (1 / (1 + np.exp(-logit))).astype(np.float32)
+                out = np.stack([1 - p1, p1], axis=-1)
+                out.flags.writeable = False
+                self._cache[key] = out
+            return self._cache[key]
+
+    class FreeBackend(Backend):
+        name = "free"
+        formats = frozenset({"onnx"})
+
+        def load(self, package: Any, device: Any = "auto") -> Session:
+            return FreeSession()
+
+    class FreePlugin:
+        @hookimpl
+        def register_backends(self, register: Any) -> None:
+            register(FreeBackend)
+
+    host = get_host()
+    if "free" not in {cls.name for _, cls in host.backends()}:
+        host.register_plugin(FreePlugin(), "benchmark-free")
+
+
+def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Run the pipeline with the free backend for each ``(output kind, suffix, compression)`` case."""
+    from czregistry.runner import RunOptions, run
+
+    register_free_backend()
+    package = build_tiny_package(tmp)
+    image = tmp / f"host{size}.tif"
+    make_image(image, size)
+    rows = []
+    for kind, suffix, compression in cases:
+        out = tmp / f"host-out{suffix}"
+        # the free model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
+        res = run(package, image, out, RunOptions(batch_size=batch, output_kind=kind, backend="free",  # type: ignore[arg-type]
+                                                   compression=compression, probe=False, step=2))  # type: ignore[arg-type]
+        nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+        rows.append({"kind": kind, "format": res.format, "compression": res.compression, "tiles": res.tiles,
+                     "pipeline_s": res.pipeline_seconds, "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
+                     "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
+                     "mb": nbytes / 1e6})
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    image.unlink()
+    return rows
+
+
+def print_host(rows: list[dict[str, Any]], size: int, batch: int) -> None:
+    stages = ["read", "predict", "assemble", "convert", "write", "encode"]
+    print(f"\nhost overhead alone: {size}x{size} uint8 tiled TIFF, free backend (predict returns a cached batch), "
+          f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; stage columns are busy seconds per thread")
+    head = ("| output | compression | tiles | pipeline s | host ms/tile | max tiles/s | output MB | "
+            + " | ".join(stages) + " |")
+    print(head)
+    print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
+    for r in rows:
+        print(f"| {r['kind']} {r['format']} | {r['compression']} | {r['tiles']} | {r['pipeline_s']:.2f} | "
+              f"{r['ms_per_tile']:.2f} | {r['tiles_per_s']:.0f} | {r['mb']:.0f} | "
+              + " | ".join(f"{r['stages'].get(k, 0.0):.2f}" for k in stages) + " |")
 
 
 # --- children ------------------------------------------------------------------------------------------
@@ -172,6 +299,9 @@ def main() -> None:
     ap.add_argument("--naive-tiles", type=int, default=30)
     ap.add_argument("--raw-tiles", type=int, default=200)
     ap.add_argument("--monai-python", default=None, help="a Python with torch (CPU) + monai + onnxruntime")
+    ap.add_argument("--host", action="store_true", help="measure the host-side pipeline alone (free backend)")
+    ap.add_argument("--compare-zlib", action="store_true",
+                    help="with --host: also run float32 output with --compression zlib (the old default)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -186,6 +316,17 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-"))
+    if args.host:
+        cases = [("probabilities", ".ome.tif", "auto"), ("uint8", ".ome.tif", "auto"), ("labels", ".ome.tif", "auto"),
+                 ("probabilities", ".zarr", "auto")]
+        if args.compare_zlib:
+            cases.insert(1, ("probabilities", ".ome.tif", "zlib"))
+        try:
+            for size in args.sizes:
+                print_host(host_overhead(tmp, size, args.batch_size, cases), size, args.batch_size)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         package = build_package(tmp)
         me = str(Path(__file__).resolve())

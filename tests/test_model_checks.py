@@ -382,8 +382,7 @@ def test_cli_json_carries_measurements(model_cache: Callable[..., Path]) -> None
 def test_lazy_registrations_match_the_model_checks() -> None:
     """The default plugin registers model checks by name (so --static never imports NumPy); the names,
     ids and orders must stay those of the real checks."""
-    from czregistry.checks import MODEL_CHECKS
-    from czregistry.checks import model
+    from czregistry.checks import MODEL_CHECKS, model
 
     assert [(c.id, c.order, c.needs_model) for c in MODEL_CHECKS] == [
         (c.id, c.order, c.needs_model) for c in model.CHECKS  # type: ignore[attr-defined]
