@@ -135,28 +135,85 @@ def model_geometry(session: Session, info: ModelInfo, *, probe: bool = True, tim
 # --- output conversion --------------------------------------------------------------------------------
 
 
-def _argmax_labels(block: np.ndarray) -> np.ndarray:
+def _argmax_labels(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``argmax`` over the (short) last axis, several times faster than ``np.argmax`` on channels-last
-    data; ties go to the lower class, as with ``np.argmax``."""
+    data; ties go to the lower class, as with ``np.argmax``. Written into ``out`` (``(..., 1)``) if given."""
     n = block.shape[-1]
-    if n == 2:
-        return (block[..., 1] > block[..., 0]).view(np.uint8)[..., None]
-    labels = np.zeros(block.shape[:-1], np.uint8 if n <= 256 else np.uint16)
+    if out is None:
+        out = np.empty((*block.shape[:-1], 1), np.uint8 if n <= 256 else np.uint16)
+    labels = out[..., 0]
+    if n == 2 and labels.dtype == np.uint8:
+        np.greater(block[..., 1], block[..., 0], out=labels.view(np.bool_))
+        return out
+    labels[...] = 0
     best = block[..., 0].copy()
     for c in range(1, n):
         channel = block[..., c]
         np.copyto(labels, c, where=channel > best)
         np.maximum(best, channel, out=best)
-    return labels[..., None]
+    return out
 
 
-def _convert(block: np.ndarray, kind: OutputKind) -> np.ndarray:
-    """Turn float32 output rows into what is stored; always a new array (``block`` may be reused)."""
+def _convert(block: np.ndarray, kind: OutputKind, out: np.ndarray | None = None) -> np.ndarray:
+    """Turn float32 output rows into what is stored, into ``out`` if given, else into a new array
+    (``block`` may be reused by the caller either way)."""
     if kind == "labels":
-        return _argmax_labels(block)
+        return _argmax_labels(block, out)
     if kind == "uint8":
-        return np.clip(np.rint(block * np.float32(255)), 0, 255).astype(np.uint8)
-    return np.array(block, dtype=np.float32, copy=True)
+        scaled = block * np.float32(255)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, 0, 255, out=scaled)
+        if out is None:
+            return scaled.astype(np.uint8)
+        np.copyto(out, scaled, casting="unsafe")
+        return out
+    if out is None:
+        return np.array(block, dtype=np.float32, copy=True)
+    np.copyto(out, block)
+    return out
+
+
+class _Packer:
+    """Converts finished float32 rows straight into output blocks of exactly the writer's ``unit`` rows.
+
+    The assembler emits rows in tile-row steps (say 224) while OME-TIFF tiles and Zarr chunks take 256:
+    converting into aligned blocks here spares the writer a concatenation (a full extra copy of the output)
+    and a fresh allocation per block. Each block is new: the writer may still hold earlier ones.
+    """
+
+    def __init__(self, write: Callable[[int, int, np.ndarray], None], kind: OutputKind, unit: int,
+                 spatial: Sequence[int], channels: int, dtype: np.dtype[Any]) -> None:
+        self.write, self.kind, self.unit = write, kind, unit
+        self.rows, self.rest, self.channels, self.dtype = spatial[0], tuple(spatial[1:]), channels, dtype
+        self.plane = -1
+        self.start = 0  # first row of ``buf``
+        self.filled = 0
+        self.buf: np.ndarray | None = None
+        self.convert_seconds = 0.0
+        self.write_seconds = 0.0
+
+    def __call__(self, plane: int, start: int, block: np.ndarray) -> None:
+        if plane != self.plane:
+            self.plane, self.start, self.filled, self.buf = plane, 0, 0, None
+        if start != self.start + self.filled:
+            raise RunError(f"internal error: rows arrive out of order ({start} after {self.start + self.filled})")
+        pos = 0
+        while pos < block.shape[0]:
+            if self.buf is None:
+                n = min(self.unit, self.rows - self.start)
+                self.buf = np.empty((n, *self.rest, self.channels), self.dtype)
+            take = min(self.buf.shape[0] - self.filled, block.shape[0] - pos)
+            t0 = time.perf_counter()
+            _convert(block[pos:pos + take], self.kind, self.buf[self.filled:self.filled + take])
+            self.convert_seconds += time.perf_counter() - t0
+            self.filled += take
+            pos += take
+            if self.filled == self.buf.shape[0]:
+                t0 = time.perf_counter()
+                self.write(plane, self.start, self.buf)
+                self.write_seconds += time.perf_counter() - t0
+                self.start += self.filled
+                self.filled, self.buf = 0, None
 
 
 def _out_dtype(kind: OutputKind, channels: int) -> np.dtype[Any]:
@@ -249,11 +306,14 @@ class _Assembler:
             self.filled = max(self.filled, keep[0].stop - self.base)
 
     def finish_plane(self) -> None:
-        if self.plane is not None:
+        # Without blending every emitted row was written by this plane's tiles (keep regions partition
+        # the image), so the band needs no clearing; writing zeros over it cost as much as a tile row.
+        active = self.plane is not None
+        if active:
             self._flush(self.grid.padded_shape[0])
         self.plane, self.row, self.base, self.filled = None, None, 0, 0
-        self.acc[:] = 0
-        if self.wsum is not None:
+        if active and self.wsum is not None:
+            self.acc[:] = 0
             self.wsum[:] = 0
 
 
@@ -631,21 +691,12 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 on_plan(n_planes * grid.n_tiles)
             predictor = TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
                                        progress=progress)
-            stages = {"convert": 0.0, "write": 0.0}
-
-            def emit(plane: int, start: int, block: np.ndarray) -> None:
-                t0 = time.perf_counter()
-                converted = _convert(block, kind)
-                t1 = time.perf_counter()
-                writer.write(plane, start, converted)
-                stages["convert"] += t1 - t0
-                stages["write"] += time.perf_counter() - t1
-
             t_pipe = time.perf_counter()
             with _temp_output(output) as tmp:
                 writer = open_writer(tmp, spec, fmt)
+                packer = _Packer(writer.write, kind, spec.unit, spatial, out_c, spec.dtype)
                 try:
-                    predictor.run(n_planes, read, emit)
+                    predictor.run(n_planes, read, packer)
                     writer.close()
                 except BaseException:
                     writer.abort()
@@ -664,7 +715,8 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 pixel_size_um=pixel_size, notes=notes, compression=compression if fmt == "tiff" else "zarr default",
                 stage_seconds={k: round(v, 3) for k, v in {
                     "read": predictor.stage_seconds["read"], "predict": predictor.predict_seconds,
-                    "assemble": predictor.stage_seconds["assemble"], **stages,
+                    "assemble": predictor.stage_seconds["assemble"], "convert": packer.convert_seconds,
+                    "write": packer.write_seconds,
                     "encode": getattr(writer, "busy_seconds", 0.0)}.items()})
     finally:
         src.close()

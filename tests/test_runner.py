@@ -17,7 +17,7 @@ from czregistry.cli import main
 from czregistry.errors import RunError, UsageError
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
-from czregistry.runner import RunOptions, predict_image, run
+from czregistry.runner import OutputKind, RunOptions, predict_image, run
 from czregistry.tiling import reflect_indices
 
 ModelCache = Callable[..., Path]
@@ -97,7 +97,7 @@ def test_tiff_in_ome_tiff_out(unet: Path, tmp_path: Path) -> None:
         got = tif.asarray()
         assert tif.series[0].axes == "YXS"
         assert 'PhysicalSizeX="0.25"' in (tif.ome_metadata or "")
-        assert tif.pages[0].is_tiled
+        assert tif.pages.first.is_tiled
     assert got.shape == (300, 420, 2) and got.dtype == np.float32
     assert np.abs(got - _expected(unet, img)).max() <= 1e-5
     assert result.tiles == result.grid["tiles"][0] * result.grid["tiles"][1]
@@ -284,3 +284,163 @@ def test_fast_argmax_matches_numpy(classes: int) -> None:
 
 def test_run_error_is_typed() -> None:
     assert RunError.exit_code == 8
+
+
+# --- host-side pipeline: TIFF chunk reader, output packing, compression, stage timings -------------------
+
+
+_LAYOUTS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    "tiled-uint16-zlib": ({"tile": (64, 64), "compression": "zlib"}, (300, 420)),
+    "tiled-rgb-zlib": ({"tile": (64, 48), "photometric": "rgb", "compression": "zlib"}, (130, 200, 3)),
+    "tiled-pages-tyx": ({"tile": (32, 48), "metadata": {"axes": "TYX"}}, (5, 100, 130)),
+    "strips-zyx-zlib": ({"rowsperstrip": 16, "compression": "zlib", "metadata": {"axes": "ZYX"}}, (2, 90, 70)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None:
+    import tifffile
+
+    from czregistry.images import _TiffChunkArray, open_image
+
+    kwargs, shape = _LAYOUTS[layout]
+    rng = np.random.default_rng(len(layout))
+    img = (rng.random(shape) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", img, **kwargs)
+    src = open_image(tmp_path / "a.tif")
+    try:
+        assert isinstance(src.array, _TiffChunkArray)  # not Zarr: these layouts take the direct path
+        lead = len(shape) - (3 if src.axes.endswith("C") else 2)
+        for _ in range(60):  # random regions, random order: the chunk cache must never serve stale data
+            key: list[Any] = [int(rng.integers(0, n)) for n in shape[:lead]]
+            for n in shape[lead:lead + 2]:
+                lo = int(rng.integers(0, n))
+                key.append(slice(lo, int(rng.integers(lo + 1, n + 1))))
+            key += [slice(None)] * (len(shape) - len(key))
+            assert np.array_equal(src.array[tuple(key)], img[tuple(key)]), key
+        # the runner's reads: bands top to bottom; an integer row index too
+        h = shape[lead]
+        for y in range(0, h, 40):
+            band: tuple[Any, ...] = (*[0] * lead, slice(y, min(h, y + 64)))
+            assert np.array_equal(src.array[band], img[band])
+        assert np.array_equal(src.array[(*[0] * lead, 7)], img[(*[0] * lead, 7)])
+    finally:
+        src.close()
+
+
+def test_planar_tiff_falls_back_to_zarr_and_still_runs(unet: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    from czregistry.images import _TiffChunkArray, open_image
+
+    img = _as_uint16(11, (2, 72, 96))  # two channels stored as separate planes (planar configuration)
+    tifffile.imwrite(tmp_path / "p.tif", img, tile=(32, 32), planarconfig="separate", photometric="minisblack",
+                     metadata={"axes": "CYX"})
+    src = open_image(tmp_path / "p.tif")
+    assert not isinstance(src.array, _TiffChunkArray)
+    assert np.array_equal(np.asarray(src.array[:, 5:60, 3:80]), img[:, 5:60, 3:80])
+    src.close()
+    run(unet, tmp_path / "p.tif", tmp_path / "o.tif", RunOptions(channels=(1,)))
+    import tifffile as tf
+
+    assert np.abs(tf.imread(tmp_path / "o.tif") - _expected(unet, img[1])).max() <= 1e-5
+
+
+def test_compression_auto_none_and_zlib_hold_the_same_values(unet: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    img = _as_uint16(12, (300, 532))  # edge tiles in both directions
+    tifffile.imwrite(tmp_path / "a.tif", img, tile=(64, 64), compression="zlib")
+    results = {}
+    for comp in ("auto", "none", "zlib"):
+        results[comp] = run(unet, tmp_path / "a.tif", tmp_path / f"{comp}.ome.tif", RunOptions(compression=comp))
+    assert results["auto"].compression == "none"  # float32 output: uncompressed by default
+    got = {}
+    for comp in ("auto", "none", "zlib"):
+        with tifffile.TiffFile(tmp_path / f"{comp}.ome.tif") as tif:
+            page = tif.pages.first
+            assert page.is_tiled and page.tilewidth == 256
+            assert page.compression == (tifffile.COMPRESSION.ADOBE_DEFLATE if comp == "zlib"
+                                        else tifffile.COMPRESSION.NONE)
+            got[comp] = tif.asarray()
+    assert np.array_equal(got["none"], got["zlib"]) and np.array_equal(got["auto"], got["zlib"])
+    assert np.abs(got["zlib"] - _expected(unet, img)).max() <= 1e-5
+    labels = run(unet, tmp_path / "a.tif", tmp_path / "l.ome.tif", RunOptions(output_kind="labels"))
+    assert labels.compression == "zlib"
+    with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert np.array_equal(tif.asarray(), np.argmax(got["zlib"], axis=-1).astype(np.uint8))
+    with pytest.raises(UsageError, match="compression"):
+        run(unet, tmp_path / "a.tif", tmp_path / "x.tif", RunOptions(compression="lzw"))  # type: ignore[arg-type]
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_stage_timings_are_reported(unet: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.random.default_rng(13).random((200, 300), dtype=np.float32))
+    res = run(unet, tmp_path / "a.npy", tmp_path / "o.tif")
+    assert set(res.stage_seconds) == {"read", "predict", "assemble", "convert", "write", "encode"}
+    assert all(v >= 0 for v in res.stage_seconds.values())
+    assert res.stage_seconds["predict"] == res.predict_seconds > 0
+
+
+@pytest.mark.parametrize("kind", ["probabilities", "uint8", "labels"])
+def test_packer_emits_aligned_converted_blocks(kind: str) -> None:
+    from czregistry.runner import _convert, _out_dtype, _Packer
+
+    classes = 3
+    rows = np.random.default_rng(14).random((2, 700, 50, classes), dtype=np.float32)
+    got: list[tuple[int, int, np.ndarray]] = []
+    out_c = 1 if kind == "labels" else classes
+    packer = _Packer(lambda p, s, b: got.append((p, s, b.copy())), kind,  # type: ignore[arg-type]
+                     256, (700, 50), out_c, _out_dtype(kind, classes))  # type: ignore[arg-type]
+    for plane in range(2):
+        for start, stop in ((0, 224), (224, 448), (448, 600), (600, 700)):  # tile-row steps, not 256
+            packer(plane, start, rows[plane, start:stop])
+    assert [(p, s, b.shape[0]) for p, s, b in got] == [(p, s, n) for p in range(2)
+                                                       for s, n in ((0, 256), (256, 256), (512, 188))]
+    for plane in range(2):
+        whole = np.concatenate([b for p, _, b in got if p == plane])
+        assert np.array_equal(whole, _convert(rows[plane], kind))  # type: ignore[arg-type]
+    with pytest.raises(RunError, match="out of order"):
+        packer(0, 10, rows[0, 10:20])
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_convert_into_a_buffer_equals_convert(classes: int) -> None:
+    from czregistry.runner import _convert, _out_dtype
+
+    block = np.random.default_rng(classes).random((9, 11, classes), dtype=np.float32)
+    block[0, 0] = 0.5  # ties
+    kinds: tuple[OutputKind, ...] = ("probabilities", "uint8", "labels")
+    for kind in kinds:
+        want = _convert(block, kind)
+        out = np.full(want.shape, 7, _out_dtype(kind, classes))
+        assert _convert(block, kind, out) is out
+        assert np.array_equal(out, want), kind
+
+
+def test_cli_compression_option(unet: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.random.default_rng(15).random((80, 96), dtype=np.float32))
+    res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o.ome.tif"),
+                                    "--compression", "zlib", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["compression"] == "zlib" and set(data["stage_seconds"]) >= {"read", "predict", "encode"}
+    res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "p.tif"),
+                                    "--compression", "jpeg"])
+    assert res.exit_code == 2
+
+
+def test_tiff_chunk_cache_is_bounded(tmp_path: Path) -> None:
+    import tifffile
+
+    from czregistry.images import _TiffChunkArray
+
+    img = _as_uint16(16, (256, 512))
+    tifffile.imwrite(tmp_path / "a.tif", img, tile=(32, 32), compression="zlib")
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        arr = _TiffChunkArray(tif, tif.series[0], cache_bytes=10 * 32 * 32 * 2)  # ten chunks
+        for y in range(0, 200, 24):  # overlapping full-width bands, as the runner reads them
+            assert np.array_equal(arr[y:y + 56, :], img[y:y + 56, :])
+            assert len(arr.cache) <= 10 and arr.cached == sum(a.nbytes for a in arr.cache.values())
+        assert np.array_equal(arr[0:40, 100:300], img[0:40, 100:300])  # going back up re-reads

@@ -56,6 +56,9 @@ class _Progress:
               help="Output file: .ome.tiff / .tif (tiled OME-TIFF) or .zarr.")
 @click.option("--output-kind", type=click.Choice(["probabilities", "uint8", "labels"]), default="probabilities",
               show_default=True, help="float32 probabilities (or values), uint8-quantised, or argmax labels.")
+@click.option("--compression", type=click.Choice(["auto", "zlib", "none"]), default="auto", show_default=True,
+              help="OME-TIFF tiles: auto = zlib for uint8/labels, none for float32 (zlib barely shrinks "
+                   "float probabilities and was the slowest step).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Tiles per model call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
@@ -73,7 +76,8 @@ class _Progress:
 @click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
-def run_cmd(package: Path, image: Path, output: Path, output_kind: str, batch_size: int, device: str,
+def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compression: str, batch_size: int,
+            device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
             quiet: bool, as_json: bool) -> None:
@@ -95,6 +99,7 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, batch_si
     options = RunOptions(batch_size=batch_size, device=device, backend=backend,  # type: ignore[arg-type]
                          tile=tuple(tile3 or tile or ()) or None, geometry=geometry,  # type: ignore[arg-type]
                          output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
+                         compression=compression,  # type: ignore[arg-type]
                          channels=chans, axes=axes, probe=not no_probe)
     progress = _Progress(quiet or as_json)
     with handle_errors():
