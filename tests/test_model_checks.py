@@ -388,3 +388,140 @@ def test_lazy_registrations_match_the_model_checks() -> None:
         (c.id, c.order, c.needs_model) for c in model.CHECKS  # type: ignore[attr-defined]
     ]
     assert [type(c).__name__ for c in model.CHECKS] == [c.cls for c in MODEL_CHECKS]
+
+
+# -- classification -----------------------------------------------------------------------------------------
+#
+# A classifier gives one class vector per image, not an image: OutputShape keeps the schema's [h, w, c] form
+# with spatial entries 1 (``[1, 1, classes]``), and the network may return ``[batch, classes]`` (flat) or
+# ``[batch, 1, 1, classes]``. Global pooling is how such a network forgets position, so it is no fault here;
+# the spatial checks do not apply. Its outputs are class probabilities like a segmentation model's.
+
+CLASSIFIER_TILE = 32
+
+
+def build_classifier(classes: int, head: str = "softmax") -> Any:
+    """Conv + global average pooling + dense: one class vector per image.
+
+    ``head``: "softmax" (valid), "logits" (no softmax: not probabilities), "map" (softmax per pixel, no
+    pooling: an image where one vector is due), "keepdims" (pooled with keepdims: ``[batch, 1, 1, classes]``).
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((None, None, 1))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    if head == "map":
+        out = layers.Conv2D(classes, 1, activation="softmax")(layers.UpSampling2D(2)(x))
+    elif head == "keepdims":
+        x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+        out = layers.Conv2D(classes, 1, activation="softmax")(x)
+    else:
+        x = layers.GlobalAveragePooling2D()(x)
+        out = layers.Dense(classes, activation="softmax" if head == "softmax" else None)(x)
+    return keras.Model(inp, out, name=f"classifier_{head}_{classes}")
+
+
+def classifier_metadata(classes: int, type_: str = "MultiClassClassification", **overrides: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "FormatVersion": "2.1.0",
+        "Id": str(uuid.uuid4()),
+        "Type": type_,
+        "InputShape": [CLASSIFIER_TILE, CLASSIFIER_TILE, 1],
+        "OutputShape": [1, 1, classes],
+        "Classes": [f"class{i}" for i in range(classes)],
+        "ModelName": "test-classifier",
+    }
+    meta.update(overrides)
+    return meta
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``classifiers(head, fmt, classes=3, **metadata)`` -> a .czann of a real Keras classifier (built once)."""
+    from tests.models import export_onnx, export_savedmodel_zip
+
+    root = tmp_path_factory.mktemp("classifiers")
+    exports: dict[tuple[str, int, str], bytes] = {}
+
+    def get(head: str = "softmax", fmt: str = "onnx", classes: int = 3, model_classes: int | None = None,
+            **meta: Any) -> Path:
+        key = (head, model_classes or classes, fmt)
+        if key not in exports:
+            model = build_classifier(key[1], head)
+            exports[key] = export_onnx(model) if fmt == "onnx" else export_savedmodel_zip(model, root)
+        return write_package(root / f"{head}-{fmt}-{uuid.uuid4().hex[:8]}.czann", classifier_metadata(classes, **meta),
+                             exports[key])
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_classifier_with_global_pooling_is_valid(classifiers: Callable[..., Path], fmt: str) -> None:
+    report = run(classifiers("softmax", fmt))
+    m = report.measurements
+    assert report.valid and not report.warnings, report.to_json()
+    assert m["signature"]["outputs"][0]["shape"][-1] == 3
+    assert m["output"]["shape"] == [3]
+    assert m["output"]["softmax_sum_error"] < 1e-5 and m["output"]["determinism_error"] == 0
+    # no spatial verdicts for a classifier: global pooling is not an equivariance error here
+    assert "global_context" not in m and "halo" not in m
+    assert "not an image-to-image model" in message(report, "model.invariance")
+    assert "not an image-to-image model" in message(report, "model.receptive_field")
+
+
+def test_single_class_classifier_and_keepdims_output_are_valid(classifiers: Callable[..., Path]) -> None:
+    report = run(classifiers("softmax", classes=2, type_="SingleClassClassification"))
+    assert report.valid and not report.warnings, report.to_json()
+    report = run(classifiers("keepdims"))  # [batch, 1, 1, classes] matches OutputShape [1, 1, classes] exactly
+    assert report.valid and not report.warnings, report.to_json()
+    assert report.measurements["output"]["shape"] == [1, 1, 3]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_classifier_logits_are_not_probabilities(classifiers: Callable[..., Path], fmt: str) -> None:
+    report = run(classifiers("logits", fmt))
+    assert model_errors(report) == {"model.output.probabilities"}
+    text = message(report, "model.output.probabilities")
+    assert text.startswith("classification output ") and ("must lie in [0, 1]" in text or "sum to 1" in text)
+    assert report.measurements["output"]["softmax_sum_error"] > 1e-3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_classifier_class_count_mismatch(classifiers: Callable[..., Path], fmt: str) -> None:
+    report = run(classifiers("softmax", fmt, classes=4, model_classes=3))  # metadata: 4 classes; model: 3
+    assert model_errors(report) == {"model.signature.output_channels", "model.signature.classes"}
+    assert "gives 3 output channel(s) but OutputShape[-1] is 4" in message(report, "model.signature.output_channels")
+    assert "the metadata names 4 class(es)" in message(report, "model.signature.classes")
+
+
+def test_classifier_that_returns_an_image_is_an_error(classifiers: Callable[..., Path]) -> None:
+    """A per-pixel softmax declared as a classifier: probabilities are fine, but it gives a [32, 32, 3] map
+    where OutputShape [1, 1, 3] promises one vector per image."""
+    report = run(classifiers("map"))
+    assert model_errors(report) == {"model.output.shape"}
+    assert message(report, "model.output.shape") == (
+        "output shape [32, 32, 3] is not one class vector per image: OutputShape is [1, 1, 3], so the model must "
+        "give [batch, 3] or [batch, 1, 1, 3]")
+
+
+def test_classifier_declared_as_segmentation_is_an_error(classifiers: Callable[..., Path]) -> None:
+    """The other way round: the pooled class vector cannot be a segmentation's per-pixel image."""
+    report = run(classifiers("softmax", type_="MultiClassSemanticSegmentation", OutputShape=[32, 32, 3],
+                             MinOverlap=[0, 0]))
+    assert model_errors(report) == {"model.output.shape"}
+    assert message(report, "model.output.shape") == "output spatial size [] differs from the input tile [32, 32]"
+
+
+def test_smoke_reports_a_classifier_as_not_tiled(classifiers: Callable[..., Path]) -> None:
+    from czregistry.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["smoke", "--json", str(classifiers("softmax"))])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["valid"] is True
+    assert [(f["check"], f["severity"]) for f in data["findings"]] == [("smoke.not_tiled", "info")]
+    assert "smoke.tiles" not in data["measurements"]
+    assert "one result per tile" in data["findings"][0]["message"]

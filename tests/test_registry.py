@@ -380,6 +380,40 @@ def test_smoke_option_without_a_smoke_tester_is_a_clear_error(reg: Registry, pkg
     assert reg.search() == []
 
 
+def test_cli_publish_refuses_a_failed_smoke_test_unless_allowed(location: tuple[str, str], tmp_path: Path,
+                                                                model_cache: Callable[..., Path]) -> None:
+    """The global-pooling model's metadata is valid (``--static`` passes) but its tiles never join: the smoke
+    test fails on its seams. Publishing refuses it (exit 7, one line naming the failed check, nothing stored);
+    ``--allow-invalid`` stores it with the failed smoke report and the override recorded."""
+    import shutil
+
+    p = tmp_path / "global-pool.czann"
+    shutil.copyfile(model_cache("global_pool", fmt="onnx", tile=32), p)
+    r = _cli(location, "publish", str(p), "--name", "gp", "--version", "1.0.0", "--static", "--smoke")
+    assert r.exit_code == 7, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("Error: global-pool.czann failed its smoke test (smoke.seams: tiled output differs "
+                               "from whole-image output by up to ")
+    assert lines[0].endswith("); not published")
+    assert lines[1:] == ["Hint: fix the model, or pass --allow-invalid"]
+    assert "Traceback" not in r.output
+    assert json.loads(_cli(location, "list", "--json").output) == []
+
+    r = _cli(location, "publish", str(p), "--name", "gp", "--version", "1.0.0", "--static", "--smoke",
+             "--allow-invalid", "--json")
+    assert r.exit_code == 0, r.output
+    published = json.loads(r.output)
+    assert published["status"] == "published" and published["smoke"]["valid"] is False
+    shown = json.loads(_cli(location, "show", "gp==1.0.0", "--json").output)
+    assert shown["allow_invalid"] is True and shown["valid"] is True  # the static validation itself passed
+    assert shown["smoke"]["valid"] is False
+    assert [f["check"] for f in shown["smoke"]["findings"] if f["severity"] == "error"] == ["smoke.seams"]
+    assert shown["smoke"]["measurements"]["smoke.seam_error"] > 1e-3
+    assert "smoke test: FAILED" in _cli(location, "show", "gp==1.0.0").output
+    events = json.loads(_cli(location, "history", "gp", "--json").output)
+    assert [(e["action"], e["detail"]["allow_invalid"]) for e in events] == [("publish", True)]
+
+
 # --- locations -------------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..metadata import ModelInfo
+from ..metadata import CLASSIFICATION_TYPES, ModelInfo
 from ..report import Finding
 from .probing import TOLERANCE, InvarianceResult, Prober, ProbeRejected
 
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKS", "SOFTMAX_TOLERANCE", "get_prober"]
 
-#: Largest allowed ``|sum over classes - 1|`` and overshoot of [0, 1] for segmentation outputs. float32
+#: Largest allowed ``|sum over classes - 1|`` and overshoot of [0, 1] for class probabilities (segmentation and
+#: classification outputs). float32
 #: softmax sums to 1 within ~1e-6; 1e-3 also admits float16 networks, and still catches sigmoid or logit
 #: outputs (whose sums are off by 1e-1 and more).
 SOFTMAX_TOLERANCE = 1e-3
@@ -151,6 +152,24 @@ class SignatureCheck:
         ctx.measure("tile", list(tile) if tile is not None else None)
 
 
+def _class_vector_shape(cid: str, info: ModelInfo, out: np.ndarray) -> Iterator[Finding]:
+    """A classifier gives one class vector per image: ``[batch, classes]``, or exactly ``OutputShape``
+    (``[1, 1, classes]`` in the schema's ``[h, w, c]`` form, i.e. ``[batch, 1, 1, classes]``)."""
+    classes = info.output_channels
+    if classes is None:
+        return
+    allowed: list[tuple[int, ...]] = [(classes,)]
+    if info.output_shape is not None:
+        allowed.append(tuple(info.output_shape))
+    if tuple(out.shape) not in allowed:
+        forms = " or ".join(_fmt(("batch", *a)) for a in allowed)
+        declared = (f"OutputShape is {_fmt(info.output_shape)}" if info.output_shape is not None
+                    else f"the metadata names {classes} classes")
+        yield Finding.error(f"{cid}.shape", f"output shape {_fmt(out.shape)} is not one class vector per image: "
+                            f"{declared}, so the model must give {forms}",
+                            hint="pool over space (e.g. global average pooling) before the class layer")
+
+
 @dataclass(frozen=True)
 class OutputCheck:
     id: str = "model.output"
@@ -177,6 +196,8 @@ class OutputCheck:
                 yield Finding.error(f"{cid}.shape", f"output spatial size {_fmt(got_spatial)} differs from the "
                                     f"input tile {_fmt(want_spatial)}",
                                     hint="use 'same' padding or crop/pad inside the model")
+        elif info.type in CLASSIFICATION_TYPES:
+            yield from _class_vector_shape(cid, info, out)
         finite = np.isfinite(out)
         if not finite.all():
             bad = int((~finite).sum())
@@ -185,18 +206,19 @@ class OutputCheck:
             return
         lo, hi = float(out.min()), float(out.max())
         stats.update(min=lo, max=hi)
-        if info.is_segmentation:
+        if info.is_segmentation or info.type in CLASSIFICATION_TYPES:
+            what = "segmentation" if info.is_segmentation else "classification"
             sums = out.sum(axis=-1, dtype=np.float64)
             sum_err = float(np.abs(sums - 1.0).max())
             stats["softmax_sum_error"] = sum_err
             if lo < -SOFTMAX_TOLERANCE or hi > 1 + SOFTMAX_TOLERANCE:
-                yield Finding.error(f"{cid}.probabilities", f"segmentation output ranges over [{lo:.4g}, {hi:.4g}]; "
+                yield Finding.error(f"{cid}.probabilities", f"{what} output ranges over [{lo:.4g}, {hi:.4g}]; "
                                     "class probabilities must lie in [0, 1]",
                                     hint="end the model with a softmax (czmodel's SigmoidToSoftmaxScores for "
                                     "sigmoid outputs)")
             elif sum_err > SOFTMAX_TOLERANCE:
-                yield Finding.error(f"{cid}.probabilities", f"class probabilities sum to 1 only within "
-                                    f"{sum_err:.3g} (tolerance {SOFTMAX_TOLERANCE:g})",
+                yield Finding.error(f"{cid}.probabilities", f"{what} output: class probabilities sum to 1 only "
+                                    f"within {sum_err:.3g} (tolerance {SOFTMAX_TOLERANCE:g})",
                                     hint="end the model with a softmax over the class axis")
         elif info.type == "Regression" and (lo < -SOFTMAX_TOLERANCE or hi > 1 + SOFTMAX_TOLERANCE):
             yield Finding.warning(f"{cid}.range", f"regression output ranges over [{lo:.4g}, {hi:.4g}]; the "

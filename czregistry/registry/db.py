@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from ..errors import RegistryError
 from .migrations import HEAD
 
-__all__ = ["MIGRATIONS_DIR", "advisory_lock", "create_registry_engine", "current_revision", "upgrade"]
+__all__ = ["MIGRATIONS_DIR", "advisory_lock", "create_registry_engine", "current_revision", "downgrade", "upgrade"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATE_LOCK_KEY = 0x637A726567  # "czreg": the advisory lock key for migrations on PostgreSQL
@@ -115,6 +115,17 @@ def upgrade(engine: Engine, target: str = "head") -> None:
         with engine.connect() as conn:
             if current_revision(conn) == HEAD:
                 return
+    _migrate(engine, target, down=False)
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    """Take the schema back to revision ``target`` (``"base"``: no tables left), under the same lock as
+    ``upgrade``. An administrator's tool for rolling back a release; opening the registry upgrades again.
+    Data survives where the older schema has a place for it (columns added later are dropped)."""
+    _migrate(engine, target, down=True)
+
+
+def _migrate(engine: Engine, target: str, *, down: bool) -> None:
     writer = engine.execution_options(czreg_write=True)
     if engine.dialect.name == "sqlite":
         db = Path(engine.url.database or "")
@@ -125,16 +136,16 @@ def upgrade(engine: Engine, target: str = "head") -> None:
             finally:
                 raw.close()
             with writer.begin() as conn:
-                _run_alembic(conn, target)
+                _run_alembic(conn, target, down)
     else:
         with writer.begin() as conn:
             advisory_lock(conn, _MIGRATE_LOCK_KEY)
-            _run_alembic(conn, target)
+            _run_alembic(conn, target, down)
 
 
-def _run_alembic(conn: Connection, target: str) -> None:
+def _run_alembic(conn: Connection, target: str, down: bool) -> None:
     current = current_revision(conn)
-    if current == (HEAD if target == "head" else target):
+    if current == (HEAD if target == "head" else None if target == "base" else target):
         return
     from alembic import command
     from alembic.config import Config
@@ -142,4 +153,4 @@ def _run_alembic(conn: Connection, target: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["connection"] = conn
-    command.upgrade(cfg, target)
+    (command.downgrade if down else command.upgrade)(cfg, target)

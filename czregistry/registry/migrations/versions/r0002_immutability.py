@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from czregistry.registry.migrations._ops import drop_columns
+
 revision = "r0002"
 down_revision = "r0001"
 branch_labels = None
@@ -108,5 +110,4 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS czreg_versions_guard()")
         op.execute("DROP FUNCTION IF EXISTS czreg_append_only()")
     op.drop_table("tombstones")
-    with op.batch_alter_table("versions") as batch:
-        batch.drop_column("smoke")
+    drop_columns("versions", "smoke")

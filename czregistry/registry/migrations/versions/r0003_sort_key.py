@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from packaging.version import Version
 
+from czregistry.registry.migrations._ops import drop_columns
 from czregistry.registry.versions import sort_key
 
 revision = "r0003"
@@ -78,6 +79,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     _guards(_IDENTITY[:-2])
     op.drop_index("ix_versions_model_sort", "versions")
-    with op.batch_alter_table("versions") as batch:
-        batch.drop_column("is_pre")
-        batch.drop_column("sort_key")
+    drop_columns("versions", "is_pre", "sort_key")
