@@ -17,6 +17,7 @@ __all__ = [
     "RunError",
     "SchemaError",
     "UsageError",
+    "first_line",
 ]
 
 
@@ -87,3 +88,14 @@ class RunError(CzregError):
     """Tiled inference failed; no half-written output is left under the final name."""
 
     exit_code = 8
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type name when the message is empty.
+
+    Third-party errors (ONNX Runtime, TensorFlow, Keras) carry multi-line messages and stack dumps; ours are
+    one line, so we quote only the first. An empty message (``RuntimeError()``) must not become an
+    ``IndexError`` while reporting the real error.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -40,7 +40,9 @@ __all__ = [
     "Package",
     "PackageKind",
     "ReadLimits",
+    "archive_findings",
     "inspect_package",
+    "is_license_name",
     "open_package",
     "parse_legacy_xml",
     "sha256_file",
@@ -139,6 +141,13 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def is_license_name(name: str) -> bool:
+    """Whether a top-level member name reads as a license file (``LICENSE``, ``license.txt``, ``COPYING``,
+    ``NOTICE.md``...): the reader accepts one such member, and packing keeps a license file's own name only
+    when the reader will recognise it."""
+    return _LICENSE_RE.match(name) is not None
+
+
 def sniff_model_format(head: bytes) -> ModelFormat:
     """A zipped SavedModel starts with a zip header; an ONNX ModelProto with field 1 (ir_version)."""
     if head.startswith(b"PK\x03\x04"):
@@ -177,7 +186,14 @@ def _member_type(info: zipfile.ZipInfo) -> str | None:
     return "special file"
 
 
-def _archive_findings(infos: list[zipfile.ZipInfo], limits: ReadLimits) -> list[Finding]:
+def archive_findings(infos: list[zipfile.ZipInfo], limits: ReadLimits) -> list[Finding]:
+    """Findings about a zip archive's member list alone, before any member is inflated.
+
+    Checks member count, duplicate names, unsafe paths, encryption, links and special files, and declared
+    sizes against ``limits`` (per member, compression ratio, total). Public because any zip that comes with
+    a package is hostile in the same ways: the package reader uses it for the package itself, and the
+    TensorFlow backend for the zipped SavedModel inside ``model.model``.
+    """
     out: list[Finding] = []
     if len(infos) > limits.max_members:
         out.append(Finding.error(
@@ -291,7 +307,7 @@ def inspect_package(path: Path | str, limits: ReadLimits | None = None,
         except Exception as exc:  # pragma: no cover - zipfile parses eagerly in the constructor
             findings.append(Finding.error("archive.corrupt", f"cannot list members: {exc}"))
             return None, findings
-        findings += _archive_findings(infos, limits)
+        findings += archive_findings(infos, limits)
         if any(f.severity is Severity.ERROR for f in findings):
             return None, findings
         files = [i for i in infos if not i.is_dir()]
@@ -320,7 +336,7 @@ def inspect_package(path: Path | str, limits: ReadLimits | None = None,
         for n in names:
             if n in expected:
                 continue
-            if license_member is None and "/" not in n and _LICENSE_RE.match(n):
+            if license_member is None and "/" not in n and is_license_name(n):
                 license_member = n
                 continue
             findings.append(Finding.warning(

@@ -16,29 +16,49 @@ Why it is built this way:
 - **Heavy libraries stay out of import time.** TensorFlow, Keras, tf2onnx and ONNX Runtime are imported
   inside functions; the Keras-side conversion lives in the ``czregistry-tensorflow`` plugin
   (``compose.prepend_and_append``, ``export.to_onnx``, ``export.export_savedmodel_zip``).
+
+The work is split by seam: ``_pack_sources`` (loading models and conversion specs), ``_pack_sessions``
+(running the source as the parity reference), ``_pack_tile`` (the tile-size reset), ``_pack_metadata``
+(``model.json`` and legacy XML) and ``czregistry.onnx_utils`` (canonicalisation, opsets, splicing). This
+module keeps ``pack`` and re-exports the public names, so ``czregistry.packing`` is the one import.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import tempfile
-import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from xml.etree import ElementTree
 
 import numpy as np
 
-from .backends import Session, Signature, TensorInfo
-from .errors import BackendError, PackError, UsageError
+from ._pack_metadata import (
+    _CZANN_KEYS,
+    _LEGACY_KEYS,
+    CZANN_FORMAT_VERSION,
+    LEGACY_XML_VERSION,
+    _content_id,
+    _czann_metadata,
+    legacy_xml,
+)
+from ._pack_sessions import _ChainSession, _KerasSession, _layer_stack, _OrtSession
+from ._pack_sources import PackWarning, _load_source, _tf_plugin, load_spec
+from ._pack_tile import _check_tile, _fmt, _resolve_tile
+from .backends import Session
+from .errors import BackendError, PackError, UsageError, first_line
 from .layers import LayerSpec
-from .metadata import PIXEL_TYPE_CHANNELS, SEGMENTATION_TYPES, ModelInfo
+from .onnx_utils import (
+    DEFAULT_OPSET,
+    LEGACY_OPSET,
+    canonicalize_onnx,
+    convert_onnx_opset,
+    fix_onnx_spatial,
+    onnx_opset,
+    splice_onnx,
+)
 from .report import Finding, Report, Severity
 
 if TYPE_CHECKING:
@@ -57,31 +77,12 @@ __all__ = [
     "pack",
 ]
 
-CZANN_FORMAT_VERSION = "2.1.0"
-LEGACY_XML_VERSION = "3.1.0"
-#: Recent ZEN / arivis releases run opset 18; legacy CZMODEL hosts stop at opset 12.
-DEFAULT_OPSET = 18
-LEGACY_OPSET = 12
 #: Largest absolute difference allowed between the source model and the packaged model.
 PARITY_TOLERANCE = 1e-4
-#: Namespace for content-derived model ids (a fixed, arbitrary UUID).
-_ID_NAMESPACE = uuid.UUID("6f1d3c0e-9a57-4b8e-8d52-2c0b7f4e9a11")
 
 Target = Literal["czann", "czmodel"]
 ModelFormatChoice = Literal["onnx", "savedmodel"]
 LayerArg = str | tuple[str | LayerSpec, dict[str, Any]]
-
-_CZANN_KEYS = ("FormatVersion", "Id", "Type", "InputShape", "OutputShape", "MinOverlap", "Classes", "ModelName",
-               "Scaling")
-_LEGACY_KEYS = ("BorderSize", "ColorHandling", "PixelType", "Postprocessing")
-_COLOR_HANDLING = ("ConvertToMonochrome", "SplitRgb")
-#: Distinct, stable colours for legacy TrainingClasses (R, G, B).
-_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
-
-
-class PackWarning(UserWarning):
-    """Something about a pack that the user should know but that does not stop it."""
 
 
 @dataclass
@@ -119,507 +120,18 @@ class PackResult:
         }
 
 
-# --- sources -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    """A loaded source: a Keras model (any Keras-side input) or ONNX bytes."""
-
-    description: str
-    keras_model: Any = None
-    onnx_bytes: bytes | None = None
-    savedmodel_dir: Path | None = None
-    spec_metadata: dict[str, Any] = field(default_factory=dict)
-    spec_style: str | None = None
-    license_file: Path | None = None
-
-
-def _tf_plugin(module: str) -> Any:
-    import importlib
-
-    from ._quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-    try:
-        return importlib.import_module(f"czregistry_tensorflow.{module}")
-    except ImportError as exc:
-        raise PackError(f"packing Keras/TensorFlow models needs the czregistry-tensorflow plugin ({exc})",
-                        hint="pip install czregistry-tensorflow (plugins/czregistry-tensorflow)") from exc
-
-
-def _is_keras_model(obj: Any) -> bool:
-    return hasattr(obj, "input_shape") and hasattr(obj, "predict") and hasattr(obj, "layers")
-
-
-def _load_savedmodel(folder: Path) -> Any:
-    """Wrap a SavedModel folder (Keras 3 export or plain TF2) as a one-input Keras model."""
-    import keras
-    import tensorflow as tf
-
-    try:
-        loaded = tf.saved_model.load(str(folder))
-    except Exception as exc:
-        raise UsageError(f"{folder} is not a loadable TensorFlow SavedModel: {str(exc).splitlines()[0]}") from exc
-    sigs = dict(loaded.signatures)
-    endpoint = next((k for k in ("serving_default", "serve") if k in sigs), next(iter(sigs), None))
-    if endpoint is None:
-        raise UsageError(f"SavedModel {folder} has no serving signature",
-                         hint="export it with model.export(...) or tf.saved_model.save(..., signatures=...)")
-    sig = sigs[endpoint]
-    inputs = sig.structured_input_signature[1]
-    outputs = sig.structured_outputs
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise PackError(f"SavedModel signature '{endpoint}' has {len(inputs)} inputs and {len(outputs)} "
-                        "outputs; a package needs exactly one of each")
-    in_spec = next(iter(inputs.values()))
-    layer = keras.layers.TFSMLayer(str(folder), call_endpoint=endpoint)
-    inp = keras.Input(tuple(in_spec.shape[1:]), name="input", dtype="float32")
-    out = layer(inp)
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return keras.Model(inp, out, name=folder.name.replace(".", "_") or "savedmodel")
-
-
-def _load_keras_file(path: Path) -> Any:
-    import keras
-
-    from .layers import available_layers
-
-    available_layers()  # import plugins so their custom layers are registered before deserialising
-    try:
-        return keras.saving.load_model(str(path), compile=False)
-    except Exception as exc:
-        raise UsageError(f"cannot load Keras model {path}: {str(exc).splitlines()[0]}",
-                         hint="custom layers must be importable (registered with keras.saving)") from exc
-
-
-def load_spec(path: Path) -> tuple[dict[str, Any], str, Path, Path | None]:
-    """Read a conversion spec JSON: ``(metadata, style, model_path, license_path)``.
-
-    Both styles in the format facts are accepted: CZANN style ``{"ModelMetadata": {...}, "ModelPath": ...}``
-    and legacy style ``{"BorderSize", "ColorHandling", "PixelType", "Classes", "ModelPath"}``. Relative paths
-    are resolved against the JSON file's folder, never the working directory.
-    """
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read conversion spec {path}: {exc}") from exc
-    if not isinstance(spec, dict) or not isinstance(spec.get("ModelPath"), str):
-        raise UsageError(f"conversion spec {path} needs a 'ModelPath' string",
-                         hint="see docs/packing.md for both spec styles")
-    base = path.parent
-    style = "czann" if "ModelMetadata" in spec else "legacy"
-    _check_spec_schema(spec, style, path)
-
-    def resolve(p: str) -> Path:
-        q = Path(p.replace("\\", "/"))
-        return q if q.is_absolute() else (base / q)
-
-    license_path = resolve(spec["LicenseFile"]) if isinstance(spec.get("LicenseFile"), str) else None
-    if "ModelMetadata" in spec:
-        meta = spec["ModelMetadata"]
-        if not isinstance(meta, dict):
-            raise UsageError(f"conversion spec {path}: 'ModelMetadata' must be an object")
-        unknown = sorted(set(meta) - set(_CZANN_KEYS))
-        if unknown:
-            raise UsageError(f"conversion spec {path}: unknown ModelMetadata field(s) {', '.join(unknown)}",
-                             hint=f"allowed: {', '.join(_CZANN_KEYS)}")
-        return dict(meta), "czann", resolve(spec["ModelPath"]), license_path
-    if "BorderSize" in spec or "PixelType" in spec or "ColorHandling" in spec:
-        meta = {k: spec[k] for k in (*_LEGACY_KEYS, "Classes") if k in spec}
-        meta.setdefault("ModelName", Path(spec["ModelPath"].replace("\\", "/")).name)
-        if "TestImageFile" in spec:
-            meta["_TestImageFile"] = str(resolve(spec["TestImageFile"]))
-        return meta, "legacy", resolve(spec["ModelPath"]), license_path
-    raise UsageError(f"conversion spec {path} is neither CZANN style ('ModelMetadata') nor legacy style "
-                     "('BorderSize', 'PixelType', 'ColorHandling')", hint="see docs/packing.md")
-
-
-def _check_spec_schema(spec: dict[str, Any], style: str, path: Path) -> None:
-    """Refuse a spec that its published schema (``schemas/conversion-spec-*.json``) rejects."""
-    from .schemas import validate_against
-
-    findings = validate_against(f"conversion-spec-{style}", spec, path.name, check="spec.schema")
-    errors = [f for f in findings if f.severity is Severity.ERROR]
-    if errors:
-        raise UsageError(f"conversion spec {path} ({style} style): {errors[0].message}",
-                         hint=errors[0].hint or "see docs/packing.md for both spec styles")
-    for f in findings:
-        warnings.warn(f"conversion spec {path}: {f.message}", PackWarning, stacklevel=4)
-
-
-def _load_source(source: Any, depth: int = 0) -> _Source:
-    if _is_keras_model(source):
-        return _Source(description=f"Keras model '{source.name}'", keras_model=source)
-    if isinstance(source, bytes):
-        return _Source(description="ONNX bytes", onnx_bytes=source)
-    if not isinstance(source, str | os.PathLike):
-        raise UsageError(f"cannot pack a {type(source).__name__}",
-                         hint="pass a keras.Model, a SavedModel folder, a .keras, .onnx or spec .json file")
-    path = Path(source)
-    if not path.exists():
-        raise UsageError(f"no such model: {path}", hint="check the path")
-    if path.is_dir():
-        if not (path / "saved_model.pb").is_file():
-            raise UsageError(f"{path} is a folder without saved_model.pb, so it is not a SavedModel")
-        return _Source(description=f"SavedModel {path}", keras_model=_load_savedmodel(path), savedmodel_dir=path)
-    suffix = path.suffix.lower()
-    if suffix == ".keras":
-        return _Source(description=f"Keras file {path}", keras_model=_load_keras_file(path))
-    if suffix == ".onnx":
-        return _Source(description=f"ONNX file {path}", onnx_bytes=path.read_bytes())
-    if suffix == ".json":
-        if depth:
-            raise UsageError(f"conversion spec {path} points at another spec; ModelPath must be a model")
-        meta, style, model_path, license_path = load_spec(path)
-        inner = _load_source(model_path, depth + 1)
-        inner.spec_metadata, inner.spec_style, inner.license_file = meta, style, license_path
-        inner.description = f"{style}-style spec {path} ({inner.description})"
-        return inner
-    if suffix in (".h5", ".hdf5"):
-        raise UsageError(f"{path}: legacy HDF5 Keras files are not supported",
-                         hint="load it in Keras and save it as .keras, or pass the model object to pack()")
-    raise UsageError(f"{path}: unknown model file type '{suffix}'",
-                     hint="pass a SavedModel folder, a .keras, .onnx or conversion-spec .json file")
-
-
-# --- sessions used for probing and parity ---------------------------------------------------------------
-
-
-class _KerasSession(Session):
-    """A Keras model behind the backend ``Session`` interface, so the invariance probe can run the source."""
-
-    backend = "keras"
-    device = "cpu"
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        shape = model.input_shape[0] if isinstance(model.input_shape, list) else model.input_shape
-        out = model.output_shape[0] if isinstance(model.output_shape, list) else model.output_shape
-        self._signature = Signature((TensorInfo("input", tuple(shape), "float32"),),
-                                    (TensorInfo("output", tuple(out), "float32"),))
-
-    @property
-    def signature(self) -> Signature:
-        return self._signature
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            out = self._model(np.ascontiguousarray(batch, dtype=np.float32), training=False)
-        except Exception as exc:
-            raise BackendError(f"Keras model failed on input of shape {tuple(batch.shape)}: "
-                               f"{str(exc).splitlines()[0]}") from exc
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        return np.asarray(out)
-
-
-class _OrtSession(Session):
-    """ONNX bytes run by ONNX Runtime on the CPU (reference side of parity for ONNX sources)."""
-
-    backend = "onnxruntime"
-    device = "cpu"
-
-    def __init__(self, data: bytes) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # probing feeds sizes the model may refuse: those are measurements
-        try:
-            self._session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise PackError(f"ONNX Runtime cannot load the source model: {str(exc).splitlines()[0]}") from exc
-        ins, outs = self._session.get_inputs(), self._session.get_outputs()
-        if len(ins) != 1 or len(outs) != 1:
-            raise PackError(f"the ONNX model has {len(ins)} inputs and {len(outs)} outputs; "
-                            "a package needs exactly one of each")
-
-        def dims(shape: list[Any]) -> tuple[int | None, ...]:
-            return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
-
-        self._input = ins[0].name
-        self._signature = Signature((TensorInfo(ins[0].name, dims(ins[0].shape), "float32"),),
-                                    (TensorInfo(outs[0].name, dims(outs[0].shape), "float32"),))
-
-    @property
-    def signature(self) -> Signature:
-        return self._signature
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            return np.asarray(self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})[0])
-        except Exception as exc:
-            raise BackendError(f"ONNX Runtime failed on input of shape {tuple(batch.shape)}: "
-                               f"{str(exc).splitlines()[0]}") from exc
-
-
-class _ChainSession(Session):
-    """Keras pre layers, then an ONNX source, then Keras post layers: the reference for an ONNX source
-    packed with layers (the layers are computed eagerly, independently of their ONNX conversion)."""
-
-    backend = "keras+onnxruntime"
-    device = "cpu"
-
-    def __init__(self, pre: Any, inner: Session, post: Any) -> None:
-        self.pre, self.inner, self.post = pre, inner, post
-        out = inner.signature.outputs[0]
-        if post is not None:
-            out = TensorInfo(out.name, tuple(post.output_shape), "float32")
-        self._signature = Signature(inner.signature.inputs, (out,))
-
-    @property
-    def signature(self) -> Signature:
-        return self._signature
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        x = np.asarray(self.pre(batch, training=False)) if self.pre is not None else batch
-        y = self.inner.predict(x)
-        return np.asarray(self.post(y, training=False)) if self.post is not None else y
-
-
-def _layer_stack(calls: Sequence[tuple[LayerSpec, dict[str, Any]]], shape: Sequence[int | None]) -> Any:
-    """A Keras model of just ``calls`` on tensors of ``shape`` (batch first), or None when empty."""
-    if not calls:
-        return None
-    import keras
-
-    compose = _tf_plugin("compose")
-    inp = keras.Input(tuple(shape[1:]), name="input", dtype="float32")
-    x = inp
-    for spec, kwargs in calls:
-        x = compose.build_layer(spec, kwargs)(x)
-    return keras.Model(inp, x, name="czreg_layers")
-
-
 def _merge_onnx_layers(data: bytes, pre: Any, post: Any) -> bytes:
     """Convert the layer stacks with tf2onnx at the source's opset and splice them around the source graph."""
-    import onnx
-    from onnx import compose as onnx_compose
-
     export = _tf_plugin("export")
-    model = onnx.load_model_from_string(data)
-    opset = _onnx_opset(data) or DEFAULT_OPSET
-
-    def io(m: Any) -> tuple[str, str]:
-        inits = {t.name for t in m.graph.initializer}
-        return next(i.name for i in m.graph.input if i.name not in inits), m.graph.output[0].name
-
-    def stack(keras_model: Any) -> Any:
-        part = onnx.load_model_from_string(canonicalize_onnx(export.to_onnx(keras_model, opset)))
-        part.ir_version = model.ir_version
-        have = {o.domain for o in model.opset_import}
-        for o in part.opset_import:  # tf2onnx may import extra domains; the merged model needs them too
-            if o.domain not in have:
-                model.opset_import.append(o)
-        return part
-
+    opset = onnx_opset(data) or DEFAULT_OPSET
     try:
-        if pre is not None:
-            part = stack(pre)
-            model = onnx_compose.merge_models(part, model, io_map=[(io(part)[1], io(model)[0])],
-                                              prefix1="pre_", prefix2="")
-        if post is not None:
-            part = stack(post)
-            model = onnx_compose.merge_models(model, part, io_map=[(io(model)[1], io(part)[0])],
-                                              prefix1="", prefix2="post_")
-        onnx.checker.check_model(model)
+        parts = [None if stack is None else canonicalize_onnx(export.to_onnx(stack, opset)) for stack in (pre, post)]
     except PackError:
         raise
     except Exception as exc:
-        raise PackError(f"cannot merge the layers into the ONNX model: {str(exc).splitlines()[0]}",
+        raise PackError(f"cannot merge the layers into the ONNX model: {first_line(exc)}",
                         hint="pack from the Keras model (or SavedModel) instead") from exc
-    return bytes(model.SerializeToString())
-
-
-# --- ONNX helpers --------------------------------------------------------------------------------------
-
-
-def canonicalize_onnx(data: bytes) -> bytes:
-    """Rename every node, tensor and symbolic dimension of an ONNX model deterministically.
-
-    tf2onnx names nodes and dims from process-global counters (``Unsqueeze__230``, ``unk__237``) and Keras
-    names layers by how many were built before (``conv2d_4_1``), so converting the same model twice gives
-    different bytes. Names carry no meaning for hosts; renaming them in graph order makes the bytes depend
-    only on the graph. The single input keeps its name; outputs become ``output`` (``output_i``).
-    """
-    import onnx
-
-    model = onnx.load_model_from_string(data)
-    graph = model.graph
-    names: dict[str, str] = {}
-    counter = {"t": 0, "w": 0}  # initializers ("w") get their own numbering, in order of first use
-    initializer_names = {t.name for t in graph.initializer}
-
-    def rename(old: str) -> str:
-        if not old:
-            return old
-        if old not in names:
-            prefix = "w" if old in initializer_names else "t"
-            names[old] = f"{prefix}{counter[prefix]}"
-            counter[prefix] += 1
-        return names[old]
-
-    for inp in graph.input:
-        if inp.name not in initializer_names:
-            names[inp.name] = inp.name
-    for i, out in enumerate(graph.output):
-        names[out.name] = "output" if len(graph.output) == 1 else f"output_{i}"
-
-    def walk(g: Any, prefix: str) -> None:
-        for i, node in enumerate(g.node):
-            node.name = f"{prefix}n{i}_{node.op_type}"
-            for j, x in enumerate(node.input):
-                node.input[j] = rename(x)
-            for j, x in enumerate(node.output):
-                node.output[j] = rename(x)
-            node.doc_string = ""
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g, f"{node.name}/")
-                for sub in attr.graphs:
-                    walk(sub, f"{node.name}/")
-        for coll in (g.input, g.output, g.value_info):
-            for vi in coll:
-                vi.name = rename(vi.name)
-        for t in g.initializer:
-            t.name = rename(t.name)
-        for t in g.sparse_initializer:
-            t.values.name = rename(t.values.name)
-        ordered = sorted(g.initializer, key=lambda t: (t.name[:1], int(t.name[1:]) if t.name[1:].isdigit() else -1))
-        copies = [type(t)() for t in ordered]
-        for c, t in zip(copies, ordered):
-            c.CopyFrom(t)
-        del g.initializer[:]
-        g.initializer.extend(copies)
-        ordered_vi = sorted(g.value_info, key=lambda v: v.name)
-        vi_copies = [type(v)() for v in ordered_vi]
-        for c, v in zip(vi_copies, ordered_vi):
-            c.CopyFrom(v)
-        del g.value_info[:]
-        g.value_info.extend(vi_copies)
-
-    _structural_sort(graph)
-    walk(graph, "")
-    dims: dict[str, str] = {}
-    for coll in (graph.input, graph.output, graph.value_info):
-        for vi in coll:
-            if vi.type.HasField("tensor_type"):
-                for d in vi.type.tensor_type.shape.dim:
-                    if d.HasField("dim_param"):
-                        d.dim_param = dims.setdefault(d.dim_param, "batch" if not dims else f"d{len(dims)}")
-    graph.name = "czregistry"
-    graph.doc_string = ""
-    model.doc_string = ""
-    return bytes(model.SerializeToString(deterministic=True))
-
-
-def _structural_sort(graph: Any) -> None:
-    """Re-order nodes topologically, breaking ties by a content hash instead of by name.
-
-    tf2onnx's topological order depends on its generated names, so two conversions of one model can list
-    independent nodes in different orders. Each node gets a Merkle hash of its op, attributes and the hashes
-    of what feeds it (initializers by content, graph inputs by name); Kahn's algorithm then always takes the
-    ready node with the smallest hash.
-    """
-    import heapq
-
-    nodes = list(graph.node)
-    init_hash = {}
-    for t in graph.initializer:
-        body = type(t)()
-        body.CopyFrom(t)
-        body.name = ""
-        init_hash[t.name] = hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
-    producer: dict[str, tuple[int, int]] = {}
-    for i, node in enumerate(nodes):
-        for j, out in enumerate(node.output):
-            producer[out] = (i, j)
-    hashes: list[str] = [""] * len(nodes)
-    for i, node in enumerate(nodes):  # ONNX requires nodes in a topological order already
-        h = hashlib.sha256(f"{node.domain}:{node.op_type}:{len(node.output)}".encode())
-        for attr in node.attribute:
-            h.update(attr.SerializeToString(deterministic=True))
-        for name in node.input:
-            if name in producer:
-                pi, pj = producer[name]
-                h.update(f"n{hashes[pi]}:{pj}".encode())
-            elif name in init_hash:
-                h.update(f"w{init_hash[name]}".encode())
-            else:
-                h.update(f"i{name}".encode())
-        hashes[i] = h.hexdigest()
-    consumers: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
-    missing = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        deps = {producer[n][0] for n in node.input if n in producer}
-        missing[i] = len(deps)
-        for d in deps:
-            consumers[d].append(i)
-    ready = [(hashes[i], i) for i in range(len(nodes)) if missing[i] == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        _, i = heapq.heappop(ready)
-        order.append(i)
-        for c in consumers[i]:
-            missing[c] -= 1
-            if missing[c] == 0:
-                heapq.heappush(ready, (hashes[c], c))
-    if len(order) != len(nodes):  # a cycle or an odd graph: keep the converter's order
-        return
-    copies = [type(nodes[i])() for i in order]
-    for c, i in zip(copies, order):
-        c.CopyFrom(nodes[i])
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
-def _onnx_opset(data: bytes) -> int | None:
-    import onnx
-
-    model = onnx.load_model_from_string(data)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _convert_onnx_opset(data: bytes, opset: int) -> bytes:
-    import onnx
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(onnx.load_model_from_string(data), opset)
-        onnx.checker.check_model(converted)
-    except Exception as exc:
-        raise PackError(f"cannot convert the ONNX model to opset {opset}: {str(exc).splitlines()[0]}",
-                        hint="re-export the model at that opset, or choose another --opset") from exc
-    return bytes(converted.SerializeToString())
-
-
-def _fix_onnx_spatial(data: bytes, spatial: Sequence[int]) -> bytes:
-    """Fix the input's spatial dims (the batch stays free) and re-infer the output shape."""
-    import onnx
-
-    model = onnx.load_model_from_string(data)
-    inits = {t.name for t in model.graph.initializer}
-    inp = next(i for i in model.graph.input if i.name not in inits)
-    dims = inp.type.tensor_type.shape.dim
-    if len(dims) != len(spatial) + 2:
-        raise UsageError(f"the model input has rank {len(dims)}; a tile of {len(spatial)} axes needs rank "
-                         f"{len(spatial) + 2}")
-    for d, size in zip(list(dims)[1:-1], spatial):
-        d.Clear()
-        d.dim_value = int(size)
-    del model.graph.value_info[:]
-    for out in model.graph.output:
-        for d in out.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.Clear()
-    with contextlib.suppress(Exception):  # shape inference is a nicety; the parity run checks the real output
-        model = onnx.shape_inference.infer_shapes(model)
-    return bytes(model.SerializeToString())
-
-
-# --- metadata ------------------------------------------------------------------------------------------
+    return splice_onnx(data, parts[0], parts[1])
 
 
 def _layer_calls(items: Iterable[LayerArg], kind: str) -> list[tuple[LayerSpec, dict[str, Any]]]:
@@ -647,198 +159,9 @@ def _layer_calls(items: Iterable[LayerArg], kind: str) -> list[tuple[LayerSpec, 
     return out
 
 
-def _shape_of(model: Any) -> tuple[int | None, ...]:
-    shape = model.input_shape
-    if isinstance(shape, list):
-        if len(shape) != 1:
-            raise PackError(f"the model has {len(shape)} inputs; a package needs exactly one")
-        shape = shape[0]
-    return tuple(shape)
-
-
-def _content_id(model_bytes: bytes, metadata: dict[str, Any]) -> str:
-    """A UUID derived from the model and metadata, so repacking the same inputs gives the same archive."""
-    h = hashlib.sha256(model_bytes)
-    h.update(json.dumps(metadata, sort_keys=True, default=str).encode())
-    return str(uuid.uuid5(_ID_NAMESPACE, h.hexdigest()))
-
-
-def _default_pixel_types(channels: int) -> list[str]:
-    defaults = {1: ["Gray8"], 3: ["Bgr24"], 4: ["Bgra32"]}
-    if channels not in defaults:
-        raise UsageError(f"the model takes {channels} input channels; say which pixel types feed them",
-                         hint="pass PixelType (--pixel-type), e.g. Gray8 and Bgr24 for 4 channels")
-    return defaults[channels]
-
-
-def legacy_xml(meta: dict[str, Any], channels: int, output_channels: int) -> tuple[bytes, list[str]]:
-    """Build CZMODEL 3.1.0 XML from metadata; returns the XML bytes and warnings."""
-    notes: list[str] = []
-    model_id = str(meta["Id"])
-    pixel_types = meta.get("PixelType") or _default_pixel_types(channels)
-    if isinstance(pixel_types, str):
-        pixel_types = [pixel_types]
-    unknown = [p for p in pixel_types if p not in PIXEL_TYPE_CHANNELS]
-    if unknown:
-        raise UsageError(f"unknown pixel type(s) {', '.join(map(str, unknown))}",
-                         hint=f"use {', '.join(PIXEL_TYPE_CHANNELS)}")
-    total = sum(PIXEL_TYPE_CHANNELS[p] for p in pixel_types)
-    if total != channels:
-        raise UsageError(f"pixel types {pixel_types} give {total} channels but the model takes {channels}")
-    color = meta.get("ColorHandling") or ("ConvertToMonochrome" if channels == 1 else "SplitRgb")
-    if color not in _COLOR_HANDLING:
-        raise UsageError(f"ColorHandling '{color}' is not one of {', '.join(_COLOR_HANDLING)}")
-    classes = meta.get("Classes")
-    if not classes:
-        classes = [f"Class {i + 1}" for i in range(output_channels)]
-        notes.append(f"no class names given; legacy TrainingClasses named {', '.join(classes)}")
-    if len(classes) != output_channels:
-        raise UsageError(f"{len(classes)} classes given but the model outputs {output_channels} channels")
-    border = meta.get("BorderSize")
-    if border is None:
-        overlap = meta.get("MinOverlap")
-        border = int(max(overlap)) // 2 if overlap else 0
-    root = ElementTree.Element("Model", {"Version": LEGACY_XML_VERSION})
-    for tag, text in (("Id", model_id), ("ModelName", str(meta.get("ModelName") or "DNN model")),
-                      ("Status", "Trained"), ("FeatureExtractor", "DeepNeuralNetwork"),
-                      ("Postprocessing", str(meta.get("Postprocessing") or "")), ("ColorHandling", color)):
-        ElementTree.SubElement(root, tag).text = text
-    channels_el = ElementTree.SubElement(root, "Channels")
-    for p in pixel_types:
-        ElementTree.SubElement(channels_el, "Item", {"PixelType": p})
-    classes_el = ElementTree.SubElement(root, "TrainingClasses")
-    for i, name in enumerate(classes):
-        r, g, b = _PALETTE[i % len(_PALETTE)]
-        ElementTree.SubElement(classes_el, "Item", {"Name": str(name), "LabelValue": str(i + 1),
-                                                    "colR": str(r), "colG": str(g), "colB": str(b)})
-    ElementTree.SubElement(root, "BorderSize").text = str(int(border))
-    ElementTree.indent(root)
-    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n", notes
-
-
-def _czann_metadata(meta: dict[str, Any], style: str | None, input_shape: list[int],
-                    output_shape: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {"FormatVersion": CZANN_FORMAT_VERSION}
-    mtype = meta.get("Type")
-    if mtype is None and style == "legacy":
-        n = len(meta.get("Classes") or []) or output_shape[-1]
-        mtype = "MultiClassSemanticSegmentation" if n > 2 else "SingleClassSemanticSegmentation"
-    if mtype is None:
-        raise UsageError("metadata needs a model Type", hint="pass --type, e.g. SingleClassSemanticSegmentation")
-    out["Id"] = meta.get("Id")
-    out["Type"] = mtype
-    out["InputShape"] = input_shape
-    out["OutputShape"] = output_shape
-    overlap = meta.get("MinOverlap")
-    if overlap is None and style == "legacy" and meta.get("BorderSize") is not None:
-        overlap = [2 * int(meta["BorderSize"])] * (len(input_shape) - 1)
-    if isinstance(overlap, int):
-        overlap = [overlap]
-    if isinstance(overlap, list | tuple) and len(overlap) == 1:
-        overlap = list(overlap) * (len(input_shape) - 1)
-    if overlap is not None:
-        out["MinOverlap"] = [int(v) for v in overlap]
-    for key in ("Classes", "ModelName", "Scaling"):
-        if meta.get(key) is not None:
-            out[key] = list(meta[key]) if isinstance(meta[key], list | tuple) else meta[key]
-    if out.get("Classes") is not None and mtype in SEGMENTATION_TYPES and len(out["Classes"]) != output_shape[-1]:
-        raise UsageError(f"{len(out['Classes'])} classes given but the model outputs {output_shape[-1]} channels")
-    return out
-
-
-# --- the spatial-size reset -------------------------------------------------------------------------------
-
-
-def _check_tile(session: Session, input_shape: tuple[int | None, ...], spatial: tuple[int, ...],
-                mtype: str | None) -> list[str]:
-    """Refuse a tile size the model cannot take, quoting the invariance check.
-
-    A reset is sound only for spatially invariant (fully convolutional) models, and only at sizes on the
-    model's step (multiples of 2^poolings). The measurement is ``czregistry.checks.probing``'s.
-    """
-    fixed = tuple(input_shape[1:-1])
-    if fixed == spatial:
-        return []
-    try:
-        from .checks.probing import measure_invariance
-    except ImportError as exc:
-        raise PackError("the invariance check (czregistry.checks.probing) is not available, so a tile-size "
-                        "reset cannot be verified", hint="pack without --tile / spatial_dims") from exc
-    channels = input_shape[-1]
-    if channels is None:
-        raise PackError("the model input's channel count is undefined")
-    own = tuple(int(d) for d in fixed if d is not None)
-    # Probe at the model's own size, or at a size on any plausible pooling grid (a multiple of 64), never
-    # at the requested size itself: an off-step request would only make the probe fail without measuring.
-    probe_tile = own if len(own) == len(fixed) else tuple(min(256, max(64, -(-s // 64) * 64)) for s in spatial)
-    probe_shape = (*probe_tile, int(channels))
-    info = ModelInfo("czann", mtype, probe_shape, None, None, None, None, int(channels), None, None, None,
-                     CZANN_FORMAT_VERSION)
-    from .checks.probing import ProbeRejected
-
-    try:
-        result = measure_invariance(session, info, max_probe_size=max(probe_tile), time_budget=30.0)
-    except ProbeRejected as exc:
-        raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the invariance check could not run the model "
-                        f"at {_fmt(probe_tile)} ({exc})", hint="pack it at its own tile size") from exc
-    return _interpret_invariance(result, spatial)
-
-
-def _interpret_invariance(result: Any, spatial: tuple[int, ...]) -> list[str]:
-    """Turn an ``InvarianceResult`` into a refusal (``PackError`` quoting the measurement) or notes."""
-    step = tuple(result.step)
-    measured = (f"invariance check: accepts other sizes={result.accepts_other_sizes}, step={_fmt(step)}, "
-                f"halo={_fmt(result.halo)}, global context={result.global_context}, equivariance error="
-                f"{_num(result.equivariance_error)}")
-    if not result.accepts_other_sizes:
-        only = _fmt(result.fixed_size) if result.fixed_size else "its own size"
-        raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the model runs only at {only} ({measured})",
-                        hint="pack it at its own tile size")
-    if result.global_context:
-        raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the model is not spatially invariant, its "
-                        f"output depends on the whole tile ({measured})",
-                        hint="models with global context (global pooling, dense heads) must be packed at the "
-                        "size they were trained on")
-    if result.output_follows_input is False:
-        raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the output size does not follow the input "
-                        f"size ({measured})", hint="pack it at its own tile size")
-    off = [s for s, k in zip(spatial, step) if k and s % int(k)]
-    if off:
-        nearest = tuple(max(int(k), s // int(k) * int(k)) if k else s for s, k in zip(spatial, step))
-        raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the model needs sizes that are multiples "
-                        f"of {_fmt(step)} ({measured})", hint=f"use a size on the step, e.g. {_fmt(nearest)}")
-    return [f"tile reset to {_fmt(spatial)} ({measured})"]
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
-
-
-def _fmt(dims: Iterable[Any]) -> str:
-    return "x".join(str(d) for d in dims)
-
-
-# --- pack ----------------------------------------------------------------------------------------------
-
-
 def _parity_inputs(shape: tuple[int, ...], n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.random((1, *shape), dtype=np.float32) for _ in range(n)]
-
-
-def _resolve_tile(base_shape: tuple[int | None, ...], spatial: tuple[int, ...] | None, declared: Any,
-                  kind: str) -> tuple[int, ...] | None:
-    """The tile to pack at: the requested one (checked against the model's rank), else for legacy targets
-    (which need fixed dims) the declared ``InputShape``; ``None`` keeps the model's own input dims."""
-    ndim = len(base_shape) - 2
-    if spatial is not None and len(spatial) != ndim:
-        raise UsageError(f"tile {_fmt(spatial)} has {len(spatial)} axes; the model has {ndim} spatial axes")
-    if spatial is None and kind == "czmodel" and any(d is None for d in base_shape[1:-1]):
-        if isinstance(declared, list) and len(declared) == ndim + 1:
-            return tuple(int(d) for d in declared[:-1])
-        raise UsageError("legacy .czmodel packages need fully defined spatial input dims; this model "
-                         f"takes {_fmt(base_shape[1:-1])}", hint="pass --tile H W (spatial_dims=...)")
-    return spatial
 
 
 def pack(
@@ -919,7 +242,7 @@ def pack(
 
     # -- the model to convert, and the reference session for parity ------------------------------------
     if src.keras_model is not None:
-        base_shape = _shape_of(src.keras_model)
+        base_shape = _tf_plugin("export").input_shape(src.keras_model)
         n_out = len(getattr(src.keras_model, "outputs", None) or [None])
         if n_out != 1:
             raise PackError(f"the model has {n_out} outputs; a package needs exactly one",
@@ -949,7 +272,8 @@ def pack(
                                       source_session,
                                       _layer_stack(post, reference.signature.outputs[0].shape))
 
-    in_shape = tuple(reference.signature.inputs[0].shape) if src.keras_model is None else _shape_of(model)
+    in_shape = (tuple(reference.signature.inputs[0].shape) if src.keras_model is None
+                else _tf_plugin("export").input_shape(model))
     if spatial is not None:
         tile = spatial
     elif all(d is not None for d in in_shape[1:-1]):
@@ -972,17 +296,17 @@ def pack(
     model_bytes: bytes
     if src.onnx_bytes is not None:
         data = src.onnx_bytes
-        current = _onnx_opset(data)
+        current = onnx_opset(data)
         if current is not None and ((opset is not None and current != opset)
                                     or (kind == "czmodel" and current > LEGACY_OPSET)):
-            data = _convert_onnx_opset(data, use_opset)
+            data = convert_onnx_opset(data, use_opset)
         if pre or post:
             assert isinstance(reference, _ChainSession)
             data = _merge_onnx_layers(data, reference.pre, reference.post)
         if spatial is not None:
-            data = _fix_onnx_spatial(data, spatial)
+            data = fix_onnx_spatial(data, spatial)
         model_bytes = canonicalize_onnx(data)
-        used_opset = _onnx_opset(model_bytes)
+        used_opset = onnx_opset(model_bytes)
     else:
         export = _tf_plugin("export")
         if fmt == "onnx":
@@ -1041,7 +365,7 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
                       expected: list[np.ndarray], notes: list[str], force: bool,
                       validate_options: ValidateOptions | None) -> PackResult:
     from .backends import load_session
-    from .package import open_package, sha256_file, write_package
+    from .package import is_license_name, open_package, sha256_file, write_package
     from .validate import validate
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -1051,7 +375,7 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
     try:
         write_package(tmp, meta_arg, model_bytes, kind=kind,
                       license_text=lic.read_bytes() if lic else None,
-                      license_name=(lic.name if lic and _looks_like_license(lic.name) else "license.txt"))
+                      license_name=(lic.name if lic and is_license_name(lic.name) else "license.txt"))
         parity_diff: float | None = None
         parity_finding: Finding | None = None
         try:
@@ -1105,9 +429,3 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
         return result
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _looks_like_license(name: str) -> bool:
-    import re
-
-    return re.match(r"^(licen[cs]e|copying|notice)([._-].*)?$", name, re.IGNORECASE) is not None

@@ -6,13 +6,14 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import CzregError
+from ..errors import CzregError, UsageError
 
-__all__ = ["CliError", "echo_json", "handle_errors", "json_option"]
+__all__ = ["CliError", "echo_json", "handle_errors", "json_option", "require_package_file"]
 
 
 class CliError(click.ClickException):
@@ -40,3 +41,10 @@ def echo_json(obj: Any) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def require_package_file(path: Path) -> None:
+    """Refuse a missing package (or a folder) before any work, with the same words, hint and exit code (2)
+    in every command; call it inside ``handle_errors()``."""
+    if not path.is_file():
+        raise UsageError(f"no such package file: {path}", hint="check the path")

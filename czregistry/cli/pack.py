@@ -15,13 +15,16 @@ from typing import Any
 import click
 
 from ..errors import PackageError, UsageError
-from ._common import echo_json, handle_errors, json_option
+from ._common import echo_json, handle_errors, json_option, require_package_file
 
 __all__ = ["register"]
 
 _TYPES = ["SingleClassInstanceSegmentation", "MultiClassInstanceSegmentation", "SingleClassSemanticSegmentation",
           "MultiClassSemanticSegmentation", "SingleClassClassification", "MultiClassClassification",
           "ObjectDetection", "Regression"]
+
+#: Legacy-only metadata fields and the options that set them (named in the refusal for .czann output).
+_LEGACY_OPTIONS = {"ColorHandling": "--color-handling", "BorderSize": "--border-size", "PixelType": "--pixel-type"}
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -83,13 +86,15 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
             if scaling is not None:
                 metadata["Scaling"] = [float(v) for v in _split_list(scaling) or []]
         except ValueError as exc:
-            raise UsageError(f"bad number in --min-overlap/--scaling: {exc}") from None
+            raise UsageError(f"bad number in --min-overlap/--scaling: {exc}",
+                             hint="write numbers separated by commas, e.g. --min-overlap 32,32") from None
         is_legacy = (target or ("czmodel" if output.suffix.lower() in (".czmodel", ".czseg") else "czann")) \
             == "czmodel"
         if not is_legacy:
-            for key in ("ColorHandling", "BorderSize", "PixelType"):
+            for key, option in _LEGACY_OPTIONS.items():
                 if metadata.pop(key) is not None:
-                    raise UsageError(f"--{key.lower()} applies to legacy .czmodel output only")
+                    raise UsageError(f"{option} applies to legacy .czmodel output only",
+                                     hint="drop it, or write a .czmodel (--format czmodel)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PackWarning)
             result = run_pack(source, metadata, output, preprocessing=list(pre), postprocessing=list(post),
@@ -137,8 +142,7 @@ def unpack_package(package: Path, directory: Path, *, force: bool = False) -> li
     (resolved) before anything is written, and only regular files are written."""
     from ..package import open_package
 
-    if not package.is_file():
-        raise UsageError(f"no such package file: {package}", hint="check the path")
+    require_package_file(package)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not force:
@@ -207,8 +211,7 @@ def inspect_summary(package: Path, *, load_model: bool = True, backend: str | No
     from ..errors import BackendError
     from ..package import inspect_package, sha256_file
 
-    if not package.is_file():
-        raise UsageError(f"no such package file: {package}", hint="check the path")
+    require_package_file(package)
     pkg, findings = inspect_package(package)
     if pkg is None:
         first = findings[0] if findings else None

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ._common import echo_json, handle_errors, json_option
+from ._common import echo_json, handle_errors, json_option, require_package_file
 
 __all__ = ["register", "run_cmd", "smoke_cmd"]
 
@@ -89,8 +89,8 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
     from ..runner import RunOptions
     from ..runner import run as run_tiled
 
-    if not package.is_file():
-        raise click.UsageError(f"no such package file: {package}")
+    with handle_errors():
+        require_package_file(package)
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
     except ValueError:
@@ -131,8 +131,8 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
     from ..report import render_text
     from ..smoke import smoke_test
 
-    if not package.is_file():
-        raise click.UsageError(f"no such package file: {package}")
+    with handle_errors():
+        require_package_file(package)
     with handle_errors():
         report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
                             batch_size=batch_size)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from ._common import handle_errors
+from ..errors import UsageError
+from ._common import echo_json, handle_errors, require_package_file
 
 
 @click.command()
@@ -35,9 +35,9 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
         raise click.BadParameter("the report file must end in .html or .md", param_hint="--report")
     if report_file is not None and len(paths) > 1:
         raise click.BadParameter("--report takes one package at a time", param_hint="--report")
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise click.UsageError(f"no such package file: {missing[0]}")
+    with handle_errors():
+        for path in paths:
+            require_package_file(path)
     options = ValidateOptions(static=static, strict=strict, backend=backend, device=device,  # type: ignore[arg-type]
                               max_probe_size=max_probe_size, time_budget=time_budget)
     all_valid = True
@@ -52,16 +52,18 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
             click.echo(render_text(report))
     if as_json:
         payload = [r.to_dict() for r in reports]
-        click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=str))
+        echo_json(payload[0] if len(payload) == 1 else payload)
     if report_file is not None:
         from ..package import atomic_output
 
         text = render_markdown(reports[0]) if report_file.suffix.lower() == ".md" else render_html(reports[0])
-        try:
-            with atomic_output(report_file) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise click.UsageError(f"cannot write the report to {report_file}: {exc.strerror or exc}") from None
+        with handle_errors():
+            try:
+                with atomic_output(report_file) as tmp:
+                    tmp.write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot write the report to {report_file}: {exc.strerror or exc}",
+                                 hint="check that its folder exists and is writable") from None
         if not as_json:
             click.echo(f"report written to {report_file}", err=True)
     sys.exit(0 if all_valid else 1)

@@ -10,15 +10,16 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
-from czregistry.errors import BackendError
+from czregistry.errors import BackendError, first_line
 from czregistry.hookspecs import hookimpl
+from czregistry.onnx_utils import check_external_data
 
 if TYPE_CHECKING:
     import numpy as np
 
     from czregistry.package import Package
 
-__all__ = ["OnnxRuntimeBackend", "OnnxSession"]
+__all__ = ["OnnxRuntimeBackend", "OnnxSession", "check_external_data"]
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
@@ -26,25 +27,6 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 
 def _dims(shape: list[Any]) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
-
-
-def check_external_data(model_bytes: bytes) -> None:
-    """Refuse ONNX tensors stored as external data: inside a package there is nothing they may point to
-    safely (a path outside the package would read arbitrary files from the host)."""
-    import onnx
-
-    try:
-        proto = onnx.load_model_from_string(model_bytes)
-    except Exception as exc:
-        raise BackendError(f"model.model is not a readable ONNX model: {exc}",
-                           hint="re-export the model with tf2onnx or torch.onnx") from exc
-    # initializers and tensor attributes, subgraphs included
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
-            raise BackendError(
-                f"ONNX tensor '{tensor.name}' stores its data outside the model, in '{where}'",
-                hint="packages must embed all weights; re-export without external data")
 
 
 class OnnxSession(Session):
@@ -72,7 +54,7 @@ class OnnxSession(Session):
         try:
             self._session: Any = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}",
+            raise BackendError(f"ONNX Runtime cannot load the model: {first_line(exc)}",
                                hint="the opset may be newer than this ONNX Runtime; upgrade onnxruntime") from exc
         used = self._session.get_providers()
         on_gpu = bool(used) and used[0] == "CUDAExecutionProvider"
@@ -107,7 +89,7 @@ class OnnxSession(Session):
             out = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=self._dtype)})
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on input of shape {tuple(batch.shape)}: "
-                               f"{str(exc).splitlines()[0]}") from exc
+                               f"{first_line(exc)}") from exc
         return np.asarray(out[0])
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
-from czregistry.errors import BackendError
-from czregistry.package import ReadLimits, _archive_findings
+from czregistry.errors import BackendError, first_line
+from czregistry.package import ReadLimits, archive_findings
 from czregistry.report import Severity
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def extract_savedmodel(zip_path: Path, dest: Path, limits: ReadLimits | None = N
         raise BackendError(f"model.model is not a readable zipped SavedModel: {exc}") from exc
     with zf:
         infos = zf.infolist()
-        errors = [f for f in _archive_findings(infos, limits) if f.severity is Severity.ERROR]
+        errors = [f for f in archive_findings(infos, limits) if f.severity is Severity.ERROR]
         if errors:
             raise BackendError(f"model.model (zipped SavedModel): {errors[0].message}",
                                hint=errors[0].hint or "rebuild the SavedModel zip")
@@ -63,7 +63,7 @@ def extract_savedmodel(zip_path: Path, dest: Path, limits: ReadLimits | None = N
             if not parts:
                 continue
             target = root.joinpath(*parts)
-            if root not in target.resolve().parents:  # belt and braces after _unsafe_name
+            if root not in target.resolve().parents:  # belt and braces after archive_findings
                 raise BackendError(f"model.model (zipped SavedModel): member '{info.filename}' leaves the folder")
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -149,8 +149,7 @@ class TensorFlowSession(Session):
                 self._loaded: Any = tf.saved_model.load(str(folder))
         except Exception as exc:
             self.close()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"TensorFlow cannot load the SavedModel: {first}",
+            raise BackendError(f"TensorFlow cannot load the SavedModel: {first_line(exc)}",
                                hint="the SavedModel may need a newer TensorFlow or custom ops") from exc
         self.signature_name, self._fn = find_signature(self._loaded)
         _, kwargs = self._fn.structured_input_signature
@@ -181,8 +180,7 @@ class TensorFlowSession(Session):
                 tensor = tf.convert_to_tensor(np.asarray(batch, dtype=self._input.dtype))
                 out = self._fn(**{self._input.name: tensor})
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"TensorFlow failed on input of shape {tuple(batch.shape)}: {first}") from exc
+            raise BackendError(f"TensorFlow failed on input of shape {tuple(batch.shape)}: {first_line(exc)}") from exc
         result = out[self._output] if isinstance(out, dict) else out
         return np.asarray(result.numpy())
 

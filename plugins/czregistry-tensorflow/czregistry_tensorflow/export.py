@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from czregistry.errors import PackError
+from czregistry.onnx_utils import DEFAULT_OPSET
 from czregistry.package import zip_directory
 
-__all__ = ["DEFAULT_OPSET", "export_savedmodel_zip", "to_onnx"]
-
-#: Recent ZEN / arivis releases expect opset 18 (the format facts); packing passes 12 for legacy CZMODEL.
-DEFAULT_OPSET = 18
+__all__ = ["DEFAULT_OPSET", "export_savedmodel_zip", "input_shape", "to_onnx"]
 
 
-def _input_shape(model: Any) -> tuple[int | None, ...]:
+def input_shape(model: Any) -> tuple[int | None, ...]:
+    """The Keras model's one input shape, batch first; ``PackError`` when it has several inputs (a package
+    has exactly one). Packing uses it too, so both sides refuse multi-input models with the same words."""
     shape = model.input_shape
     if isinstance(shape, list):
         if len(shape) != 1:
-            raise PackError(f"model '{model.name}' has {len(shape)} inputs; packages need exactly one")
+            raise PackError(f"model '{model.name}' has {len(shape)} inputs; a package needs exactly one")
         shape = shape[0]
     return tuple(shape)
 
@@ -46,7 +46,7 @@ def to_onnx(model: Any, opset: int = DEFAULT_OPSET) -> bytes:
     import tensorflow as tf
     import tf2onnx
 
-    spec = (tf.TensorSpec((None, *_input_shape(model)[1:]), tf.float32, name="input"),)
+    spec = (tf.TensorSpec((None, *input_shape(model)[1:]), tf.float32, name="input"),)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     except Exception as exc:

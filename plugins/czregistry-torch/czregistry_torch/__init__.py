@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
-from czregistry.errors import BackendError
+from czregistry.errors import BackendError, first_line
 from czregistry.hookspecs import hookimpl
+from czregistry.onnx_utils import check_external_data
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,27 +38,6 @@ _GPU_HINT = "install a CUDA build of torch (https://pytorch.org/get-started/loca
 _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 #: Ops whose ``auto_pad=SAME_*`` is rewritten to explicit ``pads`` (onnx2torch does not implement SAME).
 _SAME_PAD_OPS = frozenset({"Conv", "MaxPool"})
-
-try:  # one refusal rule for both ONNX backends when the ONNX plugin is installed
-    from czregistry_onnx import check_external_data
-except ImportError:  # pragma: no cover - exercised only without czregistry-onnx
-
-    def check_external_data(model_bytes: bytes) -> None:
-        """Refuse ONNX tensors stored as external data: inside a package they could only point to files
-        outside it (same rule as the ONNX Runtime plugin)."""
-        import onnx
-
-        try:
-            proto = onnx.load_model_from_string(model_bytes)
-        except Exception as exc:
-            raise BackendError(f"model.model is not a readable ONNX model: {exc}",
-                               hint="re-export the model with tf2onnx or torch.onnx") from exc
-        for tensor in onnx.external_data_helper._get_all_tensors(proto):
-            if onnx.external_data_helper.uses_external_data(tensor):
-                where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
-                raise BackendError(f"ONNX tensor '{tensor.name}' stores its data outside the model, in '{where}'",
-                                   hint="packages must embed all weights; re-export without external data")
-
 
 @functools.cache
 def _cuda_available() -> bool:
@@ -164,11 +144,6 @@ def make_same_padding_explicit(proto: Any) -> int:
     return changed
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _failing_node(proto: Any) -> str | None:
     """Which node onnx2torch cannot convert, as ``'name' (OpType, opset N): reason``. Called only after
     a conversion failed, to name the op in the error instead of showing onnx2torch's traceback."""
@@ -179,7 +154,7 @@ def _failing_node(proto: Any) -> str | None:
     try:
         graph = OnnxGraph(proto.graph)
     except Exception as exc:
-        return f"(graph) ({_first_line(exc)})"
+        return f"(graph) ({first_line(exc)})"
     for name, node in graph.nodes.items():
         version = opsets.get(node.domain, opsets.get("", 0))
         where = f"'{name}' ({node.operation_type}, opset {version})"
@@ -190,7 +165,7 @@ def _failing_node(proto: Any) -> str | None:
         try:
             converter(node, graph)
         except Exception as exc:
-            return f"{where}: {_first_line(exc)}"
+            return f"{where}: {first_line(exc)}"
     return None
 
 
@@ -203,7 +178,7 @@ def convert_onnx(proto: Any) -> Any:
         module = onnx2torch.convert(proto)
     except Exception as exc:
         culprit = _failing_node(proto)
-        what = f"node {culprit}" if culprit else _first_line(exc)
+        what = f"node {culprit}" if culprit else first_line(exc)
         raise BackendError(f"onnx2torch cannot convert the model: {what}",
                            hint="use the onnxruntime backend (--backend onnxruntime), or re-export the model "
                                 "with ops onnx2torch supports") from exc
@@ -267,7 +242,7 @@ class TorchSession(Session):
         try:
             proto = onnx.load_model_from_string(model_bytes)
         except Exception as exc:
-            raise BackendError(f"model.model is not a readable ONNX model: {_first_line(exc)}",
+            raise BackendError(f"model.model is not a readable ONNX model: {first_line(exc)}",
                                hint="re-export the model with tf2onnx or torch.onnx") from exc
         initializers = frozenset(t.name for t in proto.graph.initializer)
         self._signature = Signature(_tensor_infos(proto.graph.input, initializers),
@@ -282,7 +257,7 @@ class TorchSession(Session):
         try:
             self._module: Any = module.to(self._torch_device)
         except Exception as exc:
-            raise BackendError(f"PyTorch cannot move the model to {self.device}: {_first_line(exc)}",
+            raise BackendError(f"PyTorch cannot move the model to {self.device}: {first_line(exc)}",
                                hint="use --device cpu") from exc
 
     @property
@@ -305,7 +280,7 @@ class TorchSession(Session):
         except BackendError:
             raise
         except Exception as exc:
-            raise BackendError(f"PyTorch failed on input of shape {tuple(batch.shape)}: {_first_line(exc)}") from exc
+            raise BackendError(f"PyTorch failed on input of shape {tuple(batch.shape)}: {first_line(exc)}") from exc
         if isinstance(out, (tuple, list)):
             out = out[0]
         return np.asarray(out.detach().to("cpu").numpy())
