@@ -109,22 +109,13 @@ def available_backends() -> dict[str, tuple[str, type[Backend]]]:
     return {cls.name: (plugin, cls) for plugin, cls in get_host().backends()}
 
 
-def _available(plugin: str, cls: type[Backend]) -> bool:
-    """``cls.is_available()``; a crash in that plugin code becomes a ``BackendError`` naming the plugin."""
+def _ask(plugin: str, cls: type[Backend], question: str) -> bool:
+    """``cls.is_available()`` or ``cls.gpu_available()``; a crash in that plugin code becomes a
+    ``BackendError`` naming the plugin, never a traceback."""
     try:
-        return bool(cls.is_available())
+        return bool(getattr(cls, question)())
     except Exception as exc:
-        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in is_available(): "
-                           f"{type(exc).__name__}: {exc}",
-                           hint=f"report this to the author of plugin '{plugin}'") from exc
-
-
-def _gpu(plugin: str, cls: type[Backend]) -> bool:
-    """``cls.gpu_available()``; a crash in that plugin code becomes a ``BackendError`` naming the plugin."""
-    try:
-        return bool(cls.gpu_available())
-    except Exception as exc:
-        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in gpu_available(): "
+        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in {question}(): "
                            f"{type(exc).__name__}: {exc}",
                            hint=f"report this to the author of plugin '{plugin}'") from exc
 
@@ -147,12 +138,16 @@ def select_backend(model_format: ModelFormat, name: str | None = None, device: D
             raise NoBackendError(f"backend '{name}' cannot run {model_format} models "
                                  f"(it runs {', '.join(sorted(cls.formats))})",
                                  hint="leave out --backend to pick one that can")
-        if not _available(plugin, cls):
+        if not _ask(plugin, cls, "is_available"):
             raise NoBackendError(f"backend '{name}' is installed but its engine does not import here",
                                  hint=f"reinstall plugin '{plugin}'")
+        if device == "gpu" and not _ask(plugin, cls, "gpu_available"):
+            raise BackendError(f"--device gpu was requested but backend '{name}' sees no usable GPU",
+                               hint="use --device auto or cpu, or install the GPU build of the engine")
         return cls
     candidates = sorted((cls for plugin, cls in backends.values()
-                         if model_format in cls.formats and _available(plugin, cls)), key=lambda c: -c.priority)
+                         if model_format in cls.formats and _ask(plugin, cls, "is_available")),
+                        key=lambda c: -c.priority)
     if not candidates:
         package = PLUGIN_FOR_FORMAT.get(model_format)
         if package is None:
@@ -163,7 +158,7 @@ def select_backend(model_format: ModelFormat, name: str | None = None, device: D
     if device == "cpu" or (device == "auto" and len(candidates) == 1):
         return candidates[0]
     for cls in candidates:
-        if _gpu(backends[cls.name][0], cls):
+        if _ask(backends[cls.name][0], cls, "gpu_available"):
             return cls
     if device == "gpu":
         tried = ", ".join(c.name for c in candidates)
@@ -179,9 +174,6 @@ def load_session(package: Package, backend: str | None = None, device: Device = 
     cls = select_backend(package.model_format, backend, device)
     plugin = available_backends()[cls.name][0]
     try:
-        if device == "gpu" and not cls.gpu_available():
-            raise BackendError(f"--device gpu was requested but backend '{cls.name}' sees no usable GPU",
-                               hint="use --device auto or cpu, or install the GPU build of the engine")
         session = cls().load(package, device)
     except CzregError:
         raise

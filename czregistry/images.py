@@ -673,7 +673,8 @@ def output_format(path: Path) -> str:
         return "zarr"
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
-    raise UsageError(f"cannot write '{path.name}': the output must end in .ome.tiff, .tif(f) or .zarr")
+    raise UsageError(f"cannot write '{path.name}': the output must end in .ome.tiff, .tif(f) or .zarr",
+                     hint="e.g. -o mask.ome.tiff or -o mask.zarr")
 
 
 def open_writer(path: Path, spec: OutputSpec, fmt: str) -> Writer:
