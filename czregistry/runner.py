@@ -112,7 +112,7 @@ class RunResult:
 
 
 def model_geometry(session: Session, info: ModelInfo, *, probe: bool = True, time_budget: float = 20.0,
-                   max_probe_size: int = 256) -> ModelGeometry:
+                   max_probe_size: int = 1024) -> ModelGeometry:
     """Measure stride and halo with ``czregistry.checks.probing`` (if that module is present).
 
     Without a measurement the runner aligns origins to a stride of 1 and trusts the declared border:

@@ -30,7 +30,7 @@ class ValidateOptions:
     device: Device = "auto"
     limits: ReadLimits = field(default_factory=ReadLimits)
     #: Largest spatial size (per axis) model probes may feed the network.
-    max_probe_size: int = 512
+    max_probe_size: int = 2048
     #: Soft limit in seconds for probing; checks stop adding probes once exceeded.
     time_budget: float = 60.0
 

@@ -1,13 +1,13 @@
 """The measurement engine behind the model checks: what a network does to space, measured by running it.
 
 Every probe feeds the network a window cut from **one** seeded random image with values in [0, 1] and
-caches the prediction by (origin, size). Two facts follow from that design:
+caches the prediction by (origin, size). The image is unbounded: a pixel's value is a hash of the seed and its
+coordinates, so windows of any size cost only their own memory. Two facts follow from that design:
 
 * Predictions of overlapping windows are comparable pixel by pixel, so translation equivariance is
   checked **by value** (bioimage.io's validator only compares shapes).
 * The checks share predictions: the window at the origin serves the output-semantics check, the stride
-  search, the halo measurement and the tiled-versus-whole comparison. Probing cost grows with tile area,
-  not with the number of checks.
+  search, the halo measurement and the tiled-versus-whole comparison.
 
 The shift-consistency probe
 ---------------------------
@@ -17,13 +17,30 @@ padding, pooling phase, global statistics). For each overlap pixel, its distance
 edge of either window is ``min(p - s, W - 1 - p)``; the error profile ``E(d)`` is the largest difference
 among overlap pixels at distance ``>= d``. The **halo** is the smallest ``d`` with ``E(d) <= tol`` (pixels
 at least that far from a tile edge are exact, so a tiling border of ``halo`` pixels is seamless). The
-**stride** is the smallest shift for which such a ``d`` exists: shifting a pooling network by less than
-its total pooling factor changes the pooling phase and the whole overlap differs. Shifts of ``s``, ``2s``
-and ``3s`` cover several phases; the halo is the largest of their halos. A network whose overlap never
-becomes consistent at any shift has **global context** (global pooling, dense heads, per-image
-normalisation): no border makes its tiling seamless. The probe needs only windows of the tile size, so it
-works for fixed-size graphs too. Single-impulse probes (StarDist's method) see one pooling phase and under-
-report; this probe sees every phase present in the overlap.
+**stride** is the smallest shift whose overlap agrees beyond some distance: shifting a pooling network by
+less than its total pooling factor changes the pooling phase and the whole overlap differs.
+
+Receptive fields larger than the window
+---------------------------------------
+A ResNet encoder sees hundreds of pixels: in a 256-pixel window no pixel is out of reach of the edges, so no
+``d`` is exact. That is not global context. The probe therefore grows the window along the measured axis
+(other axes stay at the base window, so cost grows linearly), doubling up to ``max_probe_size``, and reads the
+**decay** of the profile: on the stride grid a local network's error falls with distance
+(``E(D/4) / E(3D/4) >= DECAY_RATIO``, ``D`` the largest distance), while a shift off the grid changes the
+whole overlap. Once the profile reaches the tolerance the halo is exact; if the largest window still shows
+decay but not the tolerance, the halo is reported as a **lower bound** (``halo_bound``).
+
+Global context needs evidence
+-----------------------------
+Global pooling, dense heads and per-image normalisation make every pixel depend on content arbitrarily far
+away. The **far-content probe** blanks the last quarter of a window along the axis and measures how much the
+prediction changes in the first eighth, at a distance of at least ``5W/8`` from the change. A local network's
+change there falls as the window (and so the distance) grows, and vanishes beyond its receptive field; a
+global statistic changes it by about the same amount however far away the change is. Global context is
+reported only on that evidence: the far change exceeds the tolerance beyond an exactly measured halo, or it
+does not fall (by more than ``1/FAR_FALL``) when the distance doubles; or, as before, a small shift is
+consistent while a larger one is not, or a crop's prediction differs from the whole prediction beyond the
+halo (window-size dependent geometry, such as ``align_corners=True`` resampling).
 
 Tolerance: two predictions agree when they differ by at most ``TOLERANCE * max(1, output range)``
 (``TOLERANCE = 1e-4``): float32 networks reproduce a pixel bit-for-bit or to ~1e-6 when only its position
@@ -61,6 +78,19 @@ SEED = 20240521
 DEFAULT_TILE = 64
 #: Largest shift tried when searching the stride of a fixed-size graph.
 MAX_STRIDE = 32
+#: A shift profile "decays" when ``E(D/4) / E(3D/4)`` is at least this (a local network, receptive field
+#: larger than the window); off-grid shifts and global statistics stay within a factor of ~3.
+DECAY_RATIO = 8.0
+#: A crop's prediction may differ from the whole prediction beyond the halo by this many tolerances before it
+#: counts as evidence: at a crop's corners two edges' sub-tolerance effects add up.
+EQ_FACTOR = 10.0
+#: Far-content change must fall by more than this factor when its distance doubles, or it is global.
+FAR_FALL = 2.0
+#: The halo probe starts from windows of at most this many pixels per axis (the halo does not depend on the
+#: tile; a 1024-pixel denoiser tile need not be probed whole to find it).
+BASE_WINDOW = 256
+#: Largest window (pixels or voxels) a growing halo probe may feed the network.
+MAX_PROBE_PIXELS = 1 << 20
 
 
 class ProbeRejected(Exception):
@@ -102,6 +132,24 @@ class InvarianceResult:
     tolerance: float
     #: Every size tried: ``{"size": [...], "accepted": bool, "output": [...] | None}``.
     size_probes: list[dict[str, Any]] = field(default_factory=list)
+    #: Accepted sizes off the step whose output shrank or grew (not held against the model).
+    offstep_sizes: list[dict[str, Any]] = field(default_factory=list)
+    #: Largest window length used per axis by the halo probe.
+    probe_windows: tuple[int, ...] = ()
+    #: Per axis: ``E(D/4) / E(3D/4)`` of the deciding shift profile (None: exact, or not measured).
+    decay: tuple[float | None, ...] = ()
+    #: Per axis: ``{window: far-content change}``; see the module docstring.
+    far_change: list[dict[str, float]] = field(default_factory=list)
+    #: Why global context was concluded (empty when it was not).
+    global_evidence: list[str] = field(default_factory=list)
+    #: Where the halo could not be pinned but the error still fell with distance: it is at least this.
+    halo_bound: tuple[int | None, ...] = ()
+    #: Per axis: the level at which the shift error stopped falling (not exactly equivariant), and the
+    #: distance from which it holds (the overlap beyond which more overlap does not help).
+    residual: tuple[float | None, ...] = ()
+    effective_halo: tuple[int | None, ...] = ()
+    #: Largest change caused by far content, relative to the output range (global-context evidence).
+    global_strength: float | None = None
     #: Stopped early at the time budget; unmeasured fields are None.
     partial: bool = False
     notes: list[str] = field(default_factory=list)
@@ -120,7 +168,7 @@ class TilingResult:
     seam_error: float | None  # max |tiled - whole|
     seam_error_rel: float | None  # relative to the output range
     method: str  # "tiled-vs-whole", or "tiles-vs-centre-window" (fixed-size graphs: no whole prediction exists)
-    exact: bool | None  # seam error within tolerance
+    exact: bool | None  # seam error within tolerance (one per axis: where tiles meet at a corner, two add up)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,10 +186,47 @@ def _prime_factors(n: int) -> list[int]:
     return [*out, n] if n > 1 else out
 
 
+def _hash_image(coords: Sequence[np.ndarray], channels: int, seed: int) -> np.ndarray:
+    """Values in [0, 1) of the unbounded seeded probe image at the broadcast ``coords`` (one array per axis),
+    ``channels`` last: splitmix64 of the pixel's coordinates, so any window costs only its own memory and
+    every window agrees with every other on shared pixels."""
+    key: np.ndarray = np.asarray(np.uint64(seed & 0xFFFFFFFF))
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for c in coords:
+            key = (key * np.uint64(1_000_003)) ^ (c.astype(np.uint64) + mult)
+        key = key[..., None] * np.uint64(channels) + np.arange(channels, dtype=np.uint64)
+        z: np.ndarray = key + mult
+        z = np.bitwise_xor(z, np.right_shift(z, np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = np.bitwise_xor(z, np.right_shift(z, np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = np.bitwise_xor(z, np.right_shift(z, np.uint64(31)))
+    return np.right_shift(z, np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+
+
+@dataclass
+class _Axis:
+    """What the halo probe found on one axis."""
+
+    stride: int | None = None
+    halo: int | None = None
+    bound: int | None = None
+    window: int = 0
+    decay: float | None = None
+    offgrid: float | None = None
+    far: dict[int, float] = field(default_factory=dict)
+    evidence: list[str] = field(default_factory=list)
+    #: The error stopped falling at this level (not exactly equivariant) ...
+    residual: float | None = None
+    #: ... from about this distance on.
+    effective: int | None = None
+    #: Largest far-content change when it was the evidence for global context.
+    strength: float | None = None
+
+
 class Prober:
     """Runs cached probes of one session. Create one per model and share it (``ctx.cache``)."""
 
-    def __init__(self, session: Session, info: ModelInfo | None = None, *, max_probe_size: int = 512,
+    def __init__(self, session: Session, info: ModelInfo | None = None, *, max_probe_size: int = 2048,
                  time_budget: float = 60.0) -> None:
         self.session = session
         self.max_probe_size = max(8, int(max_probe_size))
@@ -169,11 +254,6 @@ class Prober:
         else:
             tile = tuple(int(d) if d is not None else DEFAULT_TILE for d in graph_spatial)
         self.tile: tuple[int, ...] = tile
-        # One seeded image big enough for every window: two tiles per axis plus room for shifts.
-        ext = tuple(2 * min(t, self.max_probe_size) + min(t, self.max_probe_size) // 2 + 8 for t in tile)
-        ext = tuple(max(e, t) for e, t in zip(ext, tile))
-        rng = np.random.default_rng(SEED)
-        self.image = rng.random((*ext, self.channels), dtype=np.float32)
         self._cache: dict[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray | ProbeRejected] = {}
         self.invariance: InvarianceResult | None = None
         self.tilings: dict[tuple[int, ...], TilingResult] = {}
@@ -184,8 +264,19 @@ class Prober:
         return time.perf_counter() - self.t0 > self.time_budget
 
     def crop(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        idx = tuple(slice(o, o + n) for o, n in zip(origin, size))
-        return self.image[idx]
+        """The probe image's window at ``origin`` of ``size`` (``[*size, channels]`` float32)."""
+        grids = np.ix_(*(np.arange(o, o + n, dtype=np.int64) for o, n in zip(origin, size)))
+        return _hash_image(grids, self.channels, SEED)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One prediction of one window (batch of 1: every backend and fixed-batch graph takes it)."""
+        start = time.perf_counter()
+        try:
+            out = np.asarray(self.session.predict(x[None]))
+        finally:
+            self.predictions += 1
+            self.predict_seconds += time.perf_counter() - start
+        return out[0] if out.ndim >= 1 and out.shape[0] == 1 else out
 
     def predict(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
         """Prediction (without batch axis) of the window at ``origin`` of ``size``; cached.
@@ -194,18 +285,12 @@ class Prober:
         key = (tuple(int(v) for v in origin), tuple(int(v) for v in size))
         hit = self._cache.get(key)
         if hit is None:
-            if any(o < 0 or o + n > e for o, n, e in zip(key[0], key[1], self.image.shape)):
-                raise ValueError(f"probe window {key} outside the probe image {self.image.shape[:-1]}")
-            batch = self.crop(*key)[None]
-            start = time.perf_counter()
+            if any(o < 0 for o in key[0]):
+                raise ValueError(f"probe window {key} starts before the probe image")
             try:
-                out = np.asarray(self.session.predict(batch))
-                hit = out[0] if out.ndim >= 1 and out.shape[0] == 1 else out
+                hit = self._run(self.crop(*key))
             except Exception as exc:  # any refusal of a size is a measurement, not a crash
                 hit = ProbeRejected(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            finally:
-                self.predictions += 1
-                self.predict_seconds += time.perf_counter() - start
             self._cache[key] = hit
         if isinstance(hit, ProbeRejected):
             raise hit
@@ -213,9 +298,7 @@ class Prober:
 
     def predict_uncached(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
         """A fresh prediction of a window (for the determinism check)."""
-        out = np.asarray(self.session.predict(self.crop(origin, size)[None]))
-        self.predictions += 1
-        return out[0] if out.ndim >= 1 and out.shape[0] == 1 else out
+        return self._run(self.crop(origin, size))
 
     def tile_prediction(self) -> np.ndarray:
         return self.predict((0,) * self.spatial_ndim, self.tile)
@@ -247,31 +330,38 @@ class Prober:
                      notes: list[str]) -> tuple[list[int | None], bool, bool]:
         """Per axis, the smallest size change the graph accepts with a matching output.
 
-        Accepted sizes of a pooling network form a lattice (multiples of its step), so: shrink every axis
-        together by d = 1, 2, ... until the graph accepts (off-grid sizes are refused on the way), then
-        reduce that joint step per axis by its prime factors (``d / p`` accepted means the axis's step
-        divides ``d / p``). Shrinking keeps probes cheap; sizes never go below half the window.
+        Sizes on a pooling network's step form a lattice (multiples of the step), so: shrink every axis
+        together by d = 1, 2, 3, 4, then powers of two, then the rest, until the graph accepts with an output of
+        the same size, then reduce that joint step per axis by its prime factors (``d / p`` accepted means the
+        axis's step divides ``d / p``). A graph may also accept a size **off** the step and shrink it (a 63-pixel
+        input pooled to 31 and upsampled to 62): such a size is simply off the lattice and says nothing against
+        sizes on it, so only sizes on the step decide whether the output follows the input.
         """
         nd = len(window)
-        follows = True
         any_accepted = False
+        mismatched = False
 
         def sized(axis: int | None, d: int) -> tuple[int, ...]:
             return tuple(v - d if axis is None or i == axis else v for i, v in enumerate(window))
 
+        limit = max(2, min(window) // 2)
+        order = [1, 2, 3, 4] + [1 << k for k in range(3, limit.bit_length()) if (1 << k) <= limit]
+        order += [d for d in range(5, limit + 1) if d not in order]
         joint: int | None = None
-        for d in range(1, max(2, min(window) // 2) + 1):
+        for d in order:
+            if d > limit:
+                continue
             if self.over_budget:
                 notes.append("size probing stopped at the time budget")
                 break
             ok, same = self._accepts(sized(None, d), probes)
             any_accepted |= ok
-            follows &= same or not ok
+            mismatched |= ok and not same
             if ok and same:
                 joint = d
                 break
         if joint is None:
-            return [None] * nd, follows if any_accepted else True, any_accepted
+            return [None] * nd, not mismatched, any_accepted
         steps: list[int | None] = []
         for axis in range(nd):
             step = joint
@@ -280,19 +370,19 @@ class Prober:
                 reduced = False
                 for prime in _prime_factors(step):
                     ok, same = self._accepts(sized(axis, step // prime), probes)
-                    follows &= same or not ok
                     if ok and same:
                         step //= prime
                         reduced = True
                         break
             steps.append(step)
+        follows = True
         if not self.over_budget and all(w - 2 * (q or 0) >= 1 for w, q in zip(window, steps)):
             # Confirm on the grid: two steps on every axis at once must work too.
             size = tuple(w - 2 * (q or 0) for w, q in zip(window, steps))
             ok, same = self._accepts(size, probes)
             if not (ok and same):
                 notes.append(f"size {list(sized(None, joint))} works but {list(size)} does not")
-                follows &= same or not ok
+                follows = same or not ok
         return steps, follows, any_accepted
 
     # -- shift consistency --------------------------------------------------------------------------------
@@ -318,11 +408,9 @@ class Prober:
         per_p = diff.max(axis=other) if other else diff  # indexed by p - shift
         p = np.arange(shift, w)
         dist = np.minimum(p - shift, w - 1 - p)
-        dmax = int(dist.max())
-        profile = np.zeros(dmax + 1)
-        for d in range(dmax + 1):
-            profile[d] = per_p[dist >= d].max()
-        return profile
+        per_d = np.zeros(int(dist.max()) + 1)
+        np.maximum.at(per_d, dist, per_p)
+        return np.maximum.accumulate(per_d[::-1])[::-1]  # max over distances >= d
 
     @staticmethod
     def halo_from_profile(profile: np.ndarray, tol: float) -> int | None:
@@ -332,64 +420,197 @@ class Prober:
         h = int(bad.max()) + 1
         return h if h < profile.size else None
 
+    @staticmethod
+    def decay_of(profile: np.ndarray) -> float:
+        """``E(D/4) / E(3D/4)``: how much the error falls over the middle half of the distances."""
+        dmax = profile.size - 1
+        far = float(profile[(3 * dmax) // 4])
+        near = float(profile[dmax // 4])
+        return near / far if far > 0 else math.inf
+
+    def _classify(self, axis: int, shift: int, window: tuple[int, ...], tol: float
+                  ) -> tuple[str, int | None, float | None]:
+        """("exact", halo, None), ("decaying", None, ratio) or ("flat", None, ratio); ("none", ...) when the
+        shift does not fit (at most a quarter window) or the graph refused."""
+        if shift > window[axis] // 4:
+            return "none", None, None
+        prof = self.shift_profile(axis, shift, window)
+        if prof is None or prof.size < 4:
+            return "none", None, None
+        halo = self.halo_from_profile(prof, tol)
+        if halo is not None:
+            return "exact", halo, None
+        ratio = self.decay_of(prof)
+        return ("decaying" if ratio >= DECAY_RATIO else "flat"), None, ratio
+
     def _consistent(self, axis: int, shift: int, window: tuple[int, ...], tol: float) -> int | None:
         """Halo for this shift, or None when the overlap never agrees (or the shift does not fit)."""
-        if shift > window[axis] // 4:
-            return None
-        prof = self.shift_profile(axis, shift, window)
-        return self.halo_from_profile(prof, tol) if prof is not None else None
+        kind, halo, _ = self._classify(axis, shift, window, tol)
+        return halo if kind == "exact" else None
 
-    def _stride_and_halo(self, axis: int, window: tuple[int, ...], step: int | None,
-                         tol: float, notes: list[str]) -> tuple[int | None, int | None, float | None]:
-        """(stride, halo, off-grid interior error) along one axis.
+    def _candidates(self, w: int, step: int | None) -> list[int]:
+        """Shifts to try as the stride: small multiples of the size step, then its power-of-two multiples (a
+        network may accept every size yet be equivariant only under shifts of 32)."""
+        base = step or 1
+        out = {k * base for k in (1, 2, 3, 4)} | {base << k for k in range(1, 12)}
+        if not step:
+            out |= set(range(1, min(MAX_STRIDE, w // 4) + 1))
+        return sorted(s for s in out if s <= w // 4)
 
-        Consistent shifts are the multiples of the stride. Start from the first consistent shift among
-        ``q, 2q, 3q, 4q`` (``q`` the size step; fixed graphs: 1, 2, 3, ...), then divide it by its prime
-        factors while the quotient stays consistent: the result is the smallest consistent shift. The
-        halo is the largest over the phases ``s, 2s, 3s`` and a far shift of about a quarter window (a
-        global statistic moves little for a small shift, much for a large one). A stride whose other
-        phases never agree gives ``(s, None)``: the output depends on more than the window can show.
-        """
-        w = window[axis]
-        candidates = [k * step for k in (1, 2, 3, 4)] if step else list(range(1, min(MAX_STRIDE, w // 4) + 1))
-        stride: int | None = None
-        halos: dict[int, int] = {}
-        for s in candidates:
-            if s > w // 4 or self.over_budget:
+    def _find_stride(self, axis: int, window: tuple[int, ...], step: int | None, tol: float
+                     ) -> tuple[int | None, str, int | None, float | None]:
+        """The smallest shift whose overlap agrees beyond some distance (exact) or whose error decays."""
+        for s in self._candidates(window[axis], step):
+            if self.over_budget:
                 break
-            h = self._consistent(axis, s, window, tol)
-            if h is not None:
-                stride, halos[s] = s, h
-                break
-        if stride is None:
-            return None, None, None
-        reduced = True
-        while reduced and stride > 1 and not self.over_budget:
-            reduced = False
-            for prime in _prime_factors(stride):
-                h = self._consistent(axis, stride // prime, window, tol)
-                if h is not None:
-                    stride //= prime
-                    halos[stride] = h
-                    reduced = True
-                    break
-        # Every further shift must leave an overlap wide enough to show the halo already found, so that
-        # disagreement there means the interior moved, not that the overlap got too narrow.
-        room = w - 1 - 2 * (max(halos.values()) + 2)
-        far = min(w // 4, room) // stride * stride
-        for shift in sorted({k * stride for k in (1, 2, 3) if k * stride <= far} | ({far} if far > 0 else set())):
-            if shift in halos or self.over_budget:
+            kind, halo, ratio = self._classify(axis, s, window, tol)
+            if kind not in ("exact", "decaying"):
                 continue
-            h = self._consistent(axis, shift, window, tol)
-            if h is None:
-                notes.append(f"axis {axis}: shift {stride} is consistent but shift {shift} is not")
-                return stride, None, None
-            halos[shift] = h
-        offgrid: float | None = None
-        if stride > 1 and not self.over_budget:
-            prof = self.shift_profile(axis, 1, window)
-            offgrid = float(prof[-1]) if prof is not None else None
-        return stride, max(halos.values()), offgrid
+            reduced = True
+            while reduced and s > 1 and not self.over_budget:
+                reduced = False
+                for prime in _prime_factors(s):
+                    k2, h2, r2 = self._classify(axis, s // prime, window, tol)
+                    if k2 in ("exact", "decaying"):
+                        s, kind, halo, ratio, reduced = s // prime, k2, h2, r2, True
+                        break
+            return s, kind, halo, ratio
+        return None, "flat", None, None
+
+    def _far_change(self, axis: int, window: tuple[int, ...]) -> float | None:
+        """Largest change in the first eighth of the window when its last quarter is blanked (set to 0)."""
+        pair = self._content_change(axis, window)
+        return pair[0] if pair is not None else None
+
+    def _content_change(self, axis: int, window: tuple[int, ...]) -> tuple[float, float] | None:
+        """(far, near): the largest change in the window's first eighth (at least ``5W/8`` from the blanked last
+        quarter) and in the eighth next to the blanked quarter."""
+        w = window[axis]
+        if w < 16:
+            return None
+        zero = (0,) * len(window)
+        try:
+            base = self.predict(zero, window)
+        except ProbeRejected:
+            return None
+        x = self.crop(zero, window)
+        idx: list[Any] = [slice(None)] * x.ndim
+        idx[axis] = slice(w - w // 4, w)
+        x[tuple(idx)] = 0.0
+        try:
+            changed = self._run(x)
+        except Exception:
+            return None
+        if changed.shape != base.shape or self._spatial_out(base) != window:
+            return None
+        def band(lo: int, hi: int) -> float:
+            diff = np.abs(np.take(changed, range(lo, hi), axis=axis).astype(np.float64)
+                          - np.take(base, range(lo, hi), axis=axis).astype(np.float64))
+            return float(diff.max()) if np.isfinite(diff).all() else math.inf
+
+        e = max(1, w // 8)
+        return band(0, e), band(w - w // 4 - e, w - w // 4)
+
+    def _windows(self, base: tuple[int, ...], axis: int, grid: int, growable: bool) -> list[tuple[int, ...]]:
+        """The base window, then the measured axis doubled (on the grid) up to ``max_probe_size`` and
+        ``MAX_PROBE_PIXELS``."""
+        out = [base]
+        if not growable:
+            return out
+        others = math.prod(v for i, v in enumerate(base) if i != axis)
+        w = base[axis]
+        while True:
+            w = 2 * w
+            w -= w % max(1, grid)
+            if w > self.max_probe_size or w * others > MAX_PROBE_PIXELS or w <= out[-1][axis]:
+                return out
+            out.append(tuple(w if i == axis else v for i, v in enumerate(base)))
+
+    def _probe_axis(self, axis: int, base: tuple[int, ...], step: int | None, growable: bool,
+                    tol: float, notes: list[str]) -> _Axis:
+        """Stride, halo (or its lower bound) and global-context evidence along one axis."""
+        res = _Axis()
+        stride: int | None = None
+        for window in self._windows(base, axis, step or 1, growable):
+            if self.over_budget:
+                notes.append(f"axis {axis}: halo probing stopped at the time budget")
+                break
+            w = window[axis]
+            res.window = w
+            if stride is None:
+                stride, kind, halo, ratio = self._find_stride(axis, window, step, tol)
+            else:
+                kind, halo, ratio = self._classify(axis, stride, window, tol)
+            far = self._far_change(axis, window)
+            if far is not None:
+                res.far[w] = far
+            if kind == "exact" and halo is not None and stride is not None:
+                halos = {stride: halo}
+                room = w - 1 - 2 * (halo + 2)
+                far_shift = min(w // 4, room) // stride * stride
+                for shift in sorted({k * stride for k in (2, 3) if k * stride <= far_shift}
+                                    | ({far_shift} if far_shift > 0 else set())):
+                    if shift in halos or self.over_budget:
+                        continue
+                    h = self._consistent(axis, shift, window, tol)
+                    if h is None:
+                        res.evidence.append(f"axis {axis}: shift {stride} is consistent but shift {shift} is not "
+                                            "(a statistic of the whole window)")
+                        prof = self.shift_profile(axis, shift, window)
+                        res.strength = float(prof[(prof.size - 1) // 2]) if prof is not None else None
+                        break
+                    halos[shift] = h
+                res.stride, res.decay = stride, None
+                if not res.evidence:
+                    res.halo = max(halos.values())
+                    if far is not None and far > tol and w // 2 + w // 8 >= 2 * max(res.halo, 8):
+                        res.evidence.append(f"axis {axis}: blanking content {w // 2 + w // 8} px away changes "
+                                            f"the output by {far:.3g}, far beyond the halo of {res.halo} px")
+                        res.strength = far
+                        res.halo = None
+                    elif far is not None and far > tol and len(self._windows(base, axis, step or 1, growable)) \
+                            > len(res.far):
+                        continue  # content beyond the halo still matters here: look further before concluding
+                break
+            res.decay = ratio
+            if kind == "decaying" and stride is not None:
+                res.stride = stride
+                res.bound = w // 2 - stride  # no distance within this window was exact
+            elif res.stride is not None and stride is not None:
+                # It decayed in a smaller window and has stopped falling in this one: a floor that no
+                # overlap removes (window-dependent resampling or a weak statistic of the window).
+                prof = self.shift_profile(axis, stride, window)
+                if prof is not None:
+                    res.residual = float(prof[(3 * (prof.size - 1)) // 4])
+                    res.effective = int(np.nonzero(prof <= 2 * res.residual)[0][0])
+                    res.bound = None
+            else:
+                stride = None  # not settled: search again in the larger window
+            fars = [res.far[k] for k in sorted(res.far)]
+            if len(fars) >= 3 and min(fars[-3:]) > tol and fars[-1] * FAR_FALL >= fars[-2] \
+                    and fars[-2] * FAR_FALL >= fars[-3]:
+                res.evidence.append(f"axis {axis}: blanking content {w // 2 + w // 8} px away changes the output "
+                                    f"by {fars[-1]:.3g} (at a quarter of that distance: {fars[-3]:.3g}): the change "
+                                    "does not fall with distance")
+                res.strength = max(fars[-3:])
+                res.stride = res.bound = res.residual = res.effective = None
+                break
+            if res.residual is not None:
+                break
+        if not growable and res.halo is None and not res.evidence and not self.over_budget:
+            # A fixed-size graph gives one window only: the change must fall between the band next to the
+            # blanked quarter and the band 5/8 of the window away, or the whole window is the context.
+            pair = self._content_change(axis, base)
+            if pair is not None and pair[0] > tol and pair[0] * FAR_FALL >= pair[1]:
+                res.evidence.append(f"axis {axis}: blanking the last quarter of the fixed tile changes the output "
+                                    f"{base[axis] // 2 + base[axis] // 8} px away by {pair[0]:.3g} (next to it: "
+                                    f"{pair[1]:.3g}): the change does not fall with distance")
+                res.strength, res.stride = pair[0], None
+        if res.stride is not None and res.stride > 1 and not self.over_budget and not res.evidence:
+            win = tuple(res.window if i == axis else v for i, v in enumerate(base))
+            prof = self.shift_profile(axis, 1, win)
+            res.offgrid = float(prof[-1]) if prof is not None else None
+        return res
 
     # -- the measurements ---------------------------------------------------------------------------------
     def measure_invariance(self) -> InvarianceResult:
@@ -404,89 +625,89 @@ class Prober:
         fixed: tuple[int, ...] | None
         steps: list[int | None]
         follows: bool | None
+        window = tuple(min(t, self.max_probe_size - self.max_probe_size % 16) if t > self.max_probe_size
+                       else t for t in self.tile)
         if self.graph_fixed is not None:
             fixed, steps, follows, accepts = self.graph_fixed, [None] * nd, None, False
-            window = self.graph_fixed
+            window = base = self.graph_fixed
             if any(v > self.max_probe_size for v in window):
                 notes.append(f"fixed tile {list(window)} exceeds --max-probe-size {self.max_probe_size}: "
                              "probing skipped")
-                self.invariance = InvarianceResult(nd, window, False, fixed, tuple(steps), None, (None,) * nd,
-                                                   (None,) * nd, False, None, None, None, self.output_range(),
-                                                   tol, probes, True, notes, 0, 0.0)
+                self.invariance = InvarianceResult(
+                    nd, window, False, fixed, tuple(steps), None, (None,) * nd, (None,) * nd, False, None, None,
+                    None, self.output_range(), tol, probes, partial=True, notes=notes, halo_bound=(None,) * nd)
                 return self.invariance
         else:
-            window = tuple(min(t, self.max_probe_size - self.max_probe_size % 16) if t > self.max_probe_size
-                           else t for t in self.tile)
-            steps, follows, accepts = self._probe_sizes(window, probes, notes)
+            base = tuple(min(w, BASE_WINDOW) for w in window)
+            steps, follows, accepts = self._probe_sizes(base, probes, notes)
+            base = tuple(b - b % q if q and b % q and b - b % q >= q else b for b, q in zip(base, steps))
             fixed = None if accepts or self.over_budget else window
             if fixed is not None:
                 notes.append(f"the graph declares free spatial dims but refused every size other than "
                              f"{list(window)}")
-        strides: list[int | None] = []
-        halos: list[int | None] = []
-        offgrid_errors: list[float] = []
-        global_context = False
-        unmeasured = False
-        for axis in range(nd):
-            q = steps[axis]
-            stride, halo, off = self._stride_and_halo(axis, window, q, tol, notes)
-            bigger = window
-            if halo is None and accepts and not self.over_budget:
-                bigger = tuple(min(2 * v, max(v, self.max_probe_size)) if i == axis else v
-                               for i, v in enumerate(window))
-                if q:
-                    bigger = tuple(v - v % q if i == axis else v for i, v in enumerate(bigger))
-                if bigger[axis] > window[axis]:
-                    notes.append(f"axis {axis}: no consistent halo in a {window[axis]}-pixel window; "
-                                 f"retried with {bigger[axis]}")
-                    stride, halo, off = self._stride_and_halo(axis, bigger, q, tol, notes)
-            tried = max(window[axis], bigger[axis]) if halo is None and accepts else window[axis]
-            if halo is None and not self.over_budget:
-                # Consistent at a small shift but not at a larger one (with room for the halo): a global
-                # statistic. Never consistent within a window as large as the tile: the receptive field
-                # covers the tile. Either way the output depends on the whole tile.
-                definite = stride is not None
-                stride = None
-                if definite or tried >= self.tile[axis]:
-                    global_context = True
+        axes = [self._probe_axis(axis, base, steps[axis], accepts and steps[axis] is not None, tol, notes)
+                for axis in range(nd)]
+        evidence = [e for a in axes for e in a.evidence]
+        for axis, a in enumerate(axes):
+            if a.halo is None and not a.evidence and not self.over_budget:
+                if a.bound is not None:
+                    notes.append(f"axis {axis}: the halo is at least {a.bound} px: the error still falls with "
+                                 f"distance at the largest probe window ({a.window} px; raise --max-probe-size "
+                                 "to pin it)")
                 else:
-                    unmeasured = True
-                    notes.append(f"axis {axis}: the halo is wider than half of a {tried}-pixel window; the tile "
-                                 f"is {self.tile[axis]}: raise --max-probe-size to measure it")
-            strides.append(stride)
-            halos.append(halo)
-            if off is not None and stride is not None and stride > 1:
-                offgrid_errors.append(off)
-        eq_abs, eq_rel = self._equivariance(window, steps, strides, halos, accepts, global_context, tol)
-        if eq_abs is not None and eq_abs > tol and not global_context and not unmeasured:
+                    notes.append(f"axis {axis}: the halo is wider than half of a {a.window}-pixel window and no "
+                                 "decay was seen: raise --max-probe-size to measure it")
+        strides = [a.stride for a in axes]
+        halos = [a.halo for a in axes]
+        global_context = bool(evidence)
+        eq_abs, eq_rel = self._equivariance(window, steps, strides, halos if not evidence else [None] * nd,
+                                            accepts, tol, centre_only=bool(evidence))
+        if eq_abs is not None and eq_abs > EQ_FACTOR * tol and not global_context and all(h is not None for h in halos):
+            evidence.append(f"a crop's prediction differs from the whole prediction by {eq_abs:.3g} beyond the "
+                            "halo: the output depends on the window's size or content as a whole")
             global_context = True
-            notes.append(f"a crop's prediction differs from the whole prediction by {eq_abs:.3g} beyond the "
-                         "halo: the output depends on the window's size or content as a whole")
-        rng = self.output_range()
+            axes[0].strength = eq_abs
+        if global_context:
+            halos = [None] * nd
+        offgrid = [a.offgrid for a in axes if a.offgrid is not None]
+        strengths = [a.strength for a in axes if a.strength is not None]
         self.invariance = InvarianceResult(
             spatial_ndim=nd, window=window, accepts_other_sizes=accepts, fixed_size=fixed, step=tuple(steps),
-            output_follows_input=follows, stride=tuple(strides), halo=tuple(halos),
-            global_context=global_context, equivariance_error=eq_abs, equivariance_error_rel=eq_rel,
-            offgrid_shift_error=max(offgrid_errors) if offgrid_errors else None, output_range=rng,
-            tolerance=tol, size_probes=probes, partial=self.over_budget, notes=notes,
-            predictions=self.predictions - n0, seconds=round(time.perf_counter() - start, 4))
+            output_follows_input=follows, stride=tuple(None if global_context else s for s in strides),
+            halo=tuple(halos), global_context=global_context, equivariance_error=eq_abs,
+            equivariance_error_rel=eq_rel, offgrid_shift_error=max(offgrid) if offgrid else None,
+            output_range=self.output_range(), tolerance=tol,
+            size_probes=[p for p in probes if p["accepted"] is False or p["output"] == p["size"]],
+            offstep_sizes=[p for p in probes if p["accepted"] and p["output"] != p["size"]],
+            partial=self.over_budget, notes=notes + evidence, predictions=self.predictions - n0,
+            seconds=round(time.perf_counter() - start, 4), probe_windows=tuple(a.window for a in axes),
+            decay=tuple(a.decay for a in axes), far_change=[{str(k): v for k, v in a.far.items()} for a in axes],
+            global_evidence=evidence,
+            halo_bound=tuple(None if global_context or a.halo is not None else a.bound for a in axes),
+            residual=tuple(None if global_context else a.residual for a in axes),
+            effective_halo=tuple(None if global_context else a.effective for a in axes),
+            global_strength=(max(strengths) / max(self.output_range(), 1e-12) if strengths else None))
         return self.invariance
 
     def _equivariance(self, window: tuple[int, ...], steps: list[int | None], strides: list[int | None],
-                      halos: list[int | None], accepts: bool, global_context: bool,
-                      tol: float) -> tuple[float | None, float | None]:
-        """Crop-versus-whole by value (free graphs), or shifted tile windows (fixed graphs)."""
+                      halos: list[int | None], accepts: bool, tol: float, *, centre_only: bool = False
+                      ) -> tuple[float | None, float | None]:
+        """Crop-versus-whole by value (free graphs), or shifted tile windows (fixed graphs). Beyond the halo; for
+        a model already found to have global context, at the crop's centre (a measurement, not evidence)."""
         nd = len(window)
         if self.over_budget:
             return None, None
         rng = max(self.output_range(), 1e-12)
         grid = [math.lcm(s or 1, q or 1) for s, q in zip(strides, steps)]
-        margins = [h if h is not None else None for h in halos]
-        if accepts and all(q is not None for q in steps) and not self.over_budget:
+        if accepts and all(q is not None for q in steps):
+            if centre_only:
+                halos = [w // 2 - 1 for w in window]
+            elif any(h is None or 2 * h >= w for h, w in zip(halos, window)):
+                return None, None  # no pixel of the window is known to be beyond the halo
             big = tuple(min(2 * w, max(w, self.max_probe_size)) for w in window)
             big = tuple(b - b % g for b, g in zip(big, grid))
             offs = tuple(((b - w) // 2) // g * g for b, w, g in zip(big, window, grid))
-            if all(b >= w for b, w in zip(big, window)):
+            if all(b >= w for b, w in zip(big, window)) and math.prod(big) <= 4 * MAX_PROBE_PIXELS:
                 try:
                     whole = self.predict((0,) * nd, big)
                     crop = self.predict(offs, window)
@@ -495,14 +716,11 @@ class Prober:
                 ref = whole[tuple(slice(o, o + w) for o, w in zip(offs, window))]
                 if ref.shape != crop.shape:
                     return None, None
-                inner = []
-                for m, w in zip(margins, window):
-                    m = m if m is not None else w // 2 - 1  # global context: the centre only
-                    m = min(m, (w - 1) // 2)
-                    inner.append(slice(m, w - m))
-                diff = np.abs(crop[tuple(inner)].astype(np.float64) - ref[tuple(inner)].astype(np.float64))
+                inner = tuple(slice(h, w - h) for h, w in zip(halos, window) if h is not None)
+                diff = np.abs(crop[inner].astype(np.float64) - ref[inner].astype(np.float64))
                 err = float(np.nanmax(diff)) if diff.size else 0.0
                 return err, err / rng
+            return None, None
         # Fixed graphs: the worst interior error of tile-size windows shifted by the stride (or 1).
         errs = []
         for axis in range(nd):
@@ -568,7 +786,7 @@ class Prober:
         tol = inv.tolerance
         if inv.accepts_other_sizes and all(q is not None for q in inv.step):
             full = tuple(w + p for w, p in zip(window, pos))
-            if any(f > e for f, e in zip(full, self.image.shape)):
+            if math.prod(full) > 4 * MAX_PROBE_PIXELS:
                 return None
             try:
                 whole = self.predict((0,) * nd, full)
@@ -586,7 +804,7 @@ class Prober:
                 stitched[region] = pred[local]
             diff = np.abs(stitched.astype(np.float64) - whole.astype(np.float64))
             err = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
-            result = TilingResult(used, err, err / rng, "tiled-vs-whole", err <= tol)
+            result = TilingResult(used, err, err / rng, "tiled-vs-whole", err <= nd * tol)
         else:
             errs = []
             for axis in range(nd):
@@ -596,7 +814,7 @@ class Prober:
             if not errs:
                 return None
             err = max(errs)
-            result = TilingResult(used, err, err / rng, "tiles-vs-centre-window", err <= tol)
+            result = TilingResult(used, err, err / rng, "tiles-vs-centre-window", err <= nd * tol)
         self.tilings[key] = result
         return result
 

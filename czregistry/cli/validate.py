@@ -20,8 +20,8 @@ from ._common import echo_json, handle_errors, require_package_file
               help="Also write a shareable report (.html or .md) including the package's SHA-256.")
 @click.option("--backend", default=None, help="Inference backend for model checks (see 'czreg plugins').")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
-@click.option("--max-probe-size", type=click.IntRange(min=8), default=512, show_default=True,
-              help="Largest spatial size (pixels per axis) that model probes feed the network.")
+@click.option("--max-probe-size", type=click.IntRange(min=8), default=2048, show_default=True,
+              help="Largest window (pixels per axis) the halo probe grows to before it reports a lower bound.")
 @click.option("--time-budget", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Soft limit in seconds for model probing per package.")
 def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
