@@ -62,6 +62,29 @@ class Session(abc.ABC):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run a float32 batch ``[n, h, w, c]`` (or ``[n, z, h, w, c]``); return the single output."""
 
+    @property
+    def batch_limit(self) -> int | None:
+        """The most tiles one ``predict`` call takes: the graph's fixed batch dimension (ZEISS exports some
+        models with batch 1, which the format allows), or None when it is free."""
+        shape = self.signature.inputs[0].shape if self.signature.inputs else ()
+        return int(shape[0]) if shape and shape[0] is not None else None
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``predict`` for any number of tiles: split into calls the graph accepts when its batch is fixed.
+
+        Raises ``BackendError`` for a graph whose batch is fixed at more than 1 (the format allows 1 or free)
+        and a batch that is not a multiple of it."""
+        limit = self.batch_limit
+        n = int(batch.shape[0])
+        if limit is None or n == limit:
+            return self.predict(batch)
+        if limit != 1:
+            raise BackendError(f"the model's batch dimension is fixed at {limit}; CZANN models take batch 1 or a "
+                               "free batch", hint="re-export the model with a free (or size 1) batch dimension")
+        import numpy as np
+
+        return np.concatenate([self.predict(batch[i:i + 1]) for i in range(n)], axis=0)
+
     def close(self) -> None:  # noqa: B027 - optional for backends holding nothing
         """Release resources; idempotent."""
 

@@ -434,7 +434,7 @@ class TiledPredictor:
                     break
                 metas, xs = item
                 t0 = clock()
-                ys = self.session.predict(xs)
+                ys = self.session.predict_batch(xs)
                 self.predict_seconds += clock() - t0
                 self._check_output(xs, ys)
                 if not put(q_out, (metas, ys)):
@@ -496,6 +496,9 @@ def _model_facts(session: Session, info: ModelInfo, tile_override: Sequence[int]
         raise RunError(f"the model has {len(sig.inputs)} inputs and {len(sig.outputs)} outputs; tiling needs "
                        "exactly one of each")
     in_shape = sig.inputs[0].shape
+    if in_shape and in_shape[0] is not None and in_shape[0] != 1:
+        raise RunError(f"the model's batch dimension is fixed at {in_shape[0]}; CZANN models take batch 1 or a free "
+                       "batch", hint="re-export the model with a free (or size 1) batch dimension")
     nd = info.spatial_ndim or len(in_shape) - 2
     graph = tuple(in_shape[1:-1])
     tile = tuple(tile_override) if tile_override else (info.tile or None)
@@ -543,6 +546,9 @@ def plan_for_model(session: Session, info: ModelInfo, spatial: Sequence[int], op
                    notes: list[str]) -> tuple[TileGrid, ModelGeometry, int, int]:
     """Choose the tile grid for one plane of ``spatial`` size: tile, stride, border, geometry."""
     tile, in_ch, out_ch = _model_facts(session, info, options.tile)
+    if session.batch_limit == 1 and options.batch_size > 1:
+        notes.append(f"the model's batch is fixed at 1: each batch of {options.batch_size} tiles runs as "
+                     f"{options.batch_size} single-tile calls")
     geom = model_geometry(session, info, probe=options.probe, time_budget=options.probe_budget)
     if options.step is not None:
         geom = ModelGeometry((options.step,) * len(tile), geom.halo, "given", geom.global_context, geom.notes)

@@ -109,6 +109,7 @@ MODEL_CHECKS = (
 @hookimpl
 def register_checks(register: Any) -> None:
     from . import metadata as metadata_checks
+    from .compat import CompatibilityCheck
 
-    for check in [*metadata_checks.CHECKS, *MODEL_CHECKS]:
+    for check in [*metadata_checks.CHECKS, CompatibilityCheck(), *MODEL_CHECKS]:
         register(check)

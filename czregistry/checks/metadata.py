@@ -286,6 +286,51 @@ def check_scaling(f: MetadataFacts) -> list[Finding]:
     return out
 
 
+#: Values that identify a person or their machine when a package is shared: user folders on Windows, Linux and
+#: macOS, UNC shares, and e-mail addresses.
+_PRIVATE = (
+    ("a Windows user folder", r"[A-Za-z]:[\\/]+(?:Users|Documents and Settings)[\\/]+[^\\/]+"),
+    ("a home folder", r"(?<![\w.])/(?:home|Users)/[^/\s]+"),
+    ("a network share", r"^\\\\[^\\]+\\[^\\]+"),
+    ("an e-mail address", r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+)
+
+
+def _strings(value: Any, path: tuple[str | int, ...] = ()) -> Iterable[tuple[tuple[str | int, ...], str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, (*path, i))
+
+
+def check_privacy(f: MetadataFacts) -> list[Finding]:
+    """Metadata that leaks local paths, user names or e-mail addresses to whoever receives the package."""
+    import getpass
+    import re
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = ""
+    out = []
+    for path, text in _strings(f.meta):
+        what = next((label for label, pattern in _PRIVATE if re.search(pattern, text)), None)
+        if what is None and len(user) >= 3 and user not in ("root", "user", "admin") and \
+                re.search(rf"(?<![\w]){re.escape(user)}(?![\w])", text, re.IGNORECASE):
+            what = f"this machine's user name '{user}'"
+        if what is not None:
+            field_name = "/".join(str(p) for p in path)
+            out.append(Finding.warning("metadata.privacy", f"'{field_name}' contains {what}: it reaches everyone "
+                                       "the package is shared with", location=f.at(*path),
+                                       hint="remove personal paths, names and addresses before sharing "
+                                       "(czreg pack never writes them on its own)"))
+    return out
+
+
 Rule = Callable[[MetadataFacts], list[Finding]]
 #: Rules that also apply to a conversion spec's ModelMetadata (CZANN style).
 SPEC_RULES: tuple[Rule, ...] = (check_classes_count, check_class_names, check_min_overlap, check_dimensionality,
@@ -344,4 +389,5 @@ CHECKS: list[object] = [
     MetadataCheck("metadata.scaling", check_scaling, 26),
     MetadataCheck("metadata.pixel_types", check_pixel_types, 27),
     MetadataCheck("metadata.label_values", check_label_values, 28),
+    MetadataCheck("metadata.privacy", check_privacy, 29),
 ]
