@@ -54,6 +54,17 @@ def _smp(arch: str, encoder: str = "resnet18") -> Callable[[], Any]:
     return build
 
 
+def _confident(head: Any) -> Any:
+    """Scale a randomly initialised class head so its softmax spans [0, 1] the way a trained network's does:
+    at default initialisation two-class outputs hover around 0.5 and every difference hides below the
+    validator's absolute tolerance, which would make the test model say nothing."""
+    import torch
+
+    with torch.no_grad():
+        head.weight.mul_(40.0)
+    return head
+
+
 def _dilated_torch() -> Any:
     """A context-aggregation (atrous) network: dilations 1..16, no pooling, stride 1, halo ~ 31 px."""
     import torch
@@ -65,7 +76,7 @@ def _dilated_torch() -> Any:
     for rate in (1, 2, 4, 8, 16, 1):
         layers += [nn.Conv2d(ch, 16, 3, padding=rate, dilation=rate), nn.BatchNorm2d(16), nn.ReLU()]
         ch = 16
-    layers.append(nn.Conv2d(16, 2, 1))
+    layers.append(_confident(nn.Conv2d(16, 2, 1)))
     return nn.Sequential(*layers).eval()
 
 
@@ -97,7 +108,7 @@ def _unet3d_torch() -> Any:
             self.pool = nn.MaxPool3d(2)
             self.u2, self.d2 = nn.ConvTranspose3d(32, 16, 2, stride=2), double(32, 16)
             self.u1, self.d1 = nn.ConvTranspose3d(16, 8, 2, stride=2), double(16, 8)
-            self.head = nn.Conv3d(8, 2, 1)
+            self.head = _confident(nn.Conv3d(8, 2, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             e1 = self.e1(x)

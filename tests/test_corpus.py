@@ -1,0 +1,300 @@
+"""The validator's claims on architectures nobody here designed, checked against whole-image inference.
+
+Every network comes from the library users train with (segmentation_models_pytorch, torchvision, Keras; see
+``tests/corpus.py``), with random weights, exported the way czmodel 6.2 exports. For each one the test asserts
+the verdict and the measured stride and halo, then **checks the claims by running the model**: tiled inference
+(our runner, tiles on the measured stride grid) at the measured halo must equal whole-image inference within the
+tolerance; at the declared overlap, where a border warning says tiles will show seams, they must differ; for a
+model called global, no overlap may make them equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from czregistry.checks import ValidateOptions
+from czregistry.report import Report, Severity
+from czregistry.validate import validate
+
+pytest.importorskip("segmentation_models_pytorch", reason="the corpus needs segmentation_models_pytorch")
+
+from tests.corpus import CORPUS, export_onnx, metadata
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``corpus(name)`` -> the entry packed as a .czann (exported once per session)."""
+    from czregistry.package import write_package
+
+    root = tmp_path_factory.mktemp("corpus")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            entry = CORPUS[name]
+            path = root / f"{name}.czann"
+            write_package(path, metadata(entry), export_onnx(entry))
+            cache[name] = path
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reports(corpus: Callable[[str], Path]) -> Callable[[str], Report]:
+    """Full validation of each entry, once per session (the expensive part)."""
+    done: dict[str, Report] = {}
+
+    def get(name: str) -> Report:
+        if name not in done:
+            done[name] = validate(corpus(name), ValidateOptions())
+        return done[name]
+
+    return get
+
+
+def _findings(report: Report, severity: Severity) -> set[str]:
+    return {f.check for f in report.findings if f.severity is severity}
+
+
+def tiled_minus_whole(path: Path, shape: tuple[int, ...], *, tile: tuple[int, ...], border: int,
+                      stride: tuple[int, ...], seed: int = 0) -> float:
+    """Largest |tiled - whole| on a random image: the runner's tiling (stride grid, ``border`` px dropped at
+    inner tile edges) against one prediction of the whole image (reflected out as the runner pads it)."""
+    from czregistry.backends import load_session
+    from czregistry.metadata import ModelInfo
+    from czregistry.package import open_package
+    from czregistry.runner import ModelGeometry, RunOptions, predict_image
+    from czregistry.tiling import reflect_indices
+
+    package = open_package(path)
+    info = ModelInfo.from_package(package)
+    channels = info.input_channels or 1
+    img = np.random.default_rng(seed).random((*shape, channels), dtype=np.float32)
+    with load_session(package, None, "cpu") as session:
+        geometry = ModelGeometry(stride, (border,) * len(shape), "test")
+        out, grid = predict_image(session, info, img, RunOptions(tile=tile, border=border, batch_size=2),
+                                  geometry=geometry)
+        idx = [reflect_indices(0, p, n) for p, n in zip(grid.padded_shape, shape)]
+        whole = session.predict_batch(img[np.ix_(*idx, np.arange(channels))][None])[0]
+    whole = whole[tuple(slice(0, n) for n in shape)]
+    assert min(grid.border) >= min(border, min((t - s) // 2 for t, s in zip(tile, stride)))
+    return float(np.abs(out.astype(np.float64) - whole.astype(np.float64)).max())
+
+
+# What each architecture's measured behaviour supports. halo: (low, high) per axis for exact halos.
+LOCAL = {
+    "smp-unet-resnet18": {"stride": 32, "halo": (200, 300), "warnings": {"model.receptive_field.border"},
+        "check_tile": (576, 576), "check_shape": (576, 1152)},
+    "smp-linknet-resnet18": {"stride": 32, "halo": (60, 140), "warnings": {"model.receptive_field.border"},
+        "check_tile": (352, 352), "check_shape": (352, 1024)},
+    "keras-encoder-decoder": {"stride": 2, "halo": (3, 8), "warnings": set(),
+        "check_tile": (128, 128), "check_shape": (128, 300)},
+    "keras-encoder-decoder-skip": {"stride": 2, "halo": (3, 8), "warnings": set(),
+        "check_tile": (128, 128), "check_shape": (128, 300)},
+    "care-unet": {"stride": 4, "halo": (12, 24), "warnings": set(),
+        "check_tile": (256, 256), "check_shape": (256, 600)},
+    "dilated-context": {"stride": 1, "halo": (25, 34), "warnings": {"model.receptive_field.border"},
+        "check_tile": (128, 128), "check_shape": (128, 400)},
+    "unet3d": {"stride": 4, "halo": (6, 24), "warnings": set(),
+        "check_tile": (32, 64, 64), "check_shape": (32, 64, 160)},
+}
+HEAVY = {"smp-unet-resnet18", "smp-linknet-resnet18"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in LOCAL])
+def test_fully_convolutional_networks_are_valid_and_tile_exactly_at_the_measured_halo(
+        name: str, corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    want: dict[str, Any] = LOCAL[name]
+    report = reports(name)
+    m = report.measurements
+    assert report.valid and not report.errors, report.to_json()
+    assert _findings(report, Severity.WARNING) == want["warnings"], report.to_json()
+    assert m["global_context"] is False
+    nd = len(want["check_tile"])
+    assert m["stride"] == [want["stride"]] * nd
+    lo, hi = want["halo"]
+    assert all(lo <= h <= hi for h in m["halo"]), m["halo"]
+    assert m["min_overlap_exact"] == [2 * h for h in m["halo"]]
+    # The claim, checked: tiles on the stride grid with a border of the measured halo equal the whole image.
+    halo = max(m["halo"])
+    err = tiled_minus_whole(corpus(name), want["check_shape"], tile=want["check_tile"], border=halo,
+                            stride=(want["stride"],) * nd)
+    assert err <= nd * TOL * max(1.0, m["output"]["max"] - m["output"]["min"]), err
+    if "model.receptive_field.border" in want["warnings"]:
+        # ... and the warning's claim: at the declared border (MinOverlap / 2) the tiles show seams.
+        declared = CORPUS[name].min_overlap[0] // 2
+        seams = tiled_minus_whole(corpus(name), want["check_shape"], tile=want["check_tile"], border=declared,
+                                  stride=(want["stride"],) * nd)
+        assert seams > 10 * TOL, seams
+        assert m["seam_error"] > TOL  # the validator measured seams at the declared overlap too
+
+
+# Global context, with the evidence the probe found and the architecture explains.
+GLOBAL = {
+    # GroupNorm in the FPN decoder: per-image normalisation.
+    "smp-fpn-resnet18": {"severity": Severity.ERROR, "stride": 32},
+    # AdaptiveAvgPool2d(1) branches: PAN's feature pyramid attention, DeepLabV3 ASPP's image pooling.
+    "smp-pan-resnet18": {"severity": Severity.ERROR, "stride": 32},
+    "smp-deeplabv3plus-resnet18": {"severity": None, "stride": 16},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GLOBAL))
+def test_global_context_is_named_only_with_evidence_and_no_overlap_removes_it(
+        name: str, corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    want = GLOBAL[name]
+    report = reports(name)
+    m = report.measurements
+    assert m["global_context"] is True and m["probe"]["global_evidence"], report.to_json()
+    finding = next(f for f in report.findings if f.check == "model.invariance.equivariance")
+    assert "global context" in finding.message and "evidence:" in finding.message
+    strength = m["global_strength"]
+    if want["severity"] is not None:
+        assert finding.severity is want["severity"]
+    else:  # the severity follows the measured strength
+        expected = Severity.ERROR if strength is None or strength >= 1e-2 else Severity.WARNING
+        assert finding.severity is expected
+    # The claim, checked: even the widest border a 256 tile allows leaves tiles unequal to the whole image.
+    stride = want["stride"]
+    border = (256 - stride) // 2
+    err = tiled_minus_whole(corpus(name), (256, 768), tile=(256, 256), border=border, stride=(stride, stride))
+    assert err > TOL, err
+
+
+@pytest.mark.slow
+def test_a_halo_wider_than_the_tile_is_a_warning_with_the_overlap_and_tile_it_needs(
+        reports: Callable[[str], Report]) -> None:
+    """smp U-Net at InputShape 256, MinOverlap 128 (the report that started this): valid, with the needed
+    overlap, which cannot fit a 256 tile, so the hint names the tile size that would."""
+    report = reports("smp-unet-resnet18")
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    assert border.severity is Severity.WARNING
+    assert "declared border [64, 64]" in border.message and "tiles will show seams" in border.message
+    assert border.hint is not None and "does not fit the 256x256 tile" in border.hint
+    need = [2 * h for h in report.measurements["halo"]]
+    assert f"MinOverlap {need}".replace(" [", " [") in border.hint.replace("[", "[")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smp-unetplusplus-resnet18", "smp-unet-efficientnet-b0"])
+def test_more_encoders_and_decoders_are_not_called_global(name: str, reports: Callable[[str], Report]) -> None:
+    report = reports(name)
+    m = report.measurements
+    assert report.valid, report.to_json()
+    assert m["global_context"] is False
+    assert all(h is not None for h in m["halo"]) or all(b is not None for b in m["halo_bound"])
+
+
+def test_a_classifier_is_valid_and_not_probed_spatially(reports: Callable[[str], Report]) -> None:
+    report = reports("resnet18-classifier")
+    assert report.valid and not report.warnings, report.to_json()
+    assert {f.check for f in report.findings if "spatial checks skipped" in f.message} == {
+        "model.invariance", "model.receptive_field"}
+
+
+# -- fixed batch 1 (ZEISS's LiveDenoise models are exported that way) ---------------------------------------
+
+
+@pytest.fixture
+def batch1(corpus: Callable[[str], Path]) -> Iterator[Path]:
+    path = corpus("care-unet-batch1")
+    from czregistry.backends import load_session
+    from czregistry.package import open_package
+
+    with load_session(open_package(path)) as session:
+        assert session.signature.inputs[0].shape[0] == 1  # the export really fixed the batch
+    yield path
+
+
+def test_fixed_batch_model_runs_and_smokes_with_defaults(batch1: Path, tmp_path: Path,
+                                                          reports: Callable[[str], Report]) -> None:
+    import tifffile
+
+    from czregistry.cli import main as cli
+
+    img = (np.random.default_rng(3).random((700, 900)) * 65535).astype(np.uint16)
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, img)
+    out = tmp_path / "out.ome.tiff"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["run", str(batch1), str(src), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "single-tile calls" in result.output  # batches of 4 ran as one tile per call, and it says so
+    tiled = tifffile.imread(out).astype(np.float64).reshape(700, 900)
+    # exact against whole-image inference away from the image edge (the runner reflects at the edges)
+    from czregistry.backends import load_session
+    from czregistry.package import open_package
+
+    with load_session(open_package(batch1)) as session:
+        x = (img.astype(np.float32) / 65535.0)[None, :, :, None]
+        whole = session.predict_batch(x[:, :696, :896])[0, ..., 0].astype(np.float64)
+    halo = max(reports("care-unet-batch1").measurements["halo"])
+    inner = (slice(halo, 696 - halo), slice(halo, 896 - halo))
+    assert np.abs(tiled[:696, :896][inner] - whole[inner]).max() <= 2 * TOL
+    smoke = runner.invoke(cli, ["smoke", str(batch1), "--json"])
+    assert smoke.exit_code == 0, smoke.output
+    assert '"valid": true' in smoke.output
+
+
+def test_publish_smoke_accepts_a_fixed_batch_model(batch1: Path) -> None:
+    from czregistry.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["publish", str(batch1), "--name", "denoise", "--version", "1.0.0", "--smoke",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"status": "published"' in result.output
+
+
+def test_a_batch_fixed_above_one_is_refused_clearly(tmp_path: Path, corpus: Callable[[str], Path]) -> None:
+    import onnx
+
+    from czregistry.backends import load_session
+    from czregistry.errors import RunError
+    from czregistry.metadata import ModelInfo
+    from czregistry.package import open_package, write_package
+    from czregistry.runner import predict_image
+
+    src = open_package(corpus("care-unet-batch1"))
+    model = onnx.load_model_from_string(src.read_model_bytes())
+    for t in (*model.graph.input, *model.graph.output):
+        t.type.tensor_type.shape.dim[0].dim_value = 4
+    path = tmp_path / "b4.czann"
+    write_package(path, src.metadata or {}, model.SerializeToString())
+    report = validate(path, ValidateOptions())
+    assert "model.signature.batch" in {f.check for f in report.errors}
+    package = open_package(path)
+    with load_session(package) as session, pytest.raises(RunError, match="batch dimension is fixed at 4"):
+        predict_image(session, ModelInfo.from_package(package), np.zeros((64, 64, 1), np.float32))
+
+
+# -- off-step sizes: a plain encoder-decoder accepts 63 px and gives 62 -------------------------------------
+
+
+def test_encoder_decoder_packs_with_a_tile_reset_and_validates_without_an_output_size_warning(
+        tmp_path: Path, reports: Callable[[str], Report]) -> None:
+    from czregistry.cli import main as cli
+
+    report = reports("keras-encoder-decoder")
+    assert "model.invariance.output_size" not in {f.check for f in report.findings}
+    offstep = report.measurements["probe"]["offstep_sizes"]
+    assert any(p["size"] == [127, 127] and p["output"] == [126, 126] for p in offstep), offstep
+    model = CORPUS["keras-encoder-decoder"].build()
+    src = tmp_path / "encdec.keras"
+    model.save(src)
+    out = tmp_path / "encdec.czann"
+    result = CliRunner().invoke(cli, ["pack", str(src), "-o", str(out), "--type", "MultiClassSemanticSegmentation",
+                                      "--classes", "background,cells", "--min-overlap", "10", "--tile", "128", "128"])
+    assert result.exit_code == 0, result.output
+    packed = validate(out, ValidateOptions())
+    assert packed.valid and "model.invariance.output_size" not in {f.check for f in packed.findings}
+    assert packed.measurements["tile"] == [128, 128]
