@@ -135,11 +135,11 @@ class _Client:
         import requests
 
         class _Session(requests.Session):
-            def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            def request(self, *args: Any, **kwargs: Any) -> Any:
                 kwargs.setdefault("timeout", TIMEOUT)
                 return super().request(*args, **kwargs)
 
-        class _Registry(oras.provider.Registry):  # type: ignore[misc]
+        class _Registry(oras.provider.Registry):
             def do_request(self, *args: Any, **kwargs: Any) -> Any:
                 # oras-py wraps this in a retry loop that sleeps up to ~2 minutes on connection errors; we
                 # call the undecorated method once and report failures at once.
@@ -327,7 +327,8 @@ class _Client:
     def add_referrers_by_tag(self, subject: str, descriptors: list[dict[str, Any]]) -> bool:
         """Merge ``descriptors`` into the tag-schema index of ``subject`` (unchanged when all are there)."""
         got = self.get_manifest(fallback_tag(subject), media_types=(INDEX_MEDIA_TYPE,), missing_ok=True)
-        index = json.loads(got[0]) if got else {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []}
+        index: dict[str, Any] = (json.loads(got[0]) if got
+                                 else {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
         known = {d.get("digest") for d in index.get("manifests", [])}
         new = [d for d in descriptors if d["digest"] not in known]
         if not new:
@@ -581,10 +582,10 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
             verified.pop("report", None)
             verified.pop("smoke", None)
             verified["package"] = str(out)
-        for data, target in ((signature, signature_path(out)), (attestation, attestation_path(out))):
-            if data is not None:
+        for blob, target in ((signature, signature_path(out)), (attestation, attestation_path(out))):
+            if blob is not None:
                 with atomic_output(target) as t:
-                    t.write_bytes(data)
+                    t.write_bytes(blob)
         sig_out = signature_path(out) if signature is not None else None
         att_out = attestation_path(out) if attestation is not None else None
     return PullResult(str(ref), digest, out, sha256, size, sig_out, att_out, report, verified, via)
