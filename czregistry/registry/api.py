@@ -530,26 +530,31 @@ class Registry:
                         t.write_bytes(data)
         return PullResult(v, out, resolved.warnings, verified)
 
+    def signatures(self, requirement: str, *, prereleases: bool | None = None) -> list[dict[str, Any]]:
+        """The stored signatures of one version: key id, who stored it when, and both bundles (text)."""
+        req = parse_requirement(requirement)
+        with self._read() as s:
+            row, _ = self._find(s, req, prereleases)
+            stored = sigs.signatures_of(s, row.id)
+        return [{"key_id": x.key_id, "created_at": _iso(x.created_at), "created_by": x.created_by,
+                 "signature": x.signature, "attestation": x.attestation} for x in stored]
+
     def _signature_for(self, v: dict[str, Any], key: Path | str, label: str) -> tuple[bytes, bytes]:
         """The stored (signature, attestation) of version ``v`` made with ``key``."""
         from ..errors import SignatureError
         from ..signing import key_id
 
         wanted = key_id(key)
-        with self._read() as s:
-            model = self._model(s, v["canonical_name"])
-            row = s.scalars(select(Version).where(Version.model_id == model.id,
-                                                  Version.version == v["version"])).one()
-            stored = sigs.signatures_of(s, row.id)
+        stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
         if not stored:
             raise SignatureError(f"{label} is not signed; nothing written",
                                  hint="ask the publisher to publish it with --sign, or pull without --key")
-        match = next((x for x in stored if x.key_id == wanted), None)
+        match = next((x for x in stored if x["key_id"] == wanted), None)
         if match is None:
             raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
-                                 f"{', '.join(x.key_id[:16] + '...' for x in stored)}); nothing written",
+                                 f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
                                  hint="use the publisher's public key")
-        return match.signature.encode(), match.attestation.encode()
+        return match["signature"].encode(), match["attestation"].encode()
 
     # --- settings ------------------------------------------------------------------------------------
 
