@@ -525,7 +525,7 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
         raise UsageError(f"{out_dir} is not a folder", hint="-o takes the folder to write into")
     wanted_key = key_id(key) if key is not None else None  # a bad key file is refused before any transfer
     client = _Client(ref, plain_http=plain_http, username=username, password=password)
-    got = client.get_manifest(ref.reference)
+    got = client.get_manifest(ref.reference, media_types=(MANIFEST_MEDIA_TYPE, INDEX_MEDIA_TYPE))
     assert got is not None
     body, digest = got
     try:
