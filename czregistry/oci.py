@@ -129,6 +129,9 @@ class _Client:
 
     def __init__(self, ref: OciRef, *, plain_http: bool = False, username: str | None = None,
                  password: str | None = None) -> None:
+        from .signing import require_extra
+
+        require_extra("oras")
         import oras.auth
         import oras.container
         import oras.provider

@@ -48,6 +48,7 @@ __all__ = [
     "attestation_path",
     "generate_keypair",
     "key_id",
+    "require_extra",
     "sign_package",
     "signature_path",
     "verify_package",
@@ -62,6 +63,16 @@ MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
 #: Our predicate: ``{"report": <validation report>, "smoke": <smoke report or null>, "signed_at", "signer"}``.
 REPORT_PREDICATE = "https://czregistry/validation-report/v1"
 _CURVES = {"secp256r1", "secp384r1", "secp521r1"}  # what model-signing (and Sigstore's specs) accept
+
+
+def require_extra(*modules: str) -> None:
+    """Signing and OCI live in the ``sharing`` extra; say so instead of an ImportError traceback."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} is not installed (needed to sign, verify and push packages)",
+                         hint='pip install "czregistry[sharing]"')
 
 
 def signature_path(package: Path | str) -> Path:
@@ -277,6 +288,7 @@ def sign_package(path: Path | str, private_key: Path | str, *, report: Report | 
     ``write``, ``PACKAGE.sig`` and ``PACKAGE.att`` appear beside the package (each written whole or not at
     all; existing ones are kept unless ``force``).
     """
+    require_extra("model_signing", "OpenSSL")
     from model_signing import hashing, signing
 
     path, private_key = Path(path), Path(private_key)
@@ -366,6 +378,7 @@ def verify_package(path: Path | str, public_key: Path | str, *, signature: bytes
     The signature is verified by model-signing's own verifier (the same code as ``model_signing verify
     key``); the attestation by the same DSSE rules, and its subject must be these bytes.
     """
+    require_extra("model_signing", "OpenSSL")
     from model_signing import verifying
 
     path, public_key = Path(path), Path(public_key)

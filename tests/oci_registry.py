@@ -60,7 +60,8 @@ def run_registry(folder: Path, *, users: dict[str, str] | None = None, start_tim
                 raise
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"docker-registry did not start: {(folder / 'registry.log').read_text()}")
+                    why = (folder / "registry.log").read_text()
+                    raise RuntimeError(f"docker-registry did not start: {why}") from None
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
