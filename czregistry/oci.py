@@ -15,9 +15,11 @@ Every manifest is serialised canonically (sorted keys, no spaces, no timestamps)
 twice gets the same digest. Attachments are found through the OCI 1.1 referrers API, or, on registries
 without it (distribution 2.x), through the referrers tag schema: an image index tagged ``sha256-<hex>``.
 
-HTTP goes through oras-py (reference parsing, Docker config credentials, token and basic auth, blob upload
-and download); we add bounded timeouts instead of its multi-minute silent retry loop, Basic-challenge
-handling for htpasswd registries, and the referrers logic, which oras-py 0.2 does not have.
+HTTP goes through oras-py's registry client (repository URLs, Docker config and credential helpers, token
+and basic auth backends, its request path and upload-location handling). We add what oras-py 0.2 lacks or
+gets in the way of: bounded timeouts instead of its retry loop (which sleeps up to ~2 minutes silently on a
+dead host), answering Basic challenges (htpasswd registries) up front, one streamed PUT per blob (its
+monolithic upload reads the whole file into memory), canonical manifests, and the referrers logic.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ TITLE = "org.opencontainers.image.title"
 PREDICATE_ANNOTATION = "dev.sigstore.bundle.predicateType"
 ROLE_ANNOTATION = "czregistry.role"
 MAX_SMALL_BLOB = 64 << 20  # reports and signature bundles; the package layer itself is streamed
-CHUNK = 16 << 20
 TIMEOUT = (10.0, 300.0)  # connect, read (seconds): a dead registry is an error, never a silent wait
 
 _REF = re.compile(r"^oci://(?P<host>[A-Za-z0-9.-]+(?::\d+)?|\[[0-9a-fA-F:]+\](?::\d+)?)/"
@@ -243,35 +244,23 @@ class _Client:
         if self.blob_exists(digest):
             return False
         what = f"uploading blob {digest[:19]}"
-        if path is not None and size > CHUNK:  # oras-py's chunked upload streams; its monolithic one reads all
-            layer = {"digest": digest, "size": size, "mediaType": "application/octet-stream"}
-            resp = self._call(lambda: self.reg.chunked_upload(str(path), self.container, layer, chunk_size=CHUNK),
-                              what)
-        else:
-            body = data if data is not None else Path(path).read_bytes()  # type: ignore[arg-type]
-            start = self.request("POST", self._url(f"{self.ref.repo}/blobs/uploads/"), what=what,
-                                 headers={"Content-Length": "0"})
-            location = self.reg._get_location(start, self.container)
-            if not location:
-                raise OciError(f"{self.ref.host} gave no upload location ({what})")
-            import oras.utils
+        import oras.utils
 
-            url = oras.utils.append_url_params(location, {"digest": digest})
-            resp = self.request("PUT", url, what=what, data=body,
-                                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        start = self.request("POST", self._url(f"{self.ref.repo}/blobs/uploads/"), what=what,
+                             headers={"Content-Length": "0"})
+        location = self.reg._get_location(start, self.container)
+        if not location:
+            raise OciError(f"{self.ref.host} gave no upload location ({what})")
+        url = oras.utils.append_url_params(location, {"digest": digest})
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if path is not None:  # one streamed PUT: constant memory (oras-py's put_upload reads the whole file)
+            with Path(path).open("rb") as fh:
+                resp = self.request("PUT", url, what=what, data=fh, headers=headers)
+        else:
+            resp = self.request("PUT", url, what=what, data=data, headers=headers)
         if resp.status_code not in (200, 201, 202):
             raise self._error(resp, what)
         return True
-
-    def _call(self, fn: Any, what: str) -> Any:
-        import requests
-
-        try:
-            return fn()
-        except requests.exceptions.RequestException as exc:
-            raise OciError(f"transfer to {self.ref.host} failed ({what}): {_reason(exc)}") from None
-        except ValueError as exc:
-            raise OciError(f"{self.ref.host} failed {what}: {first_line(exc)}") from None
 
     def open_blob(self, digest: str) -> Any:
         return self.request("GET", self._url(f"{self.ref.repo}/blobs/{digest}"), what=f"downloading {digest[:19]}",
