@@ -10,6 +10,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def test_round_trip_attests_the_report_and_model_signing_accepts_it(tmp_path: Pa
     from model_signing import verifying
 
     verifying.Config().use_elliptic_key_verifier(public_key=public).verify(p, signature_path(p))
+    cli = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(p), "--signature",
+                          str(signature_path(p)), "--public_key", str(public)], capture_output=True, text=True)
+    assert cli.returncode == 0 and "Verification succeeded" in cli.stdout, cli.stderr
     # ... under another name too (partners rename files), and it refuses other bytes
     renamed = tmp_path / "renamed.czann"
     shutil.copy(p, renamed)
