@@ -286,3 +286,10 @@ def test_cli_publish_sign_pull_key_and_setting(tmp_path: Path, keys: tuple[Path,
     assert json.loads(out.output)["verified"]["key_id"] == key_id(keys[1])
     assert sorted(x.name for x in dest.iterdir()) == ["nuclei-seg-1.0.0.czann", "nuclei-seg-1.0.0.czann.att",
                                                       "nuclei-seg-1.0.0.czann.sig"]
+
+
+def test_cli_start_up_does_not_import_the_sharing_libraries() -> None:
+    code = ("import sys, czregistry.cli; print(sorted(m for m in ('cryptography', 'model_signing', 'oras', "
+            "'requests', 'sigstore_models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

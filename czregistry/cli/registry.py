@@ -213,6 +213,8 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
                                                    if k != "timings_s"))
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
+    if info.get("signed_by"):
+        lines.append("  signed by:  " + ", ".join(f"key {k[:16]}..." for k in info["signed_by"]))
     if info["aliases"]:
         lines.append("  aliases:    " + ", ".join(f"@{a}" for a in info["aliases"]))
     if info["tags"]:
