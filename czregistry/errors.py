@@ -10,12 +10,14 @@ __all__ = [
     "BackendError",
     "CzregError",
     "NoBackendError",
+    "OciError",
     "PackError",
     "PackageError",
     "PluginError",
     "RegistryError",
     "RunError",
     "SchemaError",
+    "SignatureError",
     "UsageError",
     "first_line",
 ]
@@ -88,6 +90,18 @@ class RunError(CzregError):
     """Tiled inference failed; no half-written output is left under the final name."""
 
     exit_code = 8
+
+
+class SignatureError(CzregError):
+    """A signature or attestation is missing, does not verify, or was made with another key."""
+
+    exit_code = 10
+
+
+class OciError(CzregError):
+    """An OCI registry transfer failed: unreachable, authentication refused, not found, or bad content."""
+
+    exit_code = 12
 
 
 def first_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ def test_head_constant_is_the_newest_script() -> None:
     cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(cfg)
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()] == ["r0003", "r0002", "r0001"]
+    assert [r.revision for r in script.walk_revisions()] == ["r0004", "r0003", "r0002", "r0001"]
 
 
 def _triggers(conn: object) -> set[str]:
@@ -120,8 +120,15 @@ def test_downgrade_to_base_and_back_up_keeps_data_where_the_schema_can(location:
         reg.publish(make_package(tmp_path), name="Kept_Model", version="1.1.0", static=True)
         reg.purge("kept-model", "1.1.0")
         engine = reg.engine
-        guards = _triggers_of(engine)
-        assert guards
+        head_guards = _triggers_of(engine)
+        assert "signatures_no_update" in head_guards
+
+        db.downgrade(engine, "r0003")
+        with engine.connect() as conn:
+            assert db.current_revision(conn) == "r0003"
+            assert not {"signatures", "settings"} & set(inspect(conn).get_table_names())
+            guards = _triggers(conn)
+        assert guards == head_guards - {"signatures_no_update"}
 
         db.downgrade(engine, "r0002")
         with engine.connect() as conn:
@@ -159,7 +166,7 @@ def test_downgrade_to_base_and_back_up_keeps_data_where_the_schema_can(location:
     with open_registry(url, blobs) as reg:
         with reg.engine.connect() as conn:
             assert db.current_revision(conn) == HEAD
-            assert _triggers(conn) == guards
+            assert _triggers(conn) == head_guards
             assert conn.execute(text("SELECT sort_key FROM versions")).scalar() == sort_key(Version("1.0.0"))
         assert reg.pull("kept-model==1.0", tmp_path / "back.czann").path.read_bytes() == kept.read_bytes()
         assert reg.publish(make_package(tmp_path), name="kept-model", bump_part="patch",

@@ -16,6 +16,7 @@ import click
 
 from ..errors import RegistryError, UsageError
 from ._common import echo_json, handle_errors, json_option
+from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -79,15 +80,18 @@ def _warn(lines: list[str]) -> None:
 @click.option("--smoke", is_flag=True, help="Also run the smoke test and store its report.")
 @click.option("--note", help="Free text stored with the version.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), metavar="PRIVATE.pem",
+              help="Sign the package with this EC key and store the signature with the version.")
 @json_option
 @_registry_options
 def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | None, bump_part: Any,
                 static: bool, allow_invalid: bool, smoke: bool, note: str | None, tags: tuple[str, ...],
-                as_json: bool) -> None:
+                sign_key: Path | None, as_json: bool) -> None:
     """Validate PACKAGE and store it in the registry as NAME VERSION (immutable once published)."""
     with handle_errors():
         result = reg.publish(package, name=name, version=version, bump_part=bump_part, static=static,
-                             allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke)
+                             allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke,
+                             sign_key=sign_key)
     v = result.version
     if as_json:
         echo_json({**result.to_dict(), "report": result.report.to_dict(),
@@ -97,28 +101,46 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
     if result.status == "exists":
         click.echo(f"Already published: {v['name']} {v['version']} has these exact bytes ({v['digest'][:19]}...)")
     else:
-        click.echo(f"Published {v['name']} {v['version']} ({v['digest'][:19]}..., {_human(v['size'])}, {verdict})")
+        signed = f", signed by {v['signed_by'][-1][:16]}..." if sign_key is not None and v["signed_by"] else ""
+        click.echo(f"Published {v['name']} {v['version']} ({v['digest'][:19]}..., {_human(v['size'])}, {verdict}"
+                   f"{signed})")
 
 
 @click.command("pull")
 @click.argument("requirement")
 @click.option("-o", "--output", type=click.Path(),
-              help="File or folder to write to (default: NAME-VERSION.czann here).")
+              help="File or folder to write to (default: NAME-VERSION.czann here; a folder for oci://).")
 @click.option("--pre", is_flag=True, default=None, help="Allow pre-releases to match specifiers.")
+@click.option("--key", type=click.Path(path_type=Path), metavar="PUBLIC.pem",
+              help="Refuse (and write nothing) unless a signature by this key verifies; writes .sig/.att beside.")
+@oci_options
 @json_option
-@_registry_options
-def pull_cmd(reg: Registry, requirement: str, output: str | None, pre: bool | None, as_json: bool) -> None:
-    """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST.
+@click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
+              help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://... "
+                   "[env CZREG_REGISTRY; default: per-user data folder]")
+@click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
+              help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
+def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, oci_auth: dict[str, Any],
+             as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+    """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST; or an OCI artifact:
+    oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (-o names the folder).
 
     The blob is streamed and its SHA-256 checked before the file appears under its name."""
+    if requirement.startswith("oci://"):
+        pull_oci(requirement, output, key, oci_auth, as_json)
+        return
     with handle_errors():
-        result = reg.pull(requirement, output, prereleases=pre or None)
+        from ..registry import open_registry
+
+        with open_registry(registry_url, blob_store) as reg:
+            result = reg.pull(requirement, output, prereleases=pre or None, key=key)
     _warn(result.warnings)
     if as_json:
         echo_json(result.to_dict())
         return
     v = result.version
-    click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({_human(v['size'])}, sha256 verified)")
+    signed = ", signature verified" if result.verified else ""
+    click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({_human(v['size'])}, sha256 verified{signed})")
 
 
 @click.command("list")
@@ -191,6 +213,8 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
                                                    if k != "timings_s"))
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
+    if info.get("signed_by"):
+        lines.append("  signed by:  " + ", ".join(f"key {k[:16]}..." for k in info["signed_by"]))
     if info["aliases"]:
         lines.append("  aliases:    " + ", ".join(f"@{a}" for a in info["aliases"]))
     if info["tags"]:

@@ -30,8 +30,9 @@ from .. import __version__
 from ..errors import CzregError, RegistryError, UsageError
 from ..report import Report
 from . import db
+from . import signatures as sigs
 from .location import RegistryLocation, resolve_location
-from .models import Alias, Event, Model, Tag, Tombstone, Version
+from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .store import CHUNK, BlobStore, open_blob_store
 from .versions import (
     Bump,
@@ -105,9 +106,13 @@ class PullResult:
     version: dict[str, Any]
     path: Path
     warnings: list[str]
+    verified: dict[str, Any] | None = None  # pull --key: what the signature proved
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.version, "path": str(self.path), "warnings": self.warnings}
+        out = {**self.version, "path": str(self.path), "warnings": self.warnings}
+        if self.verified is not None:
+            out["verified"] = self.verified
+        return out
 
 
 class Registry:
@@ -192,8 +197,10 @@ class Registry:
 
     def publish(self, path: Path | str, *, name: str | None = None, version: str | None = None,
                 bump_part: Bump | None = None, static: bool = False, allow_invalid: bool = False,
-                note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False) -> PublishResult:
-        """Validate, store the blob, then record the version (the row is committed last)."""
+                note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False,
+                sign_key: Path | str | None = None) -> PublishResult:
+        """Validate, sign (``sign_key``), store the blob, then record the version and its signature (the rows
+        are committed last)."""
         from ..checks import ValidateOptions
         from ..package import inspect_package
         from ..validate import validate
@@ -201,6 +208,9 @@ class Registry:
         path = Path(path)
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
+        if sign_key is None and self.setting("require_signatures"):
+            raise RegistryError(f"registry {self.location.display()} requires signed packages; {path.name} not "
+                                "published", hint="publish with --sign PRIVATE.pem (czreg keygen makes a key pair)")
         new_version = parse_version(version) if version is not None else None
         report = validate(path, ValidateOptions(static=static))
         smoke_report = _smoke(path) if smoke else None
@@ -214,6 +224,11 @@ class Registry:
             raise RegistryError(f"{path.name} failed its smoke test{why}; not published",
                                 hint="fix the model, or pass --allow-invalid")
         forced = allow_invalid and not (report.valid and (smoke_report is None or smoke_report.valid))
+        signed = None
+        if sign_key is not None:
+            from ..signing import sign_package
+
+            signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
         model_type: str | None = None
         classes: list[str] | None = None
         meta_name: str | None = None
@@ -282,7 +297,13 @@ class Registry:
                         valid=report.valid, allow_invalid=forced, note=note)
             return "published", row
 
-        status, row = self._write(txn, on_blob_gone=put)
+        def txn_signed(s: Session) -> tuple[str, Version]:
+            status, row = txn(s)
+            if signed is not None and sigs.attach(s, row.id, signed, who):
+                self._event(s, "sign", cname, version=row.version, key_id=signed.key_id)
+            return status, row
+
+        status, row = self._write(txn_signed, on_blob_gone=put)
         return PublishResult(status, self._describe(row), report, smoke_report)
 
     # --- reading -------------------------------------------------------------------------------------
@@ -292,6 +313,8 @@ class Registry:
             model = s.get(Model, row.model_id)
             tags = {t.key: t.value for t in s.scalars(select(Tag).where(Tag.version_id == row.id))}
             aliases = sorted(s.scalars(select(Alias.name).where(Alias.version_id == row.id)))
+            signed_by = list(s.scalars(select(Signature.key_id).where(Signature.version_id == row.id)
+                                       .order_by(Signature.id)))
         assert model is not None
         out: dict[str, Any] = {
             "name": model.display_name, "canonical_name": model.name, "version": row.version,
@@ -300,7 +323,7 @@ class Registry:
             "allow_invalid": row.allow_invalid, "yanked": row.yanked, "yanked_reason": row.yanked_reason,
             "created_at": _iso(row.created_at), "created_by": row.created_by, "host": row.host,
             "source": row.source_name, "czregistry_version": row.czreg_version, "note": row.note,
-            "tags": tags, "aliases": aliases,
+            "tags": tags, "aliases": aliases, "signed_by": signed_by,
         }
         if full:
             out["report"] = json.loads(row.report)
@@ -461,9 +484,11 @@ class Registry:
     # --- pull ----------------------------------------------------------------------------------------
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | str | None = None) -> PullResult:
         """Resolve, then stream the blob to ``dest`` while hashing; the file appears only if the digest
-        matches (a corrupt or missing blob raises ``RegistryError`` naming the version)."""
+        matches (a corrupt or missing blob raises ``RegistryError`` naming the version). With ``key`` it
+        appears only if a stored signature by that key verifies (``SignatureError`` otherwise), and the
+        ``.sig`` / ``.att`` bundles are written beside it."""
         from ..package import atomic_output
 
         resolved = self.resolve(requirement, prereleases=prereleases)
@@ -482,16 +507,75 @@ class Registry:
             raise RegistryError(f"the blob of {label} (sha256:{digest[:12]}) is missing from the blob store "
                                 f"{self.store.location}", hint="run czreg verify; restore the blob or purge the version"
                                 ) from None
+        stored = self._signature_for(v, key, label) if key is not None else None
         h = hashlib.sha256()
-        with src, atomic_output(out) as tmp, tmp.open("wb") as fh:
-            while chunk := src.read(CHUNK):
-                h.update(chunk)
-                fh.write(chunk)
-            fh.flush()
+        verified = None
+        with src, atomic_output(out) as tmp:
+            with tmp.open("wb") as fh:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    fh.write(chunk)
             if h.hexdigest() != digest:
                 raise RegistryError(f"the blob of {label} is corrupt: sha256 {h.hexdigest()[:12]}... != "
                                     f"{digest[:12]}...; nothing written", hint="run czreg verify; restore the blob")
-        return PullResult(v, out, resolved.warnings)
+            if stored is not None and key is not None:
+                from ..signing import attestation_path, signature_path, verify_package
+
+                sig, att = stored
+                checked = verify_package(tmp, key, signature=sig, attestation=att, name=out.name).to_dict()
+                verified = {k: val for k, val in checked.items() if k not in ("report", "smoke")} | {
+                    "package": str(out)}
+                for data, target in ((sig, signature_path(out)), (att, attestation_path(out))):
+                    with atomic_output(target) as t:
+                        t.write_bytes(data)
+        return PullResult(v, out, resolved.warnings, verified)
+
+    def signatures(self, requirement: str, *, prereleases: bool | None = None) -> list[dict[str, Any]]:
+        """The stored signatures of one version: key id, who stored it when, and both bundles (text)."""
+        req = parse_requirement(requirement)
+        with self._read() as s:
+            row, _ = self._find(s, req, prereleases)
+            stored = sigs.signatures_of(s, row.id)
+        return [{"key_id": x.key_id, "created_at": _iso(x.created_at), "created_by": x.created_by,
+                 "signature": x.signature, "attestation": x.attestation} for x in stored]
+
+    def _signature_for(self, v: dict[str, Any], key: Path | str, label: str) -> tuple[bytes, bytes]:
+        """The stored (signature, attestation) of version ``v`` made with ``key``."""
+        from ..errors import SignatureError
+        from ..signing import key_id
+
+        wanted = key_id(key)
+        stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
+        if not stored:
+            raise SignatureError(f"{label} is not signed; nothing written",
+                                 hint="ask the publisher to publish it with --sign, or pull without --key")
+        match = next((x for x in stored if x["key_id"] == wanted), None)
+        if match is None:
+            raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
+                                 f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
+                                 hint="use the publisher's public key")
+        return match["signature"].encode(), match["attestation"].encode()
+
+    # --- settings ------------------------------------------------------------------------------------
+
+    def setting(self, name: str) -> Any:
+        with self._read() as s:
+            return sigs.get_setting(s, name)
+
+    def settings(self) -> dict[str, Any]:
+        with self._read() as s:
+            return {k: sigs.get_setting(s, k) for k in sigs.SETTINGS}
+
+    def set_setting(self, name: str, value: str) -> dict[str, Any]:
+        """Change a registry-wide setting (audited as a ``setting`` event)."""
+        key, parsed = sigs.parse_setting(name, value)
+
+        def txn(s: Session) -> dict[str, Any]:
+            old, new = sigs.set_setting(s, key, parsed, _who())
+            self._event(s, "setting", "(registry)", setting=key, old=old, new=new)
+            return {"setting": key, "from": old, "to": new}
+
+        return self._write(txn)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -608,6 +692,7 @@ class Registry:
                 self._event(s, "alias_remove", model.name, alias=a.name, from_version=row.version, cause="purge")
                 s.delete(a)
             s.execute(delete(Tag).where(Tag.version_id == row.id))
+            s.execute(delete(Signature).where(Signature.version_id == row.id))
             s.flush()
             s.delete(row)
             self._event(s, "purge", model.name, version=row.version, digest=row.digest, reason=reason)

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Alias", "Base", "Event", "Model", "Tag", "Tombstone", "Version"]
+__all__ = ["Alias", "Base", "Event", "Model", "Setting", "Signature", "Tag", "Tombstone", "Version"]
 
 
 class Base(DeclarativeBase):
@@ -117,3 +117,30 @@ class Tombstone(Base):
     purged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     purged_by: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Signature(Base):
+    """A version's signature by one key (schema 4): the ``.sig`` and ``.att`` bundles exactly as signed.
+    Never updated (trigger); deleted only with its version (purge)."""
+
+    __tablename__ = "signatures"
+    __table_args__ = (UniqueConstraint("version_id", "key_id", name="uq_signatures_version_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    key_id: Mapped[str] = mapped_column(String(64))  # SHA-256 of the signer's public key PEM
+    signature: Mapped[str] = mapped_column(Text)  # model-signing bundle (JSON)
+    attestation: Mapped[str] = mapped_column(Text)  # in-toto attestation bundle (JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class Setting(Base):
+    """A registry-wide setting (schema 4), e.g. ``require_signatures``; changes are audited as events."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)  # JSON
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_by: Mapped[str] = mapped_column(String(200))
