@@ -245,6 +245,8 @@ class RemoteRegistry:
         label = f"{v['name']} {v['version']}"
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
+        declared = r.resp.getheader("Content-Length")
+        expected = int(declared) if declared and declared.isdigit() else None
         try:
             with atomic_output(out) as tmp, tmp.open("wb") as fh:
                 try:
@@ -252,6 +254,9 @@ class RemoteRegistry:
                         h.update(chunk)
                         fh.write(chunk)
                         got += len(chunk)
+                    # read(n) reports a connection closed early as a plain end of data: count the bytes.
+                    if expected is not None and got != expected:
+                        raise http.client.IncompleteRead(b"", expected - got)
                 except (OSError, http.client.HTTPException) as exc:
                     raise RemoteError(f"the download of {label} broke off after {got} bytes: {_reason(exc)}; "
                                       "nothing written", hint="try again; if it persists, tell the registry's "
@@ -339,7 +344,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout | TimeoutError):
         return "timed out"
     if isinstance(exc, http.client.IncompleteRead):
-        return f"incomplete response ({len(exc.partial)} bytes, {exc.expected} more expected)"
+        return f"incomplete response ({exc.expected} more bytes expected)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

@@ -22,14 +22,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import AuthError, RegistryError, UsageError
-from .api import Registry, _iso, _now, _who, canonical_like
+from .api import Registry, _iso, _now, _slug, _who, canonical_like
 from .models import Token
 
-__all__ = ["SCOPES", "TokenInfo", "authenticate", "create_token", "hash_token", "list_tokens", "revoke_token"]
+__all__ = ["SCOPES", "TokenInfo", "authenticate", "create_token", "hash_token", "list_tokens", "model_key",
+           "revoke_token"]
 
 SCOPES = ("read", "publish", "admin")
 PREFIX = "czr_"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def model_key(name: str) -> str:
+    """What a model pattern is matched against: the canonical name, also for a display name with spaces
+    (``Web Model`` -> ``web-model``, the name ``publish`` files it under)."""
+    return canonical_like(_slug(name))
 
 
 def hash_token(secret: str) -> str:
@@ -49,7 +56,7 @@ class TokenInfo:
             return False
         if model is None or self.model_pattern is None:
             return True
-        return fnmatch.fnmatchcase(canonical_like(model), self.model_pattern)
+        return fnmatch.fnmatchcase(model_key(model), self.model_pattern)
 
     def require(self, scope: str, model: str | None = None) -> None:
         """Raise ``AuthError`` (HTTP 403) unless this token may do ``scope`` on ``model``."""

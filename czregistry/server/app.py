@@ -67,9 +67,8 @@ def http_status(exc: CzregError, method: str = "GET") -> int:
 
 
 def error_body(exc: CzregError, location: str | None = None) -> dict[str, Any]:
-    """The JSON of an error; ``location`` (the database URL, which clients need not see) becomes
-    "this server"."""
-    message = exc.message.replace(f"registry {location}", "this server") if location else exc.message
+    """The JSON of an error; ``location`` (the database URL, which clients need not see) is left out."""
+    message = exc.message.replace(f"registry {location}", "the server's registry") if location else exc.message
     body: dict[str, Any] = {"type": "AuthError" if isinstance(exc, AuthError) else type(exc).__name__,
                             "message": message, "hint": exc.hint, "exit_code": exc.exit_code}
     if isinstance(exc, InvalidPackageError) and exc.report is not None:

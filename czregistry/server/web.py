@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from .. import __version__
 from ..errors import CzregError, UsageError
-from ..registry.tokens import authenticate
+from ..registry.tokens import authenticate, model_key
 
 if TYPE_CHECKING:
     from ..registry.api import Registry
@@ -100,8 +100,9 @@ def _models_table(rows: list[dict[str, Any]]) -> str:
     out = ['<table><thead><tr><th>Model</th><th>Newest version</th><th>Type</th><th>Classes</th>'
            '<th>Versions</th><th>Size</th><th>Published</th><th>Validation</th></tr></thead><tbody>']
     for r in rows:
+        link = f"/models/{quote(model_key(r['name']))}"
         out.append(
-            f'<tr><td><a href="/models/{quote(r["name"])}">{_e(r["name"])}</a></td><td>{_e(r["version"])}</td>'
+            f'<tr><td><a href="{link}">{_e(r["name"])}</a></td><td>{_e(r["version"])}</td>'
             f'<td>{_e(r["type"] or "-")}</td><td>{_e(", ".join(r["classes"] or []) or "-")}</td>'
             f'<td class="num">{_e(r.get("versions", ""))}</td><td class="num">{_human(r["size"])}</td>'
             f'<td class="muted">{_e(r["created_at"])}</td><td>{_valid_badge(r["valid"], r["yanked"])}</td></tr>')
