@@ -28,11 +28,11 @@ from sqlalchemy import text
 
 from czregistry.cli import main
 from czregistry.errors import InvalidPackageError, RegistryError, RemoteError
+from czregistry.package import write_package
 from czregistry.registry import open_registry
 from czregistry.registry.remote import RemoteRegistry
 from czregistry.registry.tokens import create_token, hash_token, revoke_token
 from czregistry.server.process import ServerProcess, free_port
-from czregistry.package import write_package
 from tests.models import metadata_for
 from tests.test_registry import PG_URL, fresh_postgres_database, make_package
 
