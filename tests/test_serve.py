@@ -430,6 +430,28 @@ def test_upload_over_the_size_limit_is_refused(public_srv: Srv, tmp_path: Path) 
             token=public_srv.tokens["publisher"])
     assert r.exit_code == 11 and "over this server's upload limit" in r.output
     assert "Too Big" not in cli("list", registry=public_srv.url).stdout
+    # Without a Content-Length (chunked), the server counts while streaming and stops at the limit.
+    conn = http.client.HTTPConnection("127.0.0.1", public_srv.proc.port, timeout=60)
+    try:
+        conn.request("POST", "/api/v1/publish?version=1.0.0&name=chunked", body=iter([b"\0" * 65536] * 40),
+                     headers={"Authorization": f"Bearer {public_srv.tokens['publisher']}"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"]["exit_code"] == 11
+    finally:
+        conn.close()
+
+
+def test_serve_refuses_a_busy_port_and_a_server_url(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", "--port", str(port), "--registry", str(tmp_path / "r")])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    r = CliRunner().invoke(main, ["serve", "--registry", "http://127.0.0.1:8700"])
+    assert r.exit_code == 2 and "not another server" in r.output
 
 
 def test_openapi_describes_the_versioned_api(public_srv: Srv) -> None:
