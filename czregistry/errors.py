@@ -6,15 +6,20 @@ czregistry gets exceptions it can catch and a CLI user gets one line and a disti
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "AuthError",
     "BackendError",
     "CzregError",
+    "InvalidPackageError",
     "NoBackendError",
     "OciError",
     "PackError",
     "PackageError",
     "PluginError",
     "RegistryError",
+    "RemoteError",
     "RunError",
     "SchemaError",
     "SignatureError",
@@ -86,6 +91,15 @@ class RegistryError(CzregError):
     exit_code = 7
 
 
+class InvalidPackageError(RegistryError):
+    """Publishing was refused because the package failed validation; ``report`` is the validation report as
+    a dict (``Report.to_dict()``), so a registry server can send every finding back to the client."""
+
+    def __init__(self, message: str, *, hint: str | None = None, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.report = report
+
+
 class RunError(CzregError):
     """Tiled inference failed; no half-written output is left under the final name."""
 
@@ -102,6 +116,20 @@ class OciError(CzregError):
     """An OCI registry transfer failed: unreachable, authentication refused, not found, or bad content."""
 
     exit_code = 12
+
+
+class AuthError(CzregError):
+    """A registry server refused the token: missing, unknown, revoked, expired (HTTP 401) or without the
+    scope or model the request needs (HTTP 403)."""
+
+    exit_code = 9
+
+
+class RemoteError(CzregError):
+    """A registry server could not be reached or answered something we cannot use (a broken or truncated
+    response, an upload over its size limit); nothing was written locally."""
+
+    exit_code = 11
 
 
 def first_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ def test_head_constant_is_the_newest_script() -> None:
     cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(cfg)
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()] == ["r0004", "r0003", "r0002", "r0001"]
+    assert [r.revision for r in script.walk_revisions()] == ["r0005", "r0004", "r0003", "r0002", "r0001"]
 
 
 def _triggers(conn: object) -> set[str]:
@@ -122,6 +122,10 @@ def test_downgrade_to_base_and_back_up_keeps_data_where_the_schema_can(location:
         engine = reg.engine
         head_guards = _triggers_of(engine)
         assert "signatures_no_update" in head_guards
+
+        db.downgrade(engine, "r0004")
+        with engine.connect() as conn:
+            assert "tokens" not in inspect(conn).get_table_names() and _triggers(conn) == head_guards
 
         db.downgrade(engine, "r0003")
         with engine.connect() as conn:

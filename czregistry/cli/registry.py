@@ -2,7 +2,8 @@
 
 Thin over ``czregistry.registry`` (imported inside each command: SQLAlchemy stays out of start-up).
 Every command takes ``--registry URL`` and ``--blob-store PATH`` (or ``CZREG_REGISTRY`` /
-``CZREG_BLOB_STORE``).
+``CZREG_BLOB_STORE``). An ``http(s)://`` URL is a registry server (``czreg serve``): the same commands then
+go through ``czregistry.registry.remote`` with ``CZREG_TOKEN``, with the same output and exit codes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from ._common import echo_json, handle_errors, json_option
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
-    from ..registry import Registry
+    from ..registry import Registry as LocalRegistry
+    from ..registry.remote import RemoteRegistry
+
+    Registry = LocalRegistry | RemoteRegistry
 
 __all__ = ["register"]
 
@@ -30,16 +34,17 @@ def _registry_options(fn: F) -> F:
     """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily)."""
 
     @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-                  help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://... "
-                       "[env CZREG_REGISTRY; default: per-user data folder]")
+                  help="Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server "
+                       "https://host (token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]")
     @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
                   help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
     @functools.wraps(fn)
     def wrapper(*args: Any, registry_url: str | None, blob_store: str | None, **kwargs: Any) -> Any:
         with handle_errors():
-            from ..registry import open_registry
+            from ..registry.remote import connect
 
-            with open_registry(registry_url, blob_store) as reg:
+            with connect(registry_url, blob_store) as reg:
+                _warn(getattr(reg, "warnings", []))
                 return fn(*args, reg=reg, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .. import __version__
-from ..errors import CzregError, RegistryError, UsageError
+from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
 from ..report import Report
 from . import db
 from . import signatures as sigs
@@ -47,7 +48,7 @@ from .versions import (
     version_key,
 )
 
-__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "open_registry"]
+__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "acting_as", "open_registry", "package_model_name"]
 
 T = TypeVar("T")
 
@@ -73,11 +74,35 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds")
 
 
+#: Who is acting, when it is not this process's user: a registry server sets the token's name and the
+#: client's address (``acting_as``) so the audit trail says which token published, aliased or yanked.
+_ACTING: ContextVar[tuple[str, str, dict[str, Any]] | None] = ContextVar("czreg_acting", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(actor: str, host: str, **detail: Any) -> Iterator[None]:
+    """Record ``actor`` and ``host`` (and ``detail`` in every audit event) for the writes inside the block,
+    instead of the login name and host name of this process."""
+    token = _ACTING.set((actor, host, detail))
+    try:
+        yield
+    finally:
+        _ACTING.reset(token)
+
+
 def _who() -> str:
+    acting = _ACTING.get()
+    if acting is not None:
+        return acting[0]
     try:
         return getpass.getuser()
     except Exception:  # no login name in some containers
         return "unknown"
+
+
+def _host() -> str:
+    acting = _ACTING.get()
+    return acting[1] if acting is not None else socket.gethostname()
 
 
 class _BlobGone(Exception):
@@ -189,7 +214,10 @@ class Registry:
 
     def _event(self, s: Session, action: str, model: str, *, version: str | None = None, alias: str | None = None,
                from_version: str | None = None, to_version: str | None = None, **detail: Any) -> None:
-        s.add(Event(at=_now(), actor=_who(), host=socket.gethostname(), action=action, model_name=model,
+        acting = _ACTING.get()
+        if acting is not None:
+            detail = {**acting[2], **detail}
+        s.add(Event(at=_now(), actor=_who(), host=_host(), action=action, model_name=model,
                     version=version, alias=alias, from_version=from_version, to_version=to_version,
                     detail=json.dumps(detail, default=str) if detail else None))
 
@@ -202,7 +230,6 @@ class Registry:
         """Validate, sign (``sign_key``), store the blob, then record the version and its signature (the rows
         are committed last)."""
         from ..checks import ValidateOptions
-        from ..package import inspect_package
         from ..validate import validate
 
         path = Path(path)
@@ -216,9 +243,10 @@ class Registry:
         smoke_report = _smoke(path) if smoke else None
         if not report.valid and not allow_invalid:
             first = report.errors[0] if report.errors else report.warnings[0]
-            raise RegistryError(
+            raise InvalidPackageError(
                 f"{path.name} is invalid ({len(report.errors)} error(s); first: {first.check}: {first.message}); "
-                "not published", hint="fix it (czreg validate shows every finding) or pass --allow-invalid")
+                "not published", hint="fix it (czreg validate shows every finding) or pass --allow-invalid",
+                report=report.to_dict())
         if smoke_report is not None and not smoke_report.valid and not allow_invalid:
             why = f" ({smoke_report.errors[0].check}: {smoke_report.errors[0].message})" if smoke_report.errors else ""
             raise RegistryError(f"{path.name} failed its smoke test{why}; not published",
@@ -229,27 +257,14 @@ class Registry:
             from ..signing import sign_package
 
             signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
-        model_type: str | None = None
-        classes: list[str] | None = None
-        meta_name: str | None = None
-        package, _ = inspect_package(path)
-        if package is not None and package.metadata is not None:
-            from ..metadata import ModelInfo
-
-            with contextlib.suppress(Exception):
-                info = ModelInfo.from_package(package)
-                model_type, meta_name = info.type, info.name
-                classes = list(info.classes) if info.classes else None
-        display = name or meta_name or path.stem
-        cname = canonical_name(display if name else _slug(display))
-        kind = package.kind if package is not None else path.suffix.lstrip(".").lower() or "czann"
+        display, cname, kind, model_type, classes = _identity(path, name)
 
         def put() -> tuple[str, int]:
             with path.open("rb") as fh:
                 return self.store.put(fh, expected=report.sha256)
 
         digest, size = put()
-        source, who, host = path.name, _who(), socket.gethostname()
+        source, who, host = path.name, _who(), _host()
 
         def txn(s: Session) -> tuple[str, Version]:
             model = self._model_for_update(s, cname, name or display)
@@ -761,6 +776,33 @@ class Registry:
                                  "versions": versions})
         return {"blobs": len(by_digest), "versions": len(rows), "bytes": checked_bytes, "ok": not problems,
                 "problems": problems}
+
+
+def package_model_name(path: Path | str, name: str | None = None) -> str:
+    """The canonical model name ``publish`` would file ``path`` under (``name``, else the package's
+    ModelName, else the file name); a server checks a token's model pattern with it before storing."""
+    return _identity(Path(path), name)[1]
+
+
+def _identity(path: Path, name: str | None) -> tuple[str, str, str, str | None, list[str] | None]:
+    """(display name, canonical name, kind, model type, classes) of a package about to be published."""
+    from ..package import inspect_package
+
+    model_type: str | None = None
+    classes: list[str] | None = None
+    meta_name: str | None = None
+    package, _ = inspect_package(path)
+    if package is not None and package.metadata is not None:
+        from ..metadata import ModelInfo
+
+        with contextlib.suppress(Exception):
+            info = ModelInfo.from_package(package)
+            model_type, meta_name = info.type, info.name
+            classes = list(info.classes) if info.classes else None
+    display = name or meta_name or path.stem
+    cname = canonical_name(display if name else _slug(display))
+    kind = package.kind if package is not None else path.suffix.lstrip(".").lower() or "czann"
+    return display, cname, kind, model_type, classes
 
 
 def canonical_like(pattern: str) -> str:

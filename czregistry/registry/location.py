@@ -9,13 +9,14 @@ from ``--blob-store`` or ``CZREG_BLOB_STORE``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RegistryError
 
-__all__ = ["RegistryLocation", "data_dir", "resolve_location"]
+__all__ = ["RegistryLocation", "data_dir", "is_loopback", "is_remote", "resolve_location"]
 
 DB_NAME = "registry.db"
 
@@ -49,8 +50,28 @@ class RegistryLocation:
         return self.url
 
 
+def is_remote(text: str | None) -> bool:
+    """An ``http://`` or ``https://`` URL: a registry server (``czreg serve``), reached by
+    ``czregistry.registry.remote``."""
+    return bool(text) and str(text).lower().startswith(("http://", "https://"))
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address: the only hosts plain HTTP is fine for."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def resolve_location(registry: str | None = None, blob_store: str | None = None) -> RegistryLocation:
     text = registry or os.environ.get("CZREG_REGISTRY") or str(data_dir() / "registry")
+    if is_remote(text):
+        raise RegistryError(f"{text} is a registry server, not a database",
+                            hint="open it with czregistry.registry.connect() (the CLI does)")
     blobs = blob_store or os.environ.get("CZREG_BLOB_STORE") or None
     if "://" not in text:
         path = Path(text).expanduser().absolute()

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Alias", "Base", "Event", "Model", "Setting", "Signature", "Tag", "Tombstone", "Version"]
+__all__ = ["Alias", "Base", "Event", "Model", "Setting", "Signature", "Tag", "Token", "Tombstone", "Version"]
 
 
 class Base(DeclarativeBase):
@@ -144,3 +144,24 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)  # JSON
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class Token(Base):
+    """An API token of the registry server (schema 5): only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_tokens_name"),
+        UniqueConstraint("secret_hash", name="uq_tokens_secret_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(20))  # read | publish | admin
+    model_pattern: Mapped[str | None] = mapped_column(String(200))  # glob on canonical model names
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_by: Mapped[str | None] = mapped_column(String(200))

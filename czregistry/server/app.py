@@ -1,0 +1,431 @@
+"""The ASGI application of ``czreg serve``: the registry's library API under ``/api/v1/``, documented by
+OpenAPI at ``/openapi.json``, plus the web pages of ``web``.
+
+Every promise of the local registry holds over the network because the server *is* the local registry:
+each request calls the same ``Registry`` methods the CLI calls (in a worker thread; they are synchronous),
+inside ``acting_as`` so the audit trail names the token and the client's address.
+
+Uploads stream to a temp file (hashed on the way, refused past ``max_upload_bytes``), are checked against
+the digest the client announced, and are then published, which validates them before anything is stored;
+a refused package comes back as HTTP 422 with its findings. Downloads are verified before the first byte
+is sent (unless this process already verified the same unchanged file) and hashed again while they stream;
+the last chunk is held back until that hash matches, so a blob that changes on disk is never delivered
+whole: the connection is cut, and the client (which verifies too) keeps nothing.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from .. import __version__
+from ..errors import AuthError, CzregError, InvalidPackageError, RegistryError, RemoteError, UsageError
+from ..registry.api import Registry, acting_as, package_model_name
+from ..registry.location import resolve_location
+from ..registry.store import CHUNK
+from ..registry.tokens import SCOPES, TokenInfo, authenticate
+from ..registry.versions import parse_requirement
+from .settings import ServerSettings
+
+__all__ = ["COOKIE", "Auth", "app_from_env", "create_app", "error_body", "http_status"]
+
+log = logging.getLogger("czregistry.server")
+
+COOKIE = "czreg_token"
+API = "/api/v1"
+
+
+class TokenForbidden(AuthError):
+    """The token is valid but may not do this (scope or model pattern): HTTP 403."""
+
+
+def http_status(exc: CzregError, method: str = "GET") -> int:
+    """The HTTP status for a library error (the body carries its type and exit code for the CLI)."""
+    explicit = getattr(exc, "http_status", None)
+    if isinstance(explicit, int):
+        return explicit
+    if isinstance(exc, TokenForbidden):
+        return 403
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, InvalidPackageError):
+        return 422
+    if isinstance(exc, RegistryError):
+        return 404 if method in ("GET", "HEAD") else 409
+    return 400
+
+
+def error_body(exc: CzregError, location: str | None = None) -> dict[str, Any]:
+    """The JSON of an error; ``location`` (the database URL, which clients need not see) is left out."""
+    message = exc.message.replace(f"registry {location}", "the server's registry") if location else exc.message
+    body: dict[str, Any] = {"type": "AuthError" if isinstance(exc, AuthError) else type(exc).__name__,
+                            "message": message, "hint": exc.hint, "exit_code": exc.exit_code}
+    if isinstance(exc, InvalidPackageError) and exc.report is not None:
+        body["report"] = exc.report
+    return body
+
+
+def _with_status(exc: CzregError, status: int) -> CzregError:
+    exc.http_status = status  # type: ignore[attr-defined]
+    return exc
+
+
+class Auth:
+    """Who a request is. A bearer token in ``Authorization``; for GET and HEAD (the web page, download
+    links) also the ``czreg_token`` cookie set by the login form. Writes never accept the cookie, so a
+    page elsewhere cannot make a logged-in browser publish or yank (no CSRF)."""
+
+    def __init__(self, reg: Registry, settings: ServerSettings) -> None:
+        self.reg = reg
+        self.settings = settings
+
+    def identify(self, request: Request) -> TokenInfo | None:
+        header = request.headers.get("authorization")
+        secret: str | None = None
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise AuthError("the Authorization header is not 'Bearer <token>'", hint="set CZREG_TOKEN")
+            secret = value.strip()
+        elif request.method in ("GET", "HEAD"):
+            secret = request.cookies.get(COOKIE)
+        return authenticate(self.reg, secret) if secret else None
+
+    def require(self, request: Request, scope: str, model: str | None = None) -> TokenInfo | None:
+        """The token, checked for ``scope`` (and ``model`` when given); ``None`` for an anonymous reader
+        of a ``--public-read`` server. Raises ``AuthError`` (401) or ``TokenForbidden`` (403)."""
+        assert scope in SCOPES
+        token = self.identify(request)
+        if token is None:
+            if scope == "read" and self.settings.public_read:
+                return None
+            raise AuthError("this registry server needs a token" + (" to write" if self.settings.public_read else ""),
+                            hint="set CZREG_TOKEN to a token from the registry's administrator (czreg token create)")
+        if not token.allows(scope, model):
+            try:
+                token.require(scope, model)
+            except AuthError as exc:
+                raise TokenForbidden(exc.message, hint=exc.hint) from None
+        return token
+
+    @staticmethod
+    def check_model(token: TokenInfo | None, model: str) -> None:
+        """For reads resolved first (a digest, a search row): 403 unless the token covers ``model``."""
+        if token is not None and not token.allows("read", model):
+            raise TokenForbidden(f"token '{token.name}' is limited to models '{token.model_pattern}'",
+                                 hint="use a token for this model")
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _acting(token: TokenInfo | None, request: Request) -> Any:
+    name = token.name if token else "anonymous"
+    return acting_as(f"token:{name}", _client(request), token=name)
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_filename(name: str | None) -> str:
+    """The client's file name (it becomes the version's ``source``), reduced to a harmless base name."""
+    base = _SAFE_NAME.sub("-", (name or "").replace("\\", "/").rsplit("/", 1)[-1]).strip("-.")
+    return base[:200] or "package.czann"
+
+
+class _VerifiedCache:
+    """Blobs this process hashed and found intact, keyed by (inode, size, mtime): re-hashing a large model
+    on every download would double its cost. A file changed in place gets a new mtime (and is re-hashed);
+    one whose mtime was forged back is still caught by the hash taken while it streams."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()
+
+    def ok(self, digest: str, st: os.stat_result) -> bool:
+        with self._lock:
+            return self._seen.get(digest) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def add(self, digest: str, st: os.stat_result) -> None:
+        with self._lock:
+            if len(self._seen) > 100_000:
+                self._seen.clear()
+            self._seen[digest] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class AliasBody(BaseModel):
+    version: str
+
+
+class TagBody(BaseModel):
+    set: dict[str, str] = {}
+    remove: list[str] = []
+
+
+class YankBody(BaseModel):
+    reason: str
+
+
+def create_app(settings: ServerSettings | None = None, reg: Registry | None = None) -> FastAPI:
+    """The application over ``reg`` (opened from ``settings`` when not given)."""
+    settings = settings or ServerSettings()
+    if reg is None:
+        reg = Registry(resolve_location(settings.registry, settings.blob_store))
+    registry = reg
+    auth = Auth(registry, settings)
+    verified = _VerifiedCache()
+
+    app = FastAPI(
+        title="czregistry", version=__version__,
+        description="A registry of CZANN/CZMODEL model packages: publish, pull, aliases, yanks, audit trail. "
+                    "Send `Authorization: Bearer <token>` (tokens: `czreg token create` on the server). "
+                    "Errors are JSON: `{\"error\": {\"type\", \"message\", \"hint\", \"exit_code\"}}`.")
+    app.state.registry = registry
+    app.state.settings = settings
+
+    @app.exception_handler(CzregError)
+    async def _czreg_error(request: Request, exc: CzregError) -> Response:
+        status = http_status(exc, request.method)
+        headers = {"WWW-Authenticate": 'Bearer realm="czregistry"'} if status == 401 else None
+        if request.url.path.startswith(API) or "text/html" not in request.headers.get("accept", ""):
+            return JSONResponse({"error": error_body(exc, registry.location.display())}, status_code=status,
+                                headers=headers)
+        from .web import error_page
+
+        return error_page(exc, status, settings.public_read)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"type": "ServerError", "message": f"internal server error: {type(exc).__name__}",
+                                       "hint": "see the server's log", "exit_code": RemoteError.exit_code}},
+                            status_code=500)
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    @app.get(f"{API}/health", tags=["server"])
+    def health() -> dict[str, Any]:
+        """No token needed: for load balancers and start-up checks."""
+        return {"ok": True, "czregistry_version": __version__, "public_read": settings.public_read}
+
+    @app.get(f"{API}/whoami", tags=["server"])
+    def whoami(request: Request) -> dict[str, Any]:
+        token = auth.require(request, "read")
+        if token is None:
+            return {"token": None, "scope": "read", "model": None}
+        return {"token": token.name, "scope": token.scope, "model": token.model_pattern}
+
+    @app.get(f"{API}/models", tags=["read"])
+    def list_models(request: Request, name: str | None = None, type: str | None = None,
+                    class_name: str | None = Query(None, alias="class"), tag: str | None = None,
+                    alias: str | None = None, all_versions: bool = False, yanked: bool = False,
+                    limit: int | None = Query(None, ge=1)) -> list[dict[str, Any]]:
+        """Like ``czreg list``: the newest version of each model (or every version), filtered."""
+        token = auth.require(request, "read")
+        rows = registry.search(name=name, model_type=type, class_name=class_name, tag=tag, alias=alias,
+                               all_versions=all_versions, include_yanked=yanked, limit=limit)
+        return [r for r in rows if token is None or token.allows("read", r["name"])]
+
+    @app.get(f"{API}/show", tags=["read"])
+    def show(request: Request, requirement: str) -> dict[str, Any]:
+        """Like ``czreg show``: a model with its versions, or one version in full (with its report)."""
+        token = auth.require(request, "read", parse_requirement(requirement).name)
+        info = registry.show(requirement)
+        auth.check_model(token, info["canonical_name"])
+        return info
+
+    @app.get(f"{API}/resolve", tags=["read"])
+    def resolve(request: Request, requirement: str, pre: bool | None = None) -> dict[str, Any]:
+        """The version a requirement (``name>=1,<2``, ``name@alias``, ``sha256:...``) stands for."""
+        token = auth.require(request, "read", parse_requirement(requirement).name)
+        resolved = registry.resolve(requirement, prereleases=pre)
+        auth.check_model(token, resolved.version["canonical_name"])
+        return {"version": resolved.version, "warnings": resolved.warnings}
+
+    @app.get(f"{API}/history", tags=["read"])
+    def history(request: Request, name: str | None = None, limit: int | None = Query(None, ge=1)
+                ) -> list[dict[str, Any]]:
+        """The audit trail, newest first."""
+        token = auth.require(request, "read", name)
+        events = registry.history(name, limit=limit)
+        return [e for e in events if token is None or token.allows("read", e["model"])]
+
+    @app.get(f"{API}/models/{{name}}/aliases", tags=["read"])
+    def aliases(request: Request, name: str) -> dict[str, str]:
+        auth.require(request, "read", name)
+        return registry.aliases(name)
+
+    def _blob_response(digest: str, label: str, filename: str | None) -> Response:
+        try:
+            fh = registry.store.open(digest)
+        except FileNotFoundError:
+            raise _with_status(RegistryError(
+                f"the blob of {label} (sha256:{digest[:12]}) is missing from the server's blob store",
+                hint="tell the registry's administrator (czreg verify on the server)"), 500) from None
+        st = os.fstat(fh.fileno())
+        if not verified.ok(digest, st):
+            h = hashlib.sha256()
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+            if h.hexdigest() != digest:
+                fh.close()
+                log.error("refusing to serve %s: blob sha256:%s is corrupt", label, digest)
+                raise _with_status(RegistryError(
+                    f"the blob of {label} is corrupt on the server (sha256 {h.hexdigest()[:12]}... != "
+                    f"{digest[:12]}...); nothing written", hint="tell the registry's administrator "
+                    "(czreg verify on the server)"), 500)
+            verified.add(digest, st)
+            fh.seek(0)
+
+        def stream() -> Iterator[bytes]:
+            h = hashlib.sha256()
+            with fh:
+                held = fh.read(CHUNK)
+                while held:
+                    h.update(held)
+                    nxt = fh.read(CHUNK)
+                    if not nxt:
+                        break
+                    yield held
+                    held = nxt
+                if h.hexdigest() != digest:  # changed while streaming: cut the connection before the end
+                    log.error("blob sha256:%s of %s changed while streaming; response aborted", digest, label)
+                    raise RuntimeError(f"blob sha256:{digest} changed while streaming")
+                if held:
+                    yield held
+
+        headers = {"Content-Length": str(st.st_size), "X-Czreg-Sha256": digest, "Cache-Control": "no-transform"}
+        if filename:
+            headers["Content-Disposition"] = f'attachment; filename="{_safe_filename(filename)}"'
+        return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
+
+    @app.get(f"{API}/blobs/sha256:{{digest}}", tags=["read"], response_class=StreamingResponse)
+    def blob(request: Request, digest: str) -> Response:
+        """The bytes of a version by digest (verified before and while they stream)."""
+        token = auth.require(request, "read")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise UsageError("a blob is named by its full sha256 (64 hex digits)")
+        v = registry.resolve(f"sha256:{digest}").version
+        auth.check_model(token, v["canonical_name"])
+        return _blob_response(digest, f"{v['name']} {v['version']}", None)
+
+    @app.get(f"{API}/models/{{name}}/versions/{{version}}/download", tags=["read"],
+             response_class=StreamingResponse)
+    def download(request: Request, name: str, version: str) -> Response:
+        """A version as a file download (the web page's links)."""
+        auth.require(request, "read", name)
+        v = registry.resolve(f"{name}=={version}").version
+        digest = v["digest"].removeprefix("sha256:")
+        return _blob_response(digest, f"{v['name']} {v['version']}",
+                              f"{v['canonical_name']}-{v['version']}.{v['kind']}")
+
+    # --- writing ---------------------------------------------------------------------------------------
+
+    @app.post(f"{API}/publish", tags=["write"], status_code=200)
+    async def publish(request: Request, name: str | None = None, version: str | None = None,
+                      bump: str | None = Query(None, pattern="^(major|minor|patch)$"), static: bool = False,
+                      allow_invalid: bool = False, smoke: bool = False, note: str | None = None,
+                      tag: list[str] = Query([])) -> dict[str, Any]:  # noqa: B008
+        """Like ``czreg publish``; the body is the package's bytes (streamed). Headers:
+        ``X-Czreg-Filename`` (recorded as the source) and ``X-Czreg-Sha256`` (checked after the upload).
+        A package that fails validation is refused with HTTP 422 and its findings."""
+        token = await run_in_threadpool(auth.require, request, "publish")
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _with_status(RemoteError(f"the package ({int(declared)} bytes) is over this server's upload "
+                                           f"limit of {limit} bytes", hint="ask the administrator to raise "
+                                           "--max-upload-mb"), 413)
+        tags: dict[str, str] = {}
+        for item in tag:
+            k, sep, v = item.partition("=")
+            if not sep or not k.strip():
+                raise UsageError(f"invalid tag '{item}'", hint="write --tag key=value")
+            tags[k.strip()] = v.strip()
+        tmpdir = Path(tempfile.mkdtemp(prefix="czreg-upload-", dir=settings.upload_dir))
+        try:
+            path = tmpdir / _safe_filename(request.headers.get("x-czreg-filename"))
+            h, size = hashlib.sha256(), 0
+            with path.open("xb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _with_status(RemoteError(f"the package is over this server's upload limit of {limit}"
+                                                       " bytes", hint="ask the administrator to raise "
+                                                       "--max-upload-mb"), 413)
+                    h.update(chunk)
+                    out.write(chunk)
+            expected = request.headers.get("x-czreg-sha256")
+            if expected and expected.lower() != h.hexdigest():
+                raise _with_status(RemoteError(f"the upload arrived damaged (sha256 {h.hexdigest()[:12]}... != "
+                                               f"{expected[:12]}...); nothing stored", hint="publish again"), 400)
+            if size == 0:
+                raise UsageError("the upload is empty", hint="send the package's bytes as the request body")
+
+            def work() -> dict[str, Any]:
+                if token is not None:
+                    auth.require(request, "publish", package_model_name(path, name))
+                with _acting(token, request):
+                    result = registry.publish(path, name=name, version=version, bump_part=bump,  # type: ignore[arg-type]
+                                              static=static, allow_invalid=allow_invalid, note=note, tags=tags,
+                                              smoke=smoke)
+                return {"status": result.status, "version": result.version, "report": result.report.to_dict(),
+                        "smoke": result.smoke.to_dict() if result.smoke else None}
+
+            return await run_in_threadpool(work)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    @app.put(f"{API}/models/{{name}}/aliases/{{alias}}", tags=["write"])
+    def alias_set(request: Request, name: str, alias: str, body: AliasBody) -> dict[str, Any]:
+        token = auth.require(request, "publish", name)
+        with _acting(token, request):
+            return registry.alias_set(name, alias, body.version)
+
+    @app.delete(f"{API}/models/{{name}}/aliases/{{alias}}", tags=["write"])
+    def alias_remove(request: Request, name: str, alias: str) -> dict[str, Any]:
+        token = auth.require(request, "publish", name)
+        with _acting(token, request):
+            return registry.alias_remove(name, alias)
+
+    @app.post(f"{API}/tags", tags=["write"])
+    def tag_version(request: Request, requirement: str, body: TagBody) -> dict[str, str]:
+        token = auth.require(request, "publish", parse_requirement(requirement).name)
+        if token is not None and token.model_pattern is not None:
+            auth.check_model(token, registry.resolve(requirement).version["canonical_name"])
+        with _acting(token, request):
+            return registry.tag(requirement, body.set, body.remove)
+
+    @app.post(f"{API}/models/{{name}}/versions/{{version}}/yank", tags=["write"])
+    def yank(request: Request, name: str, version: str, body: YankBody) -> dict[str, Any]:
+        token = auth.require(request, "admin", name)
+        with _acting(token, request):
+            return registry.yank(name, version, body.reason)
+
+    @app.post(f"{API}/models/{{name}}/versions/{{version}}/unyank", tags=["write"])
+    def unyank(request: Request, name: str, version: str) -> dict[str, Any]:
+        token = auth.require(request, "admin", name)
+        with _acting(token, request):
+            return registry.unyank(name, version)
+
+    from .web import add_web_routes
+
+    add_web_routes(app, registry, auth)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for each worker process: settings from ``CZREG_SERVE_SETTINGS``."""
+    return create_app(ServerSettings.from_env())
