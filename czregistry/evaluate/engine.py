@@ -108,15 +108,16 @@ def _preview_slice(a: np.ndarray, nd: int) -> np.ndarray:
 
 
 def _downsample(a: np.ndarray, side: int, nearest: bool) -> np.ndarray:
+    """At most ``side`` pixels a side: block means (images) or every step-th pixel (class maps), over the
+    same whole blocks so that both line up pixel for pixel."""
     step = max(1, int(np.ceil(max(a.shape[:2]) / side)))
     if step == 1:
         return np.ascontiguousarray(a)
-    if nearest:
+    h, w = max(step, (a.shape[0] // step) * step), max(step, (a.shape[1] // step) * step)
+    a = a[:h, :w]
+    if nearest or a.shape[0] < step or a.shape[1] < step:
         return np.ascontiguousarray(a[::step, ::step])
-    h, w = (a.shape[0] // step) * step, (a.shape[1] // step) * step
-    if h == 0 or w == 0:
-        return np.ascontiguousarray(a[::step, ::step])
-    b = a[:h, :w].astype(np.float32)
+    b = a.astype(np.float32)
     return b.reshape(h // step, step, w // step, step, *a.shape[2:]).mean(axis=(1, 3))
 
 
