@@ -162,7 +162,7 @@ def test_pixel_and_object_metrics_equal_the_reference(name: str, truth: np.ndarr
 
 
 def test_the_split_object_has_one_match_at_half() -> None:
-    name, truth, pred, n = label_sets()[-1]
+    _, truth, pred, _ = label_sets()[-1]
     tl, tn = M.label_components(truth == 1)
     pl, pn = M.label_components(pred == 1)
     counts = M.match_objects(tl, tn, pl, pn, (0.5, 0.55))

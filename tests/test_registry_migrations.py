@@ -26,7 +26,7 @@ def test_head_constant_is_the_newest_script() -> None:
     cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(cfg)
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()] == ["r0003", "r0002", "r0001"]
+    assert [r.revision for r in script.walk_revisions()] == ["r0006", "r0003", "r0002", "r0001"]
 
 
 def _triggers(conn: object) -> set[str]:

@@ -83,3 +83,37 @@ def check_no_regression(candidate: dict[str, Any], baseline: dict[str, Any], gat
 def refuse(path_name: str, failures: list[str]) -> RegistryError:
     return RegistryError(f"{path_name} failed its gate: " + "; ".join(failures) + "; not published",
                          hint="improve the model, or change the gate")
+
+
+def gated_publish(reg: Any, path: Any, *, images: Any, labels: Any, gates: list[Gate], baseline: str | None,
+                  eval_options: Any = None, **publish: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Evaluate ``path``, check ``gates`` and ``baseline``, and only then publish it and record the evaluation.
+
+    Returns ``(PublishResult, evaluation, record)``. A failed gate raises ``RegistryError`` (exit 7) before
+    anything is stored."""
+    from pathlib import Path
+
+    from ..registry.evaluations import find_evaluation, record_evaluation
+    from .engine import evaluate
+    from .sources import package_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such package file: {path}", hint="check the path")
+    ev = evaluate(path, images, labels, eval_options)
+    failures = check_gates(ev.data, gates)
+    if baseline is not None:
+        version = reg.resolve(baseline).version
+        digest = version["digest"].removeprefix("sha256:")
+        recorded = find_evaluation(reg, digest, ev.data["dataset"]["digest"], ev.data["definition"])
+        if recorded:
+            base = recorded[-1]
+        else:
+            with package_file(baseline, reg) as (base_path, _):
+                base = evaluate(base_path, images, labels, eval_options).data
+        failures += check_no_regression(ev.data, base, gates, f"{version['name']} {version['version']}")
+    if failures:
+        raise refuse(path.name, failures)
+    result = reg.publish(path, **publish)
+    record = record_evaluation(reg, ev.data)
+    return result, ev.data, record
