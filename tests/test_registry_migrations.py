@@ -122,12 +122,19 @@ def test_downgrade_to_base_and_back_up_keeps_data_where_the_schema_can(location:
         engine = reg.engine
         guards = _triggers_of(engine)
         assert guards
+        evaluation_guards = guards & {"evaluations_no_update", "evaluations_no_delete", "evaluations_append_only"}
+        assert evaluation_guards
+
+        db.downgrade(engine, "r0003")  # r0006: the evaluations table and its guards go, nothing else
+        with engine.connect() as conn:
+            assert "evaluations" not in inspect(conn).get_table_names()
+            assert _triggers(conn) == guards - evaluation_guards
 
         db.downgrade(engine, "r0002")
         with engine.connect() as conn:
             assert db.current_revision(conn) == "r0002"
             assert not {"sort_key", "is_pre"} & _columns(conn, "versions")
-            assert _triggers(conn) == guards  # the r0002 guards survive the column drop
+            assert _triggers(conn) == guards - evaluation_guards  # the r0002 guards survive the column drop
             assert conn.execute(text("SELECT version, note FROM versions")).all() == [("1.0.0", "n")]
             assert conn.execute(text("SELECT version FROM tombstones")).scalars().all() == ["1.1.0"]
         with engine.connect() as conn, pytest.raises(Exception, match="czreg-immutable"):
