@@ -42,6 +42,16 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.
     if truth.shape != pred.shape:
         raise ValueError(f"label shape {truth.shape} != prediction shape {pred.shape}")
     n = int(n_classes)
+    if truth.dtype == np.bool_:
+        truth = truth.view(np.uint8)
+    if n <= 3:  # a few passes of count_nonzero beat bincount's cast of every pixel to intp
+        eq = [truth == i for i in range(n)]
+        out = np.zeros((n, n), np.int64)
+        for j in range(n):
+            pj = pred == j
+            for i in range(n):
+                out[i, j] = np.count_nonzero(np.logical_and(eq[i], pj))
+        return out
     small = n * n <= 256
     dtype = np.uint8 if small else np.int64
     key: np.ndarray = truth.astype(dtype, copy=True)
@@ -110,14 +120,19 @@ class ObjectCounts:
 def _overlaps(true_lab: np.ndarray, n_true: int, pred_lab: np.ndarray, n_pred: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse IoU: ``(true ids, pred ids, IoU)`` of every overlapping pair (ids from 1)."""
+    from scipy.sparse import coo_matrix
+
     both = (true_lab > 0) & (pred_lab > 0)
-    t = true_lab[both].astype(np.int64)
+    t = true_lab[both]
     if t.size == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float64)
-    key = t * (n_pred + 1) + pred_lab[both]
-    pairs, inter = np.unique(key, return_counts=True)
-    ti, pj = np.divmod(pairs, n_pred + 1)
+    # COO -> CSR sums duplicate (true, pred) pairs with a counting sort: linear, unlike np.unique's sort
+    m = coo_matrix((np.ones(t.size, np.int64), (t, pred_lab[both])), shape=(n_true + 1, n_pred + 1)).tocsr()
+    m.sum_duplicates()
+    ti = np.repeat(np.arange(n_true + 1, dtype=np.int64), np.diff(m.indptr))
+    pj = m.indices.astype(np.int64)
+    inter = m.data
     area_t = np.bincount(true_lab.ravel(), minlength=n_true + 1)
     area_p = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)
     inter = inter.astype(np.float64)
@@ -139,17 +154,15 @@ def match_objects(true_lab: np.ndarray, n_true: int, pred_lab: np.ndarray, n_pre
     ti, pj, iou = _overlaps(true_lab, n_true, pred_lab, n_pred)
     n_matched = min(n_true, n_pred)
     groups = _groups(ti, pj, n_true)
+    singles = np.array([g[0] for g in groups if len(g) == 1], np.int64)  # a lone overlapping pair: no choice
+    single_iou = iou[singles] if singles.size else np.zeros(0)
+    multi = [g for g in groups if len(g) > 1]
     out = []
     for thr in thresholds:
-        tp = 0
-        score = 0.0
-        for members in groups:
-            if len(members) == 1:
-                s = iou[members[0]]
-                if s >= thr:
-                    tp += 1
-                    score += float(s)
-                continue
+        hit = single_iou >= thr
+        tp = int(np.count_nonzero(hit))
+        score = float(single_iou[hit].sum())
+        for members in multi:
             rows, rinv = np.unique(ti[members], return_inverse=True)
             cols, cinv = np.unique(pj[members], return_inverse=True)
             scores = np.zeros((len(rows), len(cols)))
