@@ -1,4 +1,5 @@
-"""The README's main job, end to end, on an embedded example: pack -> validate -> publish -> pull -> run.
+"""The README's main job, end to end, on an embedded example: pack -> validate -> publish -> pull -> run ->
+evaluate (against the generated image's known ground truth).
 
 Everything is generated here (model with hand-set weights, synthetic image), so it runs on a fresh machine
 with no data and no network. Each step uses the same public library call a user would.
@@ -29,6 +30,8 @@ class DemoResult:
     picture: str
     run: dict[str, Any]
     findings: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    report: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,7 +68,7 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
     import tifffile
 
     from . import pack
-    from .examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei_image
+    from .examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
     from .registry.api import open_registry
     from .report import render_text
     from .runner import RunOptions, run
@@ -75,32 +78,32 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
     work.mkdir(parents=True, exist_ok=True)
     package = work / "nuclei.czann"
 
-    echo(f"1/5 pack: example Keras model + normalize layer -> {package}")
+    echo(f"1/6 pack: example Keras model + normalize layer -> {package}")
     norm = EXAMPLE_NORMALIZATION
     pack(build_example_model(),
          {"Type": "SingleClassSemanticSegmentation", "Classes": EXAMPLE_CLASSES, "MinOverlap": [8, 8],
           "ModelName": "Example nuclei segmentation"},
          package, preprocessing=[f"normalize:mean={norm['mean']},std={norm['std']}"], spatial_dims=DEMO_TILE)
 
-    echo("2/5 validate (archive, schema, metadata, model checks)")
+    echo("2/6 validate (archive, schema, metadata, model checks)")
     report = validate(package)
     echo("    " + render_text(report, verbose=False).replace("\n", "\n    "))
 
-    echo(f"3/5 publish {DEMO_MODEL_NAME} {DEMO_VERSION} to the registry")
+    echo(f"3/6 publish {DEMO_MODEL_NAME} {DEMO_VERSION} to the registry")
     with open_registry(registry) as reg:
         published = reg.publish(package, name=DEMO_MODEL_NAME, version=DEMO_VERSION)
         pub = published.to_dict()
         echo(f"    {published.status}: {pub.get('name', DEMO_MODEL_NAME)} {pub.get('version', DEMO_VERSION)} "
              f"{str(pub.get('digest', ''))[:23]}...  (registry: {reg.location.display()})")
         spec = f"{DEMO_MODEL_NAME}>=1,<2"
-        echo(f"4/5 pull \"{spec}\"")
+        echo(f"4/6 pull \"{spec}\"")
         (work / "pulled").mkdir(exist_ok=True)
         pulled = reg.pull(spec, work / "pulled")
         echo(f"    -> {pulled.path}")
 
-    echo(f"5/5 run tiled on a generated {size}x{size} image")
+    echo(f"5/6 run tiled on a generated {size}x{size} image")
     image = work / "nuclei.tif"
-    pixels = synthetic_nuclei_image(size, size, seed=1)
+    pixels, truth = synthetic_nuclei(size, size, seed=1)
     tifffile.imwrite(image, pixels)
     output = work / "nuclei-labels.ome.tiff"
     result = run(pulled.path, image, output, RunOptions(output_kind="labels"))
@@ -111,6 +114,36 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
          f"nucleus pixels: {float((labels > 0).mean()):.1%}")
     echo(f"output: {output}")
     echo(f"picture (input | prediction): {picture}")
+
+    evaluation, html = _evaluate(pulled.path, work, pixels, truth, echo)
     return DemoResult(str(package), report.valid, pub, str(pulled.path), str(image), str(output), str(picture),
                       result.to_dict(), [f"{f.severity.value}: {f.check}" for f in report.findings
-                                         if f.severity.value != "info"])
+                                         if f.severity.value != "info"], evaluation, str(html))
+
+
+def _evaluate(package: Path, work: Path, pixels: Any, truth: Any, echo: Callable[[str], None]
+              ) -> tuple[dict[str, Any], Path]:
+    """Step 6: the generated image's ground truth is known (inside an ellipse = nucleus), so measure."""
+    import tifffile
+    from PIL import Image
+
+    from .evaluate import EvalOptions, evaluate
+    from .evaluate.report_html import write_report
+
+    images, labels = work / "eval" / "images", work / "eval" / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(images / "nuclei.tif", pixels)
+    Image.fromarray(truth).save(labels / "nuclei.png")
+    echo("6/6 evaluate against the generated image's ground truth")
+    ev = evaluate(package, images, labels, EvalOptions(keep_worst=1))
+    m = ev.data["metrics"]
+    obj = m["objects"]["classes"]["nucleus"][0]
+    echo(f"    IoU nucleus {m['iou']['nucleus']:.3f}, background {m['iou']['background']:.3f}; mean IoU "
+         f"{m['mean_iou']:.3f}; pixel accuracy {m['pixel_accuracy']:.3f}")
+    echo(f"    objects at IoU 0.5 (StarDist matching): {obj['tp']} matched of {obj['n_true']} true / "
+         f"{obj['n_pred']} predicted; precision {obj['precision']:.3f}, recall {obj['recall']:.3f}, "
+         f"F1 {obj['f1']:.3f}")
+    html = write_report(work / "evaluation.html", ev)
+    echo(f"evaluation report: {html}")
+    return ev.data["metrics"], html

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXAMPLE_CLASSES", "EXAMPLE_NORMALIZATION", "build_example_model", "synthetic_nuclei_image"]
+__all__ = ["EXAMPLE_CLASSES", "EXAMPLE_NORMALIZATION", "build_example_model", "synthetic_nuclei",
+           "synthetic_nuclei_image"]
 
 EXAMPLE_CLASSES = ["background", "nucleus"]
 #: mean/std of the synthetic images in [0, 1] units; packed as ``normalize:mean=0.3,std=0.2``.
@@ -50,6 +51,13 @@ def synthetic_nuclei_image(height: int, width: int, *, seed: int = 0, n_nuclei: 
                            dtype: str = "uint8") -> np.ndarray:
     """Bright elliptical blobs on a dim, noisy background, ``[h, w]``; built in row strips so a
     16k x 16k image costs a few strips of float memory, not the whole image in float64."""
+    return synthetic_nuclei(height, width, seed=seed, n_nuclei=n_nuclei, dtype=dtype)[0]
+
+
+def synthetic_nuclei(height: int, width: int, *, seed: int = 0, n_nuclei: int | None = None,
+                     dtype: str = "uint8") -> tuple[np.ndarray, np.ndarray]:
+    """``synthetic_nuclei_image`` and its ground truth: a uint8 class map (0 background, 1 nucleus: inside
+    any ellipse), for ``czreg evaluate`` and the demo."""
     rng = np.random.default_rng(seed)
     n = n_nuclei if n_nuclei is not None else max(1, height * width // 2500)
     cy, cx = rng.uniform(0, height, n), rng.uniform(0, width, n)
@@ -57,6 +65,7 @@ def synthetic_nuclei_image(height: int, width: int, *, seed: int = 0, n_nuclei: 
     bright = rng.uniform(0.55, 0.9, n)
     scale = 255 if dtype == "uint8" else 65535
     out = np.empty((height, width), dtype=dtype)
+    truth = np.zeros((height, width), dtype=np.uint8)
     strip = 512
     order = np.argsort(cy)
     cy, cx, ry, rx, bright = cy[order], cx[order], ry[order], rx[order], bright[order]
@@ -75,5 +84,6 @@ def synthetic_nuclei_image(height: int, width: int, *, seed: int = 0, n_nuclei: 
             mask = ((sub_y - cy[i]) / ry[i]) ** 2 + ((sub_x - cx[i]) / rx[i]) ** 2 <= 1.0
             region = img[a0 - y0:a1 - y0, b0:b1]
             region[mask] = np.maximum(region[mask], bright[i])
+            truth[a0:a1, b0:b1][mask] = 1
         out[y0:y1] = (np.clip(img, 0, 1) * scale).astype(dtype)
-    return out
+    return out, truth

@@ -26,7 +26,7 @@ def test_head_constant_is_the_newest_script() -> None:
     cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(cfg)
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()] == ["r0005", "r0004", "r0003", "r0002", "r0001"]
+    assert [r.revision for r in script.walk_revisions()] == ["r0006", "r0005", "r0004", "r0003", "r0002", "r0001"]
 
 
 def _triggers(conn: object) -> set[str]:
@@ -122,23 +122,31 @@ def test_downgrade_to_base_and_back_up_keeps_data_where_the_schema_can(location:
         engine = reg.engine
         head_guards = _triggers_of(engine)
         assert "signatures_no_update" in head_guards
+        evaluation_guards = head_guards & {"evaluations_no_update", "evaluations_no_delete", "evaluations_append_only"}
+        assert evaluation_guards
+
+        db.downgrade(engine, "r0005")  # r0006: the evaluations table and its guards go, nothing else
+        with engine.connect() as conn:
+            assert "evaluations" not in inspect(conn).get_table_names()
+            assert _triggers(conn) == head_guards - evaluation_guards
 
         db.downgrade(engine, "r0004")
         with engine.connect() as conn:
-            assert "tokens" not in inspect(conn).get_table_names() and _triggers(conn) == head_guards
+            assert "tokens" not in inspect(conn).get_table_names()
+            assert _triggers(conn) == head_guards - evaluation_guards
 
         db.downgrade(engine, "r0003")
         with engine.connect() as conn:
             assert db.current_revision(conn) == "r0003"
             assert not {"signatures", "settings"} & set(inspect(conn).get_table_names())
             guards = _triggers(conn)
-        assert guards == head_guards - {"signatures_no_update"}
+        assert guards == head_guards - evaluation_guards - {"signatures_no_update"}
 
         db.downgrade(engine, "r0002")
         with engine.connect() as conn:
             assert db.current_revision(conn) == "r0002"
             assert not {"sort_key", "is_pre"} & _columns(conn, "versions")
-            assert _triggers(conn) == guards  # the r0002 guards survive the column drop
+            assert _triggers(conn) == guards - evaluation_guards  # the r0002 guards survive the column drop
             assert conn.execute(text("SELECT version, note FROM versions")).all() == [("1.0.0", "n")]
             assert conn.execute(text("SELECT version FROM tombstones")).scalars().all() == ["1.1.0"]
         with engine.connect() as conn, pytest.raises(Exception, match="czreg-immutable"):

@@ -8,7 +8,7 @@ import os
 import click
 
 from .. import __version__
-from . import demo, pack, plugins_cmd, registry, run, schemas, serve, sharing, validate
+from . import demo, evaluate, pack, plugins_cmd, registry, run, schemas, serve, sharing, validate
 
 __all__ = ["main"]
 
@@ -22,7 +22,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-for _module in (validate, schemas, plugins_cmd, pack, registry, sharing, serve, run, demo):
+for _module in (validate, schemas, plugins_cmd, pack, registry, sharing, serve, run, demo, evaluate):
     _module.register(main)
 
 

@@ -87,20 +87,42 @@ def _warn(lines: list[str]) -> None:
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), metavar="PRIVATE.pem",
               help="Sign the package with this EC key and store the signature with the version.")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Evaluate on these images first (with --labels); the result is recorded with the version.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None, help="Labels for --images, by file stem.")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC>=VALUE",
+              help='Refuse to publish unless the evaluation meets this bound, e.g. "mean_iou>=0.8" (repeatable).')
+@click.option("--no-regression-from", "baseline", metavar="NAME@ALIAS",
+              help="Refuse to publish if significantly worse than this version on the same images.")
 @json_option
 @_registry_options
 def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | None, bump_part: Any,
                 static: bool, allow_invalid: bool, smoke: bool, note: str | None, tags: tuple[str, ...],
+                images: Path | None, labels: Path | None, gates: tuple[str, ...], baseline: str | None,
                 sign_key: Path | None, as_json: bool) -> None:
     """Validate PACKAGE and store it in the registry as NAME VERSION (immutable once published)."""
+    evaluation: dict[str, Any] | None = None
     with handle_errors():
-        result = reg.publish(package, name=name, version=version, bump_part=bump_part, static=static,
-                             allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke,
-                             sign_key=sign_key)
+        if (images is None) != (labels is None) or ((gates or baseline) and images is None):
+            raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
+                             hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')
+        if images is not None and labels is not None:
+            from ..evaluate.gate import gated_publish, parse_gate
+
+            result, evaluation, _ = gated_publish(
+                reg, package, images=images, labels=labels, gates=[parse_gate(g) for g in gates],
+                baseline=baseline, name=name, version=version, bump_part=bump_part, static=static,
+                allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke,
+                sign_key=sign_key)
+        else:
+            result = reg.publish(package, name=name, version=version, bump_part=bump_part, static=static,
+                                 allow_invalid=allow_invalid, note=note, tags=_parse_tags(tags), smoke=smoke,
+                                 sign_key=sign_key)
     v = result.version
     if as_json:
         echo_json({**result.to_dict(), "report": result.report.to_dict(),
-                   "smoke": result.smoke.to_dict() if result.smoke else None})
+                   "smoke": result.smoke.to_dict() if result.smoke else None,
+                   **({"evaluation": evaluation} if evaluation is not None else {})})
         return
     verdict = "valid" if result.report.valid else "INVALID (--allow-invalid)"
     if result.status == "exists":
@@ -226,6 +248,11 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
         lines.append("  tags:       " + ", ".join(f"{k}={v}" for k, v in info["tags"].items()))
     if info["note"]:
         lines.append(f"  note:       {info['note']}")
+    for e in info.get("evaluations") or []:
+        m = e["metrics"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+        lines.append(f"  evaluated:  {shown} on {e['dataset']['images']} image(s), dataset "
+                     f"{e['dataset']['digest'][:19]}... ({e['definition']}, {e['recorded_at']})")
     click.echo("\n".join(lines))
 
 

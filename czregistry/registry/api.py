@@ -341,6 +341,9 @@ class Registry:
             "tags": tags, "aliases": aliases, "signed_by": signed_by,
         }
         if full:
+            from .evaluations import list_evaluations
+
+            out["evaluations"] = list_evaluations(self, row.digest)
             out["report"] = json.loads(row.report)
             out["smoke"] = json.loads(row.smoke) if row.smoke else None
             out["yanked_at"], out["yanked_by"] = _iso(row.yanked_at), row.yanked_by

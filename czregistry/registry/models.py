@@ -14,7 +14,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Alias", "Base", "Event", "Model", "Setting", "Signature", "Tag", "Token", "Tombstone", "Version"]
+__all__ = ["Alias", "Base", "Evaluation", "Event", "Model", "Setting", "Signature", "Tag", "Token", "Tombstone",
+           "Version"]
 
 
 class Base(DeclarativeBase):
@@ -165,3 +166,29 @@ class Token(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class Evaluation(Base):
+    """A measured evaluation (``czreg evaluate --record``), append-only (triggers forbid UPDATE and DELETE).
+
+    Keyed by what makes the numbers reproducible: the package bytes, the dataset bytes and pairing, and the
+    metric definitions. Not tied to a version row: every version with these bytes shows it, and a purge
+    leaves the measurement (schema r0006)."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        UniqueConstraint("package_digest", "dataset_digest", "definition", name="uq_evaluations_key"),
+        Index("ix_evaluations_package", "package_digest"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    package_digest: Mapped[str] = mapped_column(String(64))  # hex sha256, like versions.digest
+    dataset_digest: Mapped[str] = mapped_column(String(80))  # "sha256:..."
+    definition: Mapped[str] = mapped_column(String(100))
+    task: Mapped[str] = mapped_column(String(20))
+    images: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(Text)  # the evaluation JSON (docs/evaluate.md)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    czreg_version: Mapped[str] = mapped_column(String(50))
