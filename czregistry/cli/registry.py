@@ -157,9 +157,10 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
         pull_oci(requirement, output, key, oci_auth, as_json)
         return
     with handle_errors():
-        from ..registry import open_registry
+        from ..registry.remote import connect
 
-        with open_registry(registry_url, blob_store) as reg:
+        with connect(registry_url, blob_store) as reg:
+            _warn(getattr(reg, "warnings", []))
             result = reg.pull(requirement, output, prereleases=pre or None, key=key)
     _warn(result.warnings)
     if as_json:

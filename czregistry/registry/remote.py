@@ -193,9 +193,7 @@ class RemoteRegistry:
         from .api import PublishResult
 
         if sign_key is not None:
-            from ..errors import UsageError
-
-            raise UsageError("publish --sign is not supported against a registry server yet: the signature "
+            raise _usage("publish --sign is not supported against a registry server yet: the signature "
                              "would have to travel with the upload", hint="sign the package with 'czreg sign' and "
                              "share the .sig beside it, or publish --sign on the server's own registry")
 
@@ -235,9 +233,12 @@ class RemoteRegistry:
         return Resolved(out["version"], out["warnings"])
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | None = None) -> PullResult:
         """Resolve on the server, then stream the blob to a temp file beside ``dest`` while hashing; the
         file gets its name only if the SHA-256 is the version's digest."""
+        if key is not None:
+            raise _usage("pull --key is not supported against a registry server yet (signatures are not "
+                             "served over HTTP)", hint="pull, then check the .sig with 'czreg verify-signature'")
         from ..package import atomic_output
         from .api import PullResult
 
@@ -356,3 +357,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _usage(message: str, *, hint: str) -> Exception:
+    """A ``UsageError`` (imported here, not inside the methods, whose own imports of it would shadow it)."""
+    from ..errors import UsageError
+
+    return UsageError(message, hint=hint)
