@@ -19,7 +19,7 @@ from tests.static_packages import ONNX_BYTES, czann_meta, legacy_xml
 STATIC = ValidateOptions(static=True)
 SEMANTIC_IDS = ["metadata.id_uuid", "metadata.dimensionality", "metadata.spatial_dims", "metadata.classes_count",
                 "metadata.class_names", "metadata.min_overlap", "metadata.scaling", "metadata.pixel_types",
-                "metadata.label_values"]
+                "metadata.label_values", "metadata.privacy", "metadata.compatibility"]
 
 
 def meta(**overrides: Any) -> dict[str, Any]:
