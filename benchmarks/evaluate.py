@@ -7,8 +7,10 @@ On one generated N x N nuclei image (default 4096) with its known ground truth a
 (b) inference  ``runner.predict_image`` on the image in memory: the tiled run alone, no file written;
 (c) evaluate   ``czregistry.evaluate.evaluate`` on the same image and its label: reading, the same tiled
                inference, argmax, confusion matrix, connected components and object matching at 10
-               thresholds, dataset digest (hashing the files);
-(d) metrics    the metrics part of (c) alone (argmax, confusion, components, matching), as the engine times it.
+               thresholds, dataset digest (hashing the files). Label decoding, hashing and labelling the true
+               objects run on a worker thread during the inference, so they show up only as contention there;
+(d) metrics    what (c) spends after the inference of the plane (argmax, confusion, predicted components, overlap
+               counts, matching, and any wait for the worker), as the engine times it.
 
 The overhead is (d) / (b): extra time an evaluation adds to the tiled run, and (c) / (a) - 1 for the whole
 command against ``czreg run``. Run: ``.venv/bin/python benchmarks/evaluate.py [--size 4096]``

@@ -161,6 +161,47 @@ def test_pixel_and_object_metrics_equal_the_reference(name: str, truth: np.ndarr
                 assert np.isfinite(scores[key])
 
 
+LOW_AND_HIGH = (0.1, 0.3, 0.45, *M.THRESHOLDS)
+
+
+@pytest.mark.parametrize("name,truth,pred,n", label_sets(), ids=[s[0] for s in label_sets()])
+def test_one_pass_plane_statistics_equal_the_reference(name: str, truth: np.ndarray, pred: np.ndarray,
+                                                       n: int) -> None:
+    """What the engine uses (class masks reused, one overlap pass for all classes), at thresholds on both sides
+    of 0.5: above it the pairs need no solver, below it the per-group assignment runs."""
+    ref_conf = [[int(np.count_nonzero((truth == i) & (pred == j))) for j in range(n)] for i in range(n)]
+    refs = {c: (ref_components(truth == c), ref_components(pred == c)) for c in range(1, n)}
+    for bands in (1, 2, 3, 7):  # cut into bands counted on threads; seams cross objects, the result must not care
+        conf, per_class = M.segmentation_stats(M.class_objects(truth, n), pred, LOW_AND_HIGH, bands=bands)
+        assert conf.tolist() == ref_conf
+        assert len(per_class) == n - 1
+        for c in range(1, n):
+            t_objs, p_objs = refs[c]
+            for thr, cnt in zip(LOW_AND_HIGH, per_class[c - 1]):
+                tp, matched = ref_matching(t_objs, p_objs, thr)
+                assert (cnt.tp, cnt.fp, cnt.fn, cnt.n_true, cnt.n_pred) == (
+                    tp, len(p_objs) - tp, len(t_objs) - tp, len(t_objs), len(p_objs)), (bands, c, thr)
+                assert abs(cnt.sum_matched_score - matched) < TOL
+
+
+def test_matching_below_half_uses_the_assignment() -> None:
+    """One true object overlapped by two predictions at IoU 1/3 each, and a second true object touching one of
+    them: below 0.5 the choice matters and the optimum pairs both true objects."""
+    truth = np.zeros((6, 12), np.uint8)
+    truth[1:4, 0:6] = 1
+    truth[1:4, 8:12] = 1
+    pred = np.zeros((6, 12), np.uint8)
+    pred[1:4, 0:2] = 1
+    pred[1:4, 3:9] = 1
+    tl, tn = M.label_components(truth == 1)
+    pl, pn = M.label_components(pred == 1)
+    counts = M.match_objects(tl, tn, pl, pn, (0.1, 0.3, 0.5))
+    for thr, cnt in zip((0.1, 0.3, 0.5), counts):
+        tp, matched = ref_matching(ref_components(truth == 1), ref_components(pred == 1), thr)
+        assert (cnt.tp, abs(cnt.sum_matched_score - matched) < TOL) == (tp, True)
+    assert counts[0].tp == 2 and counts[2].tp == 0
+
+
 def test_the_split_object_has_one_match_at_half() -> None:
     _, truth, pred, _ = label_sets()[-1]
     tl, tn = M.label_components(truth == 1)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "Pair", "content_sha256", "dataset_digest", "pair_dataset", "stem_of"]
+__all__ = ["IMAGE_SUFFIXES", "Pair", "content_sha256", "dataset_digest", "pair_dataset", "stem_of", "with_digests"]
 
 #: Longest first, so ``a.ome.tiff`` has stem ``a``.
 IMAGE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".btf", ".tf8", ".png", ".jpg", ".jpeg",
@@ -25,11 +25,17 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Pair:
+    """An image and its label; the content digests are ``""`` until computed (``with_digests``)."""
+
     stem: str
     image: Path
     label: Path
     image_sha256: str
     label_sha256: str
+
+    @property
+    def hashed(self) -> bool:
+        return bool(self.image_sha256 and self.label_sha256)
 
 
 def stem_of(path: Path) -> str | None:
@@ -79,8 +85,11 @@ def content_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pair_dataset(images: Path | str, labels: Path | str) -> list[Pair]:
-    """Pairs sorted by stem; a missing or extra partner is a ``UsageError`` naming the files."""
+def pair_dataset(images: Path | str, labels: Path | str, *, digests: bool = True) -> list[Pair]:
+    """Pairs sorted by stem; a missing or extra partner is a ``UsageError`` naming the files.
+
+    ``digests=False`` leaves the content hashes for later (``with_digests``): ``evaluate`` computes them on a
+    worker thread while the tiled inference runs, instead of reading every file once more up front."""
     imgs = _listing(Path(images), "images")
     labs = _listing(Path(labels), "labels")
     no_label = sorted(set(imgs) - set(labs))
@@ -95,9 +104,19 @@ def pair_dataset(images: Path | str, labels: Path | str) -> list[Pair]:
                          f"{', ...' if len(no_image) > 3 else ''})")
         raise UsageError("images and labels do not pair up: " + "; ".join(parts),
                          hint="each image needs a label with the same file stem (a.tif <-> a.png)")
-    return [Pair(s, imgs[s], labs[s], content_sha256(imgs[s]), content_sha256(labs[s])) for s in sorted(imgs)]
+    pairs = [Pair(s, imgs[s], labs[s], "", "") for s in sorted(imgs)]
+    return [with_digests(p) for p in pairs] if digests else pairs
+
+
+def with_digests(pair: Pair) -> Pair:
+    """The pair with the content digests of its two files (as it is when already computed)."""
+    if pair.hashed:
+        return pair
+    return replace(pair, image_sha256=content_sha256(pair.image), label_sha256=content_sha256(pair.label))
 
 
 def dataset_digest(pairs: list[Pair]) -> str:
+    if not all(p.hashed for p in pairs):
+        raise ValueError("dataset_digest needs the pairs' content digests (with_digests)")
     manifest = sorted([p.image_sha256, p.label_sha256] for p in pairs)
     return "sha256:" + hashlib.sha256(json.dumps(manifest, separators=(",", ":")).encode()).hexdigest()

@@ -9,6 +9,7 @@ sufficient statistics (``metrics``) and, for the report, a small preview of the 
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import UsageError
 from . import metrics as M
-from .dataset import Pair, dataset_digest, pair_dataset
+from .dataset import Pair, dataset_digest, pair_dataset, with_digests
 
 __all__ = ["EvalOptions", "Evaluation", "Preview", "evaluate", "summarize"]
 
@@ -102,6 +103,18 @@ def _argmax(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=-1).astype(np.uint8 if probs.shape[-1] <= 256 else np.uint16)
 
 
+def _argmax_bands(probs: np.ndarray, bands: int) -> np.ndarray:
+    """``_argmax`` over ``bands`` bands of rows on as many threads (numpy releases the GIL)."""
+    if bands <= 1 or probs.ndim < 2:
+        return _argmax(probs)
+    from concurrent.futures import ThreadPoolExecutor
+
+    edges = np.linspace(0, probs.shape[0], bands + 1).round().astype(int)
+    with ThreadPoolExecutor(max_workers=bands, thread_name_prefix="czreg-argmax") as pool:
+        parts = list(pool.map(lambda ab: _argmax(probs[ab[0]:ab[1]]), itertools.pairwise(edges)))
+    return np.concatenate(parts, axis=0)
+
+
 def _preview_slice(a: np.ndarray, nd: int) -> np.ndarray:
     """The middle z slice of a 3D plane (2D stays)."""
     return a[a.shape[0] // 2] if nd == 3 else a
@@ -141,9 +154,54 @@ def _session_facts(session: Any, info: Any) -> tuple[int, int]:
     return int(in_ch), int(out_ch)
 
 
+class _LabelFeed:
+    """One image's label, read on the worker thread while the main thread runs the tiled inference.
+
+    Everything here is independent of the prediction: opening (a PNG decodes whole), the shape check,
+    reading a plane, checking its class indices and labelling its objects (``metrics.class_objects``),
+    or scaling a regression target. Jobs of one feed run in submission order on a single worker.
+    """
+
+    def __init__(self, pair: Pair, nd: int, task: str, n_classes: int) -> None:
+        self.pair, self.nd, self.task, self.n_classes = pair, nd, task, n_classes
+        self.src: Any = None
+        self.l_lead: tuple[int, ...] = ()
+
+    def open(self, image_shape: tuple[int, ...], lead_shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
+        from ..images import open_image
+
+        self.src = open_image(self.pair.label)
+        _, l_lead, l_spatial = self.src.layout(self.nd)
+        if tuple(l_spatial) != tuple(spatial) or (l_lead and tuple(l_lead) != tuple(lead_shape)):
+            raise UsageError(f"{self.pair.label.name} has shape {self.src.shape} but {self.pair.image.name} has "
+                             f"{image_shape}; a label must match its image pixel for pixel",
+                             hint="check the pairing (by file stem) and the label's axes")
+        self.l_lead = tuple(l_lead)
+
+    def plane(self, lead: tuple[int, ...], spatial: tuple[int, ...]) -> Any:
+        from ..images import scale_to_unit
+
+        if self.src is None:  # open failed; its future carries the error
+            return None
+        lraw = _read_plane(self.src, lead if self.l_lead else (), spatial)
+        if self.task == "segmentation":
+            return M.class_objects(_label_plane(lraw, self.pair.label, self.n_classes), self.n_classes)
+        return scale_to_unit(lraw)
+
+    def close(self) -> None:
+        if self.src is not None:
+            self.src.close()
+
+
 def evaluate(package: Path | str, images: Path | str, labels: Path | str, options: EvalOptions | None = None,
              *, progress: Progress | None = None, pairs: list[Pair] | None = None) -> Evaluation:
-    """Evaluate ``package`` on the images in ``images`` against same-stem labels (or targets) in ``labels``."""
+    """Evaluate ``package`` on the images in ``images`` against same-stem labels (or targets) in ``labels``.
+
+    Work that does not need the prediction (hashing the files for the dataset digest, decoding the labels,
+    labelling the true objects) runs on one worker thread during the tiled inference of the same plane.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from .. import __version__
     from ..backends import load_session
     from ..images import open_image, scale_to_unit, to_model_channels
@@ -154,7 +212,7 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     options = options or EvalOptions()
     run_opts: RunOptions = options.run or RunOptions()
     t_start = time.perf_counter()
-    pairs = pairs if pairs is not None else pair_dataset(images, labels)
+    pairs = pairs if pairs is not None else pair_dataset(images, labels, digests=False)
     pkg = open_package(package)
     info = ModelInfo.from_package(pkg)
     task = _task(info)
@@ -167,109 +225,122 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     per_image: list[dict[str, Any]] = []
     worst: list[tuple[float, int, Preview]] = []
     infer_s = metric_s = 0.0
-    with load_session(pkg, run_opts.backend, run_opts.device) as session:
-        in_ch, out_ch = _session_facts(session, info)
-        nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
-        if task == "segmentation":
-            names = list(info.classes) if info.classes and len(info.classes) == max(out_ch, 2) else None
-            classes = names or (["background", "foreground"] if out_ch == 1 else [f"class{i}" for i in range(out_ch)])
-        else:
-            classes = []
-        n_classes = len(classes)
-        geom = model_geometry(session, info, probe=run_opts.probe, time_budget=run_opts.probe_budget)
-        if run_opts.step is not None:
-            geom = ModelGeometry((run_opts.step,) * len(geom.stride), geom.halo, "given", geom.global_context,
-                                 geom.notes)
-        tiles = 0
-        for k, pair in enumerate(pairs):
-            if progress is not None:
-                progress(k, len(pairs), pair.stem)
-            src = open_image(pair.image, run_opts.axes)
-            lsrc = open_image(pair.label)
-            try:
-                _, lead_shape, spatial = src.layout(nd)
-                _, l_lead, l_spatial = lsrc.layout(nd)
-                if tuple(l_spatial) != tuple(spatial) or (l_lead and tuple(l_lead) != tuple(lead_shape)):
-                    raise UsageError(f"{pair.label.name} has shape {lsrc.shape} but {pair.image.name} has "
-                                     f"{src.shape}; a label must match its image pixel for pixel",
-                                     hint="check the pairing (by file stem) and the label's axes")
-                n_planes = int(np.prod(lead_shape)) if lead_shape else 1
-                conf = np.zeros((n_classes, n_classes), np.int64)
-                objs: dict[str, list[M.ObjectCounts]] = {}
-                reg_stats = {"n": 0.0, "sum_abs": 0.0, "sum_sq": 0.0, "ssim_sum": 0.0, "ssim_n": 0.0}
-                preview: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                for plane in range(n_planes):
-                    lead = tuple(int(i) for i in np.unravel_index(plane, lead_shape)) if lead_shape else ()
-                    l_idx = lead if l_lead else ()
-                    t0 = time.perf_counter()
-                    raw = _read_plane(src, lead, spatial)
-                    x = np.asarray(to_model_channels(scale_to_unit(raw), in_ch, select=run_opts.channels,
-                                                     color_handling=color, bgr=bgr), dtype=np.float32)
-                    probs, grid = predict_image(session, info, x, run_opts, geometry=geom)
-                    tiles += grid.n_tiles
-                    t1 = time.perf_counter()
-                    infer_s += t1 - t0
-                    lraw = _read_plane(lsrc, l_idx, spatial)
-                    if task == "segmentation":
-                        truth = _label_plane(lraw, pair.label, n_classes)
-                        pred = _argmax(probs)
-                        conf += M.confusion_matrix(truth, pred, n_classes)
-                        for c in range(1, n_classes):
-                            tl, tn = M.label_components(truth == c)
-                            pl, pn = M.label_components(pred == c)
-                            counts = M.match_objects(tl, tn, pl, pn, options.thresholds)
-                            prev = objs.get(classes[c])
-                            objs[classes[c]] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
-                        shown: np.ndarray = pred
-                        target = truth
-                    else:
-                        tgt = scale_to_unit(lraw)
-                        if tgt.shape[-1] != probs.shape[-1]:
-                            raise UsageError(f"target {pair.label.name} has {tgt.shape[-1]} channel(s); the model "
-                                             f"outputs {probs.shape[-1]}", hint="targets must match the output")
-                        s = M.regression_stats(probs, tgt)
-                        reg_stats = {key: reg_stats[key] + s[key] for key in reg_stats}
-                        shown, target = probs, tgt
-                    metric_s += time.perf_counter() - t1
-                    if plane == 0 and (options.keep_worst or options.overlays is not None):
-                        side = options.preview_side
-                        preview = (_downsample(_display(_preview_slice(x, nd)), side, False).astype(np.uint8),
-                                   _downsample(_preview_slice(target, nd), side, True),
-                                   _downsample(_preview_slice(shown, nd), side, True))
-            finally:
-                src.close()
-                lsrc.close()
-            record: dict[str, Any] = {"image": pair.stem, "image_file": pair.image.name,
-                                      "label_file": pair.label.name, "image_sha256": pair.image_sha256,
-                                      "label_sha256": pair.label_sha256, "planes": n_planes,
-                                      "shape": [*lead_shape, *spatial]}
+    hashed: list[Future[Pair]] = []
+    package_sha: Future[str] | None = None
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="czreg-evaluate")
+    try:
+        with load_session(pkg, run_opts.backend, run_opts.device) as session:
+            in_ch, out_ch = _session_facts(session, info)
+            nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             if task == "segmentation":
-                scores = M.class_scores(conf, classes)
-                record.update(scores)
-                record["objects"] = {name: [c.as_list() for c in counts] for name, counts in objs.items()}
-                record["f1@0.5"] = {name: M.object_scores(counts[0], options.thresholds[0])["f1"]
-                                    for name, counts in objs.items()} if options.thresholds else {}
-                score = scores["mean_iou"] if scores["mean_iou"] is not None else 0.0
+                names = list(info.classes) if info.classes and len(info.classes) == max(out_ch, 2) else None
+                classes = names or (["background", "foreground"] if out_ch == 1
+                                    else [f"class{i}" for i in range(out_ch)])
             else:
-                record["stats"] = reg_stats
-                record.update(M.regression_scores(reg_stats))
-                score = record["psnr"] if record["psnr"] is not None else 0.0
-            per_image.append(record)
-            if preview is not None:
-                pv = Preview(pair.stem, float(score), *preview)
-                if options.overlays is not None:
-                    from .report_html import write_overlay_png
+                classes = []
+            n_classes = len(classes)
+            geom = model_geometry(session, info, probe=run_opts.probe, time_budget=run_opts.probe_budget)
+            if run_opts.step is not None:
+                geom = ModelGeometry((run_opts.step,) * len(geom.stride), geom.halo, "given", geom.global_context,
+                                     geom.notes)
+            tiles = 0
+            for k, pair in enumerate(pairs):
+                if progress is not None:
+                    progress(k, len(pairs), pair.stem)
+                src = open_image(pair.image, run_opts.axes)
+                feed = _LabelFeed(pair, nd, task, n_classes)
+                try:
+                    _, lead_shape, spatial = src.layout(nd)
+                    lead_shape, spatial = tuple(lead_shape), tuple(spatial)
+                    opened = worker.submit(feed.open, tuple(src.shape), lead_shape, spatial)
+                    n_planes = int(np.prod(lead_shape)) if lead_shape else 1
+                    conf = np.zeros((n_classes, n_classes), np.int64)
+                    objs: dict[str, list[M.ObjectCounts]] = {}
+                    reg_stats = {"n": 0.0, "sum_abs": 0.0, "sum_sq": 0.0, "ssim_sum": 0.0, "ssim_n": 0.0}
+                    preview: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                    for plane in range(n_planes):
+                        lead = tuple(int(i) for i in np.unravel_index(plane, lead_shape)) if lead_shape else ()
+                        truth_job = worker.submit(feed.plane, lead, spatial)
+                        if plane == 0:  # behind this image's first label plane: digests are only needed at the end
+                            hashed.append(worker.submit(with_digests, pair))
+                            if package_sha is None:
+                                package_sha = worker.submit(sha256_file, pkg.path)
+                        t0 = time.perf_counter()
+                        raw = _read_plane(src, lead, spatial)
+                        x = np.asarray(to_model_channels(scale_to_unit(raw), in_ch, select=run_opts.channels,
+                                                         color_handling=color, bgr=bgr), dtype=np.float32)
+                        probs, grid = predict_image(session, info, x, run_opts, geometry=geom)
+                        tiles += grid.n_tiles
+                        t1 = time.perf_counter()
+                        infer_s += t1 - t0
+                        opened.result()  # a label of the wrong shape fails here, before its plane is used
+                        if task == "segmentation":
+                            truth: M.ClassObjects = truth_job.result()
+                            bands = M.default_bands(probs.shape[:-1])  # both use the cores inference freed
+                            pred = _argmax_bands(probs, bands)
+                            plane_conf, plane_objs = M.segmentation_stats(truth, pred, options.thresholds,
+                                                                          bands=bands)
+                            conf += plane_conf
+                            for c, counts in enumerate(plane_objs, 1):
+                                prev = objs.get(classes[c])
+                                objs[classes[c]] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
+                            shown: np.ndarray = pred
+                            target = truth.class_map
+                        else:
+                            tgt = truth_job.result()
+                            if tgt.shape[-1] != probs.shape[-1]:
+                                raise UsageError(f"target {pair.label.name} has {tgt.shape[-1]} channel(s); the "
+                                                 f"model outputs {probs.shape[-1]}",
+                                                 hint="targets must match the output")
+                            s = M.regression_stats(probs, tgt)
+                            reg_stats = {key: reg_stats[key] + s[key] for key in reg_stats}
+                            shown, target = probs, tgt
+                        metric_s += time.perf_counter() - t1
+                        if plane == 0 and (options.keep_worst or options.overlays is not None):
+                            side = options.preview_side
+                            preview = (_downsample(_display(_preview_slice(x, nd)), side, False).astype(np.uint8),
+                                       _downsample(_preview_slice(target, nd), side, True),
+                                       _downsample(_preview_slice(shown, nd), side, True))
+                finally:
+                    src.close()
+                    worker.submit(feed.close).result()  # after this feed's queued jobs (one worker, in order)
+                record: dict[str, Any] = {"image": pair.stem, "image_file": pair.image.name,
+                                          "label_file": pair.label.name, "image_sha256": "",
+                                          "label_sha256": "", "planes": n_planes,
+                                          "shape": [*lead_shape, *spatial]}
+                if task == "segmentation":
+                    scores = M.class_scores(conf, classes)
+                    record.update(scores)
+                    record["objects"] = {name: [c.as_list() for c in counts] for name, counts in objs.items()}
+                    record["f1@0.5"] = {name: M.object_scores(counts[0], options.thresholds[0])["f1"]
+                                        for name, counts in objs.items()} if options.thresholds else {}
+                    score = scores["mean_iou"] if scores["mean_iou"] is not None else 0.0
+                else:
+                    record["stats"] = reg_stats
+                    record.update(M.regression_scores(reg_stats))
+                    score = record["psnr"] if record["psnr"] is not None else 0.0
+                per_image.append(record)
+                if preview is not None:
+                    pv = Preview(pair.stem, float(score), *preview)
+                    if options.overlays is not None:
+                        from .report_html import write_overlay_png
 
-                    write_overlay_png(options.overlays / f"{pair.stem}.png", pv, task, n_classes)
-                if options.keep_worst:
-                    item = (-float(score), k, pv)
-                    if len(worst) < options.keep_worst:
-                        heapq.heappush(worst, item)
-                    else:
-                        heapq.heappushpop(worst, item)
-        backend, device = session.backend, session.device
+                        write_overlay_png(options.overlays / f"{pair.stem}.png", pv, task, n_classes)
+                    if options.keep_worst:
+                        item = (-float(score), k, pv)
+                        if len(worst) < options.keep_worst:
+                            heapq.heappush(worst, item)
+                        else:
+                            heapq.heappushpop(worst, item)
+            backend, device = session.backend, session.device
+        pairs = [f.result() for f in hashed]
+        pkg_digest = package_sha.result() if package_sha is not None else sha256_file(pkg.path)
+    finally:
+        worker.shutdown(wait=True, cancel_futures=True)
+    for record, pair in zip(per_image, pairs):
+        record["image_sha256"], record["label_sha256"] = pair.image_sha256, pair.label_sha256
     data: dict[str, Any] = {
-        "package": {"sha256": sha256_file(pkg.path), "file": Path(pkg.path).name, "name": info.name,
+        "package": {"sha256": pkg_digest, "file": Path(pkg.path).name, "name": info.name,
                     "type": info.type, "classes": classes or None},
         "dataset": {"digest": dataset_digest(pairs), "images": len(pairs),
                     "planes": sum(r["planes"] for r in per_image), "images_dir": str(images),

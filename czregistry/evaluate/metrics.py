@@ -12,15 +12,16 @@ Empty cases are defined, never NaN: a class with no pixel in label or prediction
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFINITION", "MATCHING", "OBJECT_FIELDS", "PSNR_CAP_DB", "THRESHOLDS", "ObjectCounts",
-           "class_scores", "confusion_matrix", "label_components", "match_objects", "object_scores",
-           "regression_scores", "regression_stats", "ssim_map"]
+__all__ = ["DEFINITION", "MATCHING", "OBJECT_FIELDS", "PSNR_CAP_DB", "THRESHOLDS", "ClassObjects", "ObjectCounts",
+           "class_objects", "class_scores", "confusion_matrix", "default_bands", "label_components", "match_objects",
+           "object_scores", "regression_scores", "regression_stats", "segmentation_stats", "ssim_map"]
 
 #: Id of these definitions; stored with every result and part of the registry key.
 DEFINITION = "czreg-metrics/1"
@@ -45,19 +46,31 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.
     if truth.dtype == np.bool_:
         truth = truth.view(np.uint8)
     if n <= 3:  # a few passes of count_nonzero beat bincount's cast of every pixel to intp
-        eq = [truth == i for i in range(n)]
-        out = np.zeros((n, n), np.int64)
-        for j in range(n):
-            pj = pred == j
-            for i in range(n):
-                out[i, j] = np.count_nonzero(np.logical_and(eq[i], pj))
-        return out
+        return _confusion_from_masks([truth == i for i in range(1, n)], [pred == j for j in range(1, n)],
+                                     truth.size)
     small = n * n <= 256
     dtype = np.uint8 if small else np.int64
     key: np.ndarray = truth.astype(dtype, copy=True)
     np.multiply(key, dtype(n), out=key)
     np.add(key, pred.astype(dtype, copy=False), out=key)
     return np.bincount(key.ravel(), minlength=n * n)[: n * n].reshape(n, n).astype(np.int64)
+
+
+def _confusion_from_masks(truth_masks: Sequence[np.ndarray], pred_masks: Sequence[np.ndarray],
+                          size: int) -> np.ndarray:
+    """The confusion matrix from the masks of classes 1..n-1 (``truth == i``, ``pred == j``): the cells of
+    class 0 follow from the row and column sums, so class 0 needs no pass of its own."""
+    n = len(truth_masks) + 1
+    out = np.zeros((n, n), np.int64)
+    for i, tm in enumerate(truth_masks, 1):
+        for j, pm in enumerate(pred_masks, 1):
+            out[i, j] = np.count_nonzero(np.logical_and(tm, pm))
+    rows = np.array([np.count_nonzero(m) for m in truth_masks], np.int64)
+    cols = np.array([np.count_nonzero(m) for m in pred_masks], np.int64)
+    out[1:, 0] = rows - out[1:, 1:].sum(axis=1)
+    out[0, 1:] = cols - out[1:, 1:].sum(axis=0)
+    out[0, 0] = int(size) - int(out.sum())
+    return out
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -94,6 +107,8 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     from scipy import ndimage
 
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    if mask.dtype == np.bool_:  # same labels, but scipy labels uint8 input about twice as fast as bool
+        mask = mask.view(np.uint8)
     labels, n = ndimage.label(mask, structure=structure, output=np.int32)
     return labels, int(n)
 
@@ -117,66 +132,130 @@ class ObjectCounts:
         return [self.tp, self.fp, self.fn, self.n_true, self.n_pred, self.sum_matched_score]
 
 
+def _pair_counts(true_lab: np.ndarray, pred_lab: np.ndarray, either: np.ndarray, n_pred: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(true id, pred id, pixels)`` of every pair that shares a pixel, 0 standing for background.
+
+    Only the pixels in ``either`` (foreground in label or prediction) are visited. In raster order most
+    neighbours carry the same pair, so runs are collapsed first and only the (few) runs are sorted: linear
+    in the pixels, without an ``n_true x n_pred`` table. Pairs with id 0 give the object areas.
+    """
+    idx = np.flatnonzero(either)
+    if idx.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    t = np.ravel(true_lab).take(idx)
+    p = np.ravel(pred_lab).take(idx)
+    del idx
+    change = np.empty(t.size, np.bool_)
+    change[0] = True
+    np.not_equal(t[1:], t[:-1], out=change[1:])
+    change[1:] |= p[1:] != p[:-1]
+    starts = np.flatnonzero(change)
+    run_len = np.diff(np.append(starts, t.size))
+    key = t[starts].astype(np.int64) * (n_pred + 1) + p[starts]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    pixels = np.add.reduceat(run_len[order], first).astype(np.int64)
+    key = key[first]
+    return key // (n_pred + 1), key % (n_pred + 1), pixels
+
+
+def _iou_pairs(ti: np.ndarray, pj: np.ndarray, pixels: np.ndarray, n_true: int, n_pred: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From ``_pair_counts``: ``(true ids, pred ids, IoU)`` of every overlapping object pair (ids from 1)."""
+    area_t = np.bincount(ti, weights=pixels, minlength=n_true + 1)  # float64, exact for integer counts
+    area_p = np.bincount(pj, weights=pixels, minlength=n_pred + 1)
+    both = (ti > 0) & (pj > 0)
+    ti, pj = ti[both], pj[both]
+    inter = pixels[both].astype(np.float64)
+    return ti, pj, inter / (area_t[ti] + area_p[pj] - inter)
+
+
 def _overlaps(true_lab: np.ndarray, n_true: int, pred_lab: np.ndarray, n_pred: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse IoU: ``(true ids, pred ids, IoU)`` of every overlapping pair (ids from 1)."""
-    from scipy.sparse import coo_matrix
-
-    both = (true_lab > 0) & (pred_lab > 0)
-    t = true_lab[both]
-    if t.size == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0, np.float64)
-    # COO -> CSR sums duplicate (true, pred) pairs with a counting sort: linear, unlike np.unique's sort
-    m = coo_matrix((np.ones(t.size, np.int64), (t, pred_lab[both])), shape=(n_true + 1, n_pred + 1)).tocsr()
-    m.sum_duplicates()
-    ti = np.repeat(np.arange(n_true + 1, dtype=np.int64), np.diff(m.indptr))
-    pj = m.indices.astype(np.int64)
-    inter = m.data
-    area_t = np.bincount(true_lab.ravel(), minlength=n_true + 1)
-    area_p = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)
-    inter = inter.astype(np.float64)
-    iou = inter / (area_t[ti] + area_p[pj] - inter)
-    return ti, pj, iou
+    either = np.logical_or(true_lab > 0, pred_lab > 0)
+    return _iou_pairs(*_pair_counts(true_lab, pred_lab, either, n_pred), n_true, n_pred)
 
 
 def match_objects(true_lab: np.ndarray, n_true: int, pred_lab: np.ndarray, n_pred: int,
                   thresholds: Sequence[float] = THRESHOLDS) -> list[ObjectCounts]:
-    """StarDist's ``matching`` (criterion ``iou``) between two label images, at each threshold.
-
-    StarDist solves one ``linear_sum_assignment`` over the full ``n_true x n_pred`` matrix with costs
-    ``-(IoU >= t) - IoU / (2 min(n_true, n_pred))``. Pairs that do not overlap cost 0, so that problem splits
-    into the connected groups of overlapping objects; we solve each group on its own (most are a single
-    pair, decided without a solver). Same optimum, without an ``n^2`` matrix for thousands of nuclei.
-    """
-    from scipy.optimize import linear_sum_assignment
-
+    """StarDist's ``matching`` (criterion ``iou``) between two label images, at each threshold."""
     ti, pj, iou = _overlaps(true_lab, n_true, pred_lab, n_pred)
-    n_matched = min(n_true, n_pred)
-    groups = _groups(ti, pj, n_true)
-    singles = np.array([g[0] for g in groups if len(g) == 1], np.int64)  # a lone overlapping pair: no choice
-    single_iou = iou[singles] if singles.size else np.zeros(0)
-    multi = [g for g in groups if len(g) > 1]
-    out = []
+    return _match_pairs(ti, pj, iou, n_true, n_pred, thresholds)
+
+
+def _match_pairs(ti: np.ndarray, pj: np.ndarray, iou: np.ndarray, n_true: int, n_pred: int,
+                 thresholds: Sequence[float]) -> list[ObjectCounts]:
+    """StarDist's optimum from the sparse IoU of the overlapping pairs, at each threshold.
+
+    At ``thresh >= 0.5`` no solver is needed: IoU(A, B) >= 0.5 means |A & B| >= |A|/2 (and >= |B|/2), and
+    objects of one image are disjoint, so an object has at most one partner with IoU > 0.5, and two only in
+    the tie where it is cut into two exact halves, each with IoU exactly 0.5 and no other partner. The pairs
+    with IoU >= thresh are therefore a matching (keeping one pair of each tie, which gives the same count
+    and score), and it is the assignment StarDist's ``linear_sum_assignment`` finds: most pairs >= thresh.
+
+    Below 0.5 an object can have several partners above the threshold and the assignment matters. StarDist
+    solves one ``linear_sum_assignment`` over the full ``n_true x n_pred`` matrix with costs
+    ``-(IoU >= t) - IoU / (2 min(n_true, n_pred))``; pairs that do not overlap cost 0, so that problem splits
+    into the connected groups of overlapping objects and we solve each group on its own.
+    """
+    out: list[ObjectCounts] = []
+    high = iou >= 0.5
+    hi_iou = iou[high]
+    if hi_iou.size:
+        keep = _one_partner(ti[high], pj[high])
+        hi_iou = hi_iou[keep]
+    low_groups: list[np.ndarray] | None = None
     for thr in thresholds:
-        hit = single_iou >= thr
-        tp = int(np.count_nonzero(hit))
-        score = float(single_iou[hit].sum())
-        for members in multi:
-            rows, rinv = np.unique(ti[members], return_inverse=True)
-            cols, cinv = np.unique(pj[members], return_inverse=True)
-            scores = np.zeros((len(rows), len(cols)))
-            scores[rinv, cinv] = iou[members]
-            costs = -(scores >= thr).astype(float) - scores / (2 * n_matched)
-            r, c = linear_sum_assignment(costs)
-            ok = scores[r, c] >= thr
-            tp += int(np.count_nonzero(ok))
-            score += float(scores[r, c][ok].sum())
+        if thr >= 0.5:
+            hit = hi_iou >= thr
+            tp = int(np.count_nonzero(hit))
+            score = float(hi_iou[hit].sum())
+        else:
+            if low_groups is None:
+                low_groups = _groups(ti, pj)
+            tp, score = _assign(ti, pj, iou, low_groups, min(n_true, n_pred), thr)
         out.append(ObjectCounts(tp, n_pred - tp, n_true - tp, n_true, n_pred, score))
     return out
 
 
-def _groups(ti: np.ndarray, pj: np.ndarray, n_true: int) -> list[np.ndarray]:
+def _one_partner(ti: np.ndarray, pj: np.ndarray) -> np.ndarray:
+    """Indices of the pairs to keep so that each true and each predicted id occurs once (the IoU = 0.5 ties)."""
+    _, first_t = np.unique(ti, return_index=True)
+    if first_t.size == ti.size and np.unique(pj).size == pj.size:
+        return np.arange(ti.size)
+    _, first_p = np.unique(pj[first_t], return_index=True)
+    return np.sort(first_t[first_p])
+
+
+def _assign(ti: np.ndarray, pj: np.ndarray, iou: np.ndarray, groups: list[np.ndarray], n_matched: int,
+            thr: float) -> tuple[int, float]:
+    """``(TP, sum of matched IoU)`` of StarDist's assignment at ``thr``, group by group."""
+    from scipy.optimize import linear_sum_assignment
+
+    tp, score = 0, 0.0
+    for members in groups:
+        if len(members) == 1:  # a lone overlapping pair: no choice
+            if iou[members[0]] >= thr:
+                tp += 1
+                score += float(iou[members[0]])
+            continue
+        rows, rinv = np.unique(ti[members], return_inverse=True)
+        cols, cinv = np.unique(pj[members], return_inverse=True)
+        scores = np.zeros((len(rows), len(cols)))
+        scores[rinv, cinv] = iou[members]
+        costs = -(scores >= thr).astype(float) - scores / (2 * n_matched)
+        r, c = linear_sum_assignment(costs)
+        ok = scores[r, c] >= thr
+        tp += int(np.count_nonzero(ok))
+        score += float(scores[r, c][ok].sum())
+    return tp, score
+
+
+def _groups(ti: np.ndarray, pj: np.ndarray) -> list[np.ndarray]:
     """Edge indices of each connected group of the overlap graph (true ids and pred ids as nodes)."""
     if ti.size == 0:
         return []
@@ -192,6 +271,187 @@ def _groups(ti: np.ndarray, pj: np.ndarray, n_true: int) -> list[np.ndarray]:
     order = np.argsort(edge_comp, kind="stable")
     bounds = np.flatnonzero(np.diff(edge_comp[order])) + 1
     return list(np.split(order, bounds))
+
+
+# --- one plane, all classes, in few passes ---------------------------------------------------------------
+
+
+@dataclass
+class ClassObjects:
+    """A class map with its objects: one int32 image numbering the components of classes 1..n-1 one after
+    the other (class c has ids ``offsets[c] + 1 .. offsets[c] + counts[c]``), and the class masks."""
+
+    class_map: np.ndarray
+    n_classes: int
+    masks: list[np.ndarray]  # class_map == c for c = 1..n-1
+    labels: np.ndarray
+    counts: list[int]
+
+    @property
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum([0, *self.counts[:-1]]).tolist()] if self.counts else [0]
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+    def class_of_id(self) -> np.ndarray:
+        """Class index of every id 0..total (0 for background)."""
+        return np.repeat(np.arange(self.n_classes, dtype=np.int64), [1, *self.counts])
+
+
+def class_objects(class_map: np.ndarray, n_classes: int) -> ClassObjects:
+    """Masks and components of every foreground class of a class map (label or prediction)."""
+    n = int(n_classes)
+    masks = [class_map == c for c in range(1, n)]
+    counts: list[int] = []
+    labels: np.ndarray | None = None
+    for mask in masks:
+        lab, k = label_components(mask)
+        if labels is None:
+            labels = lab
+        else:
+            np.add(lab, sum(counts), out=lab, where=mask)
+            labels += lab  # the classes' masks are disjoint
+        counts.append(k)
+    if labels is None:
+        labels = np.zeros(class_map.shape, np.int32)
+    return ClassObjects(class_map, n, masks, labels, counts)
+
+
+def default_bands(shape: Sequence[int]) -> int:
+    """How many bands ``segmentation_stats`` cuts a plane into: one per available core, each of at least
+    256 rows (the first axis), so that small planes stay in one piece."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8, int(shape[0]) // 256 if len(shape) else 1))
+
+
+@dataclass
+class _Band:
+    conf: np.ndarray
+    pred: ClassObjects
+    ti: np.ndarray
+    pj: np.ndarray
+    pixels: np.ndarray
+
+
+def _band_stats(truth: ClassObjects, pred: np.ndarray, rows: slice) -> _Band:
+    """Confusion, predicted objects (ids local to the band) and pair counts of one band of rows."""
+    n = truth.n_classes
+    band = pred[rows]
+    p_obj = class_objects(band, n)
+    t_masks = [m[rows] for m in truth.masks]
+    conf = (_confusion_from_masks(t_masks, p_obj.masks, band.size) if n <= 3
+            else confusion_matrix(truth.class_map[rows], band, n))
+    if n == 2:
+        either = np.logical_or(t_masks[0], p_obj.masks[0])
+    else:
+        either = truth.class_map[rows] != 0
+        np.logical_or(either, band != 0, out=either)
+    ti, pj, pixels = _pair_counts(truth.labels[rows], p_obj.labels, either, p_obj.total)
+    return _Band(conf, p_obj, ti, pj, pixels)
+
+
+def _sum_pairs(ti: np.ndarray, pj: np.ndarray, pixels: np.ndarray, n_pred: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs that occur more than once (from several bands) summed into one."""
+    key = ti.astype(np.int64) * (n_pred + 1) + pj
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+    summed = np.add.reduceat(pixels[order], first) if key.size else pixels[:0]
+    key = key[first]
+    return key // (n_pred + 1), key % (n_pred + 1), summed
+
+
+def segmentation_stats(truth: ClassObjects, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
+                       *, bands: int = 1) -> tuple[np.ndarray, list[list[ObjectCounts]]]:
+    """Confusion matrix and, per foreground class, ``match_objects`` counts of one plane.
+
+    The same values as ``confusion_matrix`` and ``match_objects`` on each class's components, computed
+    with the class masks reused and one overlap pass for all classes. ``truth`` (``class_objects``) does not
+    depend on the prediction, so the engine builds it while the tiled inference runs.
+
+    With ``bands > 1`` the plane is cut along its first axis and the bands are counted on as many threads
+    (numpy and scipy's labelling release the GIL). A predicted object cut by a seam gets one id per band;
+    ids of the same class that are face neighbours across a seam are joined afterwards on the small graph
+    of ids and their pair counts summed, so the result does not depend on ``bands``.
+    """
+    n = truth.n_classes
+    if pred.shape != truth.class_map.shape:
+        raise ValueError(f"label shape {truth.class_map.shape} != prediction shape {pred.shape}")
+    if n <= 1:
+        return confusion_matrix(truth.class_map, pred, n), []
+    bands = max(1, min(int(bands), int(pred.shape[0])))
+    edges = np.linspace(0, pred.shape[0], bands + 1).round().astype(int)
+    cuts = [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+    if len(cuts) == 1:
+        parts = [_band_stats(truth, pred, cuts[0])]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(cuts), thread_name_prefix="czreg-metrics") as pool:
+            parts = list(pool.map(lambda rows: _band_stats(truth, pred, rows), cuts))
+    conf = parts[0].conf.copy()
+    for p in parts[1:]:
+        conf += p.conf
+    # provisional predicted ids: id i of band b is start[b] + i (0 stays background)
+    starts = [0]
+    for p in parts[:-1]:
+        starts.append(starts[-1] + p.pred.total)
+    n_prov = starts[-1] + parts[-1].pred.total
+    prov_class = np.zeros(n_prov + 1, np.int64)
+    for s, p in zip(starts, parts):
+        prov_class[s + 1: s + 1 + p.pred.total] = p.pred.class_of_id()[1:]
+    ti = np.concatenate([p.ti for p in parts])
+    pj = np.concatenate([np.where(p.pj > 0, p.pj + s, 0) for s, p in zip(starts, parts)])
+    pixels = np.concatenate([p.pixels for p in parts])
+    if len(parts) == 1:
+        n_ids, id_class = n_prov, prov_class
+    else:
+        joined = _join_seams(parts, starts, prov_class)
+        n_ids = int(joined.max(initial=0))
+        id_class = np.zeros(n_ids + 1, np.int64)
+        id_class[joined] = prov_class
+        pj = joined[pj]
+        ti, pj, pixels = _sum_pairs(ti, pj, pixels, n_ids)
+    n_pred = np.bincount(id_class, minlength=n)  # per class; [0] counts background and unused ids, ignored
+    ti, pj, iou = _iou_pairs(ti, pj, pixels, truth.total, n_ids)
+    t_cls = truth.class_of_id()[ti]
+    same = t_cls == id_class[pj]  # a true object of one class overlapping a predicted one of another: no pair
+    ti, pj, iou, t_cls = ti[same], pj[same], iou[same], t_cls[same]
+    out = []
+    for c in range(1, n):
+        sel = t_cls == c
+        out.append(_match_pairs(ti[sel], pj[sel], iou[sel], truth.counts[c - 1], int(n_pred[c]), thresholds))
+    return conf, out
+
+
+def _join_seams(parts: list[_Band], starts: list[int], prov_class: np.ndarray) -> np.ndarray:
+    """Joined id of every provisional id (0 -> 0): provisional ids of one class that touch across a seam
+    (last row of a band, first row of the next, same position) are one object."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a_all, b_all = [], []
+    for k in range(len(parts) - 1):
+        a = parts[k].pred.labels[-1].ravel().astype(np.int64)
+        b = parts[k + 1].pred.labels[0].ravel().astype(np.int64)
+        touch = (a > 0) & (b > 0)
+        a, b = a[touch] + starts[k], b[touch] + starts[k + 1]
+        ok = prov_class[a] == prov_class[b]
+        a_all.append(a[ok])
+        b_all.append(b[ok])
+    a = np.concatenate(a_all)
+    b = np.concatenate(b_all)
+    size = len(prov_class)
+    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(size, size))
+    _, comp = connected_components(graph, directed=False)
+    joined = comp.astype(np.int64) + 1
+    joined[0] = 0  # background has no edges: its component holds only itself
+    return joined
 
 
 def object_scores(c: ObjectCounts, thresh: float) -> dict[str, Any]:
