@@ -1,11 +1,18 @@
 """Time a full ``czreg validate`` (static and model checks) per check, for a small and a medium model.
 
     .venv/bin/python benchmarks/validate_full.py [--formats onnx,savedmodel] [--repeat 3]
+    .venv/bin/python benchmarks/validate_full.py --real-world [--code OLD_CHECKOUT]
 
 Small: the test suite's U-Net (two poolings, 8 filters, 64x64 tile). Medium: a four-level U-Net
 (16-128 filters, 256x256 tile, about 0.5 M parameters). Models are built and exported once into a temp
 folder; each package is then validated ``--repeat`` times and the fastest run is reported (wall seconds per
 check as recorded in ``report.measurements["timings_s"]``, plus the whole ``validate`` call).
+
+``--real-world``: models nobody here designed (``tests/corpus.py``): segmentation_models_pytorch's U-Net with a
+resnet18 encoder (~57 MB, InputShape 256, MinOverlap 128) and a CARE-style denoiser at a 1024-pixel tile with its
+batch fixed at 1 (as ZEISS's LiveDenoise models are exported). Each validation runs in a fresh process so the
+peak RSS is that process's own; ``--code DIR`` puts another checkout first on ``PYTHONPATH`` (e.g. a
+``git worktree`` of an older commit) to measure before and after on the same packages.
 """
 
 from __future__ import annotations
@@ -73,11 +80,60 @@ def bench(path: Path, repeat: int) -> tuple[dict[str, float], float, dict[str, A
     return best
 
 
+_CHILD = """
+import json, resource, sys, time
+from czregistry.checks import ValidateOptions
+from czregistry.validate import validate
+start = time.perf_counter()
+report = validate(sys.argv[1], ValidateOptions())
+m = report.measurements
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - start, "rss_mb": rss,
+                  "valid": report.valid, "errors": sorted({f.check for f in report.errors}),
+                  "warnings": sorted({f.check for f in report.warnings}), "stride": m.get("stride"),
+                  "halo": m.get("halo"), "halo_bound": m.get("halo_bound"), "global": m.get("global_context")}))
+"""
+
+
+def real_world(code: str | None, repeat: int) -> None:
+    import json
+    import subprocess
+
+    from czregistry.package import write_package
+    from tests.corpus import CORPUS, export_onnx, metadata
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for name in ("smp-unet-resnet18", "care-unet-1024-batch1"):
+            entry = CORPUS[name]
+            path = write_package(Path(tmp) / f"{name}.czann", metadata(entry), export_onnx(entry))
+            runs = []
+            for _ in range(repeat):
+                out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, capture_output=True,
+                                     text=True, check=True, cwd=tmp)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append((name, path.stat().st_size / 1e6, min(runs, key=lambda r: r["seconds"])))
+    print(f"{os.cpu_count()} CPU(s) visible; code: {code or 'this checkout'}; fastest of {repeat}, fresh process each")
+    head = f"{'model':<24}{'MB':>6}{'seconds':>9}{'peak RSS MB':>13}  verdict"
+    print(head)
+    print("-" * 100)
+    for name, size, r in rows:
+        verdict = ("VALID" if r["valid"] else "INVALID") + f" errors={r['errors']} warnings={r['warnings']}"
+        print(f"{name:<24}{size:>6.1f}{r['seconds']:>9.1f}{r['rss_mb']:>13.0f}  {verdict}")
+        print(f"{'':<24}stride {r['stride']} halo {r['halo']} bound {r['halo_bound']} global {r['global']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="onnx,savedmodel")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--real-world", action="store_true", help="smp U-Net and a 1024-pixel denoiser")
+    parser.add_argument("--code", help="with --real-world: a checkout to put first on PYTHONPATH")
     args = parser.parse_args()
+    if args.real_world:
+        real_world(args.code, args.repeat)
+        return
     rows: list[tuple[str, str, dict[str, float], float, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats.split(","):

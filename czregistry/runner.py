@@ -526,15 +526,22 @@ def _borders(info: ModelInfo, geom: ModelGeometry, tile: tuple[int, ...], border
     for d, t in enumerate(tile):
         declared = info.border[d] if info.border and d < len(info.border) else 0
         halo = geom.halo[d] if d < len(geom.halo) else None
+        stride = geom.stride[d] if d < len(geom.stride) else 1
+        cap = (t - stride) // 2
         if border is not None:
             b = border
+        elif halo is not None and halo > declared and halo > cap:
+            # Seamless tiles are out of reach at this tile size; a border up to the cap would multiply the
+            # tiles (16x for a 257 px halo in a 256 px tile) and still leave seams. Keep the declared one.
+            b = declared
+            notes.append(f"axis {d}: measured halo {halo} px does not fit a {t} px tile (at most {cap} px): keeping "
+                         f"the declared border {declared} px, tiles will show seams (--border N trades speed for "
+                         "smaller seams; a larger tile removes them)")
         else:
             b = max(declared, halo or 0)
             if halo is not None and halo > declared:
                 notes.append(f"axis {d}: measured halo {halo} px exceeds the declared border {declared} px; "
                              f"using {halo} px so tiles join without seams")
-        stride = geom.stride[d] if d < len(geom.stride) else 1
-        cap = (t - stride) // 2
         if b > cap:
             notes.append(f"axis {d}: border {b} px does not fit a {t} px tile; using {cap} px (seams possible)")
             b = cap

@@ -183,6 +183,8 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
           min_overlap=(64, 64)),
     Entry("care-unet-batch1", _care_unet, "keras", mtype="Regression", tile=(256, 256), channels=1, classes=1,
           min_overlap=(64, 64), fixed_batch=True),
+    Entry("care-unet-1024-batch1", _care_unet, "keras", mtype="Regression", tile=(1024, 1024), channels=1,
+          classes=1, min_overlap=(64, 64), fixed_batch=True),
     Entry("dilated-context", _dilated_torch, "torch", tile=(128, 128), channels=1, min_overlap=(16, 16)),
     Entry("resnet18-classifier", _classifier_torch, "torch", mtype="MultiClassClassification",
           tile=(224, 224), min_overlap=(0, 0)),

@@ -241,3 +241,62 @@ def test_semantic_checks_survive_garbage(tmp_path: Path, bad: dict[str, Any]) ->
     report = run(tmp_path, meta(**bad))
     assert not report.valid
     assert not [f for f in report.findings if f.check == "plugin.check_crashed"]
+
+
+# --- privacy and compatibility (for packages shared with third parties) ----------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value", "what"), [
+    ("ModelName", r"C:\Users\jdoe\models\unet", "a Windows user folder"),
+    ("ModelName", "/home/jdoe/exp3/unet.keras", "a home folder"),
+    ("ModelName", "/Users/jane/Desktop/model", "a home folder"),
+    ("ModelName", r"\\labserver\share\models", "a network share"),
+    ("Classes", ["background", "ask jane.doe@lab.example"], "an e-mail address"),
+])
+def test_privacy_lint_names_the_field(tmp_path: Path, field: str, value: Any, what: str) -> None:
+    meta_ = meta(**{field: value}) if field != "Classes" else meta(Classes=["a", *value], OutputShape=[64, 64, 3])
+    report = run(tmp_path, meta_)
+    hits = [f for f in report.findings if f.check == "metadata.privacy"]
+    assert len(hits) == 1 and hits[0].severity is Severity.WARNING, report.to_json()
+    assert what in hits[0].message and hits[0].location is not None and field in hits[0].location
+    assert report.valid  # a warning: the package works, it just says too much
+
+
+def test_privacy_lint_catches_this_machines_user_name_and_spares_ordinary_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "mkowalski")
+    leaked = run(tmp_path, meta(ModelName="unet trained by mkowalski"))
+    assert [f.check for f in leaked.findings] == ["metadata.privacy"]
+    assert "user name 'mkowalski'" in leaked.findings[0].message
+    for clean in ("nuclei v2 (lab/2024)", "U-Net 256/128", "cells @ 40x", "home-made denoiser"):
+        assert run(tmp_path, meta(ModelName=clean)).findings == [], clean
+
+
+def _onnx(opset: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 64, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize(("kind", "opset", "warns"), [("czann", 18, False), ("czann", 21, True),
+                                                     ("czmodel", 12, False), ("czmodel", 18, True)])
+def test_compatibility_facts_and_opset_newer_than_the_target(tmp_path: Path, kind: str, opset: int,
+                                                             warns: bool) -> None:
+    metadata = meta() if kind == "czann" else legacy_xml()
+    path = write_package(tmp_path / f"p.{kind}", metadata, _onnx(opset), kind=kind)  # type: ignore[arg-type]
+    report = validate(path, STATIC)
+    facts = report.measurements["compatibility"]
+    assert facts["onnx_opset"] == opset and facts["onnx_ir_version"] == 8
+    assert ("3.13" in facts["min_host"]) is (kind == "czann")
+    opset_findings = [f for f in report.findings if f.check == "metadata.compatibility.opset"]
+    assert bool(opset_findings) is warns, report.to_json()
+    if warns:
+        assert f"opset {opset}" in opset_findings[0].message and opset_findings[0].severity is Severity.WARNING

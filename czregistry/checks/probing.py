@@ -457,9 +457,17 @@ class Prober:
             out |= set(range(1, min(MAX_STRIDE, w // 4) + 1))
         return sorted(s for s in out if s <= w // 4)
 
+    def _deep_error(self, axis: int, shift: int, window: tuple[int, ...]) -> float:
+        prof = self.shift_profile(axis, shift, window)
+        return float(prof[(3 * (prof.size - 1)) // 4]) if prof is not None and prof.size else math.inf
+
     def _find_stride(self, axis: int, window: tuple[int, ...], step: int | None, tol: float
                      ) -> tuple[int | None, str, int | None, float | None]:
-        """The smallest shift whose overlap agrees beyond some distance (exact) or whose error decays."""
+        """The smallest shift whose overlap agrees beyond some distance (exact) or whose error decays.
+
+        A divisor replaces the shift found only if it is as good: exact when the shift was exact, and, when it
+        only decayed, decaying to a deep error no more than twice as large (in a small window an off-grid
+        shift's profile can fall steeply near the edge by chance; its interior error stays large)."""
         for s in self._candidates(window[axis], step):
             if self.over_budget:
                 break
@@ -471,7 +479,10 @@ class Prober:
                 reduced = False
                 for prime in _prime_factors(s):
                     k2, h2, r2 = self._classify(axis, s // prime, window, tol)
-                    if k2 in ("exact", "decaying"):
+                    as_good = k2 == "exact" if kind == "exact" else (
+                        k2 == "exact" or (k2 == "decaying" and self._deep_error(axis, s // prime, window)
+                                          <= 2 * self._deep_error(axis, s, window)))
+                    if as_good:
                         s, kind, halo, ratio, reduced = s // prime, k2, h2, r2, True
                         break
             return s, kind, halo, ratio
