@@ -87,7 +87,10 @@ from czregistry.validate import validate
 start = time.perf_counter()
 report = validate(sys.argv[1], ValidateOptions())
 m = report.measurements
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child would report its parent's peak (the parent
+# holds TensorFlow and torch from exporting the models).
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": time.perf_counter() - start, "rss_mb": rss,
                   "valid": report.valid, "errors": sorted({f.check for f in report.errors}),
                   "warnings": sorted({f.check for f in report.warnings}), "stride": m.get("stride"),

@@ -275,7 +275,6 @@ def test_privacy_lint_catches_this_machines_user_name_and_spares_ordinary_names(
 
 
 def _onnx(opset: int) -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64, 3])

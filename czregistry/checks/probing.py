@@ -671,7 +671,7 @@ class Prober:
         strides = [a.stride for a in axes]
         halos = [a.halo for a in axes]
         global_context = bool(evidence)
-        eq_abs, eq_rel = self._equivariance(window, steps, strides, halos if not evidence else [None] * nd,
+        eq_abs, eq_rel = self._equivariance(base, steps, strides, halos if not evidence else [None] * nd,
                                             accepts, tol, centre_only=bool(evidence))
         if eq_abs is not None and eq_abs > EQ_FACTOR * tol and not global_context and all(h is not None for h in halos):
             evidence.append(f"a crop's prediction differs from the whole prediction by {eq_abs:.3g} beyond the "
@@ -778,6 +778,11 @@ class Prober:
         each overlap, like the host does. Fixed-size graphs cannot predict the whole image, so their stitched
         overlap is compared with a third tile centred on it (``_seam_against_centre``).
         Returns None when the geometry does not fit or the budget is spent.
+
+        With two tiles per axis every tile's outer edge is the image's own edge, so the seam error depends on the
+        overlap and the halo, not on the tile size: free-size graphs are tiled with windows of at most
+        ``max(BASE_WINDOW, overlap + 2 grid steps)`` per axis (a 1024-pixel denoiser tile need not be predicted
+        as a 2000-pixel whole).
         """
         inv = self.measure_invariance()
         nd = self.spatial_ndim
@@ -786,6 +791,8 @@ class Prober:
         if len(overlap) != nd:
             return None
         grid = [math.lcm(s or 1, q or 1) for s, q in zip(inv.stride, inv.step)]
+        if inv.accepts_other_sizes and all(q is not None for q in inv.step):
+            window = tuple(min(w, max(BASE_WINDOW, -(-(o + 2 * g) // g) * g)) for w, o, g in zip(window, overlap, grid))
         pos = [(w - o) // g * g for w, o, g in zip(window, overlap, grid)]
         if any(p <= 0 for p in pos):
             return None
