@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "render_html", "render_markdown",
+__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "human_size", "render_html", "render_markdown",
            "render_text"]
 
 #: Bumped only when a key of ``Report.to_dict`` changes meaning or disappears.
@@ -202,3 +202,13 @@ def render_html(report: Report) -> str:
         + (f"<h2>Measurements</h2><table>{meas}</table>" if meas else "")
         + "</body></html>\n"
     )
+
+
+def human_size(n: int) -> str:
+    """Bytes in decimal units (``700 B``, ``53.0 MB``), as the CLI and the registry's web page show sizes."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"

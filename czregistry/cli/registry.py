@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..errors import RegistryError, UsageError
+from ..report import human_size
 from ._common import echo_json, handle_errors, json_option
 from .sharing import oci_options, pull_oci
 
@@ -50,13 +51,6 @@ def _registry_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -129,7 +123,7 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
         click.echo(f"Already published: {v['name']} {v['version']} has these exact bytes ({v['digest'][:19]}...)")
     else:
         signed = f", signed by {v['signed_by'][-1][:16]}..." if sign_key is not None and v["signed_by"] else ""
-        click.echo(f"Published {v['name']} {v['version']} ({v['digest'][:19]}..., {_human(v['size'])}, {verdict}"
+        click.echo(f"Published {v['name']} {v['version']} ({v['digest'][:19]}..., {human_size(v['size'])}, {verdict}"
                    f"{signed})")
 
 
@@ -168,7 +162,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
         return
     v = result.version
     signed = ", signature verified" if result.verified else ""
-    click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({_human(v['size'])}, sha256 verified{signed})")
+    click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({human_size(v['size'])}, sha256 verified{signed})")
 
 
 @click.command("list")
@@ -199,7 +193,7 @@ def list_cmd(reg: Registry, name: str | None, model_type: str | None, class_name
     for r in rows:
         extra = f"  ({r['versions']} versions)" if "versions" in r else ""
         flags = " [yanked]" if r["yanked"] else ""
-        click.echo(f"{r['name']:<{width}}  {r['version']:<12} {r['type'] or '-':<32} {_human(r['size']):>9}"
+        click.echo(f"{r['name']:<{width}}  {r['version']:<12} {r['type'] or '-':<32} {human_size(r['size']):>9}"
                    f"  {r['created_at']}{flags}{extra}")
 
 
@@ -220,14 +214,15 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
             click.echo(f"  @{a} -> {v}")
         for v in info["versions"]:
             flags = (" [yanked]" if v["yanked"] else "") + ("" if v["valid"] else " [invalid]")
-            click.echo(f"  {v['version']:<12} {v['digest'][:19]}...  {_human(v['size']):>9}  {v['created_at']}{flags}")
+            size = human_size(v["size"])
+            click.echo(f"  {v['version']:<12} {v['digest'][:19]}...  {size:>9}  {v['created_at']}{flags}")
         if info["purged"]:
             click.echo(f"  purged (numbers never reused): {', '.join(info['purged'])}")
         return
     rep = info["report"]
     lines = [
         f"{info['name']} {info['version']}" + (f"  [YANKED: {info['yanked_reason']}]" if info["yanked"] else ""),
-        f"  digest:     {info['digest']}  ({_human(info['size'])}, {info['kind']})",
+        f"  digest:     {info['digest']}  ({human_size(info['size'])}, {info['kind']})",
         f"  type:       {info['type'] or '-'}   classes: {', '.join(info['classes'] or []) or '-'}",
         f"  published:  {info['created_at']} by {info['created_by']} on {info['host']} from {info['source']}"
         f" (czregistry {info['czregistry_version']})",
@@ -382,7 +377,7 @@ def verify_cmd(reg: Registry, as_json: bool) -> None:
     if as_json:
         echo_json(out)
     else:
-        click.echo(f"Checked {out['blobs']} blob(s) for {out['versions']} version(s), {_human(out['bytes'])}")
+        click.echo(f"Checked {out['blobs']} blob(s) for {out['versions']} version(s), {human_size(out['bytes'])}")
         for p in out["problems"]:
             click.echo(f"  {p['digest'][:19]}... {p['problem']}: {', '.join(p['versions'])}")
     if not out["ok"]:
@@ -403,7 +398,7 @@ def gc_cmd(reg: Registry, dry_run: bool, as_json: bool) -> None:
         echo_json(out)
     else:
         verb = "Would remove" if dry_run else "Removed"
-        click.echo(f"{verb} {len(out['blobs'])} blob(s), {_human(out['bytes'])}; "
+        click.echo(f"{verb} {len(out['blobs'])} blob(s), {human_size(out['bytes'])}; "
                    f"{out['temp_files']} stale temp file(s)")
 
 

@@ -57,6 +57,19 @@ MAX_ATTEMPTS = 12
 _GC_LOCK_KEY = 0x637A7267  # advisory lock: publishers take it shared, gc/purge exclusive (PostgreSQL)
 
 
+def pull_target(v: dict[str, Any], dest: Path | str | None) -> tuple[str, Path, str]:
+    """(hex digest, output path, label) of a pull: ``dest`` is a folder (existing, or written with a trailing
+    slash) that gets ``NAME-VERSION.KIND``, or the file itself; none means the current folder. Shared by the
+    local registry and the server client so both name pulled files alike."""
+    filename = f"{v['canonical_name']}-{v['version']}.{v['kind']}"
+    if dest is None:
+        out = Path.cwd() / filename
+    else:
+        as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
+        out = Path(dest) / filename if as_dir else Path(dest)
+    return v["digest"].removeprefix("sha256:"), out, f"{v['name']} {v['version']}"
+
+
 def open_registry(registry: str | None = None, blob_store: str | None = None) -> Registry:
     """Open (creating and migrating when needed) the registry at ``registry`` or the default location."""
     return Registry(resolve_location(registry, blob_store))
@@ -511,14 +524,7 @@ class Registry:
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
-        digest = v["digest"].removeprefix("sha256:")
-        filename = f"{v['canonical_name']}-{v['version']}.{v['kind']}"
-        if dest is None:
-            out = Path.cwd() / filename
-        else:
-            as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
-            out = Path(dest) / filename if as_dir else Path(dest)
-        label = f"{v['name']} {v['version']}"
+        digest, out, label = pull_target(v, dest)
         try:
             src = self.store.open(digest)
         except FileNotFoundError:

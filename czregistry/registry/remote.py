@@ -240,18 +240,11 @@ class RemoteRegistry:
             raise _usage("pull --key is not supported against a registry server yet (signatures are not "
                              "served over HTTP)", hint="pull, then check the .sig with 'czreg verify-signature'")
         from ..package import atomic_output
-        from .api import PullResult
+        from .api import PullResult, pull_target
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
-        digest = v["digest"].removeprefix("sha256:")
-        filename = f"{v['canonical_name']}-{v['version']}.{v['kind']}"
-        if dest is None:
-            out = Path.cwd() / filename
-        else:
-            as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
-            out = Path(dest) / filename if as_dir else Path(dest)
-        label = f"{v['name']} {v['version']}"
+        digest, out, label = pull_target(v, dest)
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
         declared = r.resp.getheader("Content-Length")

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from .. import __version__
 from ..errors import CzregError, UsageError
 from ..registry.tokens import authenticate, model_key
+from ..report import human_size
 
 if TYPE_CHECKING:
     from ..registry.api import Registry
@@ -50,13 +51,6 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def _page(title: str, body: str, *, query: str = "", status: int = 200) -> HTMLResponse:
@@ -104,7 +98,7 @@ def _models_table(rows: list[dict[str, Any]]) -> str:
         out.append(
             f'<tr><td><a href="{link}">{_e(r["name"])}</a></td><td>{_e(r["version"])}</td>'
             f'<td>{_e(r["type"] or "-")}</td><td>{_e(", ".join(r["classes"] or []) or "-")}</td>'
-            f'<td class="num">{_e(r.get("versions", ""))}</td><td class="num">{_human(r["size"])}</td>'
+            f'<td class="num">{_e(r.get("versions", ""))}</td><td class="num">{human_size(r["size"])}</td>'
             f'<td class="muted">{_e(r["created_at"])}</td><td>{_valid_badge(r["valid"], r["yanked"])}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)
@@ -179,7 +173,7 @@ def add_web_routes(app: FastAPI, reg: "Registry", auth: "Auth") -> None:
             dl = f"/api/v1/models/{quote(cname)}/versions/{quote(v['version'])}/download"
             rows.append(
                 f'<tr><td><a href="/models/{quote(cname)}?version={quote(v["version"])}">{_e(v["version"])}</a></td>'
-                f'<td><code>{_e(v["digest"][:19])}&hellip;</code></td><td class="num">{_human(v["size"])}</td>'
+                f'<td><code>{_e(v["digest"][:19])}&hellip;</code></td><td class="num">{human_size(v["size"])}</td>'
                 f'<td class="muted">{_e(v["created_at"])}</td><td>{_e(d["created_by"] if d else "")}</td>'
                 f'<td>{_e(tags) or "-"}</td><td>{_valid_badge(v["valid"], v["yanked"])}</td>'
                 f'<td><a href="{dl}" download>download</a></td></tr>')
