@@ -9,11 +9,12 @@ import click
 
 from .. import __version__
 from . import demo, evaluate, pack, plugins_cmd, registry, run, schemas, serve, sharing, validate
+from ._common import Group
 
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="czreg")
 def main() -> None:
     """Validate, pack, version and run CZANN / CZMODEL model packages for ZEISS ZEN and arivis."""

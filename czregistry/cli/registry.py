@@ -140,6 +140,7 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
 @click.option("--pre", is_flag=True, default=None, help="Allow pre-releases to match specifiers.")
 @click.option("--key", type=click.Path(path_type=Path), metavar="PUBLIC.pem",
               help="Refuse (and write nothing) unless a signature by this key verifies; writes .sig/.att beside.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (identical bytes never count).")
 @oci_options
 @json_option
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
@@ -147,8 +148,8 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
                    "[env CZREG_REGISTRY; default: per-user data folder]")
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
-def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, oci_auth: dict[str, Any],
-             as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
+             oci_auth: dict[str, Any], as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
     """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST; or an OCI artifact:
     oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (-o names the folder).
 
@@ -161,7 +162,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
 
         with connect(registry_url, blob_store) as reg:
             _warn(getattr(reg, "warnings", []))
-            result = reg.pull(requirement, output, prereleases=pre or None, key=key)
+            result = reg.pull(requirement, output, prereleases=pre or None, key=key, force=force)
     _warn(result.warnings)
     if as_json:
         echo_json(result.to_dict())

@@ -502,12 +502,12 @@ class Registry:
     # --- pull ----------------------------------------------------------------------------------------
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None, key: Path | str | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | str | None = None, force: bool = True) -> PullResult:
         """Resolve, then stream the blob to ``dest`` while hashing; the file appears only if the digest
         matches (a corrupt or missing blob raises ``RegistryError`` naming the version). With ``key`` it
         appears only if a stored signature by that key verifies (``SignatureError`` otherwise), and the
         ``.sig`` / ``.att`` bundles are written beside it."""
-        from ..package import atomic_output
+        from ..package import atomic_output, check_overwrite
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
@@ -519,6 +519,7 @@ class Registry:
             as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
             out = Path(dest) / filename if as_dir else Path(dest)
         label = f"{v['name']} {v['version']}"
+        check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
         try:
             src = self.store.open(digest)
         except FileNotFoundError:

@@ -233,13 +233,13 @@ class RemoteRegistry:
         return Resolved(out["version"], out["warnings"])
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None, key: Path | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | None = None, force: bool = True) -> PullResult:
         """Resolve on the server, then stream the blob to a temp file beside ``dest`` while hashing; the
         file gets its name only if the SHA-256 is the version's digest."""
         if key is not None:
             raise _usage("pull --key is not supported against a registry server yet (signatures are not "
                              "served over HTTP)", hint="pull, then check the .sig with 'czreg verify-signature'")
-        from ..package import atomic_output
+        from ..package import atomic_output, check_overwrite
         from .api import PullResult
 
         resolved = self.resolve(requirement, prereleases=prereleases)
@@ -252,6 +252,7 @@ class RemoteRegistry:
             as_dir = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
             out = Path(dest) / filename if as_dir else Path(dest)
         label = f"{v['name']} {v['version']}"
+        check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
         declared = r.resp.getheader("Content-Length")
