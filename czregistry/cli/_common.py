@@ -16,8 +16,8 @@ import click
 
 from ..errors import CzregError, UsageError
 
-__all__ = ["CliError", "Group", "Terminated", "echo_json", "force_option", "handle_errors", "json_option", "os_error",
-           "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
+__all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
+           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
 
 #: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
 _USER_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -81,6 +81,14 @@ def handle_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+
+
+def announce_lock_waits() -> None:
+    """Say on stderr when a registry write waits for another process's lock (call inside a command: it
+    imports SQLAlchemy)."""
+    from ..registry.db import set_lock_wait_notice
+
+    set_lock_wait_notice(lambda message: click.echo(message, err=True))
 
 
 def echo_json(obj: Any) -> None:

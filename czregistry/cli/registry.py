@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..errors import RegistryError, UsageError
-from ._common import echo_json, handle_errors, json_option
+from ._common import announce_lock_waits, echo_json, handle_errors, json_option
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def _registry_options(fn: F) -> F:
         with handle_errors():
             from ..registry.remote import connect
 
+            announce_lock_waits()
             with connect(registry_url, blob_store) as reg:
                 _warn(getattr(reg, "warnings", []))
                 return fn(*args, reg=reg, **kwargs)
