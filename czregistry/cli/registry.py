@@ -44,7 +44,7 @@ def _registry_options(fn: F) -> F:
             from ..registry.remote import connect
 
             announce_lock_waits()
-            with connect(registry_url, blob_store) as reg:
+            with connect(registry_url, blob_store, create=False) as reg:
                 _warn(getattr(reg, "warnings", []))
                 return fn(*args, reg=reg, **kwargs)
 
@@ -126,6 +126,9 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
                    **({"evaluation": evaluation} if evaluation is not None else {})})
         return
     verdict = "valid" if result.report.valid else "INVALID (--allow-invalid)"
+    if result.status == "exists" and (note or tags):
+        _warn([f"--note/--tag not stored: {v['name']} {v['version']} already exists with these bytes and is "
+               f"immutable (tag it with 'czreg tag', or publish a re-release with --bump)"])
     if result.status == "exists":
         click.echo(f"Already published: {v['name']} {v['version']} has these exact bytes ({v['digest'][:19]}...)")
     else:
@@ -161,7 +164,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
     with handle_errors():
         from ..registry.remote import connect
 
-        with connect(registry_url, blob_store) as reg:
+        with connect(registry_url, blob_store, create=False) as reg:
             _warn(getattr(reg, "warnings", []))
             result = reg.pull(requirement, output, prereleases=pre or None, key=key, force=force)
     _warn(result.warnings)
@@ -429,8 +432,30 @@ def purge_cmd(reg: Registry, name: str, version: str, confirm: bool, reason: str
         click.echo(f"Purged {out['name']} {out['version']}" + (" and its blob" if out["blob_removed"] else ""))
 
 
+@click.command("init")
+@click.argument("location", required=False)
+@click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
+              help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
+@json_option
+def init_cmd(location: str | None, blob_store: str | None, as_json: bool) -> None:
+    """Create (or upgrade) a registry at LOCATION: a folder, sqlite:///file.db or postgresql+psycopg://...
+    (default: CZREG_REGISTRY, else the per-user folder). Other commands refuse a location that does not
+    exist, so a typo never becomes a new, empty registry."""
+    with handle_errors():
+        from ..registry import open_registry
+
+        announce_lock_waits()
+        with open_registry(location or None, blob_store) as reg:
+            where = reg.location.display()
+            store = reg.store.location
+    if as_json:
+        echo_json({"registry": where, "blob_store": store})
+        return
+    click.echo(f"Registry ready at {where} (blobs: {store})")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
-    for cmd in (publish_cmd, pull_cmd, list_cmd, show_cmd, history_cmd, alias_group, tag_cmd, yank_cmd,
+    for cmd in (init_cmd, publish_cmd, pull_cmd, list_cmd, show_cmd, history_cmd, alias_group, tag_cmd, yank_cmd,
                 unyank_cmd, verify_cmd, gc_cmd, purge_cmd):
         group.add_command(cmd)

@@ -223,7 +223,7 @@ def _registry_attachments(requirement: str, folder: Path, registry_url: str | No
     """A registry version: its bytes, stored report and (first) stored signature."""
     from ..registry import open_registry
 
-    with open_registry(registry_url, blob_store) as reg:
+    with open_registry(registry_url, blob_store, create=False) as reg:
         pulled = reg.pull(requirement, folder / "")
         v = pulled.version
         exact = f"{v['canonical_name']}=={v['version']}"
@@ -267,7 +267,7 @@ def setting_cmd(name: str | None, value: str | None, registry_url: str | None, b
         from ..registry import open_registry
         from ..registry.signatures import SETTINGS
 
-        with open_registry(registry_url, blob_store) as reg:
+        with open_registry(registry_url, blob_store, create=False) as reg:
             if value is not None and name is not None:
                 out: dict[str, Any] = reg.set_setting(name, value)
             elif name is not None:

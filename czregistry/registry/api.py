@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import os
 import random
 import socket
 import time
@@ -32,7 +33,7 @@ from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
 from ..report import Report
 from . import db
 from . import signatures as sigs
-from .location import RegistryLocation, resolve_location
+from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .store import CHUNK, BlobStore, open_blob_store
 from .versions import (
@@ -57,9 +58,16 @@ MAX_ATTEMPTS = 12
 _GC_LOCK_KEY = 0x637A7267  # advisory lock: publishers take it shared, gc/purge exclusive (PostgreSQL)
 
 
-def open_registry(registry: str | None = None, blob_store: str | None = None) -> Registry:
-    """Open (creating and migrating when needed) the registry at ``registry`` or the default location."""
-    return Registry(resolve_location(registry, blob_store))
+def open_registry(registry: str | None = None, blob_store: str | None = None, *, create: bool = True) -> Registry:
+    """Open (creating and migrating when needed) the registry at ``registry`` or the default location.
+
+    ``create=False`` (the CLI): a SQLite registry named by ``registry`` or ``CZREG_REGISTRY`` must already
+    exist (its folder, at least); only the per-user default is created on first use."""
+    location = resolve_location(registry, blob_store)
+    given = registry or os.environ.get("CZREG_REGISTRY")
+    if not create and given:
+        require_existing(location, given)
+    return Registry(location)
 
 
 def _now() -> datetime:
@@ -145,7 +153,7 @@ class Registry:
 
     def __init__(self, location: RegistryLocation, store: BlobStore | None = None) -> None:
         self.location = location
-        self.store = store or open_blob_store(location.blob_store)
+        self.store = store or open_blob_store(location.blob_store, private=location.is_sqlite and private_files())
         self.engine: Engine = db.create_registry_engine(location.url)
         self._writer = self.engine.execution_options(czreg_write=True)
         try:
@@ -233,6 +241,8 @@ class Registry:
         from ..validate import validate
 
         path = Path(path)
+        if name is not None:
+            canonical_name(name)  # an empty or overlong --name is refused before any work
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
         if sign_key is None and self.setting("require_signatures"):
@@ -274,9 +284,7 @@ class Registry:
                 raise _BlobGone
             if new_version is None:
                 assert bump_part is not None
-                same = s.scalars(select(Version).where(Version.model_id == model.id, Version.digest == digest)).first()
-                if same is not None:
-                    return "exists", same
+                # the same bytes under the next number is a normal re-release (with its own note and tags)
                 top = s.scalars(select(Version.version).where(Version.model_id == model.id)
                                 .order_by(Version.sort_key.desc()).limit(1)).first()
                 used = [*([top] if top else []),

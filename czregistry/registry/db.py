@@ -48,6 +48,21 @@ def set_lock_wait_notice(fn: Callable[[str], None] | None) -> None:
     _notice = fn
 
 
+def _create_private(db: Path) -> None:
+    """Create the database's folder (0700) and an empty database file (0600) for this user only, unless
+    ``CZREG_SHARED_REGISTRY`` says the folder is a team's (then the umask decides). SQLite gives its -wal and
+    -shm files the database file's permissions."""
+    from .location import private_files
+
+    private = private_files()
+    if not db.parent.is_dir():
+        db.parent.parent.mkdir(parents=True, exist_ok=True)
+        db.parent.mkdir(mode=0o700 if private else 0o777, exist_ok=True)
+    if private and not db.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def lock_timeout() -> float:
     """Seconds a write waits for another process's lock: ``CZREG_LOCK_TIMEOUT`` or 30."""
     text = os.environ.get("CZREG_LOCK_TIMEOUT", "").strip()
@@ -97,7 +112,7 @@ def create_registry_engine(url: str) -> Engine:
         if u.database in (None, "", ":memory:"):
             raise RegistryError("an in-memory SQLite registry cannot hold blobs",
                                 hint="give a file: sqlite:////path/registry.db")
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(u.database))
         # Pooled: closing the last connection to a WAL database checkpoints it (milliseconds per write).
         # Pools must not cross fork(); our parallel tests and docs use spawn.
         engine = create_engine(u, pool_size=2, max_overflow=8,
@@ -144,7 +159,9 @@ def current_revision(conn: Connection) -> str | None:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as fh:
+    from .location import private_files
+
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600 if private_files() else 0o666), "a+b") as fh:
         if os.name == "nt":  # pragma: no cover - Windows
             import msvcrt
 

@@ -39,7 +39,7 @@ TOKEN_ENV = "CZREG_TOKEN"
 
 
 def connect(registry: str | None = None, blob_store: str | None = None, *,
-            token: str | None = None) -> Registry | RemoteRegistry:
+            token: str | None = None, create: bool = True) -> Registry | RemoteRegistry:
     """The registry at ``registry`` (or ``CZREG_REGISTRY``, or the per-user default): a ``RemoteRegistry``
     for an ``http(s)://`` URL, else the local ``Registry`` (``open_registry``)."""
     text = registry or os.environ.get("CZREG_REGISTRY")
@@ -48,7 +48,7 @@ def connect(registry: str | None = None, blob_store: str | None = None, *,
         return RemoteRegistry(text, token=token)
     from .api import open_registry
 
-    return open_registry(registry, blob_store)
+    return open_registry(registry, blob_store, create=create)
 
 
 @dataclass(frozen=True)

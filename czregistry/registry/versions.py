@@ -30,8 +30,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-fA-F]{8,64})$")
 
 
+#: Longest model name: fits a file name (``NAME-VERSION.czann``), a terminal column and an OCI repository.
+MAX_NAME_LENGTH = 100
+
+
 def canonical_name(name: str) -> str:
     """PEP 503 name: ``Nuclei_Seg`` and ``nuclei-seg`` are one model."""
+    if not name.strip():
+        raise UsageError("the model name is empty", hint="give a name: --name nuclei-seg")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UsageError(f"the model name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed",
+                         hint="choose a shorter --name")
     if not _NAME_RE.fullmatch(name):
         raise UsageError(f"invalid model name '{name}'",
                          hint="use letters, digits, '.', '_' and '-', starting and ending with a letter or digit")
