@@ -60,6 +60,21 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key=value`` items of a measurements dict, nested dicts as ``key.sub=value`` (timings left out)."""
+    out: list[str] = []
+    for k, v in values.items():
+        if k == "timings_s":
+            continue
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        elif isinstance(v, list | tuple):
+            out.append(f"{prefix}{k}={'x'.join(map(str, v))}")
+        else:
+            out.append(f"{prefix}{k}={v}")
+    return out
+
+
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
     tags: dict[str, str] = {}
     for item in values:
@@ -202,8 +217,8 @@ def list_cmd(reg: Registry, name: str | None, model_type: str | None, class_name
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        extra = f"  ({r['versions']} versions)" if "versions" in r else ""
-        flags = " [yanked]" if r["yanked"] else ""
+        extra = f"  ({r['versions']} version{'s' if r['versions'] != 1 else ''})" if "versions" in r else ""
+        flags = (" [yanked]" if r["yanked"] else "") + ("" if r["valid"] else " [invalid]")
         click.echo(f"{r['name']:<{width}}  {r['version']:<12} {r['type'] or '-':<32} {_human(r['size']):>9}"
                    f"  {r['created_at']}{flags}{extra}")
 
@@ -242,8 +257,7 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
           f" {sum(f['severity'] == 'warning' for f in rep['findings'])} warning(s)",
     ]
     if rep.get("measurements"):
-        lines.append("  measured:   " + ", ".join(f"{k}={v}" for k, v in rep["measurements"].items()
-                                                   if k != "timings_s"))
+        lines.append("  measured:   " + ", ".join(_flat(rep["measurements"])))
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
     if info.get("signed_by"):

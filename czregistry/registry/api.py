@@ -369,13 +369,16 @@ class Registry:
             q = select(Version).where(Version.digest.startswith(req.digest))
             if req.name:
                 q = q.where(Version.model_id == self._model(s, req.name).id)
-            rows = list(s.scalars(q.order_by(Version.id)))
+            # several versions may share the bytes: prefer one that is not yanked, then the newest
+            rows = sorted(s.scalars(q), key=lambda r: (r.yanked, -r.id))
             if not rows:
                 raise RegistryError(f"no version with digest sha256:{req.digest} in the registry")
             if len({r.digest for r in rows}) > 1:
                 raise RegistryError(f"digest prefix sha256:{req.digest} is ambiguous",
                                     hint="give more hex digits")
-            return rows[0], []
+            row = rows[0]
+            return row, [f"{self._display(s, row)} {row.version} is yanked: {row.yanked_reason}"] if row.yanked \
+                else []
         assert req.name is not None
         model = self._model(s, req.name)
         if req.alias is not None and req.alias not in RESERVED_ALIASES:
@@ -423,8 +426,16 @@ class Registry:
         req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
         with self._read() as s:
             row, warnings = self._find(s, req, prereleases)
+            if not row.valid:
+                warnings = [*warnings, f"{self._display(s, row)} {row.version} failed validation and was published "
+                                       "with --allow-invalid ('czreg show' lists its findings)"]
             s.expunge(row)
         return Resolved(self._describe(row), warnings)
+
+    @staticmethod
+    def _display(s: Session, row: Version) -> str:
+        model = s.get(Model, row.model_id)
+        return model.display_name if model is not None else "?"
 
     def show(self, requirement: str, *, prereleases: bool | None = None) -> dict[str, Any]:
         """One version in full (report, provenance), or a model with its versions when only a name is given."""
@@ -438,7 +449,7 @@ class Registry:
                 aliases = s.execute(select(Alias.name, Version.version).join(Version, Alias.version_id == Version.id)
                                     .where(Alias.model_id == model.id)).all()
                 purged = list(s.scalars(select(Tombstone.version).where(Tombstone.model_id == model.id)))
-            versions = rows
+            versions = sorted(rows, key=lambda r: PV(r.version), reverse=True)  # PEP 440: 1.0.0+local > 1
             latest = next((r.version for r in versions if not r.yanked and not r.is_pre),
                           next((r.version for r in versions if not r.yanked), None))
             return {

@@ -145,11 +145,19 @@ class Requirement:
         return f"{self.name}{self.specifier or ''}"
 
 
+def _bad_digest(text: str) -> UsageError:
+    return UsageError(f"cannot read digest '{text}': give 8 to 64 hex digits after 'sha256:' (a prefix of at "
+                      "least 8 digits picks the version when it is unambiguous)",
+                      hint="czreg show NAME lists the digests")
+
+
 def parse_requirement(text: str) -> Requirement:
     """Parse ``name``, ``name<spec>``, ``name@alias``, ``[name@]sha256:hex``."""
     text = text.strip()
     if m := _DIGEST_RE.match(text):
         return Requirement(None, digest=m.group(1).lower())
+    if text.lower().startswith("sha256:"):
+        raise _bad_digest(text)
     m = _NAME_RE.match(text)
     if not m:
         raise UsageError(f"cannot read requirement '{text}'",
@@ -161,6 +169,8 @@ def parse_requirement(text: str) -> Requirement:
         target = rest[1:].strip()
         if d := _DIGEST_RE.match(target):
             return Requirement(name, digest=d.group(1).lower())
+        if target.lower().startswith("sha256:"):
+            raise _bad_digest(target)
         if not _NAME_RE.fullmatch(target):
             raise UsageError(f"invalid alias in '{text}'", hint="aliases use letters, digits, '.', '_' and '-'")
         return Requirement(name, alias=target.lower())
