@@ -59,7 +59,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, model_cache: Callable[..., P
     pkg = root / "seg.czann"
     shutil.copy(model_cache("unet"), pkg)
     assert cli("unpack", str(pkg), str(root / "unpacked")).exit_code == 0
-    onnx = next((root / "unpacked").rglob("*.onnx"))
+    onnx = root / "model.onnx"
+    shutil.copy(root / "unpacked" / "model.model", onnx)  # a CZANN stores its ONNX model as model.model
     image = root / "cells.png"
     Image.fromarray((np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)).save(image)
     big = root / "big.npy"
@@ -126,8 +127,8 @@ COMMANDS: list[Command] = [
 WRITERS = [c for c in COMMANDS if c.output is not None]
 
 
-def _ids(cmds: list[Command]) -> list[str]:
-    return [c.name for c in cmds]
+def _ids(cmd: Command) -> str:
+    return cmd.name
 
 
 def _assert_one_line(text: str) -> None:

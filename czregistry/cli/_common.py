@@ -36,6 +36,26 @@ class Group(click.Group):
     """The ``czreg`` group: a backstop that answers an environment ``OSError`` (read-only file system, full
     disk, permission denied) in one line wherever it escapes a command, instead of a traceback."""
 
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        """Plugins' commands load only when asked for (an unknown name, or the command list for ``--help``):
+        ``czreg list`` and the other built-in commands never import the plugins (start-up time)."""
+        if not self._plugins_added:
+            self._plugins_added = True
+            from ..plugins import get_host
+
+            get_host().add_commands(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
