@@ -376,9 +376,9 @@ class Registry:
             if len({r.digest for r in rows}) > 1:
                 raise RegistryError(f"digest prefix sha256:{req.digest} is ambiguous",
                                     hint="give more hex digits")
-            row = rows[0]
-            return row, [f"{self._display(s, row)} {row.version} is yanked: {row.yanked_reason}"] if row.yanked \
-                else []
+            best = rows[0]
+            return best, [f"{self._display(s, best)} {best.version} is yanked: {best.yanked_reason}"] \
+                if best.yanked else []
         assert req.name is not None
         model = self._model(s, req.name)
         if req.alias is not None and req.alias not in RESERVED_ALIASES:
