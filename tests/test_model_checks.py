@@ -379,7 +379,8 @@ def test_cli_json_carries_measurements(model_cache: Callable[..., Path]) -> None
     strict = CliRunner().invoke(cli, ["validate", "--strict", str(path)])
     assert strict.exit_code == 1
     static = CliRunner().invoke(cli, ["validate", "--static", "--json", str(path)])
-    assert static.exit_code == 0 and "halo" not in json.loads(static.output[static.output.index("["):])[0]["measurements"]
+    static_report = json.loads(static.output[static.output.index("["):])[0]
+    assert static.exit_code == 0 and "halo" not in static_report["measurements"]
 
 
 def test_lazy_registrations_match_the_model_checks() -> None:
