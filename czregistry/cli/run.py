@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import RunError, UsageError
+from ..errors import RunError
 from ._common import (
     echo_json,
     force_option,
@@ -103,8 +103,6 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
 
     with handle_errors():
         require_package_file(package)
-        if not image.exists():
-            raise UsageError(f"no such image: {image}", hint="check the path")
         refuse_existing_output(output, force)
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
