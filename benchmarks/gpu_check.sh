@@ -203,6 +203,7 @@ for f in sorted(out.glob("smoke-*.json")):
     summary["smoke"][f.stem] = {"valid": r.get("valid"), "measurements": r.get("measurements")}
 for f in sorted(out.glob("validate-*.json")):
     r = load(f.name)
+    r = r[0] if isinstance(r, list) and r else r  # validate --json prints an array (one report per package)
     summary["validate"][f.stem] = {"valid": r.get("valid"), "errors": [x for x in r.get("findings", [])
                                                                        if x.get("severity") == "error"]}
 (out / "summary.json").write_text(json.dumps(summary, indent=1))

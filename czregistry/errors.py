@@ -18,6 +18,7 @@ __all__ = [
     "PackError",
     "PackageError",
     "PluginError",
+    "RegistryBusyError",
     "RegistryError",
     "RemoteError",
     "RunError",
@@ -89,6 +90,13 @@ class RegistryError(CzregError):
     """A registry operation was refused or failed; the registry is unchanged."""
 
     exit_code = 7
+
+
+class RegistryBusyError(RegistryError):
+    """Another process held the registry's write lock longer than the bound (``CZREG_LOCK_TIMEOUT``, 30 s
+    by default); nothing was changed."""
+
+    exit_code = 13
 
 
 class InvalidPackageError(RegistryError):

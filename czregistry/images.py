@@ -278,12 +278,42 @@ def _open_tiff(path: Path) -> ImageSource:
     return ImageSource(path, array, axes, pixel_size, tif.close)
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 28  # 268 M pixels (16384 x 16384): PNG/JPEG are decoded whole, in memory
+
+
+def max_image_pixels() -> int:
+    """The largest PNG/JPEG/BMP (pixels) ``czreg run`` decodes: ``CZREG_MAX_IMAGE_PIXELS`` or 2**28.
+
+    Pillow decodes these formats whole (no tiles), so the limit bounds memory: 2**28 RGB pixels are
+    0.8 GB as uint8 and 3.2 GB once scaled to float32 per band. Bigger images belong in a tiled TIFF or
+    Zarr, which the runner reads tile by tile. Pillow's own bomb check (a warning at 89 M pixels, an error
+    at 179 M) is replaced by this one deliberate limit."""
+    text = os.environ.get("CZREG_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise UsageError(f"CZREG_MAX_IMAGE_PIXELS={text!r} is not a number",
+                         hint="give a pixel count, e.g. 400000000") from None
+    return max(value, 1)
+
+
 def _open_pil(path: Path) -> ImageSource:
     from PIL import Image
 
+    limit = max_image_pixels()
+    saved = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # our limit below; Pillow's would warn with a site-packages path
         with Image.open(path) as opened:
             im: Any = opened
+            w, h = im.size
+            if w * h > limit:
+                raise UsageError(f"{path.name} is {w} x {h} = {w * h / 1e6:.0f} M pixels, over the "
+                                 f"{limit / 1e6:.0f} M pixel limit for {path.suffix.lower()} images (decoded "
+                                 "whole, in memory)",
+                                 hint="convert it to a tiled OME-TIFF or Zarr, or raise CZREG_MAX_IMAGE_PIXELS")
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -294,6 +324,8 @@ def _open_pil(path: Path) -> ImageSource:
                 arr = arr.astype(np.uint16)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read image {path.name}: {exc}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     return ImageSource(path, arr, "YXC" if arr.ndim == 3 else "YX")
 
 

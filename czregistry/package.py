@@ -30,7 +30,7 @@ from typing import IO, Any, Literal
 from xml.etree import ElementTree
 from xml.parsers import expat
 
-from .errors import PackageError
+from .errors import PackageError, UsageError
 from .report import Finding, Severity
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "PackageKind",
     "ReadLimits",
     "archive_findings",
+    "check_overwrite",
     "inspect_package",
     "is_license_name",
     "open_package",
@@ -514,6 +515,24 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_overwrite(path: Path | str, *, force: bool, sha256: str | None = None) -> None:
+    """Refuse to replace an existing ``path`` unless ``force`` (``UsageError``, exit 2). A file that already
+    holds exactly the bytes with hex digest ``sha256`` is not an overwrite (pulling twice is fine)."""
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()):
+        return
+    if sha256 is not None and path.is_file():
+        import hashlib
+
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() == sha256:
+            return
+    raise UsageError(f"{path} already exists", hint="pass --force to replace it, or choose another -o path")
 
 
 def _umask() -> int:

@@ -70,6 +70,12 @@ class PluginHost:
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[czreg plugins] {msg}"))
             self.pm.enable_tracing()
 
+    def _trace(self, hook_name: str, plugin: str) -> None:
+        """``CZREG_TRACE_PLUGINS=1``: we call hook implementations one by one (to attribute what each plugin
+        registers), which bypasses pluggy's own tracing; say each call here instead."""
+        if os.environ.get("CZREG_TRACE_PLUGINS") == "1":
+            sys.stderr.write(f"[czreg plugins] {hook_name} -> {plugin}\n")
+
     # -- loading --------------------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -158,6 +164,7 @@ class PluginHost:
                 _mine.append((label, obj))
 
             try:
+                self._trace(hook_name, plugin)
                 returned = impl.function(register=register)
             except Exception as exc:
                 if not (isinstance(exc, PluginError) and failures):  # else already recorded by register()
@@ -206,6 +213,7 @@ class PluginHost:
             info = self.infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name, None, str(impl.plugin)))
             before = dict(cli.commands)
             try:
+                self._trace("register_commands", impl.plugin_name)
                 impl.function(cli=cli)
             except Exception as exc:
                 info.errors.append(f"register_commands failed: {type(exc).__name__}: {exc}")

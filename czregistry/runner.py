@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Literal
 
@@ -608,11 +609,27 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _sweep_stale_parts(final: Path) -> None:
+    """Remove our own temp outputs for ``final`` left by a run that was killed (SIGKILL, power loss): the
+    name carries the writer's pid, and a part whose pid no longer runs is stale. Others' files are kept."""
+    for part in final.parent.glob(f".{glob_escape(final.name)}.*.part"):
+        pid_text = part.name[len(final.name) + 2:-5].partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            _remove(part)
+        except OSError:  # alive but another user's, or not ours to judge
+            continue
+
+
 @contextlib.contextmanager
 def _temp_output(final: Path) -> Iterator[Path]:
     """A temp path beside ``final`` (file or Zarr directory), renamed into place only on success."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.part"
+    _sweep_stale_parts(final)
+    tmp = final.parent / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
     try:
         yield tmp
         if tmp.is_file():

@@ -209,7 +209,11 @@ def generate_keypair(private_path: Path | str, public_path: Path | str, *, force
                                     serialization.NoEncryption())
     public_pem = _public_pem(key.public_key())
     _write_atomic(private_path, private_pem, mode=0o600)
-    _write_atomic(public_path, public_pem)
+    try:
+        _write_atomic(public_path, public_pem)
+    except BaseException:  # a pair or nothing: a lone private key would be refused as "exists" next time
+        private_path.unlink(missing_ok=True)
+        raise
     return hashlib.sha256(public_pem).hexdigest()
 
 

@@ -60,7 +60,9 @@ def test_invalid_package_exits_1(bad: Path) -> None:
 def test_json_shape(bad: Path) -> None:
     result = invoke(bad, "--static", "--json")
     assert result.exit_code == 1
-    data = json.loads(result.output)
+    reports = json.loads(result.output)
+    assert isinstance(reports, list) and len(reports) == 1  # one shape for any number of packages
+    data = reports[0]
     assert set(data) == REPORT_KEYS
     assert data["path"] == str(bad) and data["valid"] is False and data["format"] == "czann"
     assert data["schema_version"] == "2.1.0" and data["report_version"] == "1"
@@ -87,7 +89,7 @@ def test_strict_makes_warnings_errors(warned: Path) -> None:
     assert invoke(warned, "--static").exit_code == 0
     result = invoke(warned, "--static", "--strict", "--json")
     assert result.exit_code == 1
-    data = json.loads(result.output)
+    data = json.loads(result.output)[0]
     assert data["valid"] is False and data["strict"] is True
     assert invoke(warned, "--static", "--strict").output.splitlines()[0].endswith(
         "INVALID (warnings count as errors with --strict)  [czann, schema 2.1.0]")
@@ -113,7 +115,7 @@ def test_report_html_escapes_package_content(tmp_path: Path) -> None:
 
 def test_report_with_json_still_prints_json(good: Path, tmp_path: Path) -> None:
     result = invoke(good, "--static", "--json", "--report", tmp_path / "r.md")
-    assert result.exit_code == 0 and json.loads(result.output)["valid"] is True
+    assert result.exit_code == 0 and json.loads(result.output)[0]["valid"] is True
 
 
 # --- usage errors: exit 2, one clear line, no traceback -----------------------------------------------------
@@ -174,7 +176,7 @@ def test_garbage_input_is_a_finding_not_a_traceback(tmp_path: Path, content: byt
     result = invoke(path, "--static", "--json")
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    data = json.loads(result.output)
+    data = json.loads(result.output)[0]
     assert data["valid"] is False and data["format"] is None
     assert data["findings"][0]["check"] in {"archive.not_zip", "archive.truncated", "archive.corrupt"}
 

@@ -372,14 +372,15 @@ def test_cli_json_carries_measurements(model_cache: Callable[..., Path]) -> None
     path = model_cache("dilated", overlap=2)
     result = CliRunner().invoke(cli, ["validate", "--json", str(path)])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{"):])
+    data = json.loads(result.output[result.output.index("["):])[0]
     m = data["measurements"]
     assert m["halo"] == [15, 15] and m["backend"] == "onnxruntime" and m["device"] == "cpu"
     assert {"seam_error", "seam_error_rel", "min_overlap_exact", "step", "timings_s"} <= set(m)
     strict = CliRunner().invoke(cli, ["validate", "--strict", str(path)])
     assert strict.exit_code == 1
     static = CliRunner().invoke(cli, ["validate", "--static", "--json", str(path)])
-    assert static.exit_code == 0 and "halo" not in json.loads(static.output[static.output.index("{"):])["measurements"]
+    static_report = json.loads(static.output[static.output.index("["):])[0]
+    assert static.exit_code == 0 and "halo" not in static_report["measurements"]
 
 
 def test_lazy_registrations_match_the_model_checks() -> None:

@@ -235,6 +235,7 @@ def test_errors_are_one_line_with_their_exit_codes(plain_registry: str, tmp_path
 def test_push_a_registry_version_with_its_stored_signature(plain_registry: str, tmp_path: Path,
                                                             keys: tuple[Path, Path]) -> None:
     regdir = str(tmp_path / "reg")
+    (tmp_path / "reg").mkdir()  # the CLI opens only registries that exist
     p = make_package(tmp_path)
     assert _cli("publish", str(p), "--version", "1.0.0", "--static", "--registry", regdir,
                 "--sign", str(keys[0])).exit_code == 0

@@ -491,7 +491,9 @@ def test_force_keeps_invalid_package_with_its_report(models: Callable[..., Any],
     assert any(f["check"] == "test.always_fails" for f in report["findings"])
     assert out.is_file()
     get_host().unregister_plugin("failing-test-plugin")
-    res = CliRunner().invoke(main, base)  # valid now: the stale report goes
+    res = CliRunner().invoke(main, base)  # the kept package is not replaced silently
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = CliRunner().invoke(main, [*base, "--force"])  # valid now: replaced, and the stale report goes
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "forced.czann.report.json").exists()
 

@@ -60,6 +60,7 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     """(registry URL, blob store folder) for an empty registry on each backend."""
     blobs = str(tmp_path / "blobs")
     if request.param == "sqlite":
+        (tmp_path / "reg").mkdir()  # the CLI opens only registries that exist ('czreg init' creates one)
         yield f"sqlite:///{tmp_path / 'reg' / 'registry.db'}", blobs
         return
     url, drop = fresh_postgres_database()
@@ -190,8 +191,10 @@ def test_bump_from_the_highest_number_ever_used(reg: Registry, pkg: Callable[...
     assert reg.publish(pkg(), name="m", bump_part="patch", static=True).version["version"] == "1.4.3"
     same = pkg(seed=4242)
     first = reg.publish(same, name="m", bump_part="patch", static=True)
-    again = reg.publish(same, name="m", bump_part="patch", static=True)
-    assert (again.status, again.version["version"]) == ("exists", first.version["version"])
+    again = reg.publish(same, name="m", bump_part="patch", static=True, note="re-release", tags={"k": "v"})
+    assert (again.status, again.version["version"]) == ("published", "1.4.5")  # a re-release, never dropped
+    assert (again.version["note"], again.version["tags"]) == ("re-release", {"k": "v"})
+    assert first.version["digest"] == again.version["digest"]
     with pytest.raises(UsageError, match="exactly one of --version and --bump"):
         reg.publish(pkg(), name="m", static=True)
 

@@ -268,6 +268,7 @@ def test_cli_publish_sign_pull_key_and_setting(tmp_path: Path, keys: tuple[Path,
                                                other_keys: tuple[Path, Path]) -> None:
     runner = CliRunner()
     regdir = str(tmp_path / "reg")
+    (tmp_path / "reg").mkdir()  # the CLI opens only registries that exist
     p = make_package(tmp_path)
     out = runner.invoke(main, ["setting", "require-signatures", "on", "--registry", regdir])
     assert out.exit_code == 0 and "require-signatures: off -> on" in out.output

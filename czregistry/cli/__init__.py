@@ -7,14 +7,14 @@ import os
 
 import click
 
-from .. import __version__
 from . import demo, evaluate, pack, plugins_cmd, registry, run, schemas, serve, sharing, validate
+from ._common import Group
 
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="czreg")
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="czregistry", prog_name="czreg")  # looked up only for --version
 def main() -> None:
     """Validate, pack, version and run CZANN / CZMODEL model packages for ZEISS ZEN and arivis."""
     # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise on a command line; real
@@ -25,11 +25,4 @@ def main() -> None:
 for _module in (validate, schemas, plugins_cmd, pack, registry, sharing, serve, run, demo, evaluate):
     _module.register(main)
 
-
-def _add_plugin_commands() -> None:
-    from ..plugins import get_host
-
-    get_host().add_commands(main)
-
-
-_add_plugin_commands()
+# Plugin commands are added on first need (``Group.get_command`` / ``list_commands``), not at import.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,64 @@ import click
 
 from ..errors import CzregError, UsageError
 
-__all__ = ["CliError", "echo_json", "handle_errors", "json_option", "require_package_file"]
+__all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
+           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
+
+#: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
+_USER_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
+                errno.EDQUOT: "disk quota exceeded", errno.ENAMETOOLONG: "the file name is too long",
+                errno.ENOENT: "no such file or folder", errno.ENOTDIR: "a part of the path is not a folder",
+                errno.EISDIR: "it is a folder", errno.EEXIST: "it already exists",
+                errno.EFBIG: "the file is too large for this file system"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so cleanup runs; the CLI exits 143 (128 + SIGTERM)."""
+
+
+class Group(click.Group):
+    """The ``czreg`` group: a backstop that answers an environment ``OSError`` (read-only file system, full
+    disk, permission denied) in one line wherever it escapes a command, instead of a traceback."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        """Plugins' commands load only when asked for (an unknown name, or the command list for ``--help``):
+        ``czreg list`` and the other built-in commands never import the plugins (start-up time)."""
+        if not self._plugins_added:
+            self._plugins_added = True
+            from ..plugins import get_host
+
+            get_host().add_commands(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno not in _USER_ERRNOS:
+                raise
+            raise CliError(os_error(exc)) from None
+
+
+def os_error(exc: OSError) -> UsageError:
+    """An ``OSError`` from writing or reading a user's path as one line: what, where, and what to do."""
+    reason = _USER_ERRNOS.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = {errno.ENOSPC: "free some space or write elsewhere (-o)", errno.EDQUOT: "free some space",
+            errno.EROFS: "write somewhere writable (-o PATH)", errno.EACCES: "check the permissions or choose "
+            "another path"}.get(exc.errno or 0, "check the path")
+    error = UsageError(f"cannot use{where}: {reason}", hint=hint)
+    return error
 
 
 class CliError(click.ClickException):
@@ -31,9 +91,24 @@ def handle_errors() -> Iterator[None]:
         yield
     except CzregError as exc:
         raise CliError(exc) from None
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        raise CliError(os_error(exc)) from None
+    except Terminated:
+        click.echo("Terminated.", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+
+
+def announce_lock_waits() -> None:
+    """Say on stderr when a registry write waits for another process's lock (call inside a command: it
+    imports SQLAlchemy)."""
+    from ..registry.db import set_lock_wait_notice
+
+    set_lock_wait_notice(lambda message: click.echo(message, err=True))
 
 
 def echo_json(obj: Any) -> None:
@@ -48,3 +123,37 @@ def require_package_file(path: Path) -> None:
     in every command; call it inside ``handle_errors()``."""
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
+
+
+force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")
+
+
+def refuse_existing_output(path: Path, force: bool) -> None:
+    """No silent overwrite: an existing output is replaced only with ``--force`` (exit 2 otherwise)."""
+    if not force and (path.exists() or path.is_symlink()):
+        raise UsageError(f"{path} already exists", hint="pass --force to replace it, or choose another -o path")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while a command writes: ``finally`` blocks run, so temp files are removed
+    and nothing is left under the output name (``kill``, a batch scheduler's time limit, ``docker stop``).
+    Only in the main thread (signal handlers cannot be set elsewhere); the previous handler comes back."""
+    if os.name == "nt" or not _in_main_thread():
+        yield
+        return
+
+    def _raise(_sig: int, _frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -31,7 +31,7 @@ class _LazyRegistry:
         if self.reg is None:
             from ..registry import open_registry
 
-            self.reg = open_registry(self.url, self.blob_store)
+            self.reg = open_registry(self.url, self.blob_store, create=False)
         return self.reg
 
     def close(self) -> None:

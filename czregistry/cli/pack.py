@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..errors import PackageError, UsageError
-from ._common import echo_json, handle_errors, json_option, require_package_file
+from ._common import echo_json, handle_errors, json_option, refuse_existing_output, require_package_file
 
 __all__ = ["register"]
 
@@ -31,6 +31,9 @@ def _split_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+_PACKAGE_SUFFIXES = (".czann", ".czmodel", ".czseg")
 
 
 @click.command()
@@ -60,7 +63,8 @@ def _split_list(value: str | None) -> list[str] | None:
 @click.option("--color-handling", type=click.Choice(["ConvertToMonochrome", "SplitRgb"]), default=None,
               help="Legacy: how hosts feed colour images.")
 @click.option("--border-size", type=click.IntRange(min=0), default=None, help="Legacy: BorderSize in pixels.")
-@click.option("--force", is_flag=True, help="Keep the package even if it fails verification (with its report).")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT, and keep the package even if it fails "
+                                           "verification (with its report).")
 @json_option
 def pack(source: Path, output: Path, model_type: str | None, classes: str | None, min_overlap: str | None,
          model_name: str | None, model_id: str | None, scaling: str | None, pre: tuple[str, ...],
@@ -77,6 +81,14 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
     from ..report import render_text
 
     with handle_errors():
+        suffix = output.suffix.lower()
+        if suffix not in _PACKAGE_SUFFIXES:
+            raise UsageError(f"cannot write a package named '{output.name}': the output must end in .czann "
+                             "(or .czmodel/.czseg for the legacy format)", hint=f"e.g. -o {output.stem}.czann")
+        if (target == "czann" and suffix != ".czann") or (target == "czmodel" and suffix == ".czann"):
+            raise UsageError(f"--format {target} does not match the file name '{output.name}'",
+                             hint=f"name it {output.stem}.{target}")
+        refuse_existing_output(output, force)
         metadata: dict[str, Any] = {"Type": model_type, "ModelName": model_name, "Id": model_id,
                                     "Classes": _split_list(classes), "ColorHandling": color_handling,
                                     "BorderSize": border_size, "PixelType": list(pixel_types) or None}

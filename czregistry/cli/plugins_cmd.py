@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ._common import echo_json, handle_errors, json_option
@@ -20,7 +22,8 @@ def _layer_usage(spec: object) -> str:
 @click.command()
 @json_option
 def plugins(as_json: bool) -> None:
-    """List loaded plugins, their versions, what each registers, and any load errors.
+    """List loaded plugins, their versions, what each registers, and any load errors (exit 4 if a plugin
+    failed to load or misbehaved).
 
     CZREG_PLUGINS=none loads no plugin, CZREG_PLUGINS=a,b only those; CZREG_TRACE_PLUGINS=1 traces hooks.
     """
@@ -40,7 +43,7 @@ def plugins(as_json: bool) -> None:
             "layers": [{**spec.to_dict(), "plugin": plugin, "usage": _layer_usage(spec)} for plugin, spec in layers],
             "problems": problems,
         })
-        return
+        sys.exit(4 if any(not line.startswith("CZREG_PLUGINS") for line in problems) else 0)
     for info in infos:
         label = f"{info.name} {info.version or ''}".strip() + (" (built-in)" if info.builtin else "")
         click.echo(label)
@@ -56,6 +59,7 @@ def plugins(as_json: bool) -> None:
     for line in problems:
         if line.startswith("CZREG_PLUGINS"):  # plugin errors were printed under their plugin above
             click.echo(f"WARNING: {line}", err=True)
+    sys.exit(4 if any(not line.startswith("CZREG_PLUGINS") for line in problems) else 0)
 
 
 def register(group: click.Group) -> None:

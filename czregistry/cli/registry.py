@@ -17,7 +17,7 @@ import click
 
 from ..errors import RegistryError, UsageError
 from ..report import human_size
-from ._common import echo_json, handle_errors, json_option
+from ._common import announce_lock_waits, echo_json, handle_errors, json_option
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
@@ -44,13 +44,29 @@ def _registry_options(fn: F) -> F:
         with handle_errors():
             from ..registry.remote import connect
 
-            with connect(registry_url, blob_store) as reg:
+            announce_lock_waits()
+            with connect(registry_url, blob_store, create=False) as reg:
                 _warn(getattr(reg, "warnings", []))
                 return fn(*args, reg=reg, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
 
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key=value`` items of a measurements dict, nested dicts as ``key.sub=value`` (timings left out)."""
+    out: list[str] = []
+    for k, v in values.items():
+        if k == "timings_s":
+            continue
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        elif isinstance(v, list | tuple):
+            out.append(f"{prefix}{k}={'x'.join(map(str, v))}")
+        else:
+            out.append(f"{prefix}{k}={v}")
+    return out
 
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -119,6 +135,9 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
                    **({"evaluation": evaluation} if evaluation is not None else {})})
         return
     verdict = "valid" if result.report.valid else "INVALID (--allow-invalid)"
+    if result.status == "exists" and (note or tags):
+        _warn([f"--note/--tag not stored: {v['name']} {v['version']} already exists with these bytes and is "
+               f"immutable (tag it with 'czreg tag', or publish a re-release with --bump)"])
     if result.status == "exists":
         click.echo(f"Already published: {v['name']} {v['version']} has these exact bytes ({v['digest'][:19]}...)")
     else:
@@ -134,6 +153,7 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
 @click.option("--pre", is_flag=True, default=None, help="Allow pre-releases to match specifiers.")
 @click.option("--key", type=click.Path(path_type=Path), metavar="PUBLIC.pem",
               help="Refuse (and write nothing) unless a signature by this key verifies; writes .sig/.att beside.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (identical bytes never count).")
 @oci_options
 @json_option
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
@@ -141,8 +161,8 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
                    "[env CZREG_REGISTRY; default: per-user data folder]")
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
-def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, oci_auth: dict[str, Any],
-             as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
+             oci_auth: dict[str, Any], as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
     """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST; or an OCI artifact:
     oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (-o names the folder).
 
@@ -153,9 +173,9 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
     with handle_errors():
         from ..registry.remote import connect
 
-        with connect(registry_url, blob_store) as reg:
+        with connect(registry_url, blob_store, create=False) as reg:
             _warn(getattr(reg, "warnings", []))
-            result = reg.pull(requirement, output, prereleases=pre or None, key=key)
+            result = reg.pull(requirement, output, prereleases=pre or None, key=key, force=force)
     _warn(result.warnings)
     if as_json:
         echo_json(result.to_dict())
@@ -191,8 +211,8 @@ def list_cmd(reg: Registry, name: str | None, model_type: str | None, class_name
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        extra = f"  ({r['versions']} versions)" if "versions" in r else ""
-        flags = " [yanked]" if r["yanked"] else ""
+        extra = f"  ({r['versions']} version{'s' if r['versions'] != 1 else ''})" if "versions" in r else ""
+        flags = (" [yanked]" if r["yanked"] else "") + ("" if r["valid"] else " [invalid]")
         click.echo(f"{r['name']:<{width}}  {r['version']:<12} {r['type'] or '-':<32} {human_size(r['size']):>9}"
                    f"  {r['created_at']}{flags}{extra}")
 
@@ -232,8 +252,7 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
           f" {sum(f['severity'] == 'warning' for f in rep['findings'])} warning(s)",
     ]
     if rep.get("measurements"):
-        lines.append("  measured:   " + ", ".join(f"{k}={v}" for k, v in rep["measurements"].items()
-                                                   if k != "timings_s"))
+        lines.append("  measured:   " + ", ".join(_flat(rep["measurements"])))
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
     if info.get("signed_by"):
@@ -422,8 +441,30 @@ def purge_cmd(reg: Registry, name: str, version: str, confirm: bool, reason: str
         click.echo(f"Purged {out['name']} {out['version']}" + (" and its blob" if out["blob_removed"] else ""))
 
 
+@click.command("init")
+@click.argument("location", required=False)
+@click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
+              help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
+@json_option
+def init_cmd(location: str | None, blob_store: str | None, as_json: bool) -> None:
+    """Create (or upgrade) a registry at LOCATION: a folder, sqlite:///file.db or postgresql+psycopg://...
+    (default: CZREG_REGISTRY, else the per-user folder). Other commands refuse a location that does not
+    exist, so a typo never becomes a new, empty registry."""
+    with handle_errors():
+        from ..registry import open_registry
+
+        announce_lock_waits()
+        with open_registry(location or None, blob_store) as reg:
+            where = reg.location.display()
+            store = reg.store.location
+    if as_json:
+        echo_json({"registry": where, "blob_store": store})
+        return
+    click.echo(f"Registry ready at {where} (blobs: {store})")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
-    for cmd in (publish_cmd, pull_cmd, list_cmd, show_cmd, history_cmd, alias_group, tag_cmd, yank_cmd,
+    for cmd in (init_cmd, publish_cmd, pull_cmd, list_cmd, show_cmd, history_cmd, alias_group, tag_cmd, yank_cmd,
                 unyank_cmd, verify_cmd, gc_cmd, purge_cmd):
         group.add_command(cmd)

@@ -5,14 +5,25 @@ Only click at import time: the runner, numpy-heavy readers and the backends load
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ._common import echo_json, handle_errors, json_option, require_package_file
+from ..errors import RunError
+from ._common import (
+    echo_json,
+    force_option,
+    handle_errors,
+    json_option,
+    refuse_existing_output,
+    require_package_file,
+    sigterm_as_interrupt,
+)
 
 __all__ = ["register", "run_cmd", "smoke_cmd"]
 
@@ -75,12 +86,13 @@ class _Progress:
 @click.option("--axes", default=None, help="Image axes when the file does not say, e.g. ZYXC or TYX.")
 @click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@force_option
 @json_option
 def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compression: str, batch_size: int,
             device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
-            quiet: bool, as_json: bool) -> None:
+            quiet: bool, force: bool, as_json: bool) -> None:
     """Run PACKAGE tiled over IMAGE (TIFF/OME-TIFF, PNG, JPEG, .npy, Zarr) and write OUTPUT.
 
     Memory stays bounded whatever the image size; nothing is left under OUTPUT if the run fails or is
@@ -91,6 +103,7 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
 
     with handle_errors():
         require_package_file(package)
+        refuse_existing_output(output, force)
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
     except ValueError:
@@ -101,8 +114,9 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
                          output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
                          compression=compression,  # type: ignore[arg-type]
                          channels=chans, axes=axes, probe=not no_probe)
-    progress = _Progress(quiet or as_json)
-    with handle_errors():
+    # the progress bar only on a terminal: a log file would get one stray "tiles" line
+    progress = _Progress(quiet or as_json or not sys.stderr.isatty())
+    with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         try:
             result = run_tiled(package, image, output, options, progress=progress, on_plan=progress.start)
         finally:
@@ -133,7 +147,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
 
     with handle_errors():
         require_package_file(package)
-    with handle_errors():
+    with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
                             batch_size=batch_size)
     if as_json:
@@ -146,6 +160,20 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
                        f"{m.get('smoke.device')} ({m.get('smoke.backend')}); seam error "
                        f"{m.get('smoke.seam_error', 'n/a')}")
     sys.exit(0 if report.valid else 1)
+
+
+@contextlib.contextmanager
+def _probe_errors() -> Iterator[None]:
+    """The backend refused an input size while the runner measured the model (for example a declared tile
+    of 40000 x 40000): a run error in one line, as ``validate`` reports it, not a traceback."""
+    from ..checks.probing import ProbeRejected
+
+    try:
+        yield
+    except ProbeRejected as exc:
+        raise RunError(f"the model refused its tile size while being measured: {exc}",
+                       hint="pass a smaller --tile H W, or --no-probe; 'czreg validate' shows the declared "
+                            "InputShape") from None
 
 
 def register(group: click.Group) -> None:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, json_option, require_package_file
+from ._common import echo_json, handle_errors, json_option, require_package_file, sigterm_as_interrupt
 
 __all__ = ["oci_options", "pull_oci", "register"]
 
@@ -61,7 +61,7 @@ def _attested(info: dict[str, Any]) -> str:
 @json_option
 def keygen_cmd(prefix: Path, force: bool, as_json: bool) -> None:
     """Make an EC P-256 signing key pair (the same kind `openssl ecparam -name prime256v1 -genkey` makes)."""
-    with handle_errors():
+    with handle_errors(), sigterm_as_interrupt():
         from ..signing import generate_keypair
 
         private, public = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".pub")
@@ -223,7 +223,7 @@ def _registry_attachments(requirement: str, folder: Path, registry_url: str | No
     """A registry version: its bytes, stored report and (first) stored signature."""
     from ..registry import open_registry
 
-    with open_registry(registry_url, blob_store) as reg:
+    with open_registry(registry_url, blob_store, create=False) as reg:
         pulled = reg.pull(requirement, folder / "")
         v = pulled.version
         exact = f"{v['canonical_name']}=={v['version']}"
@@ -267,7 +267,7 @@ def setting_cmd(name: str | None, value: str | None, registry_url: str | None, b
         from ..registry import open_registry
         from ..registry.signatures import SETTINGS
 
-        with open_registry(registry_url, blob_store) as reg:
+        with open_registry(registry_url, blob_store, create=False) as reg:
             if value is not None and name is not None:
                 out: dict[str, Any] = reg.set_setting(name, value)
             elif name is not None:

@@ -15,7 +15,8 @@ from ._common import echo_json, handle_errors, require_package_file
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--static", is_flag=True, help="Never execute the model: archive and metadata checks only.")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON report object per package.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array with one report object per package (an array for one package too).")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), default=None,
               help="Also write a shareable report (.html or .md) including the package's SHA-256.")
 @click.option("--backend", default=None, help="Inference backend for model checks (see 'czreg plugins').")
@@ -51,8 +52,8 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
                 continue
             click.echo(render_text(report))
     if as_json:
-        payload = [r.to_dict() for r in reports]
-        echo_json(payload[0] if len(payload) == 1 else payload)
+        # one shape for any number of packages: a CI script must not change with the file count
+        echo_json([r.to_dict() for r in reports])
     if report_file is not None:
         from ..package import atomic_output
 

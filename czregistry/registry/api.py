@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import os
 import random
 import socket
 import time
@@ -32,7 +33,7 @@ from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
 from ..report import Report
 from . import db
 from . import signatures as sigs
-from .location import RegistryLocation, resolve_location
+from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .store import CHUNK, BlobStore, open_blob_store
 from .versions import (
@@ -70,9 +71,16 @@ def pull_target(v: dict[str, Any], dest: Path | str | None) -> tuple[str, Path, 
     return v["digest"].removeprefix("sha256:"), out, f"{v['name']} {v['version']}"
 
 
-def open_registry(registry: str | None = None, blob_store: str | None = None) -> Registry:
-    """Open (creating and migrating when needed) the registry at ``registry`` or the default location."""
-    return Registry(resolve_location(registry, blob_store))
+def open_registry(registry: str | None = None, blob_store: str | None = None, *, create: bool = True) -> Registry:
+    """Open (creating and migrating when needed) the registry at ``registry`` or the default location.
+
+    ``create=False`` (the CLI): a SQLite registry named by ``registry`` or ``CZREG_REGISTRY`` must already
+    exist (its folder, at least); only the per-user default is created on first use."""
+    location = resolve_location(registry, blob_store)
+    given = registry or os.environ.get("CZREG_REGISTRY")
+    if not create and given:
+        require_existing(location, given)
+    return Registry(location)
 
 
 def _now() -> datetime:
@@ -158,7 +166,7 @@ class Registry:
 
     def __init__(self, location: RegistryLocation, store: BlobStore | None = None) -> None:
         self.location = location
-        self.store = store or open_blob_store(location.blob_store)
+        self.store = store or open_blob_store(location.blob_store, private=location.is_sqlite and private_files())
         self.engine: Engine = db.create_registry_engine(location.url)
         self._writer = self.engine.execution_options(czreg_write=True)
         try:
@@ -246,6 +254,8 @@ class Registry:
         from ..validate import validate
 
         path = Path(path)
+        if name is not None:
+            canonical_name(name)  # an empty or overlong --name is refused before any work
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
         if sign_key is None and self.setting("require_signatures"):
@@ -287,9 +297,7 @@ class Registry:
                 raise _BlobGone
             if new_version is None:
                 assert bump_part is not None
-                same = s.scalars(select(Version).where(Version.model_id == model.id, Version.digest == digest)).first()
-                if same is not None:
-                    return "exists", same
+                # the same bytes under the next number is a normal re-release (with its own note and tags)
                 top = s.scalars(select(Version.version).where(Version.model_id == model.id)
                                 .order_by(Version.sort_key.desc()).limit(1)).first()
                 used = [*([top] if top else []),
@@ -374,13 +382,16 @@ class Registry:
             q = select(Version).where(Version.digest.startswith(req.digest))
             if req.name:
                 q = q.where(Version.model_id == self._model(s, req.name).id)
-            rows = list(s.scalars(q.order_by(Version.id)))
+            # several versions may share the bytes: prefer one that is not yanked, then the newest
+            rows = sorted(s.scalars(q), key=lambda r: (r.yanked, -r.id))
             if not rows:
                 raise RegistryError(f"no version with digest sha256:{req.digest} in the registry")
             if len({r.digest for r in rows}) > 1:
                 raise RegistryError(f"digest prefix sha256:{req.digest} is ambiguous",
                                     hint="give more hex digits")
-            return rows[0], []
+            best = rows[0]
+            return best, [f"{self._display(s, best)} {best.version} is yanked: {best.yanked_reason}"] \
+                if best.yanked else []
         assert req.name is not None
         model = self._model(s, req.name)
         if req.alias is not None and req.alias not in RESERVED_ALIASES:
@@ -428,8 +439,16 @@ class Registry:
         req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
         with self._read() as s:
             row, warnings = self._find(s, req, prereleases)
+            if not row.valid:
+                warnings = [*warnings, f"{self._display(s, row)} {row.version} failed validation and was published "
+                                       "with --allow-invalid ('czreg show' lists its findings)"]
             s.expunge(row)
         return Resolved(self._describe(row), warnings)
+
+    @staticmethod
+    def _display(s: Session, row: Version) -> str:
+        model = s.get(Model, row.model_id)
+        return model.display_name if model is not None else "?"
 
     def show(self, requirement: str, *, prereleases: bool | None = None) -> dict[str, Any]:
         """One version in full (report, provenance), or a model with its versions when only a name is given."""
@@ -443,7 +462,7 @@ class Registry:
                 aliases = s.execute(select(Alias.name, Version.version).join(Version, Alias.version_id == Version.id)
                                     .where(Alias.model_id == model.id)).all()
                 purged = list(s.scalars(select(Tombstone.version).where(Tombstone.model_id == model.id)))
-            versions = rows
+            versions = sorted(rows, key=lambda r: PV(r.version), reverse=True)  # PEP 440: 1.0.0+local > 1
             latest = next((r.version for r in versions if not r.yanked and not r.is_pre),
                           next((r.version for r in versions if not r.yanked), None))
             return {
@@ -515,16 +534,17 @@ class Registry:
     # --- pull ----------------------------------------------------------------------------------------
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None, key: Path | str | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | str | None = None, force: bool = True) -> PullResult:
         """Resolve, then stream the blob to ``dest`` while hashing; the file appears only if the digest
         matches (a corrupt or missing blob raises ``RegistryError`` naming the version). With ``key`` it
         appears only if a stored signature by that key verifies (``SignatureError`` otherwise), and the
         ``.sig`` / ``.att`` bundles are written beside it."""
-        from ..package import atomic_output
+        from ..package import atomic_output, check_overwrite
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
         digest, out, label = pull_target(v, dest)
+        check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
         try:
             src = self.store.open(digest)
         except FileNotFoundError:

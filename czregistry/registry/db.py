@@ -14,21 +14,94 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
-from ..errors import RegistryError
+from ..errors import RegistryBusyError, RegistryError
 from .migrations import HEAD
 
-__all__ = ["MIGRATIONS_DIR", "advisory_lock", "create_registry_engine", "current_revision", "downgrade", "upgrade"]
+__all__ = ["MIGRATIONS_DIR", "advisory_lock", "create_registry_engine", "current_revision", "downgrade",
+           "lock_timeout", "set_lock_wait_notice", "upgrade"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATE_LOCK_KEY = 0x637A726567  # "czreg": the advisory lock key for migrations on PostgreSQL
-BUSY_TIMEOUT_MS = 30_000
+#: How long SQLite itself waits inside one statement; the bounded wait with a message is ours (``_on_begin``).
+BUSY_TIMEOUT_MS = 250
+#: Default bound on waiting for another process's write lock (``CZREG_LOCK_TIMEOUT`` overrides it).
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+#: After this long waiting, say so (once): a silent wait looks like a hang.
+LOCK_NOTICE_AFTER_S = 1.0
+
+_notice: Callable[[str], None] | None = None
+
+
+def set_lock_wait_notice(fn: Callable[[str], None] | None) -> None:
+    """Call ``fn(message)`` once per wait when a write waits more than a second for another process's
+    lock (the CLI prints it on stderr); ``None`` waits silently (library use)."""
+    global _notice
+    _notice = fn
+
+
+def _create_private(db: Path) -> None:
+    """Create the database's folder (0700) and an empty database file (0600) for this user only, unless
+    ``CZREG_SHARED_REGISTRY`` says the folder is a team's (then the umask decides). SQLite gives its -wal and
+    -shm files the database file's permissions."""
+    from .location import private_files
+
+    private = private_files()
+    if not db.parent.is_dir():
+        db.parent.parent.mkdir(parents=True, exist_ok=True)
+        db.parent.mkdir(mode=0o700 if private else 0o777, exist_ok=True)
+    if private and not db.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def lock_timeout() -> float:
+    """Seconds a write waits for another process's lock: ``CZREG_LOCK_TIMEOUT`` or 30."""
+    text = os.environ.get("CZREG_LOCK_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise RegistryError(f"CZREG_LOCK_TIMEOUT={text!r} is not a number of seconds",
+                            hint="e.g. CZREG_LOCK_TIMEOUT=120") from None
+
+
+def _busy(where: str, waited: float) -> RegistryBusyError:
+    return RegistryBusyError(f"the registry {where} is locked by another process; gave up after {waited:.0f} s",
+                             hint="try again when the other czreg command has finished, or raise "
+                                  "CZREG_LOCK_TIMEOUT (seconds)")
+
+
+def _begin_immediate(conn: Connection, where: str) -> None:
+    """``BEGIN IMMEDIATE``, retried in short steps up to ``lock_timeout()``; a notice after a second."""
+    bound = lock_timeout()
+    start = time.monotonic()
+    announced = False
+    while True:
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as exc:
+            text = str(exc.orig).lower()
+            if "locked" not in text and "busy" not in text:
+                raise
+        waited = time.monotonic() - start
+        if waited >= bound:
+            raise _busy(where, waited)
+        if not announced and waited >= LOCK_NOTICE_AFTER_S and _notice is not None:
+            _notice(f"waiting for the registry lock held by another process (up to {bound:.0f} s; "
+                    "CZREG_LOCK_TIMEOUT)...")
+            announced = True
+        time.sleep(0.05)
 
 
 def create_registry_engine(url: str) -> Engine:
@@ -39,7 +112,7 @@ def create_registry_engine(url: str) -> Engine:
         if u.database in (None, "", ":memory:"):
             raise RegistryError("an in-memory SQLite registry cannot hold blobs",
                                 hint="give a file: sqlite:////path/registry.db")
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(u.database))
         # Pooled: closing the last connection to a WAL database checkpoints it (milliseconds per write).
         # Pools must not cross fork(); our parallel tests and docs use spawn.
         engine = create_engine(u, pool_size=2, max_overflow=8,
@@ -56,8 +129,10 @@ def create_registry_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            write = conn.get_execution_options().get("czreg_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            if conn.get_execution_options().get("czreg_write", False):
+                _begin_immediate(conn, str(u.database))
+            else:
+                conn.exec_driver_sql("BEGIN")
 
         return engine
     if u.get_backend_name() == "postgresql":
@@ -84,7 +159,9 @@ def current_revision(conn: Connection) -> str | None:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as fh:
+    from .location import private_files
+
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600 if private_files() else 0o666), "a+b") as fh:
         if os.name == "nt":  # pragma: no cover - Windows
             import msvcrt
 
@@ -92,7 +169,19 @@ def _file_lock(path: Path) -> Iterator[None]:
         else:
             import fcntl
 
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            bound, start, announced = lock_timeout(), time.monotonic(), False
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if waited >= bound:
+                        raise _busy(str(path), waited) from None
+                    if not announced and waited >= LOCK_NOTICE_AFTER_S and _notice is not None:
+                        _notice("waiting for another process to finish upgrading the registry...")
+                        announced = True
+                    time.sleep(0.05)
         try:
             yield
         finally:

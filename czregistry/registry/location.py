@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import RegistryError
 
-__all__ = ["RegistryLocation", "data_dir", "is_loopback", "is_remote", "resolve_location"]
+__all__ = ["RegistryLocation", "data_dir", "is_loopback", "is_remote", "private_files", "require_existing",
+           "resolve_location"]
 
 DB_NAME = "registry.db"
 
@@ -94,3 +95,24 @@ def resolve_location(registry: str | None = None, blob_store: str | None = None)
         return RegistryLocation(text, blobs)
     raise RegistryError(f"unsupported registry URL '{text}'",
                         hint="use a folder, sqlite:////path/registry.db or postgresql+psycopg://user@host/db")
+
+
+def require_existing(location: RegistryLocation, given: str) -> None:
+    """Refuse a SQLite registry the user named (``--registry`` / ``CZREG_REGISTRY``) whose folder does not
+    exist: a typo (``"not a url at all"``, ``sqlite:///missing-dir/x.db``) must not quietly create an empty
+    registry in the current folder and answer "No models found". ``czreg init`` creates one on purpose; the
+    per-user default location is created on first use."""
+    if not location.is_sqlite:
+        return
+    db = Path(location.url.split(":///", 1)[1])
+    if db.exists() or db.parent.is_dir():
+        return
+    raise RegistryError(f"no registry at '{given}' ({db.parent} does not exist)",
+                        hint="check --registry / CZREG_REGISTRY (a folder, sqlite:////path/registry.db or "
+                             "postgresql+psycopg://...), or create a registry there with 'czreg init LOCATION'")
+
+
+def private_files() -> bool:
+    """Whether a SQLite registry's folder, database and blobs are created for this user only (0700/0600).
+    ``CZREG_SHARED_REGISTRY=1`` (a team folder) keeps the process umask instead, so a group can share it."""
+    return os.environ.get("CZREG_SHARED_REGISTRY", "").strip().lower() not in ("1", "true", "yes", "on")

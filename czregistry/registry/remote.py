@@ -39,7 +39,7 @@ TOKEN_ENV = "CZREG_TOKEN"
 
 
 def connect(registry: str | None = None, blob_store: str | None = None, *,
-            token: str | None = None) -> Registry | RemoteRegistry:
+            token: str | None = None, create: bool = True) -> Registry | RemoteRegistry:
     """The registry at ``registry`` (or ``CZREG_REGISTRY``, or the per-user default): a ``RemoteRegistry``
     for an ``http(s)://`` URL, else the local ``Registry`` (``open_registry``)."""
     text = registry or os.environ.get("CZREG_REGISTRY")
@@ -48,7 +48,7 @@ def connect(registry: str | None = None, blob_store: str | None = None, *,
         return RemoteRegistry(text, token=token)
     from .api import open_registry
 
-    return open_registry(registry, blob_store)
+    return open_registry(registry, blob_store, create=create)
 
 
 @dataclass(frozen=True)
@@ -233,18 +233,19 @@ class RemoteRegistry:
         return Resolved(out["version"], out["warnings"])
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None, key: Path | None = None) -> PullResult:
+             prereleases: bool | None = None, key: Path | None = None, force: bool = True) -> PullResult:
         """Resolve on the server, then stream the blob to a temp file beside ``dest`` while hashing; the
         file gets its name only if the SHA-256 is the version's digest."""
         if key is not None:
             raise _usage("pull --key is not supported against a registry server yet (signatures are not "
                              "served over HTTP)", hint="pull, then check the .sig with 'czreg verify-signature'")
-        from ..package import atomic_output
+        from ..package import atomic_output, check_overwrite
         from .api import PullResult, pull_target
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
         digest, out, label = pull_target(v, dest)
+        check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
         declared = r.resp.getheader("Content-Length")

@@ -63,21 +63,31 @@ class BlobStore(Protocol):
 class LocalBlobStore:
     """A folder: ``<root>/sha256/<2 hex>/<62 hex>`` plus ``<root>/tmp`` for in-flight writes."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, private: bool = False) -> None:
         self.root = Path(root)
         self.location = str(self.root)
         self._tmp = self.root / "tmp"
+        # private: folders 0700 and blobs 0600 (a per-user registry); else the umask decides (team share)
+        self._dir_mode, self._file_mode = (0o700, 0o600) if private else (0o777, 0o666)
+
+    def _mkdir(self, path: Path) -> None:
+        if not self.root.is_dir():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=self._dir_mode, exist_ok=True)
+        for sub in reversed([p for p in (path, *path.parents) if p != self.root and self.root in p.parents]):
+            sub.mkdir(mode=self._dir_mode, exist_ok=True)
 
     def path(self, digest: str) -> Path:
         return self.root / "sha256" / digest[:2] / digest[2:]
 
     def put(self, src: IO[bytes], *, expected: str | None = None) -> tuple[str, int]:
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._mkdir(self._tmp)
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
         h = hashlib.sha256()
         size = 0
         try:
-            with tmp.open("xb") as out:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                                   self._file_mode), "wb") as out:
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
@@ -92,7 +102,7 @@ class LocalBlobStore:
             if final.exists() and final.stat().st_size == size:
                 os.utime(final)  # fresh mtime: tells a concurrent gc this blob is wanted
             else:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                self._mkdir(final.parent)
                 tmp.replace(final)
                 _fsync_dir(final.parent)
             return digest, size
@@ -146,7 +156,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_blob_store(location: str | Path) -> BlobStore:
+def open_blob_store(location: str | Path, *, private: bool = False) -> BlobStore:
     """A store from a location string: a folder path or ``file://`` URL (object stores: not yet)."""
     text = str(location)
     if "://" in text:
@@ -155,4 +165,4 @@ def open_blob_store(location: str | Path) -> BlobStore:
             raise RegistryError(f"blob store scheme '{scheme}://' is not supported",
                                 hint="use a folder path (a network share for teams)")
         text = rest
-    return LocalBlobStore(Path(text).expanduser())
+    return LocalBlobStore(Path(text).expanduser(), private=private)

@@ -30,8 +30,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-fA-F]{8,64})$")
 
 
+#: Longest model name: fits a file name (``NAME-VERSION.czann``), a terminal column and an OCI repository.
+MAX_NAME_LENGTH = 100
+
+
 def canonical_name(name: str) -> str:
     """PEP 503 name: ``Nuclei_Seg`` and ``nuclei-seg`` are one model."""
+    if not name.strip():
+        raise UsageError("the model name is empty", hint="give a name: --name nuclei-seg")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UsageError(f"the model name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed",
+                         hint="choose a shorter --name")
     if not _NAME_RE.fullmatch(name):
         raise UsageError(f"invalid model name '{name}'",
                          hint="use letters, digits, '.', '_' and '-', starting and ending with a letter or digit")
@@ -136,11 +145,19 @@ class Requirement:
         return f"{self.name}{self.specifier or ''}"
 
 
+def _bad_digest(text: str) -> UsageError:
+    return UsageError(f"cannot read digest '{text}': give 8 to 64 hex digits after 'sha256:' (a prefix of at "
+                      "least 8 digits picks the version when it is unambiguous)",
+                      hint="czreg show NAME lists the digests")
+
+
 def parse_requirement(text: str) -> Requirement:
     """Parse ``name``, ``name<spec>``, ``name@alias``, ``[name@]sha256:hex``."""
     text = text.strip()
     if m := _DIGEST_RE.match(text):
         return Requirement(None, digest=m.group(1).lower())
+    if text.lower().startswith("sha256:"):
+        raise _bad_digest(text)
     m = _NAME_RE.match(text)
     if not m:
         raise UsageError(f"cannot read requirement '{text}'",
@@ -152,6 +169,8 @@ def parse_requirement(text: str) -> Requirement:
         target = rest[1:].strip()
         if d := _DIGEST_RE.match(target):
             return Requirement(name, digest=d.group(1).lower())
+        if target.lower().startswith("sha256:"):
+            raise _bad_digest(target)
         if not _NAME_RE.fullmatch(target):
             raise UsageError(f"invalid alias in '{text}'", hint="aliases use letters, digits, '.', '_' and '-'")
         return Requirement(name, alias=target.lower())

@@ -1,0 +1,402 @@
+"""Abuse cases, as a careless or hostile user would try them (issue 12): every answer is one clear line with
+its exit code, no traceback, nothing lost and nothing left behind.
+
+``COMMANDS`` is the table every command joins: a command that writes a file gets the *existing output*,
+*read-only output* and *interrupt* cases by construction, and every command that reads a file gets the
+*missing input* case. A new command adds one row. The read-only cases run the real CLI on a real read-only
+file system (a tmpfs mounted read-only in a user namespace, ``unshare -rm``); interrupts and the registry
+lock use real processes and real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from czregistry.cli import main
+from tests.test_registry import make_package
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the shared world: a real package, image, registry and key ------------------------------------------
+
+
+@dataclass
+class World:
+    pkg: Path  # a valid, runnable .czann (ONNX)
+    static_pkg: Path  # a small package that passes static validation (registry cases)
+    onnx: Path  # a plain ONNX model (pack's input)
+    image: Path  # a PNG
+    big_image: Path  # a .npy large enough that `run` takes seconds (interrupts)
+    registry: str  # a SQLite registry holding abuse-seg 1.0.0 (= static_pkg)
+    key: Path  # a signing key (PEM)
+    home: Path  # CZREG_HOME for subprocesses
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, model_cache: Callable[..., Path]) -> World:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("abuse")
+    pkg = root / "seg.czann"
+    shutil.copy(model_cache("unet"), pkg)
+    assert cli("unpack", str(pkg), str(root / "unpacked")).exit_code == 0
+    onnx = root / "model.onnx"
+    shutil.copy(root / "unpacked" / "model.model", onnx)  # a CZANN stores its ONNX model as model.model
+    image = root / "cells.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)).save(image)
+    big = root / "big.npy"
+    np.save(big, np.random.default_rng(1).random((2048, 2048), dtype=np.float32))
+    (root / "reg").mkdir()
+    registry = str(root / "reg")
+    static_pkg = make_package(root)
+    r = cli("publish", str(static_pkg), "--name", "abuse-seg", "--version", "1.0.0", "--static",
+            "--registry", registry)
+    assert r.exit_code == 0, r.output
+    assert cli("keygen", "-o", str(root / "key")).exit_code == 0
+    home = root / "home"
+    home.mkdir()
+    return World(pkg, static_pkg, onnx, image, big, registry, root / "key.pem", home)
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row: how to call the command writing into folder ``out`` (``missing``: with a missing input),
+    and which path it writes (``None``: it writes nothing)."""
+
+    name: str
+    argv: Callable[[World, Path, bool], list[str]]
+    output: Callable[[Path], Path] | None = None
+    refuses_existing: bool = True  # an existing output needs --force (or a new name)
+    occupy: Callable[[Path], Path] | None = None  # a file that makes the output "existing" (default: output)
+    slow_write: bool = False  # writes long enough that SIGTERM lands mid-write
+
+
+def _missing(w: World, missing: bool, path: Path) -> str:
+    return str(w.home / "does-not-exist.czann") if missing else str(path)
+
+
+COMMANDS: list[Command] = [
+    Command("validate --report", lambda w, o, m: ["validate", "--static", _missing(w, m, w.pkg), "--report",
+                                                  str(o / "r.html")], lambda o: o / "r.html",
+            refuses_existing=False),  # a report is regenerated on purpose (CI overwrites it every run)
+    Command("pack", lambda w, o, m: ["pack", _missing(w, m, w.onnx).replace(".czann", ".onnx"), "-o",
+                                     str(o / "p.czann"), "--type", "SingleClassSemanticSegmentation",
+                                     "--classes", "background,cells", "--tile", "64", "64"],
+            lambda o: o / "p.czann"),
+    Command("unpack", lambda w, o, m: ["unpack", _missing(w, m, w.pkg), str(o / "u")], lambda o: o / "u",
+            occupy=lambda o: o / "u" / "mine.txt"),
+    Command("run", lambda w, o, m: ["run", _missing(w, m, w.pkg), str(w.image), "-o",
+                                    str(o / "mask.ome.tiff"), "-q"], lambda o: o / "mask.ome.tiff"),
+    Command("run (interrupted mid-write)", lambda w, o, m: ["run", _missing(w, m, w.pkg), str(w.big_image), "-o",
+                                                            str(o / "big.ome.tiff"), "-q", "--no-probe"],
+            lambda o: o / "big.ome.tiff", slow_write=True),
+    Command("pull", lambda w, o, m: ["pull", "abuse-seg==1.0.0" if not m else "no-such-model", "-o",
+                                     str(o / "p.czann"), "--registry", w.registry], lambda o: o / "p.czann"),
+    Command("keygen", lambda w, o, m: ["keygen", "-o", str(o / "k")], lambda o: o / "k.pem"),
+    Command("smoke", lambda w, o, m: ["smoke", _missing(w, m, w.pkg)]),
+    Command("publish", lambda w, o, m: ["publish", _missing(w, m, w.static_pkg), "--bump", "patch", "--static",
+                                        "--name", "abuse-other", "--registry", w.registry]),
+    Command("inspect", lambda w, o, m: ["inspect", _missing(w, m, w.pkg)]),
+    Command("sign", lambda w, o, m: ["sign", _missing(w, m, w.pkg), "--key", str(w.key), "--static"]),
+    Command("verify-signature", lambda w, o, m: ["verify-signature", _missing(w, m, w.pkg), "--key",
+                                                 str(w.key.with_suffix(".pub"))]),
+    Command("evaluate", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images", str(w.home),
+                                         "--labels", str(w.home)]),
+]
+WRITERS = [c for c in COMMANDS if c.output is not None]
+
+
+def _ids(cmd: Command) -> str:
+    return cmd.name
+
+
+def _assert_one_line(text: str) -> None:
+    """``Error: ...`` (and at most a ``Hint: ...``), never a traceback."""
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, text
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.name not in ("keygen", "run (interrupted mid-write)")],
+                         ids=_ids)
+def test_missing_input_is_one_line_exit_2(cmd: Command, world: World, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli(*cmd.argv(world, out, True))
+    assert r.exit_code in (2, 7), r.output  # 7: a registry reference that names nothing
+    _assert_one_line(r.output)
+    assert any(w in r.output for w in ("no such", "does not exist", "no model named")), r.output
+    assert _files(out) == []
+
+
+@pytest.mark.parametrize("cmd", [c for c in WRITERS if c.refuses_existing and not c.slow_write], ids=_ids)
+def test_existing_output_is_refused_without_force(cmd: Command, world: World, tmp_path: Path) -> None:
+    assert cmd.output is not None
+    out = tmp_path / "out"
+    target = (cmd.occupy or cmd.output)(out)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"precious")
+    r = cli(*cmd.argv(world, out, False))
+    assert r.exit_code == 2, r.output
+    _assert_one_line(r.output)
+    assert "already exists" in r.output or "not empty" in r.output
+    assert target.read_bytes() == b"precious"
+    assert _files(out) == [str(target.relative_to(out))] or cmd.name == "unpack"
+    assert not list(out.rglob("*.part"))
+
+
+def _read_only_runner(ro: Path) -> list[str]:
+    """A prefix that runs a command with ``ro`` a read-only tmpfs (real EROFS), or skips the test."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{ro}'"],
+                           capture_output=True, check=False, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {probe.stderr.decode().strip()}")
+    return [unshare, "-rm", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(ro)]
+
+
+def _env(world: World) -> dict[str, str]:
+    return {**os.environ, "CZREG_HOME": str(world.home),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize("cmd", [c for c in WRITERS if not c.slow_write], ids=_ids)
+def test_read_only_output_is_one_line_exit_2(cmd: Command, world: World, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    prefix = _read_only_runner(ro)
+    p = subprocess.run([*prefix, sys.executable, "-m", "czregistry", *cmd.argv(world, ro, False)],
+                       capture_output=True, text=True, env=_env(world), check=False, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    _assert_one_line(p.stderr)
+    assert "read-only" in p.stderr.lower(), p.stderr
+    assert _files(ro) == []  # the mount is gone; the folder beneath it is untouched
+
+
+@pytest.mark.parametrize("cmd", WRITERS, ids=_ids)
+def test_sigterm_leaves_nothing_behind(cmd: Command, world: World, tmp_path: Path) -> None:
+    """SIGTERM (mid-write for slow writers, else a second in): never a ``.part`` file afterwards; a file
+    under the output name is complete by construction (written to a temp file, then renamed)."""
+    assert cmd.output is not None
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "czregistry", *cmd.argv(world, out, False)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(world))
+    deadline = time.monotonic() + (240 if cmd.slow_write else 1.0)
+    saw_part = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if cmd.slow_write and any(out.glob(".*.part")):
+            saw_part = True
+            time.sleep(0.3)  # well inside the write
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert not list(out.rglob("*.part")), _files(out)
+    if cmd.slow_write:
+        assert saw_part and proc.returncode == 143, err
+        assert "Terminated." in err and "Traceback" not in err
+        assert _files(out) == []
+    elif proc.returncode == 0:
+        assert cmd.output(out).exists()
+    if cmd.name == "keygen":  # a key pair or nothing, whenever the signal landed
+        assert (out / "k.pem").exists() == (out / "k.pub").exists(), _files(out)
+
+
+def test_stale_part_of_a_dead_run_is_swept(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "mask.ome.tiff"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = tmp_path / f".mask.ome.tiff.{dead}-0badc0de.part"
+    stale.write_bytes(b"half")
+    foreign = tmp_path / ".mask.ome.tiff.notours.part"  # not our naming: kept
+    foreign.write_bytes(b"x")
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and not stale.exists() and foreign.exists()
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q", "--force")
+    assert r.exit_code == 0, r.output
+
+
+# --- images and models ----------------------------------------------------------------------------------
+
+
+def test_image_over_the_pixel_limit_is_one_line(world: World, tmp_path: Path) -> None:
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(tmp_path / "m.ome.tiff"),
+            env={"CZREG_MAX_IMAGE_PIXELS": "5000"})
+    assert r.exit_code == 2, r.output
+    _assert_one_line(r.output)
+    assert "96 x 96 = 0 M pixels, over the 0 M pixel limit" in r.output and "CZREG_MAX_IMAGE_PIXELS" in r.output
+    assert _files(tmp_path) == []
+
+
+def test_pack_refuses_a_name_that_is_not_a_package(world: World, tmp_path: Path) -> None:
+    r = cli("pack", str(world.onnx), "-o", str(tmp_path / "x.zip"))
+    assert r.exit_code == 2 and "must end in .czann" in r.output and "x.czann" in r.output
+    assert _files(tmp_path) == []
+
+
+# --- registry ------------------------------------------------------------------------------------------
+
+
+def test_pull_of_identical_bytes_is_not_an_overwrite(world: World, tmp_path: Path) -> None:
+    target = tmp_path / "p.czann"
+    for _ in range(2):
+        r = cli("pull", "abuse-seg==1.0.0", "-o", str(target), "--registry", world.registry)
+        assert r.exit_code == 0, r.output
+    target.write_bytes(b"other")
+    r = cli("pull", "abuse-seg==1.0.0", "-o", str(target), "--registry", world.registry)
+    assert r.exit_code == 2 and "already exists" in r.output and target.read_bytes() == b"other"
+    r = cli("pull", "abuse-seg==1.0.0", "-o", str(target), "--registry", world.registry, "--force")
+    assert r.exit_code == 0 and target.read_bytes() == world.static_pkg.read_bytes()
+
+
+@pytest.mark.parametrize("location", ["not a url at all", "sqlite:///missing-dir/x.db"])
+def test_a_registry_location_that_does_not_exist_is_refused(location: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = cli("list", env={"CZREG_REGISTRY": location})
+    assert r.exit_code == 7, r.output
+    _assert_one_line(r.output)
+    assert "no registry at" in r.output and "czreg init" in r.output
+    assert _files(tmp_path) == []
+    r = cli("init", location)
+    assert r.exit_code == 0 and "Registry ready" in r.output
+    assert cli("list", env={"CZREG_REGISTRY": location}).output.strip() == "No models found."
+
+
+def test_the_default_registry_is_private(tmp_path: Path) -> None:
+    home = Path(os.environ["CZREG_HOME"])
+    r = cli("publish", str(make_package(tmp_path)), "--name", "private", "--version", "1.0.0", "--static")
+    assert r.exit_code == 0, r.output
+    reg = home / "registry"
+    assert reg.stat().st_mode & 0o777 == 0o700
+    assert (reg / "registry.db").stat().st_mode & 0o777 == 0o600
+    blobs = [p for p in (reg / "blobs").rglob("*") if p.is_file()]
+    assert blobs and all(p.stat().st_mode & 0o777 == 0o600 for p in blobs)
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in (reg / "blobs").rglob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize(("name", "words"), [("", "the model name is empty"),
+                                             ("m" * 101, "101 characters long; at most 100")])
+def test_empty_and_overlong_names_are_refused(name: str, words: str, tmp_path: Path) -> None:
+    r = cli("publish", str(make_package(tmp_path)), "--name", name, "--version", "1.0.0", "--static")
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert cli("list", "--json").output.strip() == "[]"
+
+
+def test_bump_with_identical_bytes_is_a_re_release_keeping_note_and_tag(tmp_path: Path) -> None:
+    p = make_package(tmp_path)
+    assert cli("publish", str(p), "--name", "nuclei-seg", "--version", "1.0.0", "--static").exit_code == 0
+    r = cli("publish", str(p), "--name", "nuclei-seg", "--bump", "minor", "--note", "retrained? no: re-release",
+            "--tag", "stage=qa", "--static", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert (data["status"], data["version"], data["note"], data["tags"]) == (
+        "published", "1.1.0", "retrained? no: re-release", {"stage": "qa"})
+    r = cli("publish", str(p), "--name", "nuclei-seg", "--version", "1.1.0", "--note", "x", "--static")
+    assert r.exit_code == 0 and "Already published" in r.output and "--note/--tag not stored" in r.output
+
+
+def test_digest_pulls_prefer_non_yanked_and_explain_short_prefixes(tmp_path: Path) -> None:
+    p = make_package(tmp_path)
+    for v in ("1.0.0", "1.1.0"):
+        assert cli("publish", str(p), "--name", "m", "--version", v, "--static").exit_code == 0
+    digest = json.loads(cli("show", "m==1.0.0", "--json").output)["digest"]
+    assert cli("yank", "m", "1.1.0", "--reason", "bad").exit_code == 0
+    r = cli("pull", digest[:15], "-o", str(tmp_path / "x.czann"), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["version"] == "1.0.0", r.output
+    assert cli("yank", "m", "1.0.0", "--reason", "worse").exit_code == 0
+    r = cli("pull", digest[:15], "-o", str(tmp_path / "y.czann"))
+    assert r.exit_code == 0 and "Warning: m 1.1.0 is yanked: bad" in r.output, r.output
+    r = cli("pull", "sha256:e", "-o", str(tmp_path / "z.czann"))
+    assert r.exit_code == 2 and "give 8 to 64 hex digits" in r.output
+    assert not (tmp_path / "z.czann").exists()
+
+
+def test_allow_invalid_versions_are_marked_and_warned(tmp_path: Path) -> None:
+    bad = make_package(tmp_path, MinOverlap=[15, 15])  # odd overlap: a static validation error
+    r = cli("publish", str(bad), "--name", "shaky", "--version", "1.0.0", "--static", "--allow-invalid")
+    assert r.exit_code == 0 and "INVALID" in r.output, r.output
+    assert "[invalid]" in cli("list").output
+    r = cli("pull", "shaky", "-o", str(tmp_path / "s.czann"))
+    assert r.exit_code == 0 and "published with --allow-invalid" in r.output
+
+
+def test_show_orders_by_pep440_and_counts_versions(tmp_path: Path) -> None:
+    for v in ("1.0.0+local", "1"):
+        assert cli("publish", str(make_package(tmp_path)), "--name", "o", "--version", v, "--static").exit_code == 0
+    lines = [line.split()[0] for line in cli("show", "o").output.splitlines()[1:]]
+    assert lines == ["1.0.0+local", "1"]
+    assert "(2 versions)" in cli("list", "o").output
+    assert cli("publish", str(make_package(tmp_path)), "--name", "single", "--version", "1.0.0",
+               "--static").exit_code == 0
+    assert cli("list", "single").output.rstrip().endswith("(1 version)")
+
+
+def test_a_held_registry_lock_is_announced_and_bounded(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock: publish says so after a second and gives up at the bound
+    (CZREG_LOCK_TIMEOUT) with exit 13; nothing is published."""
+    reg = tmp_path / "reg"
+    assert cli("init", str(reg)).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sqlite3, sys, time\n"
+                               "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
+                               str(reg / "registry.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "CZREG_LOCK_TIMEOUT": "3", "CZREG_REGISTRY": str(reg),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "czregistry", "publish", str(make_package(tmp_path)),
+                            "--name", "locked", "--version", "1.0.0", "--static"],
+                           capture_output=True, text=True, env=env, check=False, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert p.returncode == 13, p.stdout + p.stderr
+    assert "waiting for the registry lock held by another process" in p.stderr
+    assert "locked by another process; gave up after 3 s" in p.stderr and "Traceback" not in p.stderr
+    assert took < 60
+    with sqlite3.connect(reg / "registry.db") as conn:
+        assert conn.execute("SELECT count(*) FROM versions").fetchone() == (0,)
+
+
+# --- validate --json has one shape ---------------------------------------------------------------------
+
+
+def test_validate_json_is_an_array_for_any_count(world: World) -> None:
+    one = json.loads(cli("validate", "--static", "--json", str(world.static_pkg)).output)
+    two = json.loads(cli("validate", "--static", "--json", str(world.static_pkg), str(world.static_pkg)).output)
+    assert isinstance(one, list) and len(one) == 1 and len(two) == 2
+    assert one[0]["report_version"] == two[0]["report_version"] == "1"
