@@ -454,7 +454,7 @@ def open_dask_client(scheduler: str, *, timeout: float = 60.0) -> Iterator[Any]:
         with dask.config.set({"distributed.scheduler.allowed-failures": 1,
                               "distributed.comm.timeouts.connect": f"{int(timeout)}s"}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=dashboard, silence_logs=logging.ERROR)
+                                   dashboard_address=dashboard, silence_logs=logging.CRITICAL)
             try:
                 client = Client(cluster, timeout=timeout)
             except BaseException:
