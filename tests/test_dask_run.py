@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 pytest.importorskip("distributed")
 
-from czregistry.cli import main  # noqa: E402
-from czregistry.dask_run import open_dask_client, read_output, run_dask, worker_stats  # noqa: E402
-from czregistry.errors import RunError  # noqa: E402
-from czregistry.package import sha256_file  # noqa: E402
-from czregistry.runner import RunOptions, run  # noqa: E402
+from czregistry.cli import main
+from czregistry.dask_run import open_dask_client, read_output, run_dask, worker_stats
+from czregistry.errors import RunError
+from czregistry.package import sha256_file
+from czregistry.runner import RunOptions, run
 
 ModelCache = Callable[..., Path]
 ROOT = Path(__file__).resolve().parent.parent
