@@ -20,6 +20,11 @@ full-precision float32 noise) in no time, so what remains is reading, scaling, b
 converting, compressing and writing. It prints, per output kind / format / compression, the pipeline
 time, the host milliseconds per tile (the ceiling on tiles/s that the host allows whatever the device) and
 each stage's busy seconds. No TensorFlow needed; about half a minute.
+
+``--dask [--workers 1 2 4] [--sizes 8192]`` compares the single-process runner with ``czreg run --dask
+local:N`` (``czregistry.dask_run``) on the same image, both writing labels to Zarr: wall time including the
+LocalCluster start, the overhead against the single process, the tiles predicted (seam tiles of blocks
+count twice) and whether the outputs are identical. On 2 cores expect parity at best, not a speed-up.
 """
 
 from __future__ import annotations
@@ -293,6 +298,54 @@ print(json.dumps({"seconds": dt, "rss_mb": int(hwm) / 1024}))
 """
 
 
+def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
+    from czregistry.runner import RunOptions, run
+
+    t0 = time.perf_counter()
+    res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
+    return {"seconds": time.perf_counter() - t0, "tiles": res.tiles, "predict_seconds": res.predict_seconds}
+
+
+def child_dask(package: str, image: str, out: str, batch: int, workers: int, block: int) -> dict[str, Any]:
+    from czregistry.dask_run import run_dask
+    from czregistry.runner import RunOptions
+
+    t0 = time.perf_counter()
+    res = run_dask(package, [image], out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"),
+                   scheduler=f"local:{workers}", block=block or None)
+    return {"seconds": time.perf_counter() - t0, "tiles_run": res.tiles_run, "tiles": res.tiles,
+            "blocks": res.blocks, "redundancy": res.redundancy, "workers": res.workers}
+
+
+def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, block: int) -> None:
+    import zarr
+
+    from czregistry.dask_run import read_output
+
+    package = build_package(tmp)
+    me = str(Path(__file__).resolve())
+    print(f"\nmodel: small U-Net (1 pooling), tile {TILE}, overlap {OVERLAP}, batch {batch}, ONNX Runtime CPU, "
+          f"{os.cpu_count()} cores; labels to Zarr; dask = czreg run --dask local:N (block {block or 'default'})\n")
+    print("| image | workers | wall s | vs single process | tiles predicted (grid) | blocks | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        image = tmp / f"img{size}.tif"
+        make_image(image, size)
+        ref = tmp / f"single{size}.zarr"
+        single = _child([me, "--child", "zarr", str(package), str(image), str(ref), str(batch)])
+        want = np.asarray(zarr.open_array(str(ref), mode="r")[...])
+        print(f"| {size}x{size} | single process | {single['seconds']:.1f} | 1.00x | {single['tiles']} | - | - |")
+        for n in workers:
+            out = tmp / f"dask{size}-{n}.zarr"
+            d = _child([me, "--child", "dask", str(package), str(image), str(out), str(batch), str(n), str(block)])
+            same = bool(np.array_equal(read_output(out), want))
+            print(f"| {size}x{size} | local:{n} | {d['seconds']:.1f} | {d['seconds'] / single['seconds']:.2f}x | "
+                  f"{d['tiles_run']} ({d['tiles']}, x{d['redundancy']:.2f}) | {d['blocks']} | {same} |", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ref, ignore_errors=True)
+        image.unlink()
+
+
 def _child(args: list[str], python: str | None = None) -> dict[str, Any]:
     cmd = [python or sys.executable, *args]
     env = {**os.environ, "CZREG_PLUGINS": "onnxruntime", "PYTHONPATH": str(ROOT)}
@@ -312,11 +365,18 @@ def main() -> None:
     ap.add_argument("--host", action="store_true", help="measure the host-side pipeline alone (free backend)")
     ap.add_argument("--compare-zlib", action="store_true",
                     help="with --host: also run float32 output with --compression zlib (the old default)")
+    ap.add_argument("--dask", action="store_true", help="single process vs czreg run --dask local:N")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2], help="with --dask: worker counts to time")
+    ap.add_argument("--block-size", type=int, default=0, help="with --dask: block edge (default: the runner's)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind == "runner":
+        if kind == "zarr":
+            res = child_zarr_runner(rest[0], rest[1], rest[2], int(rest[3]))
+        elif kind == "dask":
+            res = child_dask(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), int(rest[5]))
+        elif kind == "runner":
             res = child_runner(rest[0], rest[1], rest[2], int(rest[3]))
         elif kind == "raw":
             res = child_raw(rest[0], int(rest[1]), int(rest[2]))
@@ -326,6 +386,13 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-"))
+    if args.dask:
+        sizes = args.sizes if args.sizes != [4096, 8192, 16384] else [8192]
+        try:
+            dask_table(tmp, sizes, args.workers, args.batch_size, args.block_size)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if args.host:
         cases = [("probabilities", ".ome.tif", "auto"), ("uint8", ".ome.tif", "auto"), ("labels", ".ome.tif", "auto"),
                  ("probabilities", ".zarr", "auto")]

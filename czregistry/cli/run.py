@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import RunError
+from ..errors import RunError, UsageError
 from ._common import (
     echo_json,
     force_option,
@@ -62,9 +62,10 @@ class _Progress:
 
 @click.command("run")
 @click.argument("package", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Output file: .ome.tiff / .tif (tiled OME-TIFF) or .zarr.")
+              help="Output file: .ome.tiff / .tif (tiled OME-TIFF) or .zarr. With --dask: NAME.zarr (one image) "
+                   "or a folder (one NAME.ome.zarr per image).")
 @click.option("--output-kind", type=click.Choice(["probabilities", "uint8", "labels"]), default="probabilities",
               show_default=True, help="float32 probabilities (or values), uint8-quantised, or argmax labels.")
 @click.option("--compression", type=click.Choice(["auto", "zlib", "none"]), default="auto", show_default=True,
@@ -87,23 +88,38 @@ class _Progress:
 @click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @force_option
+@click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
+              help="Run blocks on Dask: local:N (N worker processes here) or tcp://host:8786 (a running "
+                   "scheduler). Writes OME-Zarr, resumable.")
+@click.option("--resume", is_flag=True, help="With --dask: skip the blocks an interrupted run finished.")
+@click.option("--block-size", type=click.IntRange(min=16), default=None, metavar="PX",
+              help="With --dask: block edge in pixels, a multiple of 256 (default 2048 in 2D, 256 in 3D).")
 @json_option
-def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compression: str, batch_size: int,
-            device: str,
+def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: str, compression: str,
+            batch_size: int, device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
-            quiet: bool, force: bool, as_json: bool) -> None:
+            quiet: bool, force: bool, dask_scheduler: str | None, resume: bool, block_size: int | None,
+            as_json: bool) -> None:
     """Run PACKAGE tiled over IMAGE (TIFF/OME-TIFF, PNG, JPEG, .npy, Zarr) and write OUTPUT.
 
     Memory stays bounded whatever the image size; nothing is left under OUTPUT if the run fails or is
-    interrupted.
+    interrupted. With --dask, blocks of tiles run on a Dask cluster (output identical to the single-process
+    run), several images are allowed, and --resume continues a killed run.
     """
     from ..runner import RunOptions
     from ..runner import run as run_tiled
 
     with handle_errors():
         require_package_file(package)
-        refuse_existing_output(output, force)
+        if dask_scheduler is None:
+            if len(images) > 1:
+                raise UsageError(f"{len(images)} images given; the single-process runner takes one",
+                                 hint="use --dask local:N to run several, or one command per image")
+            if resume or block_size is not None:
+                raise UsageError(f"{'--resume' if resume else '--block-size'} needs --dask",
+                                 hint="e.g. --dask local:2")
+            refuse_existing_output(output, force)
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
     except ValueError:
@@ -116,9 +132,12 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
                          channels=chans, axes=axes, probe=not no_probe)
     # the progress bar only on a terminal: a log file would get one stray "tiles" line
     progress = _Progress(quiet or as_json or not sys.stderr.isatty())
+    if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.dask_run)
+        _run_dask(package, images, output, options, dask_scheduler, resume, block_size, progress, quiet, as_json)
+        return
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         try:
-            result = run_tiled(package, image, output, options, progress=progress, on_plan=progress.start)
+            result = run_tiled(package, images[0], output, options, progress=progress, on_plan=progress.start)
         finally:
             progress.close()
     if as_json:
@@ -129,6 +148,33 @@ def run_cmd(package: Path, image: Path, output: Path, output_kind: str, compress
     click.echo(f"wrote {result.output} ({result.output_kind}, {'x'.join(map(str, result.shape))} {result.dtype}) "
                f"from {result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s) "
                f"on {result.device} via {result.backend}")
+
+
+def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: Any, scheduler: str, resume: bool,
+              block_size: int | None, progress: _Progress, quiet: bool, as_json: bool) -> None:
+    from ..dask_run import run_dask
+
+    def dashboard(link: str) -> None:
+        if not as_json:
+            click.echo(f"Dask dashboard: {link}", err=True)
+
+    with handle_errors():
+        try:
+            result = run_dask(package, images, output, options, scheduler=scheduler, resume=resume,
+                              block=block_size, progress=progress, on_plan=progress.start, on_dashboard=dashboard)
+        finally:
+            progress.close()
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for out in result.outputs:
+        click.echo(f"wrote {out['output']} ({result.outputs[0]['dtype']}, axes {out['axes']}, "
+                   f"{'x'.join(map(str, out['shape']))})")
+    click.echo(f"{result.tiles_run} tiles run, {result.tiles_skipped} skipped (finished earlier), "
+               f"{result.blocks_run}/{result.blocks} blocks on {result.workers} worker(s) in {result.seconds:.1f} s "
+               f"({result.tiles_per_second:.1f} tiles/s) on {result.device} via {result.backend}")
 
 
 @click.command("smoke")

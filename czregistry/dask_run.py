@@ -1,0 +1,738 @@
+"""Tiled runs on a Dask cluster: blocks of whole tiles, OME-Zarr written block by block, resumable.
+
+``czreg run --dask local:N`` (a LocalCluster of N worker processes) or ``--dask tcp://host:8786`` (an
+existing scheduler: dask-jobqueue on SLURM/LSF, ``dask scheduler`` + ``dask worker``) cuts every image
+plane into **blocks**: rectangles of the output aligned to its Zarr chunks. Why the output is bit-identical
+to the single-process run (``czregistry.runner.run``):
+
+* the client plans the tile grid once, exactly as the runner does (``plan_for_model``: probed stride and
+  halo, stride-aligned origins), and ships it to the workers; nobody re-plans;
+* a block predicts every tile of that grid whose kept region (when blending: valid region) reaches into
+  it, in the runner's row-major order, through the runner's own ``TiledPredictor`` on a sub-grid shifted
+  to the block; each output pixel therefore comes from the same tile (or, blending, the same weighted sum
+  in the same order) as in the single-process run. Tiles on a block seam are predicted by both blocks
+  (``tiles_run`` counts them; the redundancy is reported); the backend must give a tile the same result
+  whatever else is in its batch, which the tests check for ONNX Runtime;
+* each block writes whole chunks of the output, and no two blocks share a chunk: no locks and no
+  read-modify-write, so workers write straight into the store on a shared file system.
+
+**Resume.** The output is built in ``.NAME.dask.part`` beside NAME with a manifest (``.czreg/run.json``:
+package digest, image identity, grid, options) and renamed into place when complete. Each finished block
+leaves a marker (``.czreg/blocks/<block>.done``, written by rename after its chunks, which Zarr's local
+store also writes by rename), so a run killed at any point, even with SIGKILL, leaves only valid markers;
+``--resume`` checks the manifest against the new plan and skips marked blocks.
+
+**Workers** load the model once per process (a cache keyed by the package's SHA-256, checked against the
+file on first load) and keep image readers and output arrays open between blocks. Where a worker sees
+several GPUs (``CUDA_VISIBLE_DEVICES=0,1,...``) a LocalCluster worker pins itself to one of them by its
+number before loading the model. A task whose worker dies is rescheduled by Dask; a block that raises is
+retried once, and a second failure stops the run with a ``RunError`` naming the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CzregError, RunError, UsageError
+from .tiling import Span, TileGrid
+
+__all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult", "ImageJob", "block_tasks",
+           "open_dask_client", "output_paths", "read_output", "run_dask", "worker_stats"]
+
+#: Default block edge (pixels per spatial axis). 2D: 2048 px (8 x 8 chunks): a 256 px tile grid repeats
+#: about 11% of its tiles per axis on block seams. 3D: 256 voxels per axis keeps a float32 block of a few
+#: classes near 0.3 GB per worker.
+DEFAULT_BLOCK_2D = 2048
+DEFAULT_BLOCK_3D = 256
+_CHUNK = 256
+_META = ".czreg"
+_MANIFEST = "run.json"
+_MARKERS = "blocks"
+Progress = Callable[[int, int], None]
+
+
+# --- what travels to the workers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything a worker needs to compute any block of one image (small and picklable)."""
+
+    package: str
+    digest: str
+    backend: str
+    device: str
+    image: str
+    axes: str | None
+    lead_shape: tuple[int, ...]
+    spatial: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    select: tuple[int, ...] | None
+    color_handling: str | None
+    bgr: bool
+    batch_size: int
+    blend: bool
+    output_kind: str
+    array_axes: str  # axis letters of the output array, e.g. "TCYX"
+    lead_axes: str
+    out_array: str  # path of the Zarr array "0" inside the output group
+    markers: str  # folder of the block markers
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block: a chunk-aligned output region of one plane and the sub-grid of tiles that fill it."""
+
+    image: int  # index into the run's images
+    plane: int
+    index: tuple[int, ...]
+    region: tuple[tuple[int, int], ...]  # [start, stop) per spatial axis, image coordinates
+    offset: tuple[int, ...]  # padded-image position of the sub-grid's origin
+    grid: TileGrid  # in block-local coordinates
+
+    @property
+    def key(self) -> str:
+        return f"p{self.plane}-" + "-".join(str(i) for i in self.index)
+
+    def describe(self, image_name: str) -> str:
+        where = ", ".join(f"{a} {s}:{e}" for a, (s, e) in zip("zyx"[-len(self.region):], self.region))
+        return f"{image_name} plane {self.plane} block {list(self.index)} ({where})"
+
+
+@dataclass
+class DaskRunResult:
+    outputs: list[dict[str, Any]]
+    scheduler: str
+    workers: int
+    dashboard: str | None
+    tiles: int  # tiles of the runner's grid, over all planes and images (what a single process predicts)
+    tiles_run: int  # tile predictions made now, seam tiles counted once per block
+    tiles_skipped: int  # tile predictions skipped: their blocks were finished by an earlier run
+    blocks: int
+    blocks_run: int
+    blocks_skipped: int
+    block_shape: list[int]
+    redundancy: float  # block tile predictions / grid tiles (1.0 = no seam tile predicted twice)
+    seconds: float
+    tiles_per_second: float
+    backend: str
+    device: str
+    grid: dict[str, Any]
+    geometry: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- planning ---------------------------------------------------------------------------------------
+
+
+def _select_spans(spans: Sequence[Span], start: int, stop: int, blend: bool) -> tuple[int, int]:
+    """First and last span whose kept (blending: valid) part reaches into ``start .. stop``."""
+    hit = [i for i, s in enumerate(spans)
+           if (s.valid_stop if blend else s.keep_stop) > start and (s.valid_start if blend else s.keep_start) < stop]
+    if not hit:
+        raise RunError(f"internal error: no tile covers {start}:{stop}")
+    return hit[0], hit[-1]
+
+
+def _sub_grid(grid: TileGrid, region: Sequence[tuple[int, int]], blend: bool) -> tuple[TileGrid, tuple[int, ...]]:
+    """The tiles of ``grid`` that fill ``region``, shifted so the first tile starts at 0.
+
+    The first span's kept and valid parts are stretched back to its origin and the last span's forward
+    to its end, so the runner's assembler fills the whole sub-grid. That changes only pixels outside the
+    region: the region's first pixel lies in the kept part of the first span or of a later one (and its
+    last pixel likewise), and blend weights inside the kept part (1) and on the far ramp are unchanged.
+    """
+    axes, offset, length = [], [], []
+    for d, (start, stop) in enumerate(region):
+        spans = grid.axes[d]
+        i0, i1 = _select_spans(spans, start, stop, blend)
+        o = spans[i0].origin
+        sub = []
+        for i in range(i0, i1 + 1):
+            s = spans[i]
+            ks, ke, vs, ve = s.keep_start, s.keep_stop, s.valid_start, s.valid_stop
+            if i == i0:
+                ks = vs = s.origin
+            if i == i1:
+                ke = ve = s.origin + s.size
+            sub.append(Span(s.origin - o, s.size, ks - o, ke - o, vs - o, ve - o))
+        axes.append(tuple(sub))
+        offset.append(o)
+        length.append(spans[i1].origin + spans[i1].size - o)
+    shape = tuple(length)
+    return TileGrid(shape, shape, grid.tile, grid.border, grid.step, grid.geometry, tuple(axes)), tuple(offset)
+
+
+def _chunks(spatial: Sequence[int], block: int) -> tuple[int, ...]:
+    """Output chunk per spatial axis: 2D (c, c), 3D (1, c, c) with c = 256, or the block if smaller."""
+    c = min(_CHUNK, block)
+    return (c, c) if len(spatial) == 2 else (1, c, c)
+
+
+def block_tasks(grid: TileGrid, image: int, n_planes: int, block: int, blend: bool) -> list[Block]:
+    """All blocks of one image, plane by plane, row-major. ``block`` is the edge in pixels (each axis)."""
+    blocks = []
+    spatial = grid.image_shape
+    starts = [range(0, n, block) for n in spatial]
+    import itertools
+
+    for plane in range(n_planes):
+        for index in itertools.product(*(range(len(r)) for r in starts)):
+            region = tuple((i * block, min((i + 1) * block, n)) for i, n in zip(index, spatial))
+            sub, offset = _sub_grid(grid, region, blend)
+            blocks.append(Block(image, plane, tuple(index), region, offset, sub))
+    return blocks
+
+
+def output_paths(images: Sequence[Path], output: Path) -> list[Path]:
+    """One image and ``OUT.zarr``: that; otherwise ``OUT`` is a folder of ``<image stem>.ome.zarr``."""
+    if len(images) == 1 and output.name.lower().endswith(".zarr"):
+        return [output]
+    if output.name.lower().endswith((".tif", ".tiff", ".btf", ".tf8")):
+        raise UsageError(f"--dask writes OME-Zarr, not {output.name}",
+                         hint="use -o NAME.zarr (one image) or a folder (several images)")
+    if output.name.lower().endswith(".zarr"):
+        raise UsageError(f"{len(images)} images cannot all go to one Zarr ({output.name})",
+                         hint="give a folder with -o; each image gets <name>.ome.zarr in it")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder", hint="give a folder or a .zarr path with -o")
+    paths: list[Path] = []
+    seen: dict[str, Path] = {}
+    for img in images:
+        stem = img.name
+        for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".npy", ".czi", ".png",
+                       ".jpg", ".jpeg", ".bmp", ".btf", ".tf8"):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        if stem in seen:
+            raise UsageError(f"{seen[stem]} and {img} would both be written to {stem}.ome.zarr",
+                             hint="rename one of the images or run them separately")
+        seen[stem] = img
+        paths.append(output / f"{stem}.ome.zarr")
+    return paths
+
+
+# --- the output: OME-Zarr, chunk-aligned, with a manifest and block markers ----------------------------
+
+
+def _array_axes(lead_axes: str, nd: int) -> str:
+    """OME-Zarr axis order: time, other (custom) lead axes, channel, then space (lead Z, then spatial)."""
+    lead = list(lead_axes)
+    spatial = "ZYX"[-nd:]
+    if len(set(lead)) != len(lead) or set(lead) & {*spatial, "C"}:
+        raise UsageError(f"image axes '{lead_axes}' + '{spatial}' repeat a letter; OME-Zarr needs distinct axes",
+                         hint="pass --axes with distinct letters, e.g. TZYX")
+    return "".join([a for a in lead if a == "T"] + [a for a in lead if a not in "TZ"] + ["C"]
+                   + [a for a in lead if a == "Z"] + list(spatial))
+
+
+def _ome_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[str, Any]:
+    types = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+    ome_axes: list[dict[str, str]] = []
+    scale: list[float] = []
+    for a in axes:
+        entry = {"name": a.lower()}
+        if a in types:
+            entry["type"] = types[a]
+        if types.get(a) == "space" and a in pixel_size:
+            entry["unit"] = "micrometer"
+        ome_axes.append(entry)
+        scale.append(float(pixel_size.get(a, 1.0)) if types.get(a) == "space" else 1.0)
+    return {"ome": {"version": "0.5", "multiscales": [{
+        "name": name, "axes": ome_axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}}
+
+
+def _create_output(root: Path, axes: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype[Any],
+                   attrs: dict[str, Any], manifest: dict[str, Any]) -> None:
+    import zarr
+
+    group = zarr.open_group(str(root), mode="w")
+    group.attrs.update(attrs)
+    group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    meta = root / _META
+    (meta / _MARKERS).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(meta / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((root / _META / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_output(path: Path | str) -> np.ndarray:
+    """An output of ``run_dask`` as ``(*planes, *spatial, C)``, the layout of the single-process Zarr output."""
+    import zarr
+
+    root = Path(path)
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise UsageError(f"{root} was not written by czreg run --dask")
+    axes: str = manifest["array_axes"]
+    lead: str = manifest["lead_axes"]
+    nd = len(manifest["spatial"])
+    data = np.asarray(zarr.open_array(str(root / "0"), mode="r")[...])
+    want = list(lead) + list("ZYX"[-nd:]) + ["C"]
+    order = [axes.index(a) for a in want]
+    return np.transpose(data, order)
+
+
+# --- the workers ------------------------------------------------------------------------------------
+
+
+_LOCK = threading.Lock()
+_SESSIONS: dict[tuple[str, str, str], Any] = {}
+_SOURCES: dict[tuple[str, str | None], Any] = {}
+_ARRAYS: dict[str, Any] = {}
+#: Per worker process: model loads per package digest and blocks computed (``worker_stats``).
+_LOADS: dict[str, int] = {}
+_BLOCKS_DONE = 0
+
+
+def worker_stats() -> dict[str, Any]:
+    """This process's model loads per package digest and blocks computed (``client.run(worker_stats)``)."""
+    return {"pid": os.getpid(), "loads": dict(_LOADS), "blocks": _BLOCKS_DONE}
+
+
+def _pin_gpu(device: str) -> None:
+    """On a LocalCluster worker that sees several GPUs, keep one (worker number modulo GPU count).
+
+    Only effective before the backend initialises CUDA in this process, i.e. before the first load.
+    """
+    if device == "cpu":
+        return
+    ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if len(ids) < 2:
+        return
+    try:
+        from distributed import get_worker
+
+        number = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[number % len(ids)]
+
+
+def _session(job: ImageJob) -> Any:
+    from .backends import load_session
+    from .package import open_package, sha256_file
+
+    key = (job.digest, job.backend, job.device)
+    with _LOCK:
+        if key not in _SESSIONS:
+            if sha256_file(job.package) != job.digest:
+                raise RunError(f"{job.package} changed since the run was planned (SHA-256 differs)",
+                               hint="do not replace the package during a run")
+            if not _SESSIONS:
+                _pin_gpu(job.device)
+            _SESSIONS[key] = load_session(open_package(job.package), job.backend, job.device)  # type: ignore[arg-type]
+            _LOADS[job.digest] = _LOADS.get(job.digest, 0) + 1
+        return _SESSIONS[key]
+
+
+def _source(job: ImageJob) -> Any:
+    from .images import open_image
+
+    key = (job.image, job.axes)
+    with _LOCK:
+        if key not in _SOURCES:
+            if len(_SOURCES) >= 4:  # a screen of many files: keep a few open
+                old = _SOURCES.pop(next(iter(_SOURCES)))
+                old.close()
+            _SOURCES[key] = open_image(job.image, job.axes)
+        return _SOURCES[key]
+
+
+def _out_array(job: ImageJob) -> Any:
+    import zarr
+
+    with _LOCK:
+        if job.out_array not in _ARRAYS:
+            if len(_ARRAYS) >= 16:
+                _ARRAYS.pop(next(iter(_ARRAYS)))
+            _ARRAYS[job.out_array] = zarr.open_array(job.out_array, mode="r+")
+        return _ARRAYS[job.out_array]
+
+
+def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
+    """Predict one block with the runner's ``TiledPredictor``, write its chunks, then its marker."""
+    global _BLOCKS_DONE
+    from .images import scale_to_unit, to_model_channels
+    from .runner import ArrayWriter, TiledPredictor, _convert
+
+    t0 = time.perf_counter()
+    session = _session(job)
+    src = _source(job)
+    lead = tuple(int(i) for i in np.unravel_index(block.plane, job.lead_shape)) if job.lead_shape else ()
+    grid = block.grid
+    # one read for the whole block: the union of its tiles, reflected past the far end like the runner's
+    raw = src.read_padded(lead, block.offset, [o + n for o, n in zip(block.offset, grid.padded_shape)],
+                          job.spatial)
+    x = np.asarray(to_model_channels(scale_to_unit(raw), job.in_channels, select=job.select,
+                                     color_handling=job.color_handling, bgr=job.bgr), dtype=np.float32)
+
+    def read(_plane: int, tile: Any) -> np.ndarray:
+        return x[tile.read_slices]
+
+    sink = ArrayWriter((), grid.padded_shape, job.out_channels)
+    predictor = TiledPredictor(session, grid, job.out_channels, batch_size=job.batch_size, blend=job.blend)
+    predictor.run(1, read, sink.write)
+    crop = tuple(slice(s - o, e - o) for (s, e), o in zip(block.region, block.offset))
+    data = _convert(sink.array[crop], job.output_kind)  # type: ignore[arg-type]
+    # index the output array in its own axis order: lead axes by position, C whole, spatial by region
+    lead_pos = dict(zip(job.lead_axes, lead))
+    spatial_iter = iter(block.region)
+    key = tuple(slice(None) if a == "C" else lead_pos[a] if a in lead_pos else slice(*next(spatial_iter))
+                for a in job.array_axes)
+    _out_array(job)[key] = np.moveaxis(data, -1, 0)
+    seconds = time.perf_counter() - t0
+    marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid()}
+    _atomic_write_text(Path(job.markers) / f"{block.key}.done", json.dumps(marker))
+    _BLOCKS_DONE += 1
+    return {"tiles": grid.n_tiles, "seconds": seconds, "predict_seconds": predictor.predict_seconds}
+
+
+# --- the client -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_dask_client(scheduler: str, *, timeout: float = 60.0) -> Iterator[Any]:
+    """``local`` / ``local:N`` (a LocalCluster of N single-threaded worker processes) or a scheduler address."""
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise UsageError("--dask needs Dask's distributed scheduler",
+                         hint="pip install 'czregistry[dask]'") from exc
+    spec = scheduler.strip()
+    if spec == "local" or spec.startswith("local:"):
+        try:
+            n = int(spec.split(":", 1)[1]) if ":" in spec else (os.cpu_count() or 1)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--dask {scheduler}: give a worker count, e.g. local:4")
+        import importlib.util
+
+        # the dashboard needs bokeh; without it the scheduler would only log a warning
+        dashboard = "127.0.0.1:0" if importlib.util.find_spec("bokeh") is not None else None
+        # a block that raises is retried once (submit(retries=1)); a task whose worker dies twice fails
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                              "distributed.comm.timeouts.connect": f"{int(timeout)}s"}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=dashboard, silence_logs=logging.CRITICAL)
+            try:
+                client = Client(cluster, timeout=timeout)
+            except BaseException:
+                cluster.close(timeout=30)
+                raise
+        try:
+            yield client
+        finally:
+            with contextlib.suppress(Exception):
+                client.close(timeout=30)
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=30)
+        return
+    if "://" not in spec and ":" not in spec:
+        raise UsageError(f"--dask {scheduler}: expected local:N or a scheduler address like tcp://host:8786")
+    address = spec if "://" in spec else f"tcp://{spec}"
+    try:
+        client = Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise RunError(f"cannot reach the Dask scheduler at {address}: {exc}",
+                       hint="is the scheduler running, and is its port open from here?") from exc
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(timeout=30)
+
+
+def _dashboard(client: Any) -> str | None:
+    try:
+        services = client.scheduler_info().get("services", {})
+        return str(client.dashboard_link) if "dashboard" in services else None
+    except Exception:  # purely informative
+        return None
+
+
+def _image_identity(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _prepare(final: Path, manifest: dict[str, Any], resume: bool, create: Callable[[Path], None],
+             notes: list[str]) -> tuple[Path, set[str]]:
+    """Where to write (the part folder, or a finished output) and which block markers already exist."""
+    part = final.parent / f".{final.name}.dask.part"
+    if resume:
+        for cand in (part, final):
+            if not cand.exists():
+                continue
+            found = _read_manifest(cand)
+            if found is None:
+                if cand == part:
+                    continue  # killed before its manifest existed: nothing to keep
+                raise UsageError(f"{final} exists but was not written by czreg run --dask; nothing to resume",
+                                 hint="run without --resume to replace it")
+            if found.get("plan") != manifest["plan"]:
+                raise UsageError(f"{cand.name} was written by a different run (package, image or options differ); "
+                                 "--resume cannot continue it", hint="run without --resume to start again")
+            done = {p.name[:-5] for p in (cand / _META / _MARKERS).glob("*.done")}
+            return cand, done
+        notes.append(f"{final.name}: nothing to resume, starting afresh")
+    if part.exists():
+        _remove(part)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    create(part)
+    return part, set()
+
+
+def _finish(root: Path, final: Path) -> None:
+    if root == final:
+        return
+    if final.exists():
+        _remove(final)
+    root.replace(final)
+
+
+def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | str, options: Any = None, *,
+             scheduler: str = "local:2", client: Any = None, resume: bool = False, block: int | None = None,
+             progress: Progress | None = None, on_plan: Callable[[int], None] | None = None,
+             on_dashboard: Callable[[str], None] | None = None) -> DaskRunResult:
+    """Run ``package`` over ``images`` on a Dask cluster; see the module docstring.
+
+    ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
+    closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D).
+    """
+    from .backends import load_session
+    from .images import open_image, scale_to_unit, to_model_channels
+    from .metadata import ModelInfo
+    from .package import open_package, sha256_file
+    from .runner import RunOptions, _out_dtype, plan_for_model
+    from .tiling import plan_tiles
+
+    options = options or RunOptions()
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    t_start = time.perf_counter()
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise UsageError("no image given")
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"image not found: {p}", hint="check the path")
+    outs = output_paths(paths, Path(output))
+    for p, o in zip(paths, outs):
+        if p.resolve() == o.resolve():
+            raise UsageError("the output would overwrite the input image", hint="choose another -o path")
+    pkg = open_package(package)
+    info = ModelInfo.from_package(pkg)
+    if info.type is not None and not info.is_dense:
+        raise UsageError(f"{info.type} models give one result per tile, not an image; czreg run tiles "
+                         "segmentation and regression models only")
+    if options.output_kind == "labels" and info.type == "Regression":
+        raise UsageError("--output-kind labels needs a segmentation model; this one is a regression model")
+    digest = sha256_file(package)
+    legacy = pkg.metadata or {}
+    bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")
+                                        for c in legacy.get("Channels") or [] if isinstance(c, dict))
+    color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
+    notes: list[str] = []
+
+    # --- plan on the client, once: the same grid as the single-process run ---
+    jobs: list[ImageJob] = []
+    blocks: list[Block] = []
+    grids: list[TileGrid] = []
+    creators: list[Callable[[Path], None]] = []
+    manifests: list[dict[str, Any]] = []
+    with load_session(pkg, options.backend, options.device) as session:
+        backend, device = session.backend, session.device
+        nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
+        edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
+        if edge < 16 or (edge > _CHUNK and edge % _CHUNK):
+            raise UsageError(f"--block-size {edge}: use a multiple of {_CHUNK} (or 16..{_CHUNK})")
+        geom = None
+        grid0: TileGrid | None = None
+        in_ch = out_ch = 0
+        for i, path in enumerate(paths):
+            src = open_image(path, options.axes)
+            try:
+                lead_axes, lead_shape, spatial = src.layout(nd)
+                if grid0 is None:
+                    grid, geom, in_ch, out_ch = plan_for_model(session, info, spatial, options, notes)
+                    grid0 = grid
+                else:
+                    grid = plan_tiles(spatial, grid0.tile, border=grid0.border, step=grid0.step,
+                                      geometry=options.geometry)
+                # fail early on channel problems, before any output exists
+                lead0 = (0,) * len(lead_shape)
+                to_model_channels(scale_to_unit(src.read(lead0, [slice(0, 1)] * nd)), in_ch,
+                                  select=options.channels, color_handling=color, bgr=bgr)
+                pixel_size = dict(src.pixel_size)
+            finally:
+                src.close()
+            if not pixel_size and info.scaling:
+                pixel_size = {ax: v * 1e6 for ax, v in zip("XYZ", info.scaling)}
+            kind = options.output_kind
+            out_c = 1 if kind == "labels" else out_ch
+            dtype = _out_dtype(kind, out_ch)
+            axes = _array_axes(lead_axes, nd)
+            sizes = dict(zip(lead_axes, lead_shape))
+            spatial_it, chunk_it = iter(spatial), iter(_chunks(spatial, edge))
+            shape = [out_c if a == "C" else sizes[a] if a in sizes else next(spatial_it) for a in axes]
+            chunks = [out_c if a == "C" else 1 if a in sizes else next(chunk_it) for a in axes]
+            n_planes = int(np.prod(lead_shape)) if lead_shape else 1
+            plan = {"package_sha256": digest, "image": _image_identity(path), "grid": grid.to_dict(),
+                    "lead_shape": list(lead_shape), "spatial": list(spatial), "output_kind": kind,
+                    "blend": options.blend, "block": edge, "channels": list(options.channels or []),
+                    "axes": options.axes, "dtype": str(dtype), "array_axes": axes}
+            manifest = {"plan": json.loads(json.dumps(plan)), "array_axes": axes, "lead_axes": lead_axes,
+                        "spatial": list(spatial), "format": "czregistry dask run 1"}
+            attrs = {**_ome_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
+                     "czregistry": {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
+                                    "classes": list(info.classes or []), "axes": axes}}
+
+            def create(root: Path, axes: str = axes, shape: tuple[int, ...] = tuple(shape),
+                       chunks: tuple[int, ...] = tuple(chunks), dtype: np.dtype[Any] = dtype,
+                       attrs: dict[str, Any] = attrs, manifest: dict[str, Any] = manifest) -> None:
+                _create_output(root, axes, shape, chunks, dtype, attrs, manifest)
+
+            creators.append(create)
+            manifests.append(manifest)
+            grids.append(grid)
+            jobs.append(ImageJob(
+                package=str(Path(package).resolve()), digest=digest, backend=backend, device=options.device,
+                image=str(path.resolve()), axes=options.axes, lead_shape=tuple(lead_shape),
+                spatial=tuple(spatial), in_channels=in_ch, out_channels=out_ch, select=options.channels,
+                color_handling=color, bgr=bgr, batch_size=options.batch_size, blend=options.blend,
+                output_kind=kind, array_axes=axes, lead_axes=lead_axes, out_array="", markers=""))
+            blocks.extend(block_tasks(grid, i, n_planes, edge, options.blend))
+    assert geom is not None and grid0 is not None
+
+    # --- outputs: fresh part folders, or what an earlier run left ---
+    roots: list[Path] = []
+    todo: list[Block] = []
+    tiles_skipped = blocks_skipped = 0
+    for i, final in enumerate(outs):
+        root, done = _prepare(final, manifests[i], resume, creators[i], notes)
+        roots.append(root)
+        jobs[i] = replace(jobs[i], out_array=str(root / "0"), markers=str(root / _META / _MARKERS))
+        for b in (b for b in blocks if b.image == i):
+            if b.key in done:
+                tiles_skipped += b.grid.n_tiles
+                blocks_skipped += 1
+            else:
+                todo.append(b)
+    total_run = sum(b.grid.n_tiles for b in todo)
+    grid_tiles = sum(g.n_tiles * (int(np.prod(j.lead_shape)) if j.lead_shape else 1) for g, j in zip(grids, jobs))
+    if on_plan is not None:
+        on_plan(total_run)
+
+    # --- schedule ---
+    remaining = {i: sum(1 for b in todo if b.image == i) for i in range(len(outs))}
+    for i, n in remaining.items():
+        if n == 0:
+            _finish(roots[i], outs[i])
+    tiles_run = 0
+    dashboard: str | None = None
+    workers = 0
+    with contextlib.ExitStack() as stack:
+        if todo:
+            if client is None:
+                client = stack.enter_context(open_dask_client(scheduler))
+            dashboard = _dashboard(client)
+            if dashboard and on_dashboard is not None:
+                on_dashboard(dashboard)
+            workers = len(client.scheduler_info().get("workers", {}))
+            tiles_run = _schedule(client, jobs, todo, paths, progress, total_run,
+                                  lambda i: _finish(roots[i], outs[i]), remaining)
+    seconds = time.perf_counter() - t_start
+    all_tiles = tiles_run + tiles_skipped
+    return DaskRunResult(
+        outputs=[{"output": str(o), "image": str(p), "tiles": g.n_tiles * (int(np.prod(j.lead_shape))
+                                                                          if j.lead_shape else 1),
+                  "blocks": sum(1 for b in blocks if b.image == i), "shape": list(_shape_of(m, j)),
+                  "axes": j.array_axes, "dtype": m["plan"]["dtype"]}
+                 for i, (o, p, g, j, m) in enumerate(zip(outs, paths, grids, jobs, manifests))],
+        scheduler=scheduler, workers=workers, dashboard=dashboard,
+        tiles=grid_tiles, tiles_run=tiles_run, tiles_skipped=tiles_skipped, blocks=len(blocks),
+        blocks_run=len(todo), blocks_skipped=blocks_skipped, block_shape=[edge] * nd,
+        redundancy=round(all_tiles / grid_tiles, 3) if grid_tiles else 1.0, seconds=round(seconds, 3),
+        tiles_per_second=round(tiles_run / seconds, 2) if seconds else 0.0, backend=backend, device=device,
+        grid=grid0.to_dict(), geometry={"stride": list(geom.stride), "halo": list(geom.halo),
+                                        "source": geom.source, "global_context": geom.global_context},
+        notes=notes)
+
+
+def _shape_of(manifest: dict[str, Any], job: ImageJob) -> list[int]:
+    return [*job.lead_shape, *job.spatial, 1 if job.output_kind == "labels" else job.out_channels]
+
+
+def _schedule(client: Any, jobs: list[ImageJob], todo: list[Block], paths: list[Path],
+              progress: Progress | None, total: int, finish: Callable[[int], None],
+              remaining: dict[int, int]) -> int:
+    """Submit every block (retried once), follow completions, stop on the first block that fails twice."""
+    from distributed import as_completed
+
+    run_id = uuid.uuid4().hex[:8]
+    futures = {}
+    for n, b in enumerate(todo):
+        f = client.submit(_run_block, jobs[b.image], b, key=f"czreg-block-{run_id}-{n}", retries=1, pure=False)
+        futures[f.key] = (f, b)
+    done_tiles = 0
+    try:
+        for fut in as_completed([f for f, _ in futures.values()]):
+            _, b = futures[fut.key]
+            if fut.status != "finished":
+                exc = fut.exception()
+                what = b.describe(paths[b.image].name)
+                msg = exc.message if isinstance(exc, CzregError) else f"{type(exc).__name__}: {exc}"
+                raise RunError(f"{what} failed twice: {msg}",
+                               hint="finished blocks keep their markers: fix the cause and rerun with --resume")
+            res = fut.result()
+            done_tiles += int(res["tiles"])
+            if progress is not None:
+                progress(done_tiles, total)
+            remaining[b.image] -= 1
+            if remaining[b.image] == 0:
+                finish(b.image)
+    except BaseException:
+        client.cancel([f for f, _ in futures.values()], force=True)
+        raise
+    return done_tiles

@@ -1,0 +1,193 @@
+"""``czreg run --dask``: on a real LocalCluster of 2 worker processes, the output equals the single-process
+run bit for bit (2D, 3D, several images, blending), a SIGKILLed run resumes to the same bytes, a block that
+fails twice stops the run naming the block, and each worker loads the model once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("distributed")
+
+from czregistry.cli import main
+from czregistry.dask_run import open_dask_client, read_output, run_dask, worker_stats
+from czregistry.errors import RunError
+from czregistry.package import sha256_file
+from czregistry.runner import RunOptions, run
+
+ModelCache = Callable[..., Path]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    """One LocalCluster (2 single-threaded worker processes) shared by the module's library-level tests."""
+    with open_dask_client("local:2", timeout=60) as c:
+        c.wait_for_workers(2, timeout=120)
+        yield c
+
+
+def _single(package: Path, image: Path, out: Path, options: RunOptions) -> np.ndarray:
+    import zarr
+
+    run(package, image, out, options)
+    return np.asarray(zarr.open_array(str(out), mode="r")[...])
+
+
+def _image(path: Path, shape: tuple[int, ...], seed: int, dtype: Any = np.uint8) -> Path:
+    rng = np.random.default_rng(seed)
+    # smooth structure plus noise, so the models' outputs vary across the image
+    base = rng.random(shape)
+    img = (base * np.iinfo(dtype).max).astype(dtype)
+    np.save(path, img)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "blend"), [("probabilities", False), ("labels", True)])
+def test_2d_planes_equal_the_single_process_run(client: Any, model_cache: ModelCache, tmp_path: Path,
+                                                 kind: str, blend: bool) -> None:
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (2, 300, 420), 1)
+    options = RunOptions(output_kind=kind, blend=blend, axes="TYX")  # type: ignore[arg-type]
+    want = _single(pkg, img, tmp_path / "ref.zarr", options)
+    res = run_dask(pkg, [img], tmp_path / "out.zarr", options, client=client, block=128)
+    got = read_output(tmp_path / "out.zarr")
+    assert got.dtype == want.dtype and got.shape == want.shape == (2, 300, 420, 1 if kind == "labels" else 2)
+    assert np.array_equal(got, want)
+    assert res.blocks == 2 * 3 * 4 and res.blocks_run == res.blocks and res.tiles_skipped == 0
+    assert res.tiles_run > res.tiles  # seam tiles are predicted by both neighbouring blocks
+    assert res.workers == 2
+    assert len(list((tmp_path / "out.zarr" / ".czreg" / "blocks").glob("*.done"))) == res.blocks
+    assert not list(tmp_path.glob(".out.zarr*"))  # the part folder was renamed into place
+    # a valid OME-Zarr group that czreg's own reader opens (channel axis before space)
+    from czregistry.images import open_image
+
+    src = open_image(tmp_path / "out.zarr")
+    assert src.axes == "TCYX" and src.shape == (2, want.shape[-1], 300, 420)
+
+
+def test_3d_volume_equals_the_single_process_run(client: Any, model_cache: ModelCache, tmp_path: Path) -> None:
+    pkg = model_cache("unet3d")
+    img = _image(tmp_path / "vol.npy", (20, 90, 110), 2, np.uint16)
+    options = RunOptions(axes="ZYX")
+    want = _single(pkg, img, tmp_path / "ref.zarr", options)
+    res = run_dask(pkg, [img], tmp_path / "out.zarr", options, client=client, block=64)
+    got = read_output(tmp_path / "out.zarr")
+    assert got.shape == want.shape == (20, 90, 110, 2)
+    assert np.array_equal(got, want)
+    assert res.blocks == 1 * 2 * 2
+
+
+def test_several_images_one_output_each(client: Any, model_cache: ModelCache, tmp_path: Path) -> None:
+    pkg = model_cache("unet")
+    a = _image(tmp_path / "a.npy", (300, 420), 3)
+    b = _image(tmp_path / "b.npy", (130, 250), 4)
+    res = run_dask(pkg, [a, b], tmp_path / "outs", RunOptions(), client=client, block=128)
+    assert [Path(o["output"]).name for o in res.outputs] == ["a.ome.zarr", "b.ome.zarr"]
+    for img in (a, b):
+        want = _single(pkg, img, tmp_path / f"ref-{img.stem}.zarr", RunOptions())
+        assert np.array_equal(read_output(tmp_path / "outs" / f"{img.stem}.ome.zarr"), want)
+
+
+def test_each_worker_loads_the_model_once(client: Any, model_cache: ModelCache, tmp_path: Path) -> None:
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (400, 520), 5)
+    for n in range(2):
+        run_dask(pkg, [img], tmp_path / f"out{n}.zarr", RunOptions(), client=client, block=128)
+    stats = list(client.run(worker_stats).values())
+    digest = sha256_file(pkg)
+    busy = [s for s in stats if s["blocks"]]
+    assert len(busy) == 2 and sum(s["blocks"] for s in busy) >= 2 * 4 * 5
+    assert all(s["loads"][digest] == 1 for s in busy), stats
+    assert len({s["pid"] for s in stats}) == 2 and os.getpid() not in {s["pid"] for s in stats}
+
+
+def test_a_block_failing_twice_stops_the_run_and_names_it(client: Any, model_cache: ModelCache,
+                                                          tmp_path: Path) -> None:
+    import zarr
+
+    pkg = model_cache("unet")
+    src = tmp_path / "in.zarr"
+    arr = zarr.open_array(str(src), mode="w", shape=(600, 200), chunks=(100, 200), dtype=np.uint8)
+    arr[...] = np.random.default_rng(6).integers(0, 255, (600, 200), dtype=np.uint8)
+    chunk = src / "c" / "5" / "0"  # rows 500..600: only the last block reads them
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a zstd frame" * 4)
+    with pytest.raises(RunError) as err:
+        run_dask(pkg, [src], tmp_path / "out.zarr", RunOptions(), client=client, block=128)
+    msg = str(err.value)
+    # blocks in block rows 3 and 4 read rows 500..600 (tiles reach past their block); the first to fail is named
+    assert re.search(r"in\.zarr plane 0 block \[[34], [01]\] \(y \d+:\d+, x \d+:\d+\) failed twice: .*Zstd", msg), msg
+    assert "--resume" in (err.value.hint or "")
+    assert not (tmp_path / "out.zarr").exists()
+    markers = {m.name for m in (tmp_path / ".out.zarr.dask.part" / ".czreg" / "blocks").glob("*.done")}
+    assert markers and not {m for m in markers if m.startswith(("p0-3-", "p0-4-"))}
+
+
+def _czreg(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "czregistry", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_a_sigkilled_run_resumes_to_identical_output(model_cache: ModelCache, tmp_path: Path) -> None:
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "big.npy", (1536, 1536), 7)
+    out = tmp_path / "out.zarr"
+    markers = tmp_path / ".out.zarr.dask.part" / ".czreg" / "blocks"
+    args = ["run", str(pkg), str(img), "-o", str(out), "--dask", "local:2", "--block-size", "128", "--json"]
+    proc = _czreg(*args, start_new_session=True)  # its own process group: the kill reaches the workers too
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(markers.glob("*.done"))) < 3:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.05)
+    finally:
+        with_kill = proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert with_kill and not out.exists()  # killed part way
+    finished = len(list(markers.glob("*.done")))
+    assert 0 < finished < 144
+
+    done = _czreg(*args, "--resume", "-q")
+    stdout, stderr = done.communicate(timeout=600)
+    assert done.returncode == 0, stderr
+    res = json.loads(stdout)
+    assert res["tiles_skipped"] > 0 and res["tiles_run"] > 0 and res["blocks_skipped"] >= finished
+    assert res["blocks_skipped"] + res["blocks_run"] == res["blocks"] == 144
+    assert np.array_equal(read_output(out), _single(pkg, img, tmp_path / "ref.zarr", RunOptions()))
+
+    # resuming a finished output runs nothing
+    again = CliRunner().invoke(main, [*args, "--resume", "--dask", "local:1"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["tiles_run"] == 0
+
+
+def test_cli_refuses_dask_options_it_cannot_honour(model_cache: ModelCache, tmp_path: Path) -> None:
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "a.npy", (64, 64), 8)
+    cases = [
+        ([str(img), str(img), "-o", str(tmp_path / "o.zarr")], "single-process runner takes one"),
+        ([str(img), "-o", str(tmp_path / "o.zarr"), "--resume"], "--resume needs --dask"),
+        ([str(img), "-o", str(tmp_path / "o.ome.tiff"), "--dask", "local:1"], "writes OME-Zarr"),
+        ([str(img), "-o", str(tmp_path / "o.zarr"), "--dask", "local:0"], "give a worker count"),
+        ([str(img), "-o", str(tmp_path / "o.zarr"), "--dask", "nonsense"], "expected local:N"),
+    ]
+    for args, words in cases:
+        res = CliRunner().invoke(main, ["run", str(pkg), *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert words in res.output and "Traceback" not in res.output
