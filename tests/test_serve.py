@@ -221,6 +221,7 @@ def _norm(text: str) -> str:
 def test_same_output_and_exit_codes_locally_and_remotely(srv: Srv, pkgs: Callable[..., Path],
                                                          tmp_path: Path) -> None:
     a, b, c = pkgs(model_name="Twin"), pkgs(model_name="Twin"), pkgs(model_name="Twin")
+    (tmp_path / "local").mkdir()  # a registry named explicitly must exist (czreg init); the server's does
     local = f"sqlite:///{tmp_path / 'local' / 'registry.db'}"
     tok = srv.tokens["admin"]
     steps: list[tuple[str, ...]] = [
