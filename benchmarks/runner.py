@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="with --backend null: runs per configuration (best kept)")
     ap.add_argument("--device-convert", action="store_true",
                     help="with --backend null: the session converts to labels/uint8 itself, as a GPU backend does")
+    ap.add_argument("--only", nargs="+", default=None, metavar="KIND:FORMAT",
+                    help="with --backend null: only these configurations, e.g. labels:tiff uint8:zarr")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--compare-zlib", action="store_true",
                     help="with --backend null: also run float32 output with --compression zlib (the old default)")
@@ -302,7 +304,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-"))
     if args.host or args.backend == "null":
-        cases = [(kind, suffix, "auto") for kind, suffix in CASES]
+        cases = [(kind, suffix, "auto") for kind, suffix in CASES
+                 if not args.only or f"{kind}:{'zarr' if suffix == '.zarr' else 'tiff'}" in args.only]
         if args.compare_zlib:
             cases.insert(1, ("probabilities", ".ome.tif", "zlib"))
         sizes = args.sizes if args.sizes != DEFAULT_SIZES else [8192]

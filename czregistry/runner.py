@@ -354,6 +354,54 @@ class _Assembler:
 # --- the pipeline -------------------------------------------------------------------------------------
 
 
+class _Bands:
+    """Full-width input bands (one tile row each), prepared one row ahead on a worker thread.
+
+    ``prepare`` (read, reflect at the far edge, scale, map channels) costs about as much as everything
+    else the reader does; preparing the next row while the reader cuts the current one into batches
+    splits the read stage over two threads. Only the worker touches the image, one band at a time, so
+    readers need not be thread-safe. At most two bands exist at once.
+    """
+
+    def __init__(self, prepare: Callable[[int, Sequence[int], Sequence[int]], np.ndarray], grid: TileGrid,
+                 n_planes: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prepare, self.grid, self.n_planes = prepare, grid, n_planes
+        self.rows = len(grid.axes[0])
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="czreg-band")
+        self.pending: dict[tuple[int, int], Any] = {}
+
+    def _load(self, key: tuple[int, int]) -> np.ndarray:
+        plane, row = key
+        s0 = self.grid.axes[0][row]
+        nd = len(self.grid.padded_shape)
+        return self.prepare(plane, (s0.origin, *(0,) * (nd - 1)), (s0.origin + s0.size, *self.grid.padded_shape[1:]))
+
+    def get(self, plane: int, row: int) -> np.ndarray:
+        key = (plane, row)
+        fut = self.pending.get(key)
+        if fut is None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pending = {key: self.pool.submit(self._load, key)}
+            fut = self.pending[key]
+        else:
+            for k in [k for k in self.pending if k < key]:
+                self.pending.pop(k).cancel()
+        nxt = (plane, row + 1) if row + 1 < self.rows else (plane + 1, 0)
+        if nxt[0] < self.n_planes and nxt not in self.pending:
+            self.pending[nxt] = self.pool.submit(self._load, nxt)
+        return np.asarray(fut.result())
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+
 TileReader = Callable[[int, Tile], np.ndarray]
 
 
@@ -731,7 +779,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
     src = open_image(image, options.axes)
     t_start = time.perf_counter()
     try:
-        with load_session(pkg, options.backend, options.device) as session:
+        with load_session(pkg, options.backend, options.device) as session, contextlib.ExitStack() as stack:
             nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             lead_axes, lead_shape, spatial = src.layout(nd)
             notes: list[str] = []
@@ -753,19 +801,14 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
             # instead of per tile, and each pixel is scaled once.
             band_bytes = grid.tile[0] * int(np.prod(grid.padded_shape[1:])) * max(in_ch, src.channels) * 4
             use_bands = band_bytes <= _MAX_BAND_BYTES
-            band: dict[tuple[int, int], np.ndarray] = {}
+            bands = _Bands(prepare, grid, n_planes)
+            stack.callback(bands.close)
 
             def read(plane: int, tile: Tile) -> np.ndarray:  # a view: the predictor copies it into the batch
                 if not use_bands:
                     return prepare(plane, tile.origin, [o + s.size for o, s in zip(tile.origin, tile.spans)])
-                key = (plane, tile.index[0])
-                if key not in band:
-                    band.clear()
-                    s0 = tile.spans[0]
-                    band[key] = prepare(plane, (s0.origin, *(0,) * (len(spatial) - 1)),
-                                        (s0.origin + s0.size, *grid.padded_shape[1:]))
                 rest = tuple(slice(s.origin, s.origin + s.size) for s in tile.spans[1:])
-                return band[key][(slice(None), *rest)]
+                return bands.get(plane, tile.index[0])[(slice(None), *rest)]
 
             # fail early on channel problems, before any file exists
             read(0, next(iter(grid)))
