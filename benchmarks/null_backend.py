@@ -54,9 +54,9 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
         device = "none"
 
         def __init__(self, in_channels: int = 1, classes: int = 2, spatial_ndim: int = 2,
-                     device_convert: bool = False) -> None:
+                     device_convert: bool = False, batch_suggestion: int | None = None) -> None:
             self.in_channels, self.classes, self.nd = in_channels, classes, spatial_ndim
-            self.device_convert = device_convert
+            self.device_convert, self.batch_suggestion = device_convert, batch_suggestion
             self._cache: dict[tuple[Any, ...], np.ndarray] = {}
 
         @property
@@ -78,6 +78,9 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
             return self._cached(("float32", n, *spatial),
                                 lambda: _probabilities(n, tuple(spatial), self.classes))
 
+        def suggest_batch_size(self, tile_shape: tuple[int, ...], limit: int = 32) -> int | None:
+            return self.batch_suggestion
+
         def converts_on_device(self, kind: str) -> bool:
             return self.device_convert and kind in ("labels", "uint8")
 
@@ -91,9 +94,10 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
         name = NULL_BACKEND
         formats = frozenset({"onnx"})
         device_convert = False
+        batch_suggestion: int | None = None
 
         def load(self, package: Any, device: Any = "auto") -> Session:
-            return NullSession(device_convert=self.device_convert)
+            return NullSession(device_convert=self.device_convert, batch_suggestion=self.batch_suggestion)
 
     return NullSession, NullBackend
 
@@ -103,15 +107,17 @@ def NullSession(**kwargs: Any) -> Any:
     return _session_classes()[0](**kwargs)
 
 
-def register_null_backend(*, device_convert: bool = False) -> None:
+def register_null_backend(*, device_convert: bool = False, batch_suggestion: int | None = None) -> None:
     """Register the ``null`` backend in this process's plugin host (benchmarks and tests only).
 
-    ``device_convert`` makes its sessions offer device-side conversion (``predict_converted``)."""
+    ``device_convert`` makes its sessions offer device-side conversion (``predict_converted``);
+    ``batch_suggestion`` is what they answer to ``suggest_batch_size`` (as a GPU backend would)."""
     from czregistry.hookspecs import hookimpl
     from czregistry.plugins import get_host
 
     _, backend_cls = _session_classes()
     backend_cls.device_convert = device_convert
+    backend_cls.batch_suggestion = batch_suggestion
 
     class NullPlugin:
         @hookimpl

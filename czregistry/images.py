@@ -791,7 +791,7 @@ class ZarrWriterSink:
                 self.busy_seconds += time.perf_counter() - t0
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        while self._pending and (self._pending[0].done() or len(self._pending) >= 4 * self.workers):
+        while self._pending and (self._pending[0].done() or len(self._pending) >= 2 * self.workers):
             self._pending.popleft().result()  # raises what a worker raised
         self._pending.append(self._pool.submit(self._timed, fn, *args))
 

@@ -53,6 +53,9 @@ class RunOptions:
     """What ``czreg run`` lets users choose. ``None`` means: from the package's metadata / measurements."""
 
     batch_size: int = 4
+    #: let the session choose the batch from free device memory (``Session.suggest_batch_size``; GPU
+    #: backends), keeping ``batch_size`` where it has no answer. The CLI sets it when --batch-size is not given.
+    auto_batch: bool = False
     device: Device = "auto"
     backend: str | None = None
     tile: tuple[int, ...] | None = None
@@ -421,7 +424,7 @@ class TiledPredictor:
     float32 rows gives.
     """
 
-    #: batch buffers in the ring: one being filled, ``_QUEUE`` queued, one in the model, one spare
+    #: batch buffers in the ring: one being filled, ``_QUEUE`` queued, one in the model
     _QUEUE = 3
 
     def __init__(self, session: Session, grid: TileGrid, out_channels: int, *, batch_size: int = 4,
@@ -450,7 +453,7 @@ class TiledPredictor:
         stages = self.stage_seconds
         clock = time.perf_counter
         total = n_planes * self.grid.n_tiles
-        ring = min(self._QUEUE + 3, -(-total // self.batch_size))
+        ring = min(self._QUEUE + 2, -(-total // self.batch_size))
         allocated = 0
 
         def put(q: queue.Queue[Any], item: Any) -> bool:
@@ -539,6 +542,10 @@ class TiledPredictor:
 
         threads = [threading.Thread(target=reader, name="czreg-reader", daemon=True),
                    threading.Thread(target=writer, name="czreg-writer", daemon=True)]
+        # outputs alive at once: q_out's, the one being assembled, and one spare
+        hold = getattr(self.session, "hold_outputs", None)
+        if hold is not None:
+            hold(q_out.maxsize + 2)
         for t in threads:
             t.start()
         try:
@@ -577,6 +584,8 @@ class TiledPredictor:
             stop.set()
             for t in threads:
                 t.join(timeout=10)
+            if hold is not None:
+                hold(0)
             stages["predict"] = self.predict_seconds
             stages["convert"] = assembler.convert_seconds
             stages["assemble"] -= stages["emit"] + assembler.convert_seconds  # both run inside assemble's calls
@@ -826,7 +835,13 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                                "classes": list(info.classes or [])}, compression=compression)
             if on_plan is not None:
                 on_plan(n_planes * grid.n_tiles)
-            predictor = TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
+            batch_size = options.batch_size
+            if options.auto_batch and session.batch_limit is None:
+                suggested = session.suggest_batch_size((*grid.tile, in_ch))
+                if suggested:
+                    batch_size = suggested
+                    notes.append(f"batch size {suggested}, chosen from the free memory of {session.device}")
+            predictor = TiledPredictor(session, grid, out_ch, batch_size=batch_size, blend=options.blend,
                                        progress=progress, output_kind=kind)
             t_pipe = time.perf_counter()
             with _temp_output(output) as tmp:
@@ -844,7 +859,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
             return RunResult(
                 output=str(output), format=fmt, output_kind=kind,
                 shape=[*lead_shape, *spatial, out_c], dtype=str(spec.dtype), tiles=predictor.tiles_done,
-                planes=n_planes, batch_size=options.batch_size, seconds=round(seconds, 3),
+                planes=n_planes, batch_size=batch_size, seconds=round(seconds, 3),
                 pipeline_seconds=round(pipeline, 3), predict_seconds=round(predictor.predict_seconds, 3),
                 tiles_per_second=round(predictor.tiles_done / pipeline, 2) if pipeline else 0.0,
                 backend=session.backend, device=session.device, grid=grid.to_dict(),
