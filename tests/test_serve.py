@@ -500,6 +500,28 @@ def test_web_pages_list_models_and_show_a_model(public_srv: Srv, pkgs: Callable[
     assert status == 404 and "no model named" in body.decode()
 
 
+def test_model_page_shows_recorded_evaluations(public_srv: Srv, pkgs: Callable[..., Path]) -> None:
+    """An evaluation recorded with a version (czreg evaluate --record) appears on that version's page: the
+    dataset digest a partner recomputes it on, the metric definitions and the headline numbers."""
+    from czregistry.registry import open_registry
+    from czregistry.registry.evaluations import record_evaluation
+
+    client = RemoteRegistry(public_srv.url, token=public_srv.tokens["admin"])
+    published = client.publish(pkgs(model_name="Judged Model"), version="1.0.0", static=True)
+    digest = published.version["digest"].removeprefix("sha256:")
+    with open_registry(public_srv.registry, public_srv.blobs) as reg:
+        record_evaluation(reg, {"package": {"sha256": digest}, "dataset": {"digest": "sha256:" + "ab" * 32,
+                                                                           "images": 3},
+                                "definition": "czreg-metrics/1", "task": "segmentation",
+                                "metrics": {"mean_iou": 0.8771, "mean_dice": 0.9, "pixel_accuracy": 0.95,
+                                            "iou": {"background": 0.9, "nucleus": 0.853}}})
+    _, body, _ = public_srv.http("GET", "/models/judged-model?version=1.0.0")
+    page = body.decode()
+    for expected in ("Evaluations of 1.0.0", "sha256:abababab", "(3 images)", "czreg-metrics/1", "mean_iou: 0.877",
+                     "nucleus 0.853"):
+        assert expected in page, expected
+
+
 def test_web_page_needs_a_token_without_public_read(srv: Srv) -> None:
     status, body, _ = srv.http("GET", "/", headers={"Accept": "text/html"})
     assert status == 401 and 'action="/login"' in body.decode()

@@ -104,6 +104,25 @@ def _models_table(rows: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _metric(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{_e(k)} {_metric(v)}" for k, v in value.items()) or "-"
+    return f"{value:.3f}" if isinstance(value, float) else _e(value if value is not None else "-")
+
+
+def _evaluations_html(evaluations: list[dict[str, Any]]) -> str:
+    """Recorded evaluations (``czreg evaluate --record``): the dataset they were measured on (by digest, so a
+    partner can recompute them), the metric definitions and the headline numbers."""
+    rows = []
+    for ev in evaluations:
+        metrics = "; ".join(f"{_e(k)}: {_metric(v)}" for k, v in ev["metrics"].items())
+        rows.append(f'<tr><td><code>{_e(str(ev["dataset"]["digest"])[:19])}&hellip;</code> '
+                    f'({_e(ev["dataset"]["images"])} images)</td><td>{_e(ev["definition"])}</td><td>{metrics}</td>'
+                    f'<td class="muted">{_e(ev["recorded_at"])} by {_e(ev["recorded_by"])}</td></tr>')
+    return ("<table><thead><tr><th>Dataset</th><th>Definition</th><th>Metrics</th><th>Recorded</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
 def _report_html(info: dict[str, Any]) -> str:
     rep = info["report"]
     findings = [f for f in rep.get("findings", []) if f.get("severity") in ("error", "warning")]
@@ -185,6 +204,8 @@ def add_web_routes(app: FastAPI, reg: "Registry", auth: "Auth") -> None:
         if shown_version:
             info = details.get(shown_version) or reg.show(f"{cname}=={shown_version}")
             parts.append(f"<h2>Validation report of {_e(shown_version)}</h2>" + _report_html(info))
+            if info.get("evaluations"):
+                parts.append(f"<h2>Evaluations of {_e(shown_version)}</h2>" + _evaluations_html(info["evaluations"]))
             if info.get("yanked"):
                 parts.append(f'<p><span class="badge warn">yanked</span> {_e(info["yanked_reason"])}</p>')
             if info.get("note"):
