@@ -542,9 +542,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     """
     from .backends import load_session
     from .images import open_image, scale_to_unit, to_model_channels
-    from .metadata import ModelInfo
-    from .package import open_package, sha256_file
-    from .runner import RunOptions, _out_dtype, plan_for_model
+    from .package import sha256_file
+    from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
     from .tiling import plan_tiles
 
     options = options or RunOptions()
@@ -561,13 +560,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     for p, o in zip(paths, outs):
         if p.resolve() == o.resolve():
             raise UsageError("the output would overwrite the input image", hint="choose another -o path")
-    pkg = open_package(package)
-    info = ModelInfo.from_package(pkg)
-    if info.type is not None and not info.is_dense:
-        raise UsageError(f"{info.type} models give one result per tile, not an image; czreg run tiles "
-                         "segmentation and regression models only")
-    if options.output_kind == "labels" and info.type == "Regression":
-        raise UsageError("--output-kind labels needs a segmentation model; this one is a regression model")
+    pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
     legacy = pkg.metadata or {}
     bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")

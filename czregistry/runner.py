@@ -34,6 +34,7 @@ import numpy as np
 from .backends import Device, Session, load_session
 from .errors import BackendError, RunError, UsageError
 from .metadata import ModelInfo
+from .package import Package
 from .tiling import Geometry, Tile, TileGrid, blend_weights_1d, plan_tiles
 
 __all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RunOptions", "RunResult", "TiledPredictor",
@@ -602,6 +603,21 @@ def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options:
 # --- the command --------------------------------------------------------------------------------------
 
 
+def open_tileable(package: Path | str, output_kind: OutputKind) -> tuple[Package, ModelInfo]:
+    """Open a package that tiled inference can run, or say why not (``UsageError``): only image-to-image
+    models tile, and labels need class probabilities. Shared by the single-process and the Dask runs."""
+    from .package import open_package
+
+    pkg = open_package(package)
+    info = ModelInfo.from_package(pkg)
+    if info.type is not None and not info.is_dense:
+        raise UsageError(f"{info.type} models give one result per tile, not an image; czreg run tiles "
+                         "segmentation and regression models only")
+    if output_kind == "labels" and info.type == "Regression":
+        raise UsageError("--output-kind labels needs a segmentation model; this one is a regression model")
+    return pkg, info
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -650,20 +666,13 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
     ``on_plan(total_tiles)`` is called once the grid is known (to size a progress bar).
     """
     from .images import OutputSpec, open_image, open_writer, output_format, scale_to_unit, to_model_channels
-    from .package import open_package
 
     options = options or RunOptions()
     output = Path(output)
     fmt = output_format(output)
     if Path(image).resolve() == output.resolve():
         raise UsageError("the output would overwrite the input image", hint="choose another -o path")
-    pkg = open_package(package)
-    info = ModelInfo.from_package(pkg)
-    if info.type is not None and not info.is_dense:
-        raise UsageError(f"{info.type} models give one result per tile, not an image; czreg run tiles "
-                         "segmentation and regression models only")
-    if options.output_kind == "labels" and info.type == "Regression":
-        raise UsageError("--output-kind labels needs a segmentation model; this one is a regression model")
+    pkg, info = open_tileable(package, options.output_kind)
     src = open_image(image, options.axes)
     t_start = time.perf_counter()
     try:

@@ -264,6 +264,32 @@ def test_pack_refuses_a_name_that_is_not_a_package(world: World, tmp_path: Path)
     assert _files(tmp_path) == []
 
 
+def test_probe_window_below_its_minimum_is_one_line(world: World, tmp_path: Path) -> None:
+    r = cli("validate", str(world.pkg), "--max-probe-size", "4", "--report", str(tmp_path / "r.html"))
+    assert r.exit_code == 2, r.output
+    assert "--max-probe-size" in r.output and "Traceback" not in r.output
+    assert _files(tmp_path) == []
+
+
+def test_run_with_a_larger_batch_than_a_fixed_batch_graph_says_how_it_ran(world: World, tmp_path: Path) -> None:
+    """Not an error: a fixed-batch-1 graph runs each batch as single-tile calls, and the run says so (the
+    corpus test checks the output against whole-image inference); a batch fixed above 1 is refused there."""
+    import onnx
+
+    from czregistry.package import open_package, write_package
+
+    src = open_package(world.pkg)
+    model = onnx.load_model_from_string(src.read_model_bytes())
+    for t in (*model.graph.input, *model.graph.output):
+        t.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "b1.czann"
+    write_package(fixed, src.metadata or {}, model.SerializeToString())
+    out = tmp_path / "o.ome.tiff"
+    r = cli("run", str(fixed), str(world.image), "-o", str(out), "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    assert "single-tile calls" in r.output and out.exists()
+
+
 # --- registry ------------------------------------------------------------------------------------------
 
 
