@@ -20,8 +20,8 @@ def main(dest: Path) -> None:
     from czregistry_tensorflow.compose import prepend_and_append
 
     from czregistry.examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model
-    from czregistry.layers import parse_layer_arg
     from czregistry.package import write_package
+    from czregistry.selection import parse_layer
     from tests.models import build_model, export_onnx, metadata_for
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,7 @@ def main(dest: Path) -> None:
     meta["ModelName"] = "gpu-check-unet"
     write_package(dest / "unet.czann", meta, export_onnx(build_model("unet")))
 
-    norm = parse_layer_arg("normalize:" + ",".join(f"{k}={v}" for k, v in EXAMPLE_NORMALIZATION.items()))
+    norm = parse_layer("normalize:" + ",".join(f"{k}={v}" for k, v in EXAMPLE_NORMALIZATION.items()))
     model = prepend_and_append(build_example_model(), [norm], [])
     meta = metadata_for("unet", tile=256, overlap=8)
     meta.update({"ModelName": "gpu-check-example-nuclei", "Classes": EXAMPLE_CLASSES,

@@ -37,13 +37,13 @@ def main() -> None:
     from PIL import Image
 
     from czregistry import pack
-    from czregistry.backends import load_session
     from czregistry.evaluate import EvalOptions, evaluate
     from czregistry.examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
     from czregistry.images import scale_to_unit
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
     from czregistry.runner import RunOptions, model_geometry, predict_image, run
+    from czregistry.selection import load_session
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-eval-"))
     try:

@@ -144,6 +144,7 @@ def register_free_backend() -> None:
     from czregistry.backends import Backend, Session, Signature, TensorInfo
     from czregistry.hookspecs import hookimpl
     from czregistry.plugins import get_host
+    from czregistry.selection import available_backends
 
     class FreeSession(Session):
         backend = "free"
@@ -184,7 +185,7 @@ def register_free_backend() -> None:
             register(FreeBackend)
 
     host = get_host()
-    if "free" not in {cls.name for _, cls in host.backends()}:
+    if "free" not in set(available_backends()):
         host.register_plugin(FreePlugin(), "benchmark-free")
 
 
@@ -244,8 +245,8 @@ def child_runner(package: str, image: str, out: str, batch: int) -> dict[str, An
 
 
 def child_raw(package: str, batch: int, n: int) -> dict[str, Any]:
-    from czregistry.backends import load_session
     from czregistry.package import open_package
+    from czregistry.selection import load_session
 
     with load_session(open_package(package), device="cpu") as s:
         x = np.random.default_rng(0).random((batch, TILE, TILE, 1), dtype=np.float32)

@@ -87,7 +87,7 @@ def _load_savedmodel(folder: Path) -> Any:
 def _load_keras_file(path: Path) -> Any:
     import keras
 
-    from .layers import available_layers
+    from .selection import available_layers
 
     available_layers()  # import plugins so their custom layers are registered before deserialising
     try:

@@ -1,8 +1,11 @@
-"""The inference-backend interface and backend selection.
+"""The inference-backend interface.
 
 A backend plugin registers a ``Backend`` subclass. ``Backend.load`` turns a package's model into a
 ``Session``: loaded once, then ``predict`` is called per batch (never load per tile). Sessions report
 the model's real signature, so checks compare it with the metadata instead of trusting either.
+
+This module is a leaf (it imports nothing of czregistry but errors): choosing among the registered backends
+is ``czregistry.selection``'s job, so the plugin host can validate what plugins register without a circle.
 """
 
 from __future__ import annotations
@@ -11,15 +14,14 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from .errors import BackendError, CzregError, NoBackendError, UsageError
+from .errors import BackendError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .package import ModelFormat, Package
+    from .package import Package
 
-__all__ = ["Backend", "Device", "Session", "Signature", "TensorInfo", "available_backends", "load_session",
-           "select_backend", "validate_backend_class"]
+__all__ = ["Backend", "Device", "Session", "Signature", "TensorInfo", "validate_backend_class"]
 
 Device = Literal["auto", "cpu", "gpu"]
 #: Which plugin to install for a model format, quoted in the "no backend" error.
@@ -123,88 +125,3 @@ def validate_backend_class(obj: Any) -> str:
     if not getattr(obj, "name", None) or not getattr(obj, "formats", None):
         raise TypeError("a Backend needs a non-empty 'name' and 'formats'")
     return str(obj.name)
-
-
-def available_backends() -> dict[str, tuple[str, type[Backend]]]:
-    """``{backend name: (plugin name, class)}`` for every registered backend."""
-    from .plugins import get_host
-
-    return {cls.name: (plugin, cls) for plugin, cls in get_host().backends()}
-
-
-def _ask(plugin: str, cls: type[Backend], question: str) -> bool:
-    """``cls.is_available()`` or ``cls.gpu_available()``; a crash in that plugin code becomes a
-    ``BackendError`` naming the plugin, never a traceback."""
-    try:
-        return bool(getattr(cls, question)())
-    except Exception as exc:
-        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' crashed in {question}(): "
-                           f"{type(exc).__name__}: {exc}",
-                           hint=f"report this to the author of plugin '{plugin}'") from exc
-
-
-def select_backend(model_format: ModelFormat, name: str | None = None, device: Device = "auto") -> type[Backend]:
-    """The backend class to run ``model_format``: the user's choice (``--backend``), else among the
-    available backends for the format: with ``device="auto"`` the first (by priority) that has a GPU, else
-    the highest priority; with ``"gpu"`` only backends with a GPU; with ``"cpu"`` the highest priority.
-    ``gpu_available()`` is asked only of backends that can run the format, in priority order, stopping at
-    the first yes. Raises ``UsageError`` for an unknown name and ``NoBackendError`` (whose hint names the
-    plugin to install) when nothing can run the format, or nothing can run it on a GPU for ``"gpu"``."""
-    backends = available_backends()
-    if name is not None:
-        if name not in backends:
-            known = ", ".join(sorted(backends)) or "none installed"
-            raise UsageError(f"unknown backend '{name}' (installed: {known})",
-                             hint="see 'czreg plugins' for what is installed")
-        plugin, cls = backends[name]
-        if model_format not in cls.formats:
-            raise NoBackendError(f"backend '{name}' cannot run {model_format} models "
-                                 f"(it runs {', '.join(sorted(cls.formats))})",
-                                 hint="leave out --backend to pick one that can")
-        if not _ask(plugin, cls, "is_available"):
-            raise NoBackendError(f"backend '{name}' is installed but its engine does not import here",
-                                 hint=f"reinstall plugin '{plugin}'")
-        if device == "gpu" and not _ask(plugin, cls, "gpu_available"):
-            raise BackendError(f"--device gpu was requested but backend '{name}' sees no usable GPU",
-                               hint="use --device auto or cpu, or install the GPU build of the engine")
-        return cls
-    candidates = sorted((cls for plugin, cls in backends.values()
-                         if model_format in cls.formats and _ask(plugin, cls, "is_available")),
-                        key=lambda c: -c.priority)
-    if not candidates:
-        package = PLUGIN_FOR_FORMAT.get(model_format)
-        if package is None:
-            raise NoBackendError(f"no installed backend can run {model_format} models",
-                                 hint="model.model is neither ONNX nor a zipped SavedModel; see 'czreg plugins'")
-        raise NoBackendError(f"no installed backend can run {model_format} models",
-                             hint=f"install the {package} plugin (pip install {package})")
-    if device == "cpu" or (device == "auto" and len(candidates) == 1):
-        return candidates[0]
-    for cls in candidates:
-        if _ask(backends[cls.name][0], cls, "gpu_available"):
-            return cls
-    if device == "gpu":
-        tried = ", ".join(c.name for c in candidates)
-        raise NoBackendError(f"--device gpu was requested but no installed backend for {model_format} models "
-                             f"sees a usable GPU (tried: {tried})",
-                             hint=f"{GPU_HINT_FOR_FORMAT.get(model_format, 'see czreg plugins')}, or use --device cpu")
-    return candidates[0]
-
-
-def load_session(package: Package, backend: str | None = None, device: Device = "auto") -> Session:
-    """Load the package's model once with the selected backend. Any failure is a ``BackendError``; one
-    caused by a bug in a backend plugin (not a ``CzregError``) names the plugin."""
-    cls = select_backend(package.model_format, backend, device)
-    plugin = available_backends()[cls.name][0]
-    try:
-        session = cls().load(package, device)
-    except CzregError:
-        raise
-    except Exception as exc:
-        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' failed to load the model: "
-                           f"{type(exc).__name__}: {exc}",
-                           hint=f"if the package is valid, report this to the author of plugin '{plugin}'") from exc
-    if not isinstance(session, Session):
-        raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' returned {type(session).__name__}, "
-                           "not a Session", hint=f"report this to the author of plugin '{plugin}'")
-    return session

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
+from .imagesource import ImageSource
 
 __all__ = ["CziArray", "open_czi"]
 
@@ -67,10 +68,8 @@ class CziArray:
         return out[..., idx["C"]] if "C" in idx else out
 
 
-def open_czi(path: Path) -> Any:
-    """An ``images.ImageSource`` over a CZI file."""
-    from .images import ImageSource
-
+def open_czi(path: Path) -> ImageSource:
+    """An ``ImageSource`` over a CZI file."""
     try:
         from pylibCZIrw import czi as pyczi
     except ImportError as exc:

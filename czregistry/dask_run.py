@@ -348,8 +348,8 @@ def _pin_gpu(device: str) -> None:
 
 
 def _session(job: ImageJob) -> Any:
-    from .backends import load_session
     from .package import open_package, sha256_file
+    from .selection import load_session
 
     key = (job.digest, job.backend, job.device)
     with _LOCK:
@@ -540,10 +540,10 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
     closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D).
     """
-    from .backends import load_session
     from .images import open_image, scale_to_unit, to_model_channels
     from .package import sha256_file
     from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
+    from .selection import load_session
     from .tiling import plan_tiles
 
     options = options or RunOptions()

@@ -21,7 +21,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import RunError, UsageError
+from .imagesource import ImageSource, guess_axes
 
 __all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
            "guess_axes", "open_image", "open_writer", "output_format", "scale_to_unit", "to_model_channels"]
@@ -36,87 +37,6 @@ __all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writ
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _UNIT_TO_UM = {"m": 1e6, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
-
-
-@dataclass
-class ImageSource:
-    """A lazily indexable image. ``array[...]`` returns numpy; ``axes`` has one letter per dimension."""
-
-    path: Path
-    array: Any
-    axes: str
-    pixel_size: dict[str, float] = field(default_factory=dict)  # micrometres per pixel, keys "X", "Y", "Z"
-    closer: Callable[[], None] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.array.shape)
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return np.dtype(self.array.dtype)
-
-    @property
-    def channels(self) -> int:
-        return self.shape[self.axes.index("C")] if "C" in self.axes else 1
-
-    def layout(self, spatial_ndim: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-        """``(leading axes, leading shape, spatial shape)`` for a model with ``spatial_ndim`` spatial dims."""
-        rest = [a for a in self.axes if a != "C"]
-        if len(rest) < spatial_ndim:
-            raise UsageError(f"{self.path.name}: axes '{self.axes}' have fewer than {spatial_ndim} spatial dims",
-                             hint="pass --axes to say which dims are spatial")
-        spatial = rest[-spatial_ndim:]
-        lead = rest[:-spatial_ndim]
-        shape = dict(zip(self.axes, self.shape))
-        return "".join(lead), tuple(shape[a] for a in lead), tuple(shape[a] for a in spatial)
-
-    def read(self, lead_index: Sequence[int], region: Sequence[slice]) -> np.ndarray:
-        """Read one region of one plane as ``(*spatial, C)`` in the file's dtype."""
-        spatial_ndim = len(region)
-        lead_axes, _, _ = self.layout(spatial_ndim)
-        rest = [a for a in self.axes if a != "C"]
-        key: list[Any] = []
-        li = dict(zip(lead_axes, lead_index))
-        si = dict(zip(rest[-spatial_ndim:], region))
-        for a in self.axes:
-            key.append(slice(None) if a == "C" else (li[a] if a in li else si[a]))
-        block = np.asarray(self.array[tuple(key)])
-        if "C" in self.axes:
-            kept = [a for a in self.axes if a not in li]
-            block = np.moveaxis(block, kept.index("C"), -1)
-        else:
-            block = block[..., None]
-        return block
-
-    def read_padded(self, lead_index: Sequence[int], starts: Sequence[int], stops: Sequence[int],
-                    spatial_shape: Sequence[int]) -> np.ndarray:
-        """Like ``read`` but the region may reach past the far end: those pixels are reflected."""
-        from .tiling import reflect_indices
-
-        if all(stop <= n for stop, n in zip(stops, spatial_shape)):
-            return self.read(lead_index, [slice(a, b) for a, b in zip(starts, stops)])
-        idx = [reflect_indices(a, b, n) for a, b, n in zip(starts, stops, spatial_shape)]
-        lo = [int(i.min()) for i in idx]
-        block = self.read(lead_index, [slice(lo_, int(i.max()) + 1) for lo_, i in zip(lo, idx)])
-        return block[np.ix_(*(i - lo_ for i, lo_ in zip(idx, lo)), np.arange(block.shape[-1]))]
-
-    def close(self) -> None:
-        if self.closer is not None:
-            self.closer()
-            self.closer = None
-
-
-def guess_axes(shape: Sequence[int]) -> str:
-    """Axes for arrays without metadata: a last dim of at most 4 is taken as channels."""
-    nd = len(shape)
-    if nd < 2:
-        raise UsageError(f"an image needs at least 2 dimensions, this one has shape {tuple(shape)}")
-    has_c = nd >= 3 and shape[-1] <= 4
-    spatial_and_lead = "TZYX"[-(nd - has_c):] if nd - has_c <= 4 else None
-    if spatial_and_lead is None:
-        raise UsageError(f"cannot guess the axes of a {nd}-dim array", hint="pass --axes, e.g. --axes TZYXC")
-    return spatial_and_lead + ("C" if has_c else "")
 
 
 def _check_axes(axes: str, ndim: int, path: Path) -> str:

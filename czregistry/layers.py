@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from .errors import UsageError
 
-__all__ = ["LayerSpec", "Param", "available_layers", "parse_layer_arg", "validate_layer_spec"]
+__all__ = ["LayerSpec", "Param", "parse_layer_arg", "validate_layer_spec"]
 
 ParamType = Literal["float", "int", "floats", "ints", "str", "bool"]
 
@@ -61,12 +61,6 @@ def validate_layer_spec(obj: Any) -> str:
             raise TypeError(f"layer '{obj.name}': parameter '{key}' must be a Param with type one of "
                             f"{', '.join(get_args(ParamType))}")
     return f"{obj.name} ({obj.kind})"
-
-
-def available_layers() -> dict[str, tuple[str, LayerSpec]]:
-    from .plugins import get_host
-
-    return {spec.name: (plugin, spec) for plugin, spec in get_host().layers()}
 
 
 def _split_top(text: str) -> list[str]:
@@ -121,10 +115,9 @@ def _convert(layer: str, key: str, raw: str, p: Param) -> Any:
                          hint="lists are written [1,2,3]") from exc
 
 
-def parse_layer_arg(arg: str, specs: dict[str, LayerSpec] | None = None) -> tuple[LayerSpec, dict[str, Any]]:
-    """Parse ``normalize:mean=0.5,std=0.2`` into the spec and typed keyword arguments."""
-    if specs is None:
-        specs = {name: spec for name, (_, spec) in available_layers().items()}
+def parse_layer_arg(arg: str, specs: dict[str, LayerSpec]) -> tuple[LayerSpec, dict[str, Any]]:
+    """Parse ``normalize:mean=0.5,std=0.2`` into the spec and typed keyword arguments. ``specs`` is what the
+    plugins registered (``czregistry.selection.layer_specs()``)."""
     name, _, rest = arg.partition(":")
     name = name.strip()
     if name not in specs:

@@ -135,7 +135,8 @@ def _merge_onnx_layers(data: bytes, pre: Any, post: Any) -> bytes:
 
 
 def _layer_calls(items: Iterable[LayerArg], kind: str) -> list[tuple[LayerSpec, dict[str, Any]]]:
-    from .layers import available_layers, parse_layer_arg
+    from .layers import parse_layer_arg
+    from .selection import available_layers
 
     specs = {name: spec for name, (_, spec) in available_layers().items()}
     out: list[tuple[LayerSpec, dict[str, Any]]] = []
@@ -364,8 +365,8 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
                       final_meta: dict[str, Any], model_bytes: bytes, lic: Path | None, inputs: list[np.ndarray],
                       expected: list[np.ndarray], notes: list[str], force: bool,
                       validate_options: ValidateOptions | None) -> PackResult:
-    from .backends import load_session
     from .package import is_license_name, open_package, sha256_file, write_package
+    from .selection import load_session
     from .validate import validate
 
     output.parent.mkdir(parents=True, exist_ok=True)

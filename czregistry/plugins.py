@@ -133,7 +133,7 @@ class PluginHost:
 
     # -- calling --------------------------------------------------------------------------------------
 
-    def _collect(self, hook_name: str, validate: Callable[[Any], str],
+    def collect(self, hook_name: str, validate: Callable[[Any], str],
                  key: Callable[[Any], str] | None = None) -> list[tuple[str, Any]]:
         """Call one hook plugin by plugin, so a misbehaving plugin is named and skipped, not fatal.
 
@@ -189,24 +189,6 @@ class PluginHost:
         self._cache[hook_name] = found
         return found
 
-    def backends(self) -> list[tuple[str, Any]]:
-        """``[(plugin name, Backend subclass)]``, backend names unique."""
-        from .backends import validate_backend_class
-
-        return self._collect("register_backends", validate_backend_class, key=lambda cls: str(cls.name))
-
-    def layers(self) -> list[tuple[str, Any]]:
-        """``[(plugin name, LayerSpec)]``, layer names unique."""
-        from .layers import validate_layer_spec
-
-        return self._collect("register_layers", validate_layer_spec, key=lambda spec: str(spec.name))
-
-    def checks(self) -> list[tuple[str, Any]]:
-        """``[(plugin name, Check)]``, check ids unique."""
-        from .checks import validate_check
-
-        return self._collect("register_checks", validate_check, key=lambda check: str(check.id))
-
     def add_commands(self, cli: Any) -> None:
         """Let plugins add commands; one that would replace an existing command is undone and reported."""
         for impl in self.pm.hook.register_commands.get_hookimpls():
@@ -227,20 +209,10 @@ class PluginHost:
                 elif name not in before:
                     info.registered.setdefault("commands", []).append(name)
 
-    def plugin_infos(self) -> list[PluginInfo]:
-        """Every plugin with what it registered and its errors (each hook is run once for this)."""
-        self.backends()
-        self.layers()
-        self.checks()
+    def collected_infos(self) -> list[PluginInfo]:
+        """Every plugin known so far with what it registered and its errors, built-ins first. Only hooks
+        already collected are reflected: ``czregistry.selection.plugin_infos`` collects every kind first."""
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
-
-    def problems(self) -> list[str]:
-        """One line per plugin error, each naming the plugin (for warnings in reports and ``czreg plugins``)."""
-        lines = [f"CZREG_PLUGINS names '{name}' but no installed plugin has that entry-point name"
-                 for name in self.missing]
-        for info in self.plugin_infos():
-            lines.extend(f"plugin '{info.name}': {err}" for err in info.errors)
-        return lines
 
 
 _host: PluginHost | None = None

@@ -31,10 +31,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backends import Device, Session, load_session
+from .backends import Device, Session
 from .errors import BackendError, RunError, UsageError
 from .metadata import ModelInfo
 from .package import Package
+from .selection import load_session
 from .tiling import Geometry, Tile, TileGrid, blend_weights_1d, plan_tiles
 
 __all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RunOptions", "RunResult", "TiledPredictor",

@@ -36,6 +36,7 @@ __all__ = [
     "CZANN_VERSIONS",
     "CZMODEL_VERSIONS",
     "SchemaInfo",
+    "describe_value",
     "json_pointer",
     "list_schemas",
     "load_schema",
@@ -43,7 +44,6 @@ __all__ = [
     "schema_text",
     "select_schema",
     "validate_against",
-    "validate_conversion_spec",
     "validate_metadata",
     "validate_package_metadata",
 ]
@@ -161,7 +161,7 @@ _JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boo
               int: "an integer", float: "a number"}
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     return _JSON_TYPE.get(type(value), type(value).__name__)
 
 
@@ -169,7 +169,7 @@ def _message(err: Any, parts: Sequence[str | int]) -> str:
     where, kw, want, inst = _field(parts), err.validator, err.validator_value, err.instance
     if kw == "type":
         types = want if isinstance(want, list) else [want]
-        return f"{where} must be {' or '.join(str(t) for t in types)}, not {_describe(inst)} ({_short(inst)})"
+        return f"{where} must be {' or '.join(str(t) for t in types)}, not {describe_value(inst)} ({_short(inst)})"
     if kw == "enum":
         return f"{where} is {_short(inst)}, which is not one of: {', '.join(str(v) for v in want)}"
     if kw == "const":
@@ -331,30 +331,3 @@ def validate_package_metadata(package: Package, report: Report) -> list[Finding]
     version, findings = validate_metadata(package.kind, package.metadata, package.metadata_member)
     report.schema_version = version
     return findings
-
-
-# --- conversion specs ----------------------------------------------------------------------------------
-
-_LEGACY_SPEC_KEYS = frozenset({"BorderSize", "ColorHandling", "PixelType", "Classes", "TestImageFile"})
-
-
-def validate_conversion_spec(obj: Any, *, source: str = "conversion-spec.json") -> list[Finding]:
-    """Check a conversion spec (either style) before packing; never raises for bad content.
-
-    Structural problems have check id ``conversion_spec.schema`` (unknown keys:
-    ``conversion_spec.unknown_field``); the CZANN style's ``ModelMetadata`` also gets the semantic
-    ``metadata.*`` checks, located under ``#/ModelMetadata``.
-    """
-    if not isinstance(obj, dict):
-        return [Finding.error("conversion_spec.schema", f"a conversion spec is a JSON object, not {_describe(obj)}",
-                              location=f"{source}#", hint="see 'czreg schemas show conversion-spec-czann'")]
-    if "ModelMetadata" in obj or not (_LEGACY_SPEC_KEYS & obj.keys()):
-        findings = validate_against("conversion-spec-czann", obj, source, check="conversion_spec.schema")
-        meta = obj.get("ModelMetadata")
-        if isinstance(meta, dict):
-            from .checks.metadata import semantic_findings
-
-            findings += semantic_findings("czann", meta, CZANN_VERSIONS[-1], source, prefix=["ModelMetadata"],
-                                          spec=True)
-        return findings
-    return validate_against("conversion-spec-legacy", obj, source, check="conversion_spec.schema")

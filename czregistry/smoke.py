@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Device, load_session
+from .backends import Device
 from .errors import CzregError
 from .metadata import ModelInfo
 from .report import Finding, Report
+from .selection import load_session
 
 __all__ = ["SEAM_TOLERANCE", "smoke_test", "synthetic_image"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from .checks import CheckContext, ValidateOptions
 from .errors import CzregError, PackageError, UsageError
 from .package import inspect_package, sha256_file
-from .plugins import get_host
 from .report import Finding, Report, Severity
+from .selection import load_session, registered_checks
 
 __all__ = ["ValidateOptions", "validate"]
 
@@ -32,9 +32,9 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
     if package is None:
         return report
     report.format = package.kind
-    ctx = CheckContext(package=package, report=report, options=options)
+    ctx = CheckContext(package=package, report=report, options=options, load_session=load_session)
     timings: dict[str, float] = {}
-    checks = sorted(get_host().checks(), key=lambda pc: (pc[1].order, pc[1].id))
+    checks = registered_checks()
     try:
         for plugin, check in checks:
             if check.needs_model:

@@ -16,10 +16,10 @@ from czregistry_onnx import OnnxRuntimeBackend
 from czregistry_tensorflow import TensorFlowBackend
 from czregistry_tensorflow.backend import extract_savedmodel
 
-from czregistry.backends import load_session, select_backend
 from czregistry.errors import BackendError, NoBackendError, UsageError
 from czregistry.package import ReadLimits, open_package, write_package, zip_directory
 from czregistry.plugins import reset_host
+from czregistry.selection import load_session, select_backend
 from czregistry.testing import check_backend, check_input
 from tests.models import metadata_for
 

@@ -71,10 +71,10 @@ def tiled_minus_whole(path: Path, shape: tuple[int, ...], *, tile: tuple[int, ..
                       stride: tuple[int, ...], seed: int = 0) -> float:
     """Largest |tiled - whole| on a random image: the runner's tiling (stride grid, ``border`` px dropped at
     inner tile edges) against one prediction of the whole image (reflected out as the runner pads it)."""
-    from czregistry.backends import load_session
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
     from czregistry.runner import ModelGeometry, RunOptions, predict_image
+    from czregistry.selection import load_session
     from czregistry.tiling import reflect_indices
 
     package = open_package(path)
@@ -214,8 +214,8 @@ def test_a_classifier_is_valid_and_not_probed_spatially(reports: Callable[[str],
 @pytest.fixture
 def batch1(corpus: Callable[[str], Path]) -> Iterator[Path]:
     path = corpus("care-unet-batch1")
-    from czregistry.backends import load_session
     from czregistry.package import open_package
+    from czregistry.selection import load_session
 
     with load_session(open_package(path)) as session:
         assert session.signature.inputs[0].shape[0] == 1  # the export really fixed the batch
@@ -238,8 +238,8 @@ def test_fixed_batch_model_runs_and_smokes_with_defaults(batch1: Path, tmp_path:
     assert "single-tile calls" in result.output  # batches of 4 ran as one tile per call, and it says so
     tiled = tifffile.imread(out).astype(np.float64).reshape(700, 900)
     # exact against whole-image inference away from the image edge (the runner reflects at the edges)
-    from czregistry.backends import load_session
     from czregistry.package import open_package
+    from czregistry.selection import load_session
 
     with load_session(open_package(batch1)) as session:
         x = (img.astype(np.float32) / 65535.0)[None, :, :, None]
@@ -264,11 +264,11 @@ def test_publish_smoke_accepts_a_fixed_batch_model(batch1: Path) -> None:
 def test_a_batch_fixed_above_one_is_refused_clearly(tmp_path: Path, corpus: Callable[[str], Path]) -> None:
     import onnx
 
-    from czregistry.backends import load_session
     from czregistry.errors import RunError
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package, write_package
     from czregistry.runner import predict_image
+    from czregistry.selection import load_session
 
     src = open_package(corpus("care-unet-batch1"))
     model = onnx.load_model_from_string(src.read_model_bytes())

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from czregistry.checks import ValidateOptions
+from czregistry.checks.metadata import validate_conversion_spec
 from czregistry.errors import PackageError
 from czregistry.package import inspect_package, parse_legacy_xml, write_package
 from czregistry.report import Report
-from czregistry.schemas import validate_conversion_spec
 from czregistry.validate import validate
 from tests.static_packages import ONNX_BYTES
 

@@ -17,7 +17,8 @@ from czregistry_tensorflow.compose import prepend_and_append
 from czregistry_tensorflow.export import export_savedmodel_zip, to_onnx
 
 from czregistry.errors import PackError, UsageError
-from czregistry.layers import LayerSpec, parse_layer_arg
+from czregistry.layers import LayerSpec
+from czregistry.selection import parse_layer
 from czregistry.testing import check_layer
 
 SPECS = {spec.name: spec for spec in LAYER_SPECS}
@@ -27,7 +28,7 @@ X4 = RNG.random((2, 16, 12, 4), dtype=np.float32)
 
 
 def _apply(arg: str, x: np.ndarray) -> np.ndarray:
-    spec, kwargs = parse_layer_arg(arg)
+    spec, kwargs = parse_layer(arg)
     return np.asarray(spec.factory(**kwargs)(x))
 
 
@@ -100,7 +101,7 @@ CONTRACT_ARGS: dict[str, tuple[str, int]] = {
 @pytest.mark.parametrize("name", sorted(CONTRACT_ARGS))
 def test_layer_survives_savedmodel_and_onnx(name: str) -> None:
     arg, channels = CONTRACT_ARGS[name]
-    spec, kwargs = parse_layer_arg(arg)
+    spec, kwargs = parse_layer(arg)
     result = check_layer(spec, kwargs, channels=channels, value_scale=255.0 if name != "sigmoid_to_softmax" else 1.0)
     assert result.savedmodel_max_abs <= 1e-4 and result.onnx_max_abs <= 1e-4
     assert (result.invariance_max_abs is None) == (not spec.local)
@@ -151,7 +152,7 @@ def test_contract_check_catches_an_unregistered_layer() -> None:
 def test_local_layers_keep_the_projects_unet_invariant(model_cache: Callable[..., Path]) -> None:
     """Tiles of a U-Net (step 4) with every local pre layer give the whole image's output away from edges."""
     unet = model_cache.keras_model("unet", channels=3)  # type: ignore[attr-defined]
-    pre = [parse_layer_arg(a) for a in ("rgb_to_bgr", "normalize:mean=[0.5,0.4,0.3],std=0.2", "shift:offset=0.1",
+    pre = [parse_layer(a) for a in ("rgb_to_bgr", "normalize:mean=[0.5,0.4,0.3],std=0.2", "shift:offset=0.1",
                                         "scale:factor=0.5", "transpose_channels:order=[1,0,2]")]
     model = prepend_and_append(unet, pre, [], spatial_dims=(None, None))
     x = np.random.default_rng(5).random((1, 96, 96, 3), dtype=np.float32)
@@ -167,8 +168,8 @@ def test_composed_model_serializes_as_keras_file(tmp_path: Path) -> None:
 
     from czregistry.testing import invariant_conv_model
 
-    pre = [parse_layer_arg(a) for a in ("rgb_to_bgr", "normalize:mean=0.5,std=0.25", "per_image_standardization")]
-    post = [parse_layer_arg("sigmoid_to_softmax")]
+    pre = [parse_layer(a) for a in ("rgb_to_bgr", "normalize:mean=0.5,std=0.25", "per_image_standardization")]
+    post = [parse_layer("sigmoid_to_softmax")]
     model = prepend_and_append(invariant_conv_model(3, 1, activation="sigmoid"), pre, post)
     model.save(tmp_path / "m.keras")
     revived = keras.saving.load_model(tmp_path / "m.keras")
@@ -182,7 +183,7 @@ def test_composed_model_serializes_as_keras_file(tmp_path: Path) -> None:
 
 def test_prepend_and_append_sets_spatial_dims_and_keeps_weights(model_cache: Callable[..., Path]) -> None:
     unet = model_cache.keras_model("unet", channels=3)  # type: ignore[attr-defined]
-    model = prepend_and_append(unet, [parse_layer_arg("scale:factor=1")], [], spatial_dims=(64, 64))
+    model = prepend_and_append(unet, [parse_layer("scale:factor=1")], [], spatial_dims=(64, 64))
     assert model.input_shape == (None, 64, 64, 3)
     x = np.random.default_rng(1).random((1, 64, 64, 3), dtype=np.float32)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(unet(x)), atol=1e-6)
@@ -200,7 +201,7 @@ def test_prepend_and_append_errors_name_the_layer(model_cache: Callable[..., Pat
                                                   post: list[str], message: str) -> None:
     unet = model_cache.keras_model("unet", channels=3)  # type: ignore[attr-defined]
     with pytest.raises(PackError, match=message):
-        prepend_and_append(unet, [parse_layer_arg(a) for a in pre], [parse_layer_arg(a) for a in post])
+        prepend_and_append(unet, [parse_layer(a) for a in pre], [parse_layer(a) for a in post])
 
 
 def test_export_helpers(model_cache: Callable[..., Path]) -> None:
@@ -229,7 +230,7 @@ def test_export_helpers(model_cache: Callable[..., Path]) -> None:
     ("percentile_normalize:high=99,clip=yes", {"low": 1.0, "high": 99.0, "clip": True}),
 ])
 def test_parse_layer_arg(arg: str, expected: dict[str, Any]) -> None:
-    _, kwargs = parse_layer_arg(arg)
+    _, kwargs = parse_layer(arg)
     assert kwargs == expected
 
 
@@ -251,6 +252,6 @@ def test_parse_layer_arg(arg: str, expected: dict[str, Any]) -> None:
 ])
 def test_parse_layer_arg_errors(arg: str, message: str) -> None:
     with pytest.raises(UsageError) as err:
-        parse_layer_arg(arg)
+        parse_layer(arg)
     assert err.value.message == message
     assert err.value.exit_code == 2

@@ -55,8 +55,8 @@ def unet_files(models: Callable[..., Any], tmp_path_factory: pytest.TempPathFact
 
 
 def _predict_package(path: Path, x: np.ndarray) -> np.ndarray:
-    from czregistry.backends import load_session
     from czregistry.package import open_package
+    from czregistry.selection import load_session
 
     with load_session(open_package(path), device="cpu") as session:
         return session.predict(x)
@@ -113,7 +113,7 @@ def test_each_file_kind_round_trips_through_the_cli(kind: str, unet_files: dict[
 
 def test_onnx_source_takes_layers(models: Callable[..., Any], tmp_path: Path) -> None:
     import czregistry
-    from czregistry.layers import parse_layer_arg
+    from czregistry.selection import parse_layer
     from tests.models import export_onnx
 
     model = models("regression", classes=1)
@@ -124,7 +124,7 @@ def test_onnx_source_takes_layers(models: Callable[..., Any], tmp_path: Path) ->
                              postprocessing=["sigmoid_to_softmax"])
     assert result.valid, result.report.to_json()
     assert result.metadata["OutputShape"] == [32, 32, 2] and result.parity_max_abs_diff < 1e-4  # type: ignore[operator]
-    pre = [parse_layer_arg(a) for a in ("normalize:mean=0.5,std=0.2", "sigmoid_to_softmax")]
+    pre = [parse_layer(a) for a in ("normalize:mean=0.5,std=0.2", "sigmoid_to_softmax")]
     x = _rand(1, 32, 32, 1)
     want = np.asarray(pre[1][0].factory(**pre[1][1])(model(pre[0][0].factory(**pre[0][1])(x))))
     assert np.abs(_predict_package(result.path, x) - want).max() < 1e-4
@@ -149,8 +149,8 @@ def test_czann_style_spec_resolves_paths_relative_to_the_json(unet_files: dict[s
     with zipfile.ZipFile(tmp_path / "out" / "spec.czann") as zf:
         assert zf.read("LICENSE.txt") == b"Apache-2.0\n"
     # the model kept free spatial dims (InputShape is metadata only, no reset)
-    from czregistry.backends import load_session
     from czregistry.package import open_package
+    from czregistry.selection import load_session
 
     with load_session(open_package(tmp_path / "out" / "spec.czann"), device="cpu") as s:
         assert s.signature.inputs[0].shape[1:3] == (None, None)
@@ -287,7 +287,7 @@ def _layer_cases() -> Iterable[tuple[str, str, int, str]]:
 
 
 def test_every_installed_layer_is_covered() -> None:
-    from czregistry.layers import available_layers
+    from czregistry.selection import available_layers
 
     covered = {arg.split(":")[0] for arg, *_ in _layer_cases()}
     assert set(available_layers()) == covered
@@ -299,7 +299,7 @@ def test_every_builtin_layer_packs_with_parity(arg: str, kind: str, channels: in
                                                models: Callable[..., Any], tmp_path: Path) -> None:
     import czregistry
     from czregistry.checks import ValidateOptions
-    from czregistry.layers import parse_layer_arg
+    from czregistry.selection import parse_layer
 
     classes = 1 if model_kind == "regression" else 2
     model = models(model_kind, channels=channels, classes=classes)
@@ -311,7 +311,7 @@ def test_every_builtin_layer_packs_with_parity(arg: str, kind: str, channels: in
     assert result.valid, result.report.to_json()
     assert result.parity_max_abs_diff is not None and result.parity_max_abs_diff < 1e-4
     # the package equals layer(model) / model(layer) computed eagerly with the same layer
-    spec, kwargs = parse_layer_arg(arg)
+    spec, kwargs = parse_layer(arg)
     layer = spec.factory(**kwargs)
     x = _rand(1, 32, 32, channels)
     want = np.asarray(model(layer(x))) if kind == "pre" else np.asarray(layer(model(x)))

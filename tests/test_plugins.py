@@ -18,13 +18,22 @@ import pytest
 from click.testing import CliRunner
 
 from czregistry import hookspecs
-from czregistry.backends import Backend, available_backends, load_session, select_backend
+from czregistry.backends import Backend
 from czregistry.errors import BackendError, NoBackendError, PluginError
 from czregistry.hookspecs import hookimpl
-from czregistry.layers import LayerSpec, Param, available_layers
+from czregistry.layers import LayerSpec, Param
 from czregistry.package import open_package, write_package
 from czregistry.plugins import PluginHost, get_host, reset_host
 from czregistry.report import Finding
+from czregistry.selection import (
+    available_backends,
+    available_layers,
+    load_session,
+    plugin_infos,
+    problems,
+    registered_checks,
+    select_backend,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugins.md"
@@ -65,21 +74,21 @@ def _fake_distribution(root: Path, dist: str, entry_name: str, module: str, sour
 
 
 def test_builtin_plugins_load_through_entry_points() -> None:
-    infos = {i.name: i for i in get_host().plugin_infos()}
+    infos = {i.name: i for i in plugin_infos()}
     assert {"onnxruntime", "tensorflow", "example"} <= set(infos)
     assert infos["checks"].builtin and not infos["tensorflow"].builtin
     assert infos["onnxruntime"].version == "0.1.0"
     assert infos["onnxruntime"].registered == {"backends": ["onnxruntime"]}
     assert infos["tensorflow"].registered["backends"] == ["tensorflow"]
     assert "percentile_normalize (pre)" in infos["example"].registered["layers"]
-    assert all(not i.errors for i in infos.values()), get_host().problems()
+    assert all(not i.errors for i in infos.values()), problems()
 
 
 def test_loading_plugins_does_not_import_engines() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from czregistry.plugins import get_host; h = get_host(); h.plugin_infos(); "
+    code = ("import sys; from czregistry.selection import plugin_infos; plugin_infos(); "
             "import czregistry.cli; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'tf2onnx', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -89,7 +98,7 @@ def test_loading_plugins_does_not_import_engines() -> None:
 def test_czreg_plugins_none_loads_no_external_plugin(monkeypatch: pytest.MonkeyPatch, package: Path) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "none")
     reset_host()
-    assert [i.name for i in get_host().plugin_infos()] == ["checks"]  # built-in checks still run
+    assert [i.name for i in plugin_infos()] == ["checks"]  # built-in checks still run
     assert available_backends() == {}
     assert available_layers() == {}
     with pytest.raises(NoBackendError) as err:
@@ -101,9 +110,9 @@ def test_czreg_plugins_only_these(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime, nosuchplugin")
     reset_host()
     host = get_host()
-    assert sorted(i.name for i in host.plugin_infos()) == ["checks", "onnxruntime"]
+    assert sorted(i.name for i in plugin_infos()) == ["checks", "onnxruntime"]
     assert host.missing == ["nosuchplugin"]
-    assert any("'nosuchplugin'" in p for p in host.problems())
+    assert any("'nosuchplugin'" in p for p in problems())
     assert select_backend("onnx").name == "onnxruntime"
     with pytest.raises(NoBackendError, match="no installed backend can run savedmodel") as err:
         select_backend("savedmodel")
@@ -119,11 +128,11 @@ def test_plugin_that_fails_to_import_is_named_and_isolated(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime,tensorflow,example,broken")
     reset_host()
-    host = get_host()
-    infos = {i.name: i for i in host.plugin_infos()}
+    get_host()
+    infos = {i.name: i for i in plugin_infos()}
     assert infos["broken"].version == "0.3.0"
     assert infos["broken"].errors == ["failed to import: ImportError: no numpy 3"]
-    assert "plugin 'broken': failed to import: ImportError: no numpy 3" in host.problems()
+    assert "plugin 'broken': failed to import: ImportError: no numpy 3" in problems()
     assert {"onnxruntime", "tensorflow"} <= set(available_backends())  # the others still work
     report = validate(package, ValidateOptions(static=True))  # and so does the static validator
     assert not [f for f in report.findings if f.check.startswith("plugin")]
@@ -151,10 +160,10 @@ def test_plugin_that_raises_is_named_and_others_still_register() -> None:
 
     host = get_host()
     host.register_plugin(_plugin("raiser", register_layers=boom), "raiser")
-    names = {spec.name for _, spec in host.layers()}
+    names = {spec.name for _, spec in available_layers().values()}
     assert "normalize" in names and "percentile_normalize" in names
     assert "half_registered" not in names  # all or nothing per plugin
-    assert "plugin 'raiser': register_layers failed: RuntimeError: disk on fire" in host.problems()
+    assert "plugin 'raiser': register_layers failed: RuntimeError: disk on fire" in problems()
 
 
 @pytest.mark.parametrize(("hook", "nonsense", "expected"), [
@@ -169,27 +178,28 @@ def test_plugin_that_registers_nonsense_is_named(hook: str, nonsense: Any, expec
 
     host = get_host()
     host.register_plugin(_plugin("nonsense", **{hook: impl}), "nonsense")
-    collected = {"register_layers": host.layers, "register_backends": host.backends, "register_checks": host.checks}
+    collected = {"register_layers": lambda: available_layers().values(),
+                 "register_backends": lambda: available_backends().values(), "register_checks": registered_checks}
     assert all(plugin != "nonsense" for plugin, _ in collected[hook]())
-    problems = host.problems()
-    assert any(p.startswith("plugin 'nonsense': " + expected) for p in problems), problems
+    found = problems()
+    assert any(p.startswith("plugin 'nonsense': " + expected) for p in found), found
 
 
 def test_plugin_that_returns_nonsense_is_named() -> None:
     host = get_host()
     host.register_plugin(_plugin("returner", register_layers=lambda register: [_spec("x")]), "returner")
-    assert not [s for p, s in host.layers() if p == "returner"]
-    assert any("'returner': register_layers returned list" in p for p in host.problems())
+    assert not [s for p, s in available_layers().values() if p == "returner"]
+    assert any("'returner': register_layers returned list" in p for p in problems())
 
 
 def test_duplicate_layer_name_keeps_the_first_and_names_the_second() -> None:
     host = get_host()
     host.register_plugin(_plugin("copycat", register_layers=lambda register: register(_spec("normalize"))),
                          "copycat")
-    owners = {spec.name: plugin for plugin, spec in host.layers()}
+    owners = {spec.name: plugin for plugin, spec in available_layers().values()}
     assert owners["normalize"] == "tensorflow"
     assert "plugin 'copycat': layer 'normalize' is already registered by plugin 'tensorflow'; this one is ignored" \
-        in host.problems()
+        in problems()
 
 
 def test_backend_that_crashes_is_named(package: Path) -> None:
@@ -314,11 +324,11 @@ def test_hook_register_backends(package: Path) -> None:
 
 
 def test_hook_register_layers() -> None:
-    from czregistry.layers import parse_layer_arg
+    from czregistry.selection import parse_layer
 
     get_host().register_plugin(_plugin("mine", register_layers=lambda register: register(_spec("mine"))), "mine")
     assert available_layers()["mine"][0] == "mine"
-    spec, kwargs = parse_layer_arg("mine:x=2.5")
+    spec, kwargs = parse_layer("mine:x=2.5")
     assert spec.name == "mine" and kwargs == {"x": 2.5}
 
 
@@ -357,7 +367,7 @@ def test_hook_register_commands() -> None:
     try:
         host.add_commands(main)
         assert main.commands["validate"] is original
-        assert "plugin 'cmds': command 'validate' already exists; the plugin's version is ignored" in host.problems()
+        assert "plugin 'cmds': command 'validate' already exists; the plugin's version is ignored" in problems()
         assert host.infos["cmds"].registered["commands"] == ["hello"]
         result = CliRunner().invoke(main, ["hello"])
         assert result.output == "hello from a plugin\n"

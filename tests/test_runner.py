@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from czregistry.backends import Session, load_session
+from czregistry.backends import Session
 from czregistry.cli import main
 from czregistry.errors import RunError, UsageError
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
 from czregistry.runner import OutputKind, RunOptions, predict_image, run
+from czregistry.selection import load_session
 from czregistry.tiling import reflect_indices
 
 ModelCache = Callable[..., Path]

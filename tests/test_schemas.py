@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, validators
 
 from czregistry._minischema import compile_schema
+from czregistry.checks.metadata import validate_conversion_spec
 from czregistry.cli import main
 from czregistry.errors import SchemaError
 from czregistry.report import Severity
@@ -29,7 +30,6 @@ from czregistry.schemas import (
     schema_text,
     select_schema,
     validate_against,
-    validate_conversion_spec,
     validate_metadata,
 )
 

@@ -81,7 +81,7 @@ def test_cli_smoke(model_cache: ModelCache) -> None:
 
 def test_savedmodel_package_through_its_backend(model_cache: ModelCache) -> None:
     """The runner is backend-agnostic: a SavedModel package runs through the TensorFlow plugin."""
-    from czregistry.backends import available_backends
+    from czregistry.selection import available_backends
 
     if "tensorflow" not in available_backends():
         pytest.skip("the TensorFlow backend plugin is not installed")

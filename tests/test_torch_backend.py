@@ -17,11 +17,12 @@ import pytest
 from czregistry_onnx import OnnxRuntimeBackend
 from czregistry_torch import TorchBackend, TorchSession, make_same_padding_explicit
 
-from czregistry.backends import Backend, available_backends, load_session, select_backend
+from czregistry.backends import Backend
 from czregistry.errors import BackendError, NoBackendError
 from czregistry.hookspecs import hookimpl
 from czregistry.package import open_package, write_package
 from czregistry.plugins import get_host, reset_host
+from czregistry.selection import available_backends, load_session, plugin_infos, select_backend
 from czregistry.testing import check_backend, check_input
 
 if not TorchBackend.is_available():  # not importorskip: importing onnx2torch first needs the torchvision shim
@@ -71,7 +72,7 @@ def _run_both(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_plugin_registers_the_torch_backend() -> None:
-    infos = {i.name: i for i in get_host().plugin_infos()}
+    infos = {i.name: i for i in plugin_infos()}
     assert infos["torch"].registered == {"backends": ["torch"]}
     assert not infos["torch"].errors
     assert available_backends()["torch"] == ("torch", TorchBackend)

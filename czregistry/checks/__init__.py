@@ -9,17 +9,17 @@ This module is itself a default plugin: it registers the built-in checks through
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..backends import Device, Session, load_session
+from ..backends import Device, Session
 from ..hookspecs import hookimpl
 from ..metadata import ModelInfo
 from ..package import Package, ReadLimits
 from ..report import Finding, Report
 
-__all__ = ["Check", "CheckContext", "ValidateOptions", "validate_check"]
+__all__ = ["Check", "CheckContext", "SessionLoader", "ValidateOptions", "validate_check"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,17 @@ def validate_check(obj: Any) -> str:
     return obj.id
 
 
+#: How a context loads the package's model: ``czregistry.selection.load_session`` in ``validate``. Passed in, not
+#: imported, so this interface module stays a leaf beside the plugin host.
+SessionLoader = Callable[[Package, "str | None", Device], Session]
+
+
 @dataclass
 class CheckContext:
     package: Package
     report: Report
     options: ValidateOptions
+    load_session: SessionLoader
     cache: dict[str, Any] = field(default_factory=dict)
     _session: Session | None = None
 
@@ -66,7 +72,7 @@ class CheckContext:
     def session(self) -> Session:
         """The package's model, loaded on first use by the selected backend."""
         if self._session is None:
-            self._session = load_session(self.package, self.options.backend, self.options.device)
+            self._session = self.load_session(self.package, self.options.backend, self.options.device)
             self.report.measurements.setdefault("backend", self._session.backend)
             self.report.measurements.setdefault("device", self._session.device)
         return self._session

@@ -2,7 +2,7 @@
 
 Each semantic rule is a plain function ``(facts) -> list[Finding]`` so the same rules run on a package's
 metadata (``czreg validate``) and on the ``ModelMetadata`` of a conversion spec before packing
-(``czregistry.schemas.validate_conversion_spec``). Every rule tolerates metadata of the wrong shape: the
+(``validate_conversion_spec`` below). Every rule tolerates metadata of the wrong shape: the
 schema check already reports that, so a rule silently skips what it cannot interpret rather than
 repeating the schema's complaint.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import schemas
 from ..metadata import CLASSIFICATION_TYPES, DENSE_TYPES, PIXEL_TYPE_CHANNELS, SEGMENTATION_TYPES
 from ..package import is_uuid
 from ..report import Finding
@@ -21,7 +22,8 @@ from ..report import Finding
 if TYPE_CHECKING:
     from . import CheckContext
 
-__all__ = ["CHECKS", "MetadataCheck", "MetadataFacts", "SchemaCheck", "semantic_findings"]
+__all__ = ["CHECKS", "MetadataCheck", "MetadataFacts", "SchemaCheck", "semantic_findings",
+           "validate_conversion_spec"]
 
 #: Pixel sizes outside this range (metres) are almost certainly in the wrong unit.
 _SCALING_RANGE = (1e-10, 1e-3)
@@ -391,3 +393,29 @@ CHECKS: list[object] = [
     MetadataCheck("metadata.label_values", check_label_values, 28),
     MetadataCheck("metadata.privacy", check_privacy, 29),
 ]
+
+
+# --- conversion specs ----------------------------------------------------------------------------------
+
+_LEGACY_SPEC_KEYS = frozenset({"BorderSize", "ColorHandling", "PixelType", "Classes", "TestImageFile"})
+
+
+def validate_conversion_spec(obj: Any, *, source: str = "conversion-spec.json") -> list[Finding]:
+    """Check a conversion spec (either style) before packing; never raises for bad content.
+
+    Structural problems have check id ``conversion_spec.schema`` (unknown keys:
+    ``conversion_spec.unknown_field``); the CZANN style's ``ModelMetadata`` also gets the semantic
+    ``metadata.*`` checks, located under ``#/ModelMetadata``.
+    """
+    if not isinstance(obj, dict):
+        what = schemas.describe_value(obj)
+        return [Finding.error("conversion_spec.schema", f"a conversion spec is a JSON object, not {what}",
+                              location=f"{source}#", hint="see 'czreg schemas show conversion-spec-czann'")]
+    if "ModelMetadata" in obj or not (_LEGACY_SPEC_KEYS & obj.keys()):
+        findings = schemas.validate_against("conversion-spec-czann", obj, source, check="conversion_spec.schema")
+        meta = obj.get("ModelMetadata")
+        if isinstance(meta, dict):
+            findings += semantic_findings("czann", meta, schemas.CZANN_VERSIONS[-1], source,
+                                          prefix=["ModelMetadata"], spec=True)
+        return findings
+    return schemas.validate_against("conversion-spec-legacy", obj, source, check="conversion_spec.schema")

@@ -219,9 +219,9 @@ def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> 
 
 def inspect_summary(package: Path, *, load_model: bool = True, backend: str | None = None) -> dict[str, Any]:
     """Metadata, archive facts and (when a backend can load it) the model's real signature."""
-    from ..backends import load_session
     from ..errors import BackendError
     from ..package import inspect_package, sha256_file
+    from ..selection import load_session
 
     require_package_file(package)
     pkg, findings = inspect_package(package)

@@ -27,14 +27,13 @@ def plugins(as_json: bool) -> None:
 
     CZREG_PLUGINS=none loads no plugin, CZREG_PLUGINS=a,b only those; CZREG_TRACE_PLUGINS=1 traces hooks.
     """
-    from ..plugins import get_host
+    from .. import selection
 
     with handle_errors():
-        host = get_host()
-        infos = host.plugin_infos()
-        layers = host.layers()
-        backends = host.backends()
-        problems = host.problems()
+        infos = selection.plugin_infos()
+        layers = list(selection.available_layers().values())
+        backends = list(selection.available_backends().values())
+        problems = selection.problems()
     if as_json:
         echo_json({
             "plugins": [i.to_dict() for i in infos],

@@ -203,11 +203,11 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from .. import __version__
-    from ..backends import load_session
     from ..images import open_image, scale_to_unit, to_model_channels
     from ..metadata import ModelInfo
     from ..package import open_package, sha256_file
     from ..runner import ModelGeometry, RunOptions, model_geometry, predict_image
+    from ..selection import load_session
 
     options = options or EvalOptions()
     run_opts: RunOptions = options.run or RunOptions()

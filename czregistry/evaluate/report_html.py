@@ -10,11 +10,12 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import Evaluation, Preview
+if TYPE_CHECKING:
+    from .engine import Evaluation, Preview
 
 __all__ = ["overlay_panels", "render_report", "write_overlay_png", "write_report"]
 

@@ -9,17 +9,13 @@ missing blob; ``gc`` removes unreferenced blobs under the exclusive form of the 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import json
 import os
 import random
-import socket
 import time
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +29,7 @@ from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
 from ..report import Report
 from . import db
 from . import signatures as sigs
+from .audit import _ACTING, acting_as, acting_host, acting_user, iso_time, utc_now
 from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .store import CHUNK, BlobStore, open_blob_store
@@ -81,49 +78,6 @@ def open_registry(registry: str | None = None, blob_store: str | None = None, *,
     if not create and given:
         require_existing(location, given)
     return Registry(location)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # SQLite hands back naive UTC
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat(timespec="seconds")
-
-
-#: Who is acting, when it is not this process's user: a registry server sets the token's name and the
-#: client's address (``acting_as``) so the audit trail says which token published, aliased or yanked.
-_ACTING: ContextVar[tuple[str, str, dict[str, Any]] | None] = ContextVar("czreg_acting", default=None)
-
-
-@contextlib.contextmanager
-def acting_as(actor: str, host: str, **detail: Any) -> Iterator[None]:
-    """Record ``actor`` and ``host`` (and ``detail`` in every audit event) for the writes inside the block,
-    instead of the login name and host name of this process."""
-    token = _ACTING.set((actor, host, detail))
-    try:
-        yield
-    finally:
-        _ACTING.reset(token)
-
-
-def _who() -> str:
-    acting = _ACTING.get()
-    if acting is not None:
-        return acting[0]
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
-
-
-def _host() -> str:
-    acting = _ACTING.get()
-    return acting[1] if acting is not None else socket.gethostname()
 
 
 class _BlobGone(Exception):
@@ -228,7 +182,7 @@ class Registry:
         """The model row, locked (PostgreSQL ``FOR UPDATE``; SQLite already holds the write lock);
         created first when ``display`` is given."""
         if display is not None:
-            ins = (_insert(s)(Model).values(name=name, display_name=display, created_at=_now())
+            ins = (_insert(s)(Model).values(name=name, display_name=display, created_at=utc_now())
                    .on_conflict_do_nothing(index_elements=["name"]))
             s.execute(ins)
         return s.scalars(select(Model).where(Model.name == name).with_for_update()).first()
@@ -238,7 +192,7 @@ class Registry:
         acting = _ACTING.get()
         if acting is not None:
             detail = {**acting[2], **detail}
-        s.add(Event(at=_now(), actor=_who(), host=_host(), action=action, model_name=model,
+        s.add(Event(at=utc_now(), actor=acting_user(), host=acting_host(), action=action, model_name=model,
                     version=version, alias=alias, from_version=from_version, to_version=to_version,
                     detail=json.dumps(detail, default=str) if detail else None))
 
@@ -287,7 +241,7 @@ class Registry:
                 return self.store.put(fh, expected=report.sha256)
 
         digest, size = put()
-        source, who, host = path.name, _who(), _host()
+        source, who, host = path.name, acting_user(), acting_host()
 
         def txn(s: Session) -> tuple[str, Version]:
             model = self._model_for_update(s, cname, name or display)
@@ -323,7 +277,7 @@ class Registry:
                 model_type=model_type, classes=json.dumps(classes) if classes is not None else None,
                 valid=report.valid, allow_invalid=forced,
                 report=report.to_json(indent=None), smoke=smoke_report.to_json(indent=None) if smoke_report else None,
-                created_at=_now(), created_by=who, host=host, source_name=source, czreg_version=__version__,
+                created_at=utc_now(), created_by=who, host=host, source_name=source, czreg_version=__version__,
                 note=note, yanked=False)
             s.add(row)
             s.flush()
@@ -357,7 +311,7 @@ class Registry:
             "digest": f"sha256:{row.digest}", "size": row.size, "kind": row.kind, "type": row.model_type,
             "classes": json.loads(row.classes) if row.classes else None, "valid": row.valid,
             "allow_invalid": row.allow_invalid, "yanked": row.yanked, "yanked_reason": row.yanked_reason,
-            "created_at": _iso(row.created_at), "created_by": row.created_by, "host": row.host,
+            "created_at": iso_time(row.created_at), "created_by": row.created_by, "host": row.host,
             "source": row.source_name, "czregistry_version": row.czreg_version, "note": row.note,
             "tags": tags, "aliases": aliases, "signed_by": signed_by,
         }
@@ -367,7 +321,7 @@ class Registry:
             out["evaluations"] = list_evaluations(self, row.digest)
             out["report"] = json.loads(row.report)
             out["smoke"] = json.loads(row.smoke) if row.smoke else None
-            out["yanked_at"], out["yanked_by"] = _iso(row.yanked_at), row.yanked_by
+            out["yanked_at"], out["yanked_by"] = iso_time(row.yanked_at), row.yanked_by
         return out
 
     def _model(self, s: Session, name: str) -> Model:
@@ -469,7 +423,7 @@ class Registry:
                 "name": model.display_name, "canonical_name": model.name, "latest": latest,
                 "aliases": dict(sorted(aliases)),
                 "versions": [{"version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
-                              "created_at": _iso(r.created_at), "yanked": r.yanked, "valid": r.valid}
+                              "created_at": iso_time(r.created_at), "yanked": r.yanked, "valid": r.valid}
                              for r in versions],
                 "purged": sorted(purged, key=PV),
             }
@@ -516,7 +470,7 @@ class Registry:
             rows = s.execute(q).all()
         return [{"name": r.display_name, "version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
                  "type": r.model_type, "classes": json.loads(r.classes) if r.classes else None,
-                 "created_at": _iso(r.created_at), "yanked": r.yanked, "valid": r.valid,
+                 "created_at": iso_time(r.created_at), "yanked": r.yanked, "valid": r.valid,
                  **({} if all_versions else {"versions": r.n})} for r in rows]
 
     def history(self, name: str | None = None, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -527,7 +481,7 @@ class Registry:
             q = q.limit(limit)
         with self._read() as s:
             events = list(s.scalars(q))
-        return [{"id": e.id, "at": _iso(e.at), "actor": e.actor, "host": e.host, "action": e.action,
+        return [{"id": e.id, "at": iso_time(e.at), "actor": e.actor, "host": e.host, "action": e.action,
                  "model": e.model_name, "version": e.version, "alias": e.alias, "from": e.from_version,
                  "to": e.to_version, "detail": json.loads(e.detail) if e.detail else None} for e in events]
 
@@ -580,7 +534,7 @@ class Registry:
         with self._read() as s:
             row, _ = self._find(s, req, prereleases)
             stored = sigs.signatures_of(s, row.id)
-        return [{"key_id": x.key_id, "created_at": _iso(x.created_at), "created_by": x.created_by,
+        return [{"key_id": x.key_id, "created_at": iso_time(x.created_at), "created_by": x.created_by,
                  "signature": x.signature, "attestation": x.attestation} for x in stored]
 
     def _signature_for(self, v: dict[str, Any], key: Path | str, label: str) -> tuple[bytes, bytes]:
@@ -615,7 +569,7 @@ class Registry:
         key, parsed = sigs.parse_setting(name, value)
 
         def txn(s: Session) -> dict[str, Any]:
-            old, new = sigs.set_setting(s, key, parsed, _who())
+            old, new = sigs.set_setting(s, key, parsed, acting_user())
             self._event(s, "setting", "(registry)", setting=key, old=old, new=new)
             return {"setting": key, "from": old, "to": new}
 
@@ -636,9 +590,10 @@ class Registry:
             current = s.get(Alias, (model.id, alias))
             old = s.get(Version, current.version_id).version if current else None  # type: ignore[union-attr]
             if current is None:
-                s.add(Alias(model_id=model.id, name=alias, version_id=row.id, updated_at=_now(), updated_by=_who()))
+                s.add(Alias(model_id=model.id, name=alias, version_id=row.id, updated_at=utc_now(),
+                            updated_by=acting_user()))
             elif current.version_id != row.id:
-                current.version_id, current.updated_at, current.updated_by = row.id, _now(), _who()
+                current.version_id, current.updated_at, current.updated_by = row.id, utc_now(), acting_user()
             else:
                 return {"name": model.display_name, "alias": alias, "from": old, "to": row.version, "changed": False}
             self._event(s, "alias_set" if old is None else "alias_move", model.name, alias=alias,
@@ -707,7 +662,7 @@ class Registry:
 
         def txn(s: Session) -> dict[str, Any]:
             model, row = self._exact(s, name, version)
-            row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = True, reason, _now(), _who()
+            row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = True, reason, utc_now(), acting_user()
             self._event(s, "yank", model.name, version=row.version, reason=reason)
             return {"name": model.display_name, "version": row.version, "yanked": True, "reason": reason}
 
@@ -730,7 +685,7 @@ class Registry:
             model, row = self._exact(s, name, version)
             self._model_for_update(s, model.name)
             s.add(Tombstone(model_id=model.id, version_key=row.version_key, version=row.version, digest=row.digest,
-                            purged_at=_now(), purged_by=_who(), reason=reason))
+                            purged_at=utc_now(), purged_by=acting_user(), reason=reason))
             s.flush()
             for a in s.scalars(select(Alias).where(Alias.version_id == row.id)):
                 self._event(s, "alias_remove", model.name, alias=a.name, from_version=row.version, cause="purge")

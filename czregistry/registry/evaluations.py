@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from .. import __version__
 from ..errors import RegistryError
+from .audit import acting_user, iso_time, utc_now
 from .models import Evaluation, Model, Version
 
 if TYPE_CHECKING:
@@ -36,19 +37,15 @@ def _headline(data: dict[str, Any]) -> dict[str, Any]:
 
 def evaluation_summary(row: Evaluation) -> dict[str, Any]:
     data = json.loads(row.result)
-    from .api import _iso
-
     return {"id": row.id, "dataset": {"digest": row.dataset_digest, "images": row.images,
                                       "images_dir": data.get("dataset", {}).get("images_dir")},
             "definition": row.definition, "task": row.task, "metrics": _headline(data),
-            "recorded_at": _iso(row.created_at), "recorded_by": row.created_by, "host": row.host,
+            "recorded_at": iso_time(row.created_at), "recorded_by": row.created_by, "host": row.host,
             "inference": data.get("inference")}
 
 
 def record_evaluation(reg: Registry, data: dict[str, Any]) -> dict[str, Any]:
     """Store ``data`` (an evaluation JSON) if its package is published; ``status`` is recorded or exists."""
-    from .api import _now, _who
-
     digest = str(data["package"]["sha256"])
     key = (digest, str(data["dataset"]["digest"]), str(data["definition"]))
 
@@ -68,7 +65,8 @@ def record_evaluation(reg: Registry, data: dict[str, Any]) -> dict[str, Any]:
             return {"status": "exists", "id": existing.id, "versions": names}
         row = Evaluation(package_digest=key[0], dataset_digest=key[1], definition=key[2], task=str(data["task"]),
                          images=int(data["dataset"]["images"]), result=json.dumps(data, separators=(",", ":")),
-                         created_at=_now(), created_by=_who(), host=socket.gethostname(), czreg_version=__version__)
+                         created_at=utc_now(), created_by=acting_user(), host=socket.gethostname(),
+                         czreg_version=__version__)
         s.add(row)
         s.flush()
         for v in versions:

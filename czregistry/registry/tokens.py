@@ -22,7 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import AuthError, RegistryError, UsageError
-from .api import Registry, _iso, _now, _slug, _who, canonical_like
+from .api import Registry, _slug, canonical_like
+from .audit import acting_user, iso_time, utc_now
 from .models import Token
 
 __all__ = ["SCOPES", "TokenInfo", "authenticate", "create_token", "hash_token", "list_tokens", "model_key",
@@ -82,9 +83,9 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _describe(t: Token) -> dict[str, Any]:
     expires = _aware(t.expires_at)
-    state = "revoked" if t.revoked_at else "expired" if expires is not None and expires <= _now() else "active"
-    return {"name": t.name, "scope": t.scope, "model": t.model_pattern, "created_at": _iso(t.created_at),
-            "created_by": t.created_by, "expires_at": _iso(t.expires_at), "revoked_at": _iso(t.revoked_at),
+    state = "revoked" if t.revoked_at else "expired" if expires is not None and expires <= utc_now() else "active"
+    return {"name": t.name, "scope": t.scope, "model": t.model_pattern, "created_at": iso_time(t.created_at),
+            "created_by": t.created_by, "expires_at": iso_time(t.expires_at), "revoked_at": iso_time(t.revoked_at),
             "state": state}
 
 
@@ -99,7 +100,7 @@ def create_token(reg: Registry, name: str, scope: str, *, model: str | None = No
         raise UsageError("--expires must be a positive number of days", hint="e.g. --expires 90")
     pattern = canonical_like(model) if model else None
     if expires_at is None and expires_days is not None:
-        expires_at = _now() + timedelta(days=expires_days)
+        expires_at = utc_now() + timedelta(days=expires_days)
     secret = PREFIX + secrets.token_urlsafe(32)
 
     def txn(s: Session) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def create_token(reg: Registry, name: str, scope: str, *, model: str | None = No
             raise RegistryError(f"a token named '{name}' already exists ({state}); names are never reused, "
                                 "so the audit trail stays unambiguous", hint="choose another name")
         row = Token(name=name, secret_hash=hash_token(secret), scope=scope, model_pattern=pattern,
-                    created_at=_now(), created_by=_who(), expires_at=expires_at)
+                    created_at=utc_now(), created_by=acting_user(), expires_at=expires_at)
         s.add(row)
         s.flush()
         return _describe(row)
@@ -128,7 +129,7 @@ def revoke_token(reg: Registry, name: str) -> dict[str, Any]:
         if row is None:
             raise RegistryError(f"no token named '{name}'", hint="czreg token list shows the tokens")
         if row.revoked_at is None:
-            row.revoked_at, row.revoked_by = _now(), _who()
+            row.revoked_at, row.revoked_by = utc_now(), acting_user()
         s.flush()
         return _describe(row)
 
@@ -147,7 +148,7 @@ def authenticate(reg: Registry, secret: str) -> TokenInfo:
     if row.revoked_at is not None:
         raise AuthError(f"token '{row.name}' was revoked", hint="ask the registry's administrator for a new one")
     expires = _aware(row.expires_at)
-    if expires is not None and expires <= _now():
-        raise AuthError(f"token '{row.name}' expired at {_iso(expires)}",
+    if expires is not None and expires <= utc_now():
+        raise AuthError(f"token '{row.name}' expired at {iso_time(expires)}",
                         hint="ask the registry's administrator for a new one")
     return TokenInfo(row.name, row.scope, row.model_pattern)

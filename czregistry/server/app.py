@@ -36,13 +36,12 @@ from ..registry.location import resolve_location
 from ..registry.store import CHUNK
 from ..registry.tokens import SCOPES, TokenInfo, authenticate
 from ..registry.versions import parse_requirement
-from .settings import ServerSettings
+from .settings import COOKIE, ServerSettings
 
 __all__ = ["COOKIE", "Auth", "app_from_env", "create_app", "error_body", "http_status"]
 
 log = logging.getLogger("czregistry.server")
 
-COOKIE = "czreg_token"
 API = "/api/v1"
 
 

@@ -10,9 +10,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-__all__ = ["ENV_VAR", "ServerSettings"]
+__all__ = ["COOKIE", "ENV_VAR", "ServerSettings"]
 
 ENV_VAR = "CZREG_SERVE_SETTINGS"
+#: The browser cookie that carries a signed-in token (set by the web page, read by every route).
+COOKIE = "czreg_token"
 DEFAULT_MAX_UPLOAD_MB = 2048
 
 

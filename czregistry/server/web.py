@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import CzregError, UsageError
 from ..registry.tokens import authenticate, model_key
 from ..report import human_size
+from .settings import COOKIE
 
 if TYPE_CHECKING:
     from ..registry.api import Registry
@@ -225,8 +226,6 @@ def add_web_routes(app: FastAPI, reg: "Registry", auth: "Auth") -> None:
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        from .app import COOKIE
-
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         secret = (form.get("token") or [""])[0].strip()
         if not secret:
@@ -239,8 +238,6 @@ def add_web_routes(app: FastAPI, reg: "Registry", auth: "Auth") -> None:
 
     @app.get("/logout", include_in_schema=False)
     def logout() -> Response:
-        from .app import COOKIE
-
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(COOKIE)
         return response

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from czregistry_example import PERCENTILE_NORMALIZE
 
-from czregistry.layers import available_layers, parse_layer_arg
+from czregistry.selection import available_layers, parse_layer
 from czregistry.testing import check_layer
 
 
@@ -42,12 +42,12 @@ def test_flat_image_does_not_divide_by_zero() -> None:
 
 def test_registered_and_parsed_from_the_command_line() -> None:
     assert available_layers()["percentile_normalize"][0] == "example"
-    spec, kwargs = parse_layer_arg("percentile_normalize:low=2,high=99.5")
+    spec, kwargs = parse_layer("percentile_normalize:low=2,high=99.5")
     assert spec is PERCENTILE_NORMALIZE
     assert kwargs == {"low": 2.0, "high": 99.5, "clip": False}
 
 
 def test_bad_percentiles_are_refused() -> None:
-    spec, kwargs = parse_layer_arg("percentile_normalize:low=50,high=10")
+    spec, kwargs = parse_layer("percentile_normalize:low=50,high=10")
     with pytest.raises(ValueError, match="need 0 <= low < high <= 100"):
         spec.factory(**kwargs)

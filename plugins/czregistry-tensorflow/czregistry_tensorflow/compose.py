@@ -30,7 +30,7 @@ def build_layer(spec: LayerSpec, kwargs: dict[str, Any]) -> Any:
 
 def _origin(spec: LayerSpec) -> str:
     """`` (plugin 'name')`` when the spec came from a loaded plugin, so errors name the plugin."""
-    from czregistry.layers import available_layers
+    from czregistry.selection import available_layers
 
     found = available_layers().get(spec.name)
     return f" (plugin '{found[0]}')" if found is not None and found[1] is spec else ""
