@@ -3,7 +3,7 @@
 On one generated N x N nuclei image (default 4096) with its known ground truth and the demo's example model
 (ONNX Runtime, CPU unless a GPU is there), each measured ``--repeat`` times (best kept):
 
-(a) run        ``czregistry.runner.run`` writing an OME-TIFF label image: what ``czreg run`` does;
+(a) run        ``czregistry.run.runner.run`` writing an OME-TIFF label image: what ``czreg run`` does;
 (b) inference  ``runner.predict_image`` on the image in memory: the tiled run alone, no file written;
 (c) evaluate   ``czregistry.evaluate.evaluate`` on the same image and its label: reading, the same tiled
                inference, argmax, confusion matrix, connected components and object matching at 10
@@ -39,10 +39,10 @@ def main() -> None:
     from czregistry import pack
     from czregistry.evaluate import EvalOptions, evaluate
     from czregistry.examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
-    from czregistry.images import scale_to_unit
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
-    from czregistry.runner import RunOptions, model_geometry, predict_image, run
+    from czregistry.run.images import scale_to_unit
+    from czregistry.run.runner import RunOptions, model_geometry, predict_image, run
     from czregistry.selection import load_session
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-eval-"))

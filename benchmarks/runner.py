@@ -3,7 +3,7 @@
 Columns, on the same small segmentation model (ONNX Runtime, CPU) and the same tile size:
 
 (a) raw      the backend alone on tiles already in memory, batched: the ceiling for any runner;
-(b) runner   ``czregistry.runner.run`` on a generated tiled TIFF of N x N pixels, writing an OME-TIFF label
+(b) runner   ``czregistry.run.runner.run`` on a generated tiled TIFF of N x N pixels, writing an OME-TIFF label
              image, in a subprocess so its peak RSS is its own;
 (c) naive    a per-tile loop as public examples write it: a new ONNX Runtime session per call, batch 1
              (timed on a sample of tiles and extrapolated to the whole image);
@@ -22,7 +22,7 @@ time, the host milliseconds per tile (the ceiling on tiles/s that the host allow
 each stage's busy seconds. No TensorFlow needed; about half a minute.
 
 ``--dask [--workers 1 2 4] [--sizes 8192]`` compares the single-process runner with ``czreg run --dask
-local:N`` (``czregistry.dask_run``) on the same image, both writing labels to Zarr: wall time including the
+local:N`` (``czregistry.run.dask_run``) on the same image, both writing labels to Zarr: wall time including the
 LocalCluster start, the overhead against the single process, the tiles predicted (seam tiles of blocks
 count twice) and whether the outputs are identical. On 2 cores expect parity at best, not a speed-up.
 """
@@ -191,7 +191,7 @@ def register_free_backend() -> None:
 
 def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
     """Run the pipeline with the free backend for each ``(output kind, suffix, compression)`` case."""
-    from czregistry.runner import RunOptions, run
+    from czregistry.run.runner import RunOptions, run
 
     register_free_backend()
     package = build_tiny_package(tmp)
@@ -235,7 +235,7 @@ def print_host(rows: list[dict[str, Any]], size: int, batch: int) -> None:
 
 
 def child_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
-    from czregistry.runner import RunOptions, run
+    from czregistry.run.runner import RunOptions, run
 
     t0 = time.perf_counter()
     res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
@@ -300,7 +300,7 @@ print(json.dumps({"seconds": dt, "rss_mb": int(hwm) / 1024}))
 
 
 def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
-    from czregistry.runner import RunOptions, run
+    from czregistry.run.runner import RunOptions, run
 
     t0 = time.perf_counter()
     res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
@@ -308,8 +308,8 @@ def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[st
 
 
 def child_dask(package: str, image: str, out: str, batch: int, workers: int, block: int) -> dict[str, Any]:
-    from czregistry.dask_run import run_dask
-    from czregistry.runner import RunOptions
+    from czregistry.run.dask_run import run_dask
+    from czregistry.run.runner import RunOptions
 
     t0 = time.perf_counter()
     res = run_dask(package, [image], out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"),
@@ -321,7 +321,7 @@ def child_dask(package: str, image: str, out: str, batch: int, workers: int, blo
 def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, block: int) -> None:
     import zarr
 
-    from czregistry.dask_run import read_output
+    from czregistry.run.dask_run import read_output
 
     package = build_package(tmp)
     me = str(Path(__file__).resolve())

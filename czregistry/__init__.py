@@ -28,7 +28,6 @@ _LAZY = {
     "open_package": ("czregistry.package", "open_package"),
     "inspect_package": ("czregistry.package", "inspect_package"),
     "write_package": ("czregistry.package", "write_package"),
-    "pack": ("czregistry.packing", "pack"),
 }
 
 
@@ -48,6 +47,10 @@ def __getattr__(name: str) -> Any:
         value = _version()
         globals()["__version__"] = value
         return value
+    if name == "pack":  # the packing wing is a package that is also callable: czregistry.pack(model, ...)
+        import importlib
+
+        return importlib.import_module("czregistry.pack")
     if name in _LAZY:
         import importlib
 

@@ -67,11 +67,11 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
     import numpy as np
     import tifffile
 
-    from . import pack
     from .examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
+    from .pack.core import pack
     from .registry.api import open_registry
     from .report import render_text
-    from .runner import RunOptions, run
+    from .run.runner import RunOptions, run
     from .validate import validate
 
     work = Path(workdir)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .package import Package
 
-__all__ = ["CLASSIFICATION_TYPES", "PIXEL_TYPE_CHANNELS", "SEGMENTATION_TYPES", "ModelInfo"]
+__all__ = ["CLASSIFICATION_TYPES", "MODEL_TYPES", "PIXEL_TYPE_CHANNELS", "SEGMENTATION_TYPES", "ModelInfo"]
 
 PIXEL_TYPE_CHANNELS = {
     "Gray8": 1, "Gray16": 1, "Gray32Float": 1, "Bgr24": 3, "Bgr48": 3, "Bgr96Float": 3, "Bgra32": 4,
@@ -25,6 +25,10 @@ SEGMENTATION_TYPES = frozenset({
 CLASSIFICATION_TYPES = frozenset({"SingleClassClassification", "MultiClassClassification"})
 #: Types whose output is an image the same size as the input (and so must tile without seams).
 DENSE_TYPES = SEGMENTATION_TYPES | {"Regression"}
+#: Every model Type the CZANN schema allows, in the order the format facts list them (``czreg pack --type``).
+MODEL_TYPES = ("SingleClassInstanceSegmentation", "MultiClassInstanceSegmentation", "SingleClassSemanticSegmentation",
+               "MultiClassSemanticSegmentation", "SingleClassClassification", "MultiClassClassification",
+               "ObjectDetection", "Regression")
 
 
 def _ints(value: Any) -> tuple[int, ...] | None:

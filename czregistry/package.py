@@ -46,6 +46,7 @@ __all__ = [
     "is_license_name",
     "open_package",
     "parse_legacy_xml",
+    "require_package_file",
     "sha256_file",
     "sniff_model_format",
     "write_package",
@@ -132,6 +133,13 @@ class Package:
             return None
         with zipfile.ZipFile(self.path) as zf:
             return zf.read(self.license_member).decode("utf-8", errors="replace")
+
+
+def require_package_file(path: Path) -> None:
+    """Refuse a missing package (or a folder) before any work, with the same words, hint and exit code (2)
+    in every command and library entry point."""
+    if not path.is_file():
+        raise UsageError(f"no such package file: {path}", hint="check the path")
 
 
 def sha256_file(path: Path | str) -> str:

@@ -9,8 +9,8 @@ import pytest
 
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="the czi extra (pylibCZIrw) is not installed")
 
-from czregistry.czi import open_czi  # noqa: E402
 from czregistry.errors import UsageError  # noqa: E402
+from czregistry.run.czi import open_czi  # noqa: E402
 
 
 def _write(path: Path, planes: dict[tuple[int, int, int], np.ndarray], scale: float | None = None) -> Path:
@@ -56,7 +56,7 @@ def test_rgb_is_turned_from_bgr_into_rgb_and_planes_are_leading_axes(tmp_path: P
 def test_runner_on_czi_equals_runner_on_tiff(tmp_path: Path, model_cache) -> None:
     import tifffile
 
-    from czregistry.runner import RunOptions, run
+    from czregistry.run.runner import RunOptions, run
 
     image = (np.random.default_rng(2).random((150, 170)) * 255).astype(np.uint8)
     czi = _write(tmp_path / "img.czi", {(0, 0, 0): image})

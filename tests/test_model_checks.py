@@ -293,9 +293,9 @@ def test_static_skips_model_checks(model_cache: Callable[..., Path]) -> None:
 
 
 def test_probing_cost_is_shared_between_checks(model_cache: Callable[..., Path]) -> None:
-    from czregistry.checks.probing import Prober
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
+    from czregistry.probing import Prober
     from czregistry.selection import load_session
 
     path = model_cache("unet", overlap=20)
@@ -315,9 +315,9 @@ def test_probing_cost_is_shared_between_checks(model_cache: Callable[..., Path])
 
 
 def test_measure_invariance_public_api(model_cache: Callable[..., Path]) -> None:
-    from czregistry.checks.probing import InvarianceResult, measure_invariance
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
+    from czregistry.probing import InvarianceResult, measure_invariance
     from czregistry.selection import load_session
 
     for kind, expect in (("unet", (True, (4, 4), (10, 10), False)), ("global_pool", (True, (1, 1), (None, None), True)),

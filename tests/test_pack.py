@@ -423,7 +423,7 @@ def test_same_inputs_give_byte_identical_packages(models: Callable[..., Any], un
 def test_canonicalized_onnx_is_stable_and_equivalent(models: Callable[..., Any]) -> None:
     import onnxruntime as ort
 
-    from czregistry.packing import canonicalize_onnx
+    from czregistry.pack.core import canonicalize_onnx
     from tests.models import export_onnx
 
     raw1, raw2 = export_onnx(models("dilated")), export_onnx(models("dilated"))

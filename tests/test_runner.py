@@ -17,9 +17,9 @@ from czregistry.cli import main
 from czregistry.errors import RunError, UsageError
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
-from czregistry.runner import OutputKind, RunOptions, predict_image, run
+from czregistry.run.runner import OutputKind, RunOptions, predict_image, run
+from czregistry.run.tiling import reflect_indices
 from czregistry.selection import load_session
-from czregistry.tiling import reflect_indices
 
 ModelCache = Callable[..., Path]
 
@@ -148,11 +148,11 @@ def test_tile_by_tile_reading_matches_band_reading(unet: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import tifffile
 
-    import czregistry.runner
+    import czregistry.run.runner
 
     np.save(tmp_path / "a.npy", _as_uint16(9, (130, 250)))
     run(unet, tmp_path / "a.npy", tmp_path / "band.tif")
-    monkeypatch.setattr(czregistry.runner, "_MAX_BAND_BYTES", 0)  # as for a very wide image
+    monkeypatch.setattr(czregistry.run.runner, "_MAX_BAND_BYTES", 0)  # as for a very wide image
     run(unet, tmp_path / "a.npy", tmp_path / "tiles.tif")
     assert np.array_equal(tifffile.imread(tmp_path / "band.tif"), tifffile.imread(tmp_path / "tiles.tif"))
 
@@ -274,7 +274,7 @@ def test_cli_run_json_and_exit_codes(unet: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 300])
 def test_fast_argmax_matches_numpy(classes: int) -> None:
-    from czregistry.runner import _argmax_labels
+    from czregistry.run.runner import _argmax_labels
 
     block = np.random.default_rng(classes).random((7, 9, classes), dtype=np.float32)
     block[0, 0, :] = 0.5  # a tie goes to the lower class, as with np.argmax
@@ -302,7 +302,7 @@ _LAYOUTS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.images import _TiffChunkArray, open_image
+    from czregistry.run.images import _TiffChunkArray, open_image
 
     kwargs, shape = _LAYOUTS[layout]
     rng = np.random.default_rng(len(layout))
@@ -332,7 +332,7 @@ def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None
 def test_planar_tiff_falls_back_to_zarr_and_still_runs(unet: Path, tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.images import _TiffChunkArray, open_image
+    from czregistry.run.images import _TiffChunkArray, open_image
 
     img = _as_uint16(11, (2, 72, 96))  # two channels stored as separate planes (planar configuration)
     tifffile.imwrite(tmp_path / "p.tif", img, tile=(32, 32), planarconfig="separate", photometric="minisblack",
@@ -386,7 +386,7 @@ def test_stage_timings_are_reported(unet: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["probabilities", "uint8", "labels"])
 def test_packer_emits_aligned_converted_blocks(kind: str) -> None:
-    from czregistry.runner import _convert, _out_dtype, _Packer
+    from czregistry.run.runner import _convert, _out_dtype, _Packer
 
     classes = 3
     rows = np.random.default_rng(14).random((2, 700, 50, classes), dtype=np.float32)
@@ -408,7 +408,7 @@ def test_packer_emits_aligned_converted_blocks(kind: str) -> None:
 
 @pytest.mark.parametrize("classes", [2, 3])
 def test_convert_into_a_buffer_equals_convert(classes: int) -> None:
-    from czregistry.runner import _convert, _out_dtype
+    from czregistry.run.runner import _convert, _out_dtype
 
     block = np.random.default_rng(classes).random((9, 11, classes), dtype=np.float32)
     block[0, 0] = 0.5  # ties
@@ -435,7 +435,7 @@ def test_cli_compression_option(unet: Path, tmp_path: Path) -> None:
 def test_tiff_chunk_cache_is_bounded(tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.images import _TiffChunkArray
+    from czregistry.run.images import _TiffChunkArray
 
     img = _as_uint16(16, (256, 512))
     tifffile.imwrite(tmp_path / "a.tif", img, tile=(32, 32), compression="zlib")

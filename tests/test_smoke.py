@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from czregistry.cli import main
 from czregistry.report import Severity
-from czregistry.smoke import smoke_test, synthetic_image
+from czregistry.run.smoke import smoke_test, synthetic_image
 
 ModelCache = Callable[..., Path]
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from czregistry.errors import UsageError
-from czregistry.tiling import blend_weights, padded_length, plan_axis, plan_tiles, reflect_indices
+from czregistry.run.tiling import blend_weights, padded_length, plan_axis, plan_tiles, reflect_indices
 
 
 @st.composite

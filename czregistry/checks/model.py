@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..metadata import CLASSIFICATION_TYPES, ModelInfo
+from ..probing import TOLERANCE, InvarianceResult, Prober, ProbeRejected
 from ..report import Finding
-from .probing import TOLERANCE, InvarianceResult, Prober, ProbeRejected
 
 if TYPE_CHECKING:
     from . import CheckContext

@@ -119,10 +119,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 def require_package_file(path: Path) -> None:
-    """Refuse a missing package (or a folder) before any work, with the same words, hint and exit code (2)
-    in every command; call it inside ``handle_errors()``."""
-    if not path.is_file():
-        raise UsageError(f"no such package file: {path}", hint="check the path")
+    """``package.require_package_file``, imported on use so the CLI starts without the package reader; call
+    it inside ``handle_errors()``."""
+    from ..package import require_package_file as require
+
+    require(path)
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")

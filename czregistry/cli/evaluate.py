@@ -72,7 +72,7 @@ def _inference_opts(fn: Any) -> Any:
 
 def run_options(batch_size: int, device: str, backend: str | None, tile: tuple[int, ...] | None,
                 channels: str | None, axes: str | None, no_probe: bool) -> Any:
-    from ..runner import RunOptions
+    from ..run.runner import RunOptions
 
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None

@@ -5,23 +5,19 @@ Nothing heavy is imported here at start-up: TensorFlow and ONNX Runtime load ins
 
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import PackageError, UsageError
-from ._common import echo_json, handle_errors, json_option, refuse_existing_output, require_package_file
+from ..errors import UsageError
+from ..metadata import MODEL_TYPES
+from ._common import echo_json, handle_errors, json_option, refuse_existing_output
 
 __all__ = ["register"]
 
-_TYPES = ["SingleClassInstanceSegmentation", "MultiClassInstanceSegmentation", "SingleClassSemanticSegmentation",
-          "MultiClassSemanticSegmentation", "SingleClassClassification", "MultiClassClassification",
-          "ObjectDetection", "Regression"]
 
 #: Legacy-only metadata fields and the options that set them (named in the refusal for .czann output).
 _LEGACY_OPTIONS = {"ColorHandling": "--color-handling", "BorderSize": "--border-size", "PixelType": "--pixel-type"}
@@ -40,7 +36,7 @@ _PACKAGE_SUFFIXES = (".czann", ".czmodel", ".czseg")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Package to write (.czann, or .czmodel for the legacy format).")
-@click.option("--type", "model_type", type=click.Choice(_TYPES), default=None, help="Model Type (metadata).")
+@click.option("--type", "model_type", type=click.Choice(MODEL_TYPES), default=None, help="Model Type (metadata).")
 @click.option("--classes", default=None, help="Comma-separated class names, e.g. background,nucleus.")
 @click.option("--min-overlap", default=None, help="MinOverlap per spatial axis: one even number or 'H,W'.")
 @click.option("--name", "model_name", default=None, help="ModelName (metadata).")
@@ -76,8 +72,8 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
     The package is converted, compared with the source on random inputs (within 1e-4), validated, and only
     then written to OUTPUT. Exit 0 when valid, 1 when kept invalid with --force, 6 when packing failed.
     """
-    from ..packing import PackWarning
-    from ..packing import pack as run_pack
+    from ..pack.core import PackWarning
+    from ..pack.core import pack as run_pack
     from ..report import render_text
 
     with handle_errors():
@@ -141,48 +137,14 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
 def unpack(package: Path, directory: Path, force: bool, as_json: bool) -> None:
     """Extract PACKAGE's members into DIRECTORY safely (never outside it, within the reader's limits)."""
     with handle_errors():
+        from ..pack.unpack import unpack_package
+
         written = unpack_package(package, directory, force=force)
     if as_json:
         echo_json({"package": str(package), "directory": str(directory), "files": [str(p) for p in written]})
     else:
         for p in written:
             click.echo(str(p))
-
-
-def unpack_package(package: Path, directory: Path, *, force: bool = False) -> list[Path]:
-    """Extract a package that passed the safe reader. Member names are re-checked against ``directory``
-    (resolved) before anything is written, and only regular files are written."""
-    from ..package import open_package
-
-    require_package_file(package)
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"{directory} exists and is not a folder")
-    if directory.is_dir() and any(directory.iterdir()) and not force:
-        raise UsageError(f"{directory} is not empty", hint="choose an empty or new folder, or pass --force")
-    pkg = open_package(package)
-    root = directory.resolve()
-    members = [m for m in (pkg.metadata_member, pkg.model_member, pkg.license_member) if m]
-    targets: list[tuple[str, Path]] = []
-    for name in members:
-        target = (root / name).resolve()
-        if root not in target.parents:
-            raise PackageError(f"member '{name}' would be written outside {directory}; refused")
-        targets.append((name, target))
-    directory.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with zipfile.ZipFile(package) as zf:
-        for name, target in targets:
-            info = zf.getinfo(name)
-            limit = pkg.limits.max_member_bytes
-            if info.file_size > limit:
-                raise PackageError(f"member '{name}' is larger than the reader's limit")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            with zf.open(info) as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.replace(target)
-            written.append(directory / name)
-    return written
 
 
 @click.command()
@@ -193,6 +155,8 @@ def unpack_package(package: Path, directory: Path, *, force: bool = False) -> li
 def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> None:
     """Show PACKAGE's metadata and model signature at a glance."""
     with handle_errors():
+        from ..pack.unpack import inspect_summary
+
         info = inspect_summary(package, load_model=not static, backend=backend)
     if as_json:
         echo_json(info)
@@ -215,36 +179,6 @@ def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> 
         click.echo(f"  signature: not shown ({info['signature_note']})")
     for f in info["findings"]:
         click.echo(f"  {f['severity']}: {f['check']}: {f['message']}")
-
-
-def inspect_summary(package: Path, *, load_model: bool = True, backend: str | None = None) -> dict[str, Any]:
-    """Metadata, archive facts and (when a backend can load it) the model's real signature."""
-    from ..errors import BackendError
-    from ..package import inspect_package, sha256_file
-    from ..selection import load_session
-
-    require_package_file(package)
-    pkg, findings = inspect_package(package)
-    if pkg is None:
-        first = findings[0] if findings else None
-        raise PackageError(f"{package}: {first.message if first else 'unreadable package'}",
-                           hint=first.hint if first else None)
-    out: dict[str, Any] = {
-        "path": str(package), "kind": pkg.kind, "sha256": sha256_file(package), "model_format": pkg.model_format,
-        "model_member": pkg.model_member, "model_bytes": pkg.model_size, "license_member": pkg.license_member,
-        "metadata": pkg.metadata, "findings": [f.to_dict() for f in findings],
-        "signature": None, "backend": None, "signature_note": None,
-    }
-    if not load_model:
-        out["signature_note"] = "--static"
-        return out
-    try:
-        with load_session(pkg, backend, "cpu") as session:
-            out["signature"] = session.signature.to_dict()
-            out["backend"] = session.backend
-    except BackendError as exc:
-        out["signature_note"] = exc.message + (f"; {exc.hint}" if exc.hint else "")
-    return out
 
 
 def register(group: click.Group) -> None:

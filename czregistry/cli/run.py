@@ -107,8 +107,8 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
     interrupted. With --dask, blocks of tiles run on a Dask cluster (output identical to the single-process
     run), several images are allowed, and --resume continues a killed run.
     """
-    from ..runner import RunOptions
-    from ..runner import run as run_tiled
+    from ..run.runner import RunOptions
+    from ..run.runner import run as run_tiled
 
     with handle_errors():
         require_package_file(package)
@@ -132,7 +132,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                          channels=chans, axes=axes, probe=not no_probe)
     # the progress bar only on a terminal: a log file would get one stray "tiles" line
     progress = _Progress(quiet or as_json or not sys.stderr.isatty())
-    if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.dask_run)
+    if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.run.dask_run)
         _run_dask(package, images, output, options, dask_scheduler, resume, block_size, progress, quiet, as_json)
         return
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
@@ -152,7 +152,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
 
 def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: Any, scheduler: str, resume: bool,
               block_size: int | None, progress: _Progress, quiet: bool, as_json: bool) -> None:
-    from ..dask_run import run_dask
+    from ..run.dask_run import run_dask
 
     def dashboard(link: str) -> None:
         if not as_json:
@@ -189,7 +189,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
               as_json: bool) -> None:
     """Run PACKAGE tiled on the best device here; check output and seams. Exit 0 pass, 1 fail."""
     from ..report import render_text
-    from ..smoke import smoke_test
+    from ..run.smoke import smoke_test
 
     with handle_errors():
         require_package_file(package)
@@ -212,7 +212,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
 def _probe_errors() -> Iterator[None]:
     """The backend refused an input size while the runner measured the model (for example a declared tile
     of 40000 x 40000): a run error in one line, as ``validate`` reports it, not a traceback."""
-    from ..checks.probing import ProbeRejected
+    from ..probing import ProbeRejected
 
     try:
         yield

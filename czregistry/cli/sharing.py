@@ -95,7 +95,7 @@ def sign_cmd(package: Path, key: Path, static: bool, smoke: bool, allow_invalid:
         report = validate(package, ValidateOptions(static=static))
         smoke_report = None
         if smoke:
-            from ..smoke import smoke_test
+            from ..run.smoke import smoke_test
 
             smoke_report = smoke_test(package)
         bad = not report.valid or (smoke_report is not None and not smoke_report.valid)

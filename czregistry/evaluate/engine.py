@@ -168,7 +168,7 @@ class _LabelFeed:
         self.l_lead: tuple[int, ...] = ()
 
     def open(self, image_shape: tuple[int, ...], lead_shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
-        from ..images import open_image
+        from ..run.images import open_image
 
         self.src = open_image(self.pair.label)
         _, l_lead, l_spatial = self.src.layout(self.nd)
@@ -179,7 +179,7 @@ class _LabelFeed:
         self.l_lead = tuple(l_lead)
 
     def plane(self, lead: tuple[int, ...], spatial: tuple[int, ...]) -> Any:
-        from ..images import scale_to_unit
+        from ..run.images import scale_to_unit
 
         if self.src is None:  # open failed; its future carries the error
             return None
@@ -203,10 +203,10 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from .. import __version__
-    from ..images import open_image, scale_to_unit, to_model_channels
     from ..metadata import ModelInfo
     from ..package import open_package, sha256_file
-    from ..runner import ModelGeometry, RunOptions, model_geometry, predict_image
+    from ..run.images import open_image, scale_to_unit, to_model_channels
+    from ..run.runner import ModelGeometry, RunOptions, model_geometry, predict_image
     from ..selection import load_session
 
     options = options or EvalOptions()

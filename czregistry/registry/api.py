@@ -816,11 +816,8 @@ def _check_alias(alias: str) -> str:
 
 
 def _smoke(path: Path) -> Report:
-    try:
-        from ..smoke import smoke_test  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        raise RegistryError("--smoke is not available: this installation has no smoke tester (czregistry.smoke)",
-                            hint="publish without --smoke, or update czregistry") from None
+    from ..run.smoke import smoke_test
+
     try:
         result: Report = smoke_test(path)
     except CzregError as exc:

@@ -1,5 +1,5 @@
-"""Loading what ``czregistry.packing.pack`` packs: Keras models, SavedModel folders, ``.keras`` and ONNX files,
-and conversion specs (``load_spec``, re-exported by ``czregistry.packing``).
+"""Loading what ``czregistry.pack`` packs: Keras models, SavedModel folders, ``.keras`` and ONNX files,
+and conversion specs (``load_spec``, re-exported by ``czregistry.pack``).
 
 TensorFlow and Keras are imported inside functions; the Keras-side work lives in the
 ``czregistry-tensorflow`` plugin, reached through ``_tf_plugin``.
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._pack_metadata import _CZANN_KEYS, _LEGACY_KEYS
-from .errors import PackError, UsageError, first_line
-from .report import Severity
+from ..errors import PackError, UsageError, first_line
+from ..report import Severity
+from .metadata import _CZANN_KEYS, _LEGACY_KEYS
 
 __all__ = ["PackWarning", "load_spec"]
 
@@ -41,7 +41,7 @@ class _Source:
 def _tf_plugin(module: str) -> Any:
     import importlib
 
-    from ._quiet import import_tensorflow_quietly
+    from .._quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     try:
@@ -87,7 +87,7 @@ def _load_savedmodel(folder: Path) -> Any:
 def _load_keras_file(path: Path) -> Any:
     import keras
 
-    from .selection import available_layers
+    from ..selection import available_layers
 
     available_layers()  # import plugins so their custom layers are registered before deserialising
     try:
@@ -141,7 +141,7 @@ def load_spec(path: Path) -> tuple[dict[str, Any], str, Path, Path | None]:
 
 def _check_spec_schema(spec: dict[str, Any], style: str, path: Path) -> None:
     """Refuse a spec that its published schema (``schemas/conversion-spec-*.json``) rejects."""
-    from .schemas import validate_against
+    from ..schemas import validate_against
 
     findings = validate_against(f"conversion-spec-{style}", spec, path.name, check="spec.schema")
     errors = [f for f in findings if f.severity is Severity.ERROR]

@@ -3,7 +3,7 @@
 ``czreg run --dask local:N`` (a LocalCluster of N worker processes) or ``--dask tcp://host:8786`` (an
 existing scheduler: dask-jobqueue on SLURM/LSF, ``dask scheduler`` + ``dask worker``) cuts every image
 plane into **blocks**: rectangles of the output aligned to its Zarr chunks. Why the output is bit-identical
-to the single-process run (``czregistry.runner.run``):
+to the single-process run (``czregistry.run.runner.run``):
 
 * the client plans the tile grid once, exactly as the runner does (``plan_for_model``: probed stride and
   halo, stride-aligned origins), and ships it to the workers; nobody re-plans;
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CzregError, RunError, UsageError
+from ..errors import CzregError, RunError, UsageError
 from .tiling import Span, TileGrid
 
 __all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult", "ImageJob", "block_tasks",
@@ -348,8 +348,8 @@ def _pin_gpu(device: str) -> None:
 
 
 def _session(job: ImageJob) -> Any:
-    from .package import open_package, sha256_file
-    from .selection import load_session
+    from ..package import open_package, sha256_file
+    from ..selection import load_session
 
     key = (job.digest, job.backend, job.device)
     with _LOCK:
@@ -540,10 +540,10 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
     closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D).
     """
+    from ..package import sha256_file
+    from ..selection import load_session
     from .images import open_image, scale_to_unit, to_model_channels
-    from .package import sha256_file
     from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
-    from .selection import load_session
     from .tiling import plan_tiles
 
     options = options or RunOptions()

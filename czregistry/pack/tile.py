@@ -1,6 +1,6 @@
-"""The tile-size reset of ``czregistry.packing.pack``: which tile to pack at, and whether the model allows it.
+"""The tile-size reset of ``czregistry.pack``: which tile to pack at, and whether the model allows it.
 
-A reset is refused unless ``czregistry.checks.probing``'s invariance measurement says the model is spatially
+A reset is refused unless ``czregistry.probing``'s invariance measurement says the model is spatially
 invariant and the size is on its step; the refusal quotes the measurement.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._pack_metadata import CZANN_FORMAT_VERSION
-from .backends import Session
-from .errors import PackError, UsageError
-from .metadata import ModelInfo
+from ..backends import Session
+from ..errors import PackError, UsageError
+from ..metadata import ModelInfo
+from .metadata import CZANN_FORMAT_VERSION
 
 
 def _check_tile(session: Session, input_shape: tuple[int | None, ...], spatial: tuple[int, ...],
@@ -20,16 +20,13 @@ def _check_tile(session: Session, input_shape: tuple[int | None, ...], spatial: 
     """Refuse a tile size the model cannot take, quoting the invariance check.
 
     A reset is sound only for spatially invariant (fully convolutional) models, and only at sizes on the
-    model's step (multiples of 2^poolings). The measurement is ``czregistry.checks.probing``'s.
+    model's step (multiples of 2^poolings). The measurement is ``czregistry.probing``'s.
     """
     fixed = tuple(input_shape[1:-1])
     if fixed == spatial:
         return []
-    try:
-        from .checks.probing import measure_invariance
-    except ImportError as exc:
-        raise PackError("the invariance check (czregistry.checks.probing) is not available, so a tile-size "
-                        "reset cannot be verified", hint="pack without --tile / spatial_dims") from exc
+    from ..probing import measure_invariance
+
     channels = input_shape[-1]
     if channels is None:
         raise PackError("the model input's channel count is undefined")
@@ -40,7 +37,7 @@ def _check_tile(session: Session, input_shape: tuple[int | None, ...], spatial: 
     probe_shape = (*probe_tile, int(channels))
     info = ModelInfo("czann", mtype, probe_shape, None, None, None, None, int(channels), None, None, None,
                      CZANN_FORMAT_VERSION)
-    from .checks.probing import ProbeRejected
+    from ..probing import ProbeRejected
 
     try:
         result = measure_invariance(session, info, max_probe_size=max(probe_tile), time_budget=30.0)

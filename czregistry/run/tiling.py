@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["Geometry", "Span", "Tile", "TileGrid", "blend_weights", "blend_weights_1d", "padded_length", "plan_axis",
            "plan_tiles", "reflect_indices"]

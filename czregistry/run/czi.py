@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
-from .imagesource import ImageSource
+from ..errors import UsageError
+from .source import ImageSource
 
 __all__ = ["CziArray", "open_czi"]
 

@@ -1,6 +1,6 @@
 """The smoke test: does a package run tiled, on the best device here, without seams?
 
-It runs the real tiled pipeline (``czregistry.runner``) on an image covering several tiles in each
+It runs the real tiled pipeline (``czregistry.run.runner``) on an image covering several tiles in each
 direction (a seeded synthetic one, or one the user gives), checks the output's shape, finiteness and value
 semantics (segmentation: probabilities summing to 1), and, where the model accepts the whole image at
 once, compares tiled with whole-image prediction: the largest difference is the **seam error**. Timing of
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Device
-from .errors import CzregError
-from .metadata import ModelInfo
-from .report import Finding, Report
-from .selection import load_session
+from ..backends import Device
+from ..errors import CzregError
+from ..metadata import ModelInfo
+from ..report import Finding, Report
+from ..selection import load_session
 
 __all__ = ["SEAM_TOLERANCE", "smoke_test", "synthetic_image"]
 
@@ -95,7 +95,7 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
 
     Never raises for problems of the package: they become error findings (``smoke.*``).
     """
-    from .package import open_package
+    from ..package import open_package
     from .runner import RunOptions, model_geometry, plan_for_model, predict_image
 
     report = Report(path=str(path))
@@ -105,7 +105,7 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
     except CzregError as exc:
         report.add(Finding.error("smoke.package", exc.message, hint=exc.hint))
         return report
-    from .package import sha256_file
+    from ..package import sha256_file
 
     report.format, report.sha256 = pkg.kind, sha256_file(pkg.path)
     info = ModelInfo.from_package(pkg)

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ._pack_sources import _tf_plugin
-from .backends import Session, Signature, TensorInfo
-from .errors import BackendError, PackError, first_line
-from .layers import LayerSpec
+from ..backends import Session, Signature, TensorInfo
+from ..errors import BackendError, PackError, first_line
+from ..layers import LayerSpec
+from .sources import _tf_plugin
 
 
 class _KerasSession(Session):

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import RunError, UsageError
-from .imagesource import ImageSource, guess_axes
+from ..errors import RunError, UsageError
+from .source import ImageSource, guess_axes
 
 __all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
            "guess_axes", "open_image", "open_writer", "output_format", "scale_to_unit", "to_model_channels"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["ImageSource", "guess_axes"]
 

@@ -58,8 +58,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..backends import Session
-    from ..metadata import ModelInfo
+    from .backends import Session
+    from .metadata import ModelInfo
 
 __all__ = [
     "TOLERANCE",

@@ -2,7 +2,7 @@
 
 The pipeline has three stages joined by small bounded queues, so the device never waits for the disk:
 
-1. a **reader** thread cuts tiles (``czregistry.tiling``) from a lazily read image, scales them to [0, 1],
+1. a **reader** thread cuts tiles (``czregistry.run.tiling``) from a lazily read image, scales them to [0, 1],
    maps channels and stacks them into batches of ``batch_size``;
 2. the **caller's** thread runs each batch through the model (loaded once with ``load_session``);
 3. a **writer** thread places each tile's kept interior into a buffer one tile row high and hands
@@ -31,11 +31,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backends import Device, Session
-from .errors import BackendError, RunError, UsageError
-from .metadata import ModelInfo
-from .package import Package
-from .selection import load_session
+from ..backends import Device, Session
+from ..errors import BackendError, RunError, UsageError
+from ..metadata import ModelInfo
+from ..package import Package
+from ..selection import load_session
 from .tiling import Geometry, Tile, TileGrid, blend_weights_1d, plan_tiles
 
 __all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RunOptions", "RunResult", "TiledPredictor",
@@ -116,22 +116,18 @@ class RunResult:
 
 def model_geometry(session: Session, info: ModelInfo, *, probe: bool = True, time_budget: float = 20.0,
                    max_probe_size: int = 1024) -> ModelGeometry:
-    """Measure stride and halo with ``czregistry.checks.probing`` (if that module is present).
+    """Measure stride and halo with ``czregistry.probing`` .
 
     Without a measurement the runner aligns origins to a stride of 1 and trusts the declared border:
     correct for models without pooling, and the smoke test reports any seams that remain.
     """
     nd = info.spatial_ndim or max(1, len(session.signature.inputs[0].shape) - 2)
     if probe:
-        try:
-            from .checks.probing import measure_invariance
-        except ImportError:  # pragma: no cover - probing ships with czregistry
-            measure_invariance = None  # type: ignore[assignment]
-        if measure_invariance is not None:
-            res = measure_invariance(session, info, max_probe_size=max_probe_size, time_budget=time_budget)
-            stride = tuple(int(s or q or 1) for s, q in zip(res.stride, res.step))
-            return ModelGeometry(stride, tuple(res.halo), "measured", bool(res.global_context),
-                                 tuple(res.notes))
+        from ..probing import measure_invariance
+
+        res = measure_invariance(session, info, max_probe_size=max_probe_size, time_budget=time_budget)
+        stride = tuple(int(s or q or 1) for s, q in zip(res.stride, res.step))
+        return ModelGeometry(stride, tuple(res.halo), "measured", bool(res.global_context), tuple(res.notes))
     return ModelGeometry((1,) * nd, (None,) * nd, "default (not measured)")
 
 
@@ -607,7 +603,7 @@ def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options:
 def open_tileable(package: Path | str, output_kind: OutputKind) -> tuple[Package, ModelInfo]:
     """Open a package that tiled inference can run, or say why not (``UsageError``): only image-to-image
     models tile, and labels need class probabilities. Shared by the single-process and the Dask runs."""
-    from .package import open_package
+    from ..package import open_package
 
     pkg = open_package(package)
     info = ModelInfo.from_package(pkg)

@@ -17,10 +17,10 @@ Why it is built this way:
   inside functions; the Keras-side conversion lives in the ``czregistry-tensorflow`` plugin
   (``compose.prepend_and_append``, ``export.to_onnx``, ``export.export_savedmodel_zip``).
 
-The work is split by seam: ``_pack_sources`` (loading models and conversion specs), ``_pack_sessions``
-(running the source as the parity reference), ``_pack_tile`` (the tile-size reset), ``_pack_metadata``
-(``model.json`` and legacy XML) and ``czregistry.onnx_utils`` (canonicalisation, opsets, splicing). This
-module keeps ``pack`` and re-exports the public names, so ``czregistry.packing`` is the one import.
+The work is split by seam into the sibling modules of ``czregistry.pack``: ``sources`` (loading models and
+conversion specs), ``sessions`` (running the source as the parity reference), ``tile`` (the tile-size reset),
+``metadata`` (``model.json`` and legacy XML) and ``onnxgraph`` (canonicalisation, opsets, splicing). This
+module keeps ``pack``; the package ``czregistry.pack`` exports the public names, so it is the one import.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._pack_metadata import (
+from ..backends import Session
+from ..errors import BackendError, PackError, UsageError, first_line
+from ..layers import LayerSpec
+from ..report import Finding, Report, Severity
+from .metadata import (
     _CZANN_KEYS,
     _LEGACY_KEYS,
     CZANN_FORMAT_VERSION,
@@ -44,13 +48,7 @@ from ._pack_metadata import (
     _czann_metadata,
     legacy_xml,
 )
-from ._pack_sessions import _ChainSession, _KerasSession, _layer_stack, _OrtSession
-from ._pack_sources import PackWarning, _load_source, _tf_plugin, load_spec
-from ._pack_tile import _check_tile, _fmt, _resolve_tile
-from .backends import Session
-from .errors import BackendError, PackError, UsageError, first_line
-from .layers import LayerSpec
-from .onnx_utils import (
+from .onnxgraph import (
     DEFAULT_OPSET,
     LEGACY_OPSET,
     canonicalize_onnx,
@@ -59,10 +57,12 @@ from .onnx_utils import (
     onnx_opset,
     splice_onnx,
 )
-from .report import Finding, Report, Severity
+from .sessions import _ChainSession, _KerasSession, _layer_stack, _OrtSession
+from .sources import PackWarning, _load_source, _tf_plugin, load_spec
+from .tile import _check_tile, _fmt, _resolve_tile
 
 if TYPE_CHECKING:
-    from .checks import ValidateOptions
+    from ..checks import ValidateOptions
 
 __all__ = [
     "CZANN_FORMAT_VERSION",
@@ -135,8 +135,8 @@ def _merge_onnx_layers(data: bytes, pre: Any, post: Any) -> bytes:
 
 
 def _layer_calls(items: Iterable[LayerArg], kind: str) -> list[tuple[LayerSpec, dict[str, Any]]]:
-    from .layers import parse_layer_arg
-    from .selection import available_layers
+    from ..layers import parse_layer_arg
+    from ..selection import available_layers
 
     specs = {name: spec for name, (_, spec) in available_layers().items()}
     out: list[tuple[LayerSpec, dict[str, Any]]] = []
@@ -221,7 +221,7 @@ def pack(
         raise UsageError(f"unknown metadata field(s) {', '.join(unknown)}",
                          hint=f"allowed: {', '.join(sorted(allowed))}")
     if meta.get("Id") is not None:
-        from .package import is_uuid
+        from ..package import is_uuid
 
         if not is_uuid(meta["Id"]):
             raise UsageError(f"metadata Id '{meta['Id']}' is not a UUID")
@@ -319,7 +319,7 @@ def pack(
                 fmt = "savedmodel"
         if fmt == "savedmodel":
             if src.savedmodel_dir is not None and model is src.keras_model:
-                from .package import zip_directory
+                from ..package import zip_directory
 
                 zipped = zip_directory(src.savedmodel_dir)
                 assert isinstance(zipped, bytes)
@@ -350,7 +350,7 @@ def pack(
         for n in xml_notes:
             note(n)
         meta_arg = xml
-        from .package import parse_legacy_xml
+        from ..package import parse_legacy_xml
 
         final_meta = parse_legacy_xml(xml)
 
@@ -365,9 +365,9 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
                       final_meta: dict[str, Any], model_bytes: bytes, lic: Path | None, inputs: list[np.ndarray],
                       expected: list[np.ndarray], notes: list[str], force: bool,
                       validate_options: ValidateOptions | None) -> PackResult:
-    from .package import is_license_name, open_package, sha256_file, write_package
-    from .selection import load_session
-    from .validate import validate
+    from ..package import is_license_name, open_package, sha256_file, write_package
+    from ..selection import load_session
+    from ..validate import validate
 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import BackendError, PackError, UsageError, first_line
+from ..errors import BackendError, PackError, UsageError, first_line
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -1,6 +1,6 @@
 """Package metadata as packing writes it: the CZANN ``model.json`` object and legacy CZMODEL XML.
 
-Split from ``czregistry.packing`` (which re-exports the public names) so the metadata rules can be read on
+Split from ``czregistry.pack`` (which re-exports the public names) so the metadata rules can be read on
 their own: which fields a spec or caller may give, how legacy fields map to CZANN ones, and the exact XML a
 CZMODEL host expects.
 """
@@ -13,8 +13,8 @@ import uuid
 from typing import Any
 from xml.etree import ElementTree
 
-from .errors import UsageError
-from .metadata import PIXEL_TYPE_CHANNELS, SEGMENTATION_TYPES
+from ..errors import UsageError
+from ..metadata import PIXEL_TYPE_CHANNELS, SEGMENTATION_TYPES
 
 __all__ = ["CZANN_FORMAT_VERSION", "LEGACY_XML_VERSION", "legacy_xml"]
 

@@ -1,0 +1,66 @@
+"""The packing wing: a trained model becomes a verified CZANN / CZMODEL package.
+
+One module per step: ``sources`` (what can be packed and how it is loaded), ``sessions`` (running the
+source as the parity reference), ``tile`` (the tile-size reset), ``metadata`` (``model.json`` and the
+legacy XML), ``onnxgraph`` (canonicalising, splicing and converting ONNX graphs), ``unpack``
+(``unpack_package``, ``inspect_summary``) and ``core`` (``pack``, which joins them and proves the result).
+
+Names are resolved lazily, so importing one step (``czregistry.pack.onnxgraph``) does not import NumPy or
+the rest of the wing. ``czregistry.pack`` is also callable: ``czregistry.pack(model, metadata, "out.czann")``
+is ``czregistry.pack.pack(...)``, the call the README has always shown, now that the name is a package too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+__all__ = [
+    "CZANN_FORMAT_VERSION",
+    "DEFAULT_OPSET",
+    "LEGACY_OPSET",
+    "LEGACY_XML_VERSION",
+    "PackResult",
+    "PackWarning",
+    "canonicalize_onnx",
+    "inspect_summary",
+    "legacy_xml",
+    "load_spec",
+    "pack",
+    "unpack_package",
+]
+
+_WHERE = {
+    "CZANN_FORMAT_VERSION": "metadata",
+    "LEGACY_XML_VERSION": "metadata",
+    "legacy_xml": "metadata",
+    "DEFAULT_OPSET": "onnxgraph",
+    "LEGACY_OPSET": "onnxgraph",
+    "canonicalize_onnx": "onnxgraph",
+    "PackWarning": "sources",
+    "load_spec": "sources",
+    "PackResult": "core",
+    "pack": "core",
+    "inspect_summary": "unpack",
+    "unpack_package": "unpack",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CallablePackage(types.ModuleType):
+    """``czregistry.pack(...)`` calls ``czregistry.pack.core.pack``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .core import pack
+
+        return pack(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

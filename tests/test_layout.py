@@ -1,0 +1,128 @@
+"""The package's shape, kept by tests: no import circles in ``czregistry/``, no module reaching into a plugin
+package by name, and the CLI holding no library logic.
+
+The import graph counts every ``import`` of a ``czregistry`` module, at module level or inside a function (a
+lazy import is still a dependency), except those under ``if TYPE_CHECKING:``. Importing ``a.b.c`` is an edge
+to ``a.b.c``, not to its parents, as import-linter counts it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "czregistry"
+PLUGIN_PACKAGES = sorted(p.name for p in (ROOT / "plugins").glob("*/czregistry_*") if p.is_dir())
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PKG.rglob("*.py"):
+        parts = list(f.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            ids.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return ids
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_nodes(tree)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else (node.module or "")
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                found.add(target)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles_in_czregistry() -> None:
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert len(graph) > 50 and sum(map(len, graph.values())) > 150, "the graph was not read"
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    """The check above can fail: a planted circle is found."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_wings_are_subpackages() -> None:
+    for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "onnxgraph", "unpack"),
+                          "run": ("runner", "images", "source", "tiling", "czi", "smoke", "dask_run")}.items():
+        for member in members:
+            assert (PKG / wing / f"{member}.py").is_file(), f"czregistry/{wing}/{member}.py"
+    assert not list(PKG.glob("_pack_*.py")), "packing modules belong in czregistry/pack/"
+
+
+def test_cli_modules_hold_no_library_logic() -> None:
+    """A CLI module defines commands, their option helpers and ``register``; functions that a library user would
+    call (they take no click context and return data) live in the library. Caught here: module-level functions
+    of ``cli/`` that nothing in ``cli/`` decorates as a command and whose names say library (unpack_, inspect_,
+    load_, read_, write_, compute_, measure_)."""
+    library_words = re.compile(r"^(unpack|inspect|load|read|write|compute|measure|evaluate|pack)_")
+    offenders = []
+    for path in (PKG / "cli").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.decorator_list and library_words.match(node.name):
+                offenders.append(f"{path.name}:{node.name}")
+    assert offenders == []
