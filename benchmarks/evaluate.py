@@ -15,7 +15,8 @@ Per repeat: wall seconds and CPU seconds (all threads) of both calls, evaluate's
 image, tiled ``inference``, ``metrics`` after the inference) and the overheads: evaluate / run - 1 (wall and
 CPU) and metrics / inference. The last row is the median over repeats; the goal is a median wall overhead
 under 10%. The machine may be shared: run and evaluate alternate so that both see the same load, CPU time is
-less sensitive to other processes than wall time, and every repeat is printed.
+less sensitive to other processes than wall time, every repeat is printed, and so is the load average
+(other processes) before and after.
 
 Run: ``.venv/bin/python benchmarks/evaluate.py [--size 4096] [--repeat 3]`` (about a minute on 2 cores).
 Everything goes to a temp folder that is removed afterwards.
@@ -24,6 +25,7 @@ Everything goes to a temp folder that is removed afterwards.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -75,6 +77,7 @@ def main() -> None:
         def do_eval() -> Any:
             return evaluate(package, images, labels, EvalOptions(run=RunOptions())).data
 
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         do_run()  # warm-up: imports, first ONNX Runtime session, file cache
         do_eval()
         rows: list[dict[str, float]] = []
@@ -89,7 +92,8 @@ def main() -> None:
                          "metrics %": 100 * sec["metrics"] / sec["inference"]})
         cols = list(rows[0])
         print(f"evaluation overhead, {args.size}x{args.size} image, {data['inference']['tiles']} tiles, "
-              f"{res.backend}/{res.device}; seconds, overheads in %")
+              f"{res.backend}/{res.device}, {os.cpu_count()} cores, load average {load_before:.1f} -> "
+              f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f}; seconds, overheads in %")
         print(f"{'':<8}" + "".join(f"{c:>11}" for c in cols))
         for i, row in enumerate(rows, 1):
             print(f"{'#' + str(i):<8}" + "".join(f"{row[c]:11.2f}" for c in cols))
