@@ -55,6 +55,25 @@ def test_tiled_equals_whole_for_the_unet(unet_session: tuple[Session, ModelInfo]
     assert np.abs(out - whole).max() <= 1e-5
 
 
+def test_labels_and_finished_rows_from_predict_image(unet_session: tuple[Session, ModelInfo]) -> None:
+    """``output_kind="labels"`` gives the argmax of the probabilities (what ``czreg run`` writes) without the
+    float plane; ``on_rows`` sees every row once, in order, as it is in the result; an integer image is
+    scaled band by band exactly as the float image scaled beforehand."""
+    session, info = unet_session
+    raw = np.random.default_rng(4).integers(0, 256, (203, 131, 1), dtype=np.uint8)
+    img = raw.astype(np.float32) / np.float32(255)
+    probs, _ = predict_image(session, info, img, RunOptions(batch_size=3))
+    seen: list[tuple[int, np.ndarray]] = []
+    labels, grid = predict_image(session, info, raw, RunOptions(batch_size=3, output_kind="labels"),
+                                 on_rows=lambda start, rows: seen.append((start, rows.copy())))
+    assert labels.dtype == np.uint8 and labels.shape == (203, 131, 1)
+    assert np.array_equal(labels[..., 0], np.argmax(probs, axis=-1))
+    assert [s for s, _ in seen] == list(np.cumsum([0] + [len(r) for _, r in seen])[:-1])
+    assert np.array_equal(np.concatenate([r for _, r in seen]), labels)
+    assert len(seen) > 1  # several blocks, handed over while inference went on
+    assert grid.n_tiles > 1
+
+
 def test_borders_below_the_halo_leave_seams_that_the_runner_avoids(unet_session: tuple[Session, ModelInfo]) -> None:
     session, info = unet_session
     img = np.random.default_rng(1).random((256, 256, 1), dtype=np.float32)

@@ -1,18 +1,24 @@
 """``evaluate``: run a package through the tiled runner over a labelled dataset and measure it.
 
 Inference is ``runner.predict_image`` with the same preprocessing ``czreg run`` applies (dtype scaling,
-channel mapping), the model loaded and its geometry measured once for the whole dataset: what is
-measured is what users get. Each image is read whole (label maps must fit in memory anyway); only its
-sufficient statistics (``metrics``) and, for the report, a small preview of the worst images are kept.
+channel mapping) and the class map ``czreg run --output-kind labels`` writes, the model loaded and its
+geometry measured once for the whole dataset: what is measured is what users get. Each image is read whole
+(label maps must fit in memory anyway); only its sufficient statistics (``metrics``) and, for the report, a
+small preview of the worst images are kept.
+
+The overhead over the tiled run is kept small by design: the float probabilities of a whole plane never
+exist (the runner converts finished rows to classes), the prediction's runs (``metrics.RunEncoder``) are
+encoded from finished rows on the runner's writer thread while later rows are inferred, the label side
+(decoding, runs, true objects) and the file hashing run on a worker thread during the inference, and what
+is left after it works on runs, not pixels. ``benchmarks/evaluate.py`` measures it.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,26 +99,35 @@ def _label_plane(raw: np.ndarray, path: Path, n_classes: int) -> np.ndarray:
     return lab.astype(np.uint8 if n_classes <= 256 else np.uint16, copy=False)
 
 
-def _argmax(probs: np.ndarray) -> np.ndarray:
-    """Class per pixel as ``czreg run --output-kind labels`` gives it (ties to the lower class); a single
-    output channel is a foreground probability, thresholded at 0.5."""
-    if probs.shape[-1] == 1:
-        return (probs[..., 0] > 0.5).astype(np.uint8)
-    if probs.shape[-1] == 2:
-        return np.greater(probs[..., 1], probs[..., 0]).view(np.uint8)
-    return np.argmax(probs, axis=-1).astype(np.uint8 if probs.shape[-1] <= 256 else np.uint16)
+def _class_rows(block: np.ndarray, out_ch: int) -> np.ndarray:
+    """Class per pixel of finished output rows ``(rows, ..., C)``: the runner's labels (``czreg run
+    --output-kind labels``, argmax with ties to the lower class), or for a single output channel its
+    foreground probability thresholded at 0.5."""
+    if out_ch == 1:
+        return (block[..., 0] > 0.5).view(np.uint8)
+    return block[..., 0]
 
 
-def _argmax_bands(probs: np.ndarray, bands: int) -> np.ndarray:
-    """``_argmax`` over ``bands`` bands of rows on as many threads (numpy releases the GIL)."""
-    if bands <= 1 or probs.ndim < 2:
-        return _argmax(probs)
-    from concurrent.futures import ThreadPoolExecutor
+class _RowFeed:
+    """``predict_image``'s ``on_rows``: classes of finished rows into the prediction's ``RunEncoder``."""
 
-    edges = np.linspace(0, probs.shape[0], bands + 1).round().astype(int)
-    with ThreadPoolExecutor(max_workers=bands, thread_name_prefix="czreg-argmax") as pool:
-        parts = list(pool.map(lambda ab: _argmax(probs[ab[0]:ab[1]]), itertools.pairwise(edges)))
-    return np.concatenate(parts, axis=0)
+    def __init__(self, encoder: M.RunEncoder, out_ch: int) -> None:
+        self.encoder, self.out_ch = encoder, out_ch
+
+    def __call__(self, start: int, rows: np.ndarray) -> None:
+        self.encoder.add(start, _class_rows(rows, self.out_ch))
+
+
+def _model_input(raw: np.ndarray, in_ch: int, select: tuple[int, ...] | None, color: str | None,
+                 bgr: bool) -> np.ndarray:
+    """The plane as ``predict_image`` takes it. When only scaling is needed it is passed as read, and the
+    runner scales each band as it cuts tiles (as ``czreg run`` does): no float copy of the whole plane."""
+    from ..run.images import scale_to_unit, to_model_channels
+
+    if select is None and raw.shape[-1] == in_ch and not (bgr and in_ch >= 3):
+        return raw
+    return np.asarray(to_model_channels(scale_to_unit(raw), in_ch, select=select, color_handling=color, bgr=bgr),
+                      dtype=np.float32)
 
 
 def _preview_slice(a: np.ndarray, nd: int) -> np.ndarray:
@@ -135,7 +150,8 @@ def _downsample(a: np.ndarray, side: int, nearest: bool) -> np.ndarray:
 
 
 def _display(image: np.ndarray) -> np.ndarray:
-    """uint8 grey (H, W) or RGB (H, W, 3) of a model-input plane, stretched between the 1st and 99th percentile."""
+    """uint8 grey (H, W) or RGB (H, W, 3) of an (already down-sampled) input plane, stretched between the 1st
+    and 99.5th percentile."""
     img = image[..., :3] if image.shape[-1] >= 3 else image[..., :1]
     img = img.astype(np.float32)
     lo, hi = np.percentile(img, 1), np.percentile(img, 99.5)
@@ -198,14 +214,15 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     """Evaluate ``package`` on the images in ``images`` against same-stem labels (or targets) in ``labels``.
 
     Work that does not need the prediction (hashing the files for the dataset digest, decoding the labels,
-    labelling the true objects) runs on one worker thread during the tiled inference of the same plane.
+    finding the true objects) runs on one worker thread during the tiled inference of the same plane; the
+    prediction's runs are encoded from finished rows during the inference (``predict_image``'s ``on_rows``).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from .. import __version__
     from ..metadata import ModelInfo
     from ..package import open_package, sha256_file
-    from ..run.images import open_image, scale_to_unit, to_model_channels
+    from ..run.images import open_image
     from ..run.runner import ModelGeometry, RunOptions, model_geometry, predict_image
     from ..selection import load_session
 
@@ -224,7 +241,7 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
         options.overlays.mkdir(parents=True, exist_ok=True)
     per_image: list[dict[str, Any]] = []
     worst: list[tuple[float, int, Preview]] = []
-    infer_s = metric_s = 0.0
+    read_s = infer_s = metric_s = 0.0
     hashed: list[Future[Pair]] = []
     package_sha: Future[str] | None = None
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="czreg-evaluate")
@@ -266,39 +283,45 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
                             if package_sha is None:
                                 package_sha = worker.submit(sha256_file, pkg.path)
                         t0 = time.perf_counter()
-                        raw = _read_plane(src, lead, spatial)
-                        x = np.asarray(to_model_channels(scale_to_unit(raw), in_ch, select=run_opts.channels,
-                                                         color_handling=color, bgr=bgr), dtype=np.float32)
-                        probs, grid = predict_image(session, info, x, run_opts, geometry=geom)
-                        tiles += grid.n_tiles
+                        x = _model_input(_read_plane(src, lead, spatial), in_ch, run_opts.channels, color, bgr)
                         t1 = time.perf_counter()
-                        infer_s += t1 - t0
+                        read_s += t1 - t0
+                        if task == "segmentation":
+                            # classes of finished rows, their runs encoded while later rows are inferred
+                            encoder = M.RunEncoder(spatial)
+                            labels_opts = replace(run_opts, output_kind="labels" if out_ch > 1 else "probabilities")
+                            out, grid = predict_image(session, info, x, labels_opts, geometry=geom,
+                                                      on_rows=_RowFeed(encoder, out_ch))
+                        else:
+                            out, grid = predict_image(session, info, x, run_opts, geometry=geom)
+                        tiles += grid.n_tiles
+                        t2 = time.perf_counter()
+                        infer_s += t2 - t1
                         opened.result()  # a label of the wrong shape fails here, before its plane is used
                         if task == "segmentation":
                             truth: M.ClassObjects = truth_job.result()
-                            bands = M.default_bands(probs.shape[:-1])  # both use the cores inference freed
-                            pred = _argmax_bands(probs, bands)
-                            plane_conf, plane_objs = M.segmentation_stats(truth, pred, options.thresholds,
-                                                                          bands=bands)
+                            pred_runs = encoder.finish()
+                            plane_conf, plane_objs = M.segmentation_stats(truth, pred_runs, options.thresholds)
                             conf += plane_conf
                             for c, counts in enumerate(plane_objs, 1):
                                 prev = objs.get(classes[c])
                                 objs[classes[c]] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
-                            shown: np.ndarray = pred
+                            shown: np.ndarray = _class_rows(out, out_ch)
+                            assert truth.class_map is not None  # built from the label plane
                             target = truth.class_map
                         else:
                             tgt = truth_job.result()
-                            if tgt.shape[-1] != probs.shape[-1]:
+                            if tgt.shape[-1] != out.shape[-1]:
                                 raise UsageError(f"target {pair.label.name} has {tgt.shape[-1]} channel(s); the "
-                                                 f"model outputs {probs.shape[-1]}",
+                                                 f"model outputs {out.shape[-1]}",
                                                  hint="targets must match the output")
-                            s = M.regression_stats(probs, tgt)
+                            s = M.regression_stats(out, tgt)
                             reg_stats = {key: reg_stats[key] + s[key] for key in reg_stats}
-                            shown, target = probs, tgt
-                        metric_s += time.perf_counter() - t1
+                            shown, target = out, tgt
+                        metric_s += time.perf_counter() - t2
                         if plane == 0 and (options.keep_worst or options.overlays is not None):
                             side = options.preview_side
-                            preview = (_downsample(_display(_preview_slice(x, nd)), side, False).astype(np.uint8),
+                            preview = (_display(_downsample(_preview_slice(x, nd), side, False)),
                                        _downsample(_preview_slice(target, nd), side, True),
                                        _downsample(_preview_slice(shown, nd), side, True))
                 finally:
@@ -353,8 +376,8 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
                       "tile": list(run_opts.tile) if run_opts.tile else None, "blend": run_opts.blend,
                       "geometry": run_opts.geometry, "stride": list(geom.stride), "halo": list(geom.halo),
                       "channels": list(run_opts.channels) if run_opts.channels else None, "tiles": tiles},
-        "seconds": {"total": round(time.perf_counter() - t_start, 3), "inference": round(infer_s, 3),
-                    "metrics": round(metric_s, 3)},
+        "seconds": {"total": round(time.perf_counter() - t_start, 3), "read": round(read_s, 3),
+                    "inference": round(infer_s, 3), "metrics": round(metric_s, 3)},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "czregistry_version": __version__,
     }

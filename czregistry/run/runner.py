@@ -38,7 +38,7 @@ from ..package import Package
 from ..selection import load_session
 from .tiling import Geometry, Tile, TileGrid, blend_weights_1d, plan_tiles
 
-__all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RunOptions", "RunResult", "TiledPredictor",
+__all__ = ["ArrayWriter", "ModelGeometry", "OutputKind", "RowsCallback", "RunOptions", "RunResult", "TiledPredictor",
            "model_geometry", "predict_image", "run"]
 
 OutputKind = Literal["probabilities", "uint8", "labels"]
@@ -568,12 +568,36 @@ def plan_for_model(session: Session, info: ModelInfo, spatial: Sequence[int], op
     return grid, geom, in_ch, out_ch
 
 
-def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options: RunOptions | None = None,
-                  *, progress: Progress | None = None, geometry: ModelGeometry | None = None
-                  ) -> tuple[np.ndarray, TileGrid]:
-    """Tiled prediction of one in-memory plane ``(*spatial, C)`` already scaled to [0, 1] (float32).
+RowsCallback = Callable[[int, np.ndarray], None]
 
-    Returns the float32 output ``(*spatial, classes)`` and the grid used. Same pipeline as ``run``.
+
+def _padded_region(image: np.ndarray, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
+    """``image[starts:stops]`` (all channels) as float32 in [0, 1], positions past the far end reflected;
+    a plain slice where the region lies inside. Integer images are scaled as ``czreg run`` scales them."""
+    from .images import scale_to_unit
+    from .tiling import reflect_indices
+
+    spatial = image.shape[:-1]
+    if all(b <= n for b, n in zip(stops, spatial)):
+        block = image[tuple(slice(a, b) for a, b in zip(starts, stops))]
+    else:
+        idx = [reflect_indices(a, b, n) for a, b, n in zip(starts, stops, spatial)]
+        block = image[np.ix_(*idx, np.arange(image.shape[-1]))]
+    return np.ascontiguousarray(scale_to_unit(block), dtype=np.float32)
+
+
+def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options: RunOptions | None = None,
+                  *, progress: Progress | None = None, geometry: ModelGeometry | None = None,
+                  on_rows: RowsCallback | None = None) -> tuple[np.ndarray, TileGrid]:
+    """Tiled prediction of one in-memory plane ``(*spatial, C)`` (float32 in [0, 1], or an integer image that
+    is scaled band by band as ``czreg run`` scales it).
+
+    Returns the output ``(*spatial, channels)`` as ``options.output_kind`` says (float32 probabilities by
+    default; ``labels`` gives the class map ``(*spatial, 1)`` that ``czreg run --output-kind labels`` writes,
+    without ever holding the float output of the whole plane) and the grid used. Same pipeline as ``run``,
+    reading one tile row (band) at a time. ``on_rows(start, block)`` is called with each finished block of
+    output rows (a view of the returned array, in order, on the pipeline's writer thread) while later rows
+    are still being inferred: consumers such as ``czreg evaluate`` work on finished rows alongside inference.
     """
     options = options or RunOptions()
     notes: list[str] = []
@@ -583,17 +607,35 @@ def predict_image(session: Session, info: ModelInfo, image: np.ndarray, options:
         grid = plan_tiles(image.shape[:-1], tile, border=border, step=geometry.stride, geometry=options.geometry)
     else:
         grid, _, _, out_ch = plan_for_model(session, info, image.shape[:-1], options, notes)
-    spatial = image.shape[:-1]
+    spatial = tuple(image.shape[:-1])
+    band_bytes = grid.tile[0] * int(np.prod(grid.padded_shape[1:])) * image.shape[-1] * 4
+    band: dict[int, np.ndarray] = {}
 
-    def read(plane: int, tile: Tile) -> np.ndarray:
-        from .tiling import reflect_indices
+    def read(plane: int, tile: Tile) -> np.ndarray:  # a view: the predictor copies it into the batch
+        if band_bytes > _MAX_BAND_BYTES:
+            return _padded_region(image, tile.origin, [o + s.size for o, s in zip(tile.origin, tile.spans)])
+        row = tile.index[0]
+        if row not in band:
+            band.clear()
+            s0 = tile.spans[0]
+            band[row] = _padded_region(image, (s0.origin, *(0,) * (len(spatial) - 1)),
+                                       (s0.origin + s0.size, *grid.padded_shape[1:]))
+        return band[row][(slice(None), *(slice(s.origin, s.origin + s.size) for s in tile.spans[1:]))]
 
-        idx = [reflect_indices(s.origin, s.origin + s.size, n) for s, n in zip(tile.spans, spatial)]
-        return np.ascontiguousarray(image[np.ix_(*idx, np.arange(image.shape[-1]))], dtype=np.float32)
+    kind = options.output_kind
+    out_c = 1 if kind == "labels" else out_ch
+    sink = ArrayWriter((), spatial, out_c, _out_dtype(kind, out_ch))
 
-    sink = ArrayWriter((), tuple(spatial), out_ch)
+    def store(plane: int, start: int, block: np.ndarray) -> None:
+        sink.write(plane, start, block)
+        if on_rows is not None:
+            on_rows(start, sink.array[start:start + block.shape[0]])
+
+    write: Callable[[int, int, np.ndarray], None] = store
+    if kind != "probabilities":
+        write = _Packer(store, kind, max(1, grid.tile[0]), spatial, out_c, _out_dtype(kind, out_ch))
     TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
-                   progress=progress).run(1, read, sink.write)
+                   progress=progress).run(1, read, write)
     return sink.array, grid
 
 
