@@ -773,21 +773,28 @@ class _ZarrChunkFiles:
             empty = not data.any() if self.fill == 0 else bool(np.all(data == self.fill))
             if empty:
                 return
-        raw = np.ascontiguousarray(data, self.dtype).tobytes()
+        # one contiguous copy at most (none for padded edge chunks), handed over as a buffer: no bytes copies
+        raw = memoryview(np.ascontiguousarray(data, self.dtype)).cast("B")
         payload = self.compress(raw) if self.compress is not None else raw
         path = self.root.joinpath("c", *(str(c) for c in coords))
         parent = path.parent
         if parent not in self.made:
             parent.mkdir(parents=True, exist_ok=True)
             self.made.add(parent)
-        path.write_bytes(bytes(payload))
+        path.write_bytes(payload)
 
 
 class ZarrWriterSink:
     """A Zarr array ``(*lead, *spatial, C)`` chunked like the OME-TIFF tiles; attrs carry axes and pixel size.
 
-    Chunks are encoded and written by a small thread pool (zstd and file writes release the GIL), a
-    bounded number ahead, so the caller only hands rows over; see ``_ZarrChunkFiles``.
+    Chunks are encoded and written by a small thread pool (zstd and file writes release the GIL), so the
+    caller only hands rows over; see ``_ZarrChunkFiles``. What is in flight is bounded by bytes, not by
+    count: a chunk being written costs about twice its size (its contiguous or padded copy and the
+    encoded bytes), and all in flight together may cost one row block of the output (``unit`` rows, full
+    width; one chunk always goes), the amount the caller already holds. So the writer adds at most about
+    two row blocks to the runner's memory (the rows still being written and the copies), never more on a
+    narrow image than writing synchronously did, while wide images, where the pool matters, keep every
+    thread busy (16 chunks in flight at 8192 px).
     """
 
     def __init__(self, path: Path, spec: OutputSpec) -> None:
@@ -809,7 +816,13 @@ class ZarrWriterSink:
         self.direct = _ZarrChunkFiles.create(self.array)
         self.workers = max(1, min(8, os.cpu_count() or 1)) if self.direct is not None else 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-zarr")
-        self._pending: collections.deque[Any] = collections.deque()
+        self._pending: collections.deque[tuple[Any, int]] = collections.deque()  # (future, bytes)
+        self._pending_bytes = 0
+        itemsize = np.dtype(spec.dtype).itemsize
+        #: what one chunk in flight costs: its contiguous (or padded) copy and the encoded bytes
+        self.chunk_cost = 2 * math.prod(chunks) * itemsize
+        #: the most that chunks queued or being written may cost together (one chunk always goes)
+        self.max_pending_bytes = spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
         self._lock = threading.Lock()
         #: seconds the pool's threads were busy encoding and writing, summed over threads
         self.busy_seconds = 0.0
@@ -822,10 +835,17 @@ class ZarrWriterSink:
             with self._lock:
                 self.busy_seconds += time.perf_counter() - t0
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        while self._pending and (self._pending[0].done() or len(self._pending) >= 2 * self.workers):
-            self._pending.popleft().result()  # raises what a worker raised
-        self._pending.append(self._pool.submit(self._timed, fn, *args))
+    def _retire(self) -> None:
+        future, nbytes = self._pending.popleft()
+        self._pending_bytes -= nbytes
+        future.result()  # raises what a worker raised
+
+    def _submit(self, cost: int, fn: Callable[..., None], *args: Any) -> None:
+        while self._pending and (self._pending[0][0].done()
+                                 or self._pending_bytes + cost > self.max_pending_bytes):
+            self._retire()
+        self._pending.append((self._pool.submit(self._timed, fn, *args), cost))
+        self._pending_bytes += cost
 
     def _set(self, key: tuple[Any, ...], block: np.ndarray) -> None:
         self.array[key] = block
@@ -837,7 +857,7 @@ class ZarrWriterSink:
             chunks += list(self.buffer.flush())
         for s, chunk in chunks:
             if self.direct is None:
-                self._submit(self._set, (*lead, slice(s, s + chunk.shape[0])), chunk)
+                self._submit(2 * chunk.nbytes, self._set, (*lead, slice(s, s + chunk.shape[0])), chunk)
                 continue
             # rows start on a chunk boundary (the buffer releases whole units): split the rest of the axes
             shape = self.chunks[len(lead):]
@@ -846,12 +866,12 @@ class ZarrWriterSink:
             for origin in itertools.product(*grid):
                 region = (slice(None), *(slice(o, o + c) for o, c in zip(origin, shape[1:])))
                 coords = (*lead, row, *(o // c for o, c in zip(origin, shape[1:])))
-                self._submit(self.direct.write_chunk, coords, chunk[region][(None,) * len(lead)])
+                self._submit(self.chunk_cost, self.direct.write_chunk, coords, chunk[region][(None,) * len(lead)])
 
     def close(self) -> None:
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._retire()
         except BaseException as exc:
             self.abort()
             if isinstance(exc, RunError):
@@ -860,9 +880,10 @@ class ZarrWriterSink:
         self._pool.shutdown(wait=True)
 
     def abort(self) -> None:
-        for f in self._pending:
+        for f, _ in self._pending:
             f.cancel()
         self._pending.clear()
+        self._pending_bytes = 0
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

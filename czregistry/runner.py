@@ -418,8 +418,9 @@ class TiledPredictor:
     in order: float32, or, when ``emits_converted``, already in ``output_kind``. ``stage_seconds`` records
     how long each stage was busy.
 
-    Batches are cut into a small ring of preallocated buffers (a buffer returns to the ring once its
-    batch has been predicted, so the reader never overwrites one still queued or in the model). With an
+    Batches are cut into a small ring of reused buffers, allocated as the run first needs them (a buffer
+    returns to the ring once its batch has been predicted, so the reader never overwrites one still queued
+    or in the model; the ring never holds more than the per-batch buffers it replaced could). With an
     ``output_kind`` other than probabilities and no blending, conversion happens before assembly: on the
     device when the session offers it (``Session.converts_on_device``, e.g. the torch backend's argmax
     before the copy back), else per tile as it is placed; both give exactly the values converting the
@@ -468,7 +469,11 @@ class TiledPredictor:
             return False
 
         def buffer(shape: tuple[int, ...]) -> np.ndarray | None:
+            """A returned buffer if there is one; a new one only while the ring is not yet as deep as the
+            run needs: with a model faster than the reader it stays two or three deep."""
             nonlocal allocated
+            with contextlib.suppress(queue.Empty):
+                return free.get_nowait()
             if allocated < ring:
                 allocated += 1
                 return np.empty((self.batch_size, *shape), np.float32)
