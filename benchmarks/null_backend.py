@@ -61,12 +61,13 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
                      device_convert: bool = False, batch_suggestion: int | None = None) -> None:
             self.in_channels, self.classes, self.nd = in_channels, classes, spatial_ndim
             self.device_convert, self.batch_suggestion = device_convert, batch_suggestion
+            free = (None,) * (spatial_ndim + 1)
+            self._signature = Signature((TensorInfo("input", (*free, in_channels), "float32"),),
+                                        (TensorInfo("output", (*free, classes), "float32"),))
 
         @property
-        def signature(self) -> Signature:
-            free = (None,) * (self.nd + 1)
-            return Signature((TensorInfo("input", (*free, self.in_channels), "float32"),),
-                             (TensorInfo("output", (*free, self.classes), "float32"),))
+        def signature(self) -> Signature:  # built once: the runner asks for it per batch (batch_limit)
+            return self._signature
 
         def _cached(self, key: tuple[Any, ...], make: Any) -> np.ndarray:
             key = (*key, self.classes)

@@ -718,7 +718,7 @@ class _ZarrChunkFiles:
     the writer falls back to Zarr's own API.
     """
 
-    def __init__(self, root: Path, array: Any, compress: Callable[[bytes], bytes] | None,
+    def __init__(self, root: Path, array: Any, compress: Callable[[Any], bytes] | None,
                  write_empty: bool, fill: Any) -> None:
         self.root, self.array, self.compress = root, array, compress
         self.write_empty, self.fill = write_empty, fill
@@ -746,7 +746,7 @@ class _ZarrChunkFiles:
             endian = getattr(codecs[0].endian, "value", codecs[0].endian)
             if endian not in (None, "little"):
                 return None
-            compress: Callable[[bytes], bytes] | None = None
+            compress: Callable[[Any], bytes] | None = None
             if len(codecs) == 2:
                 if type(codecs[1]) is not ZstdCodec:
                     return None
@@ -774,7 +774,7 @@ class _ZarrChunkFiles:
             if empty:
                 return
         # one contiguous copy at most (none for padded edge chunks), handed over as a buffer: no bytes copies
-        raw = memoryview(np.ascontiguousarray(data, self.dtype)).cast("B")
+        raw = np.ascontiguousarray(data, self.dtype).data.cast("B")
         payload = self.compress(raw) if self.compress is not None else raw
         path = self.root.joinpath("c", *(str(c) for c in coords))
         parent = path.parent

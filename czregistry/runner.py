@@ -173,10 +173,11 @@ def _convert(block: np.ndarray, kind: OutputKind, out: np.ndarray | None = None,
         else:
             scaled = block * np.float32(255)
         np.rint(scaled, out=scaled)
-        np.clip(scaled, 0, 255, out=scaled)
         if out is None:
+            np.clip(scaled, 0, 255, out=scaled)
             return scaled.astype(np.uint8)
-        np.copyto(out, scaled, casting="unsafe")
+        # clip and cast in one pass: the clipped values are whole numbers in [0, 255], cast exactly
+        np.clip(scaled, 0, 255, out=out, casting="unsafe")
         return out
     if out is None:
         return np.array(block, dtype=np.float32, copy=True)
@@ -447,8 +448,13 @@ class TiledPredictor:
         self.predict_seconds = 0.0
         self.stage_seconds = {"read": 0.0, "predict": 0.0, "assemble": 0.0, "emit": 0.0, "convert": 0.0}
 
-    def run(self, n_planes: int, read: TileReader, write: Callable[[int, int, np.ndarray], None]) -> None:
+    def run(self, n_planes: int, read: TileReader, write: Callable[[int, int, np.ndarray], None], *,
+            scale: float | None = None) -> None:
+        """``scale``: ``read`` returns raw integer pixels, divided by ``scale`` (in float32, exactly as
+        ``images.scale_to_unit`` does) straight into the batch: one pass over the input instead of
+        scaling a float32 band and copying it again."""
         stop = threading.Event()
+        divisor = None if scale is None else np.float32(scale)
         q_in: queue.Queue[Any] = queue.Queue(maxsize=self._QUEUE)
         q_out: queue.Queue[Any] = queue.Queue(maxsize=3)
         free: queue.Queue[np.ndarray] = queue.Queue()  # batch buffers back from the model
@@ -502,7 +508,10 @@ class TiledPredictor:
                             if batch is None:
                                 return
                         t0 = clock()
-                        batch[len(metas)] = x
+                        if divisor is None:
+                            batch[len(metas)] = x
+                        else:
+                            np.divide(x, divisor, out=batch[len(metas)], dtype=np.float32)
                         metas.append((plane, tile))
                         busy += clock() - t0
                         if len(metas) == min(self.batch_size, left):
@@ -830,9 +839,18 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                                                 for c in legacy.get("Channels") or [] if isinstance(c, dict))
             color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
 
+            # 8/16-bit pixels whose channels pass unchanged are scaled by the predictor as it fills the
+            # batch (the same float32 division), not here: a float32 band would be written and read again
+            scale: float | None = None
+            if (src.dtype in (np.uint8, np.uint16) and options.channels is None and src.channels == in_ch
+                    and not (bgr and in_ch >= 3)):
+                scale = float(np.iinfo(src.dtype).max)
+
             def prepare(plane: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
                 lead = tuple(int(i) for i in np.unravel_index(plane, lead_shape)) if lead_shape else ()
                 raw = src.read_padded(lead, starts, stops, spatial)
+                if scale is not None:
+                    return raw
                 x = to_model_channels(scale_to_unit(raw), in_ch, select=options.channels,
                                       color_handling=color, bgr=bgr)
                 return np.asarray(x, dtype=np.float32)
@@ -880,7 +898,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 packer = _Packer(writer.write, kind, spec.unit, spatial, out_c, spec.dtype,
                                  converted=predictor.emits_converted)
                 try:
-                    predictor.run(n_planes, read, packer)
+                    predictor.run(n_planes, read, packer, scale=scale)
                     writer.close()
                 except BaseException:
                     writer.abort()

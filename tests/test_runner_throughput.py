@@ -172,6 +172,27 @@ def test_recycled_batch_buffers_never_leak_into_outputs() -> None:
     assert len(session.seen) <= TiledPredictor._QUEUE + 2  # a small ring, reused
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_raw_pixels_scaled_into_the_batch_equal_scale_to_unit(dtype: Any) -> None:
+    """``run`` hands 8/16-bit pixels to the predictor unscaled (``scale``): every possible value must come
+    out with exactly the bits ``scale_to_unit`` gives."""
+    from czregistry.images import scale_to_unit
+
+    top = int(np.iinfo(dtype).max)
+    side = 256 if dtype == np.uint16 else 16
+    image = np.arange(top + 1, dtype=np.int64).astype(dtype).reshape(side, side, 1)
+    grid = plan_tiles(image.shape[:-1], (16, 16), border=(0, 0))
+    sink = ArrayWriter((), image.shape[:-1], 1)
+
+    def read(plane: int, tile: Any) -> np.ndarray:
+        return image[tuple(slice(s.origin, s.origin + s.size) for s in tile.spans)]
+
+    TiledPredictor(_Identity(), grid, 1, batch_size=3).run(1, read, sink.write, scale=top)
+    want = scale_to_unit(image)
+    assert sink.array.dtype == want.dtype == np.float32
+    assert np.array_equal(sink.array.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
 def test_reflected_reads_by_runs_equal_take(n: int) -> None:
     rng = np.random.default_rng(n)
