@@ -155,6 +155,50 @@ run run-unet-cpu-onnxruntime.json 300 "$PY" -m czregistry run .whl/unet.czann "$
 run run-unet-cpu-torch.json 300 "$PY" -m czregistry run .whl/unet.czann "$WORK/image.tif" \
     -o "$WORK/unet-cpu-torch.ome.tif" --device cpu --backend torch --batch-size 8 --json
 
+step "model-only vs end-to-end tiles/s by batch size (unet; labels and float32 OME-TIFF, labels Zarr)"
+run throughput.json 600 "$PY" - <<EOF
+import json, time
+from pathlib import Path
+import numpy as np
+from czregistry.backends import load_session
+from czregistry.package import open_package
+from czregistry.run.runner import RunOptions, run
+
+work = Path("$WORK")
+package = open_package(".whl/unet.czann")
+h, w, c = package.metadata["InputShape"]
+rows = []
+with load_session(package, device="$DEVICE") as session:
+    default = session.suggest_batch_size((h, w, c)) or 4  # what czreg run picks without --batch-size
+    for batch in (4, 16, 32, 64, None):
+        b = batch or default
+        x = np.random.default_rng(0).random((b, h, w, c), dtype=np.float32)
+        session.predict(x)  # warm-up (cuDNN autotune for this shape)
+        n, t0 = 0, time.perf_counter()
+        while n < 20 * b or time.perf_counter() - t0 < 3.0:
+            session.predict(x)
+            n += b
+        model_only = n / (time.perf_counter() - t0)
+        row = {"batch": f"default ({b})" if batch is None else b, "model_only_tiles_per_s": round(model_only, 1)}
+        for kind, suffix in (("labels", ".ome.tif"), ("probabilities", ".ome.tif"), ("labels", ".zarr")):
+            key = kind + suffix
+            try:
+                res = run(".whl/unet.czann", work / "image.tif", work / f"tp-{b}-{key}",
+                          RunOptions(batch_size=b, auto_batch=batch is None, output_kind=kind, device="$DEVICE"))
+                row[key] = {"tiles_per_s": res.tiles_per_second, "ratio": round(res.tiles_per_second / model_only, 3),
+                            "batch": res.batch_size, "stages": res.stage_seconds}
+            except Exception as exc:
+                row[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+print("| batch | model only tiles/s | labels OME-TIFF tiles/s (end-to-end / model) | float32 OME-TIFF | labels Zarr |")
+print("|---|---|---|---|---|")
+for r in rows:
+    cells = [f"{r[k].get('tiles_per_s', 'error')} ({r[k].get('ratio', '-')})"
+             for k in ("labels.ome.tif", "probabilities.ome.tif", "labels.zarr")]
+    print(f"| {r['batch']} | {r['model_only_tiles_per_s']} | " + " | ".join(cells) + " |")
+EOF
+
 step "tiled outputs: $DEVICE vs CPU (whole image)"
 run compare.json 300 "$PY" - <<EOF
 import json
@@ -193,6 +237,8 @@ def load(name):
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
 
 summary = {"steps": (out / "steps.txt").read_text().split("\n"), "raw": load("raw.json"),
+           "throughput": [l for l in (out / "throughput.json").read_text().splitlines() if l.startswith("|")]
+           if (out / "throughput.json").exists() else [],
            "compare": load("compare.json"), "runs": {}, "smoke": {}, "validate": {}}
 for f in sorted(out.glob("run-*.json")):
     r = load(f.name)

@@ -14,12 +14,15 @@ Columns, on the same small segmentation model (ONNX Runtime, CPU) and the same t
 Run: ``.venv/bin/python benchmarks/runner.py`` (about 3-5 minutes on 2 cores);
 ``--sizes 2048 4096`` for a quick look. Everything is written to a temp folder and removed afterwards.
 
-``--host`` measures the runner's own (host-side) cost alone: the same pipeline with a "free" in-process
-backend whose ``predict`` returns a precomputed batch of realistic probabilities (smooth class regions,
-full-precision float32 noise) in no time, so what remains is reading, scaling, batching, assembling,
-converting, compressing and writing. It prints, per output kind / format / compression, the pipeline
-time, the host milliseconds per tile (the ceiling on tiles/s that the host allows whatever the device) and
-each stage's busy seconds. No TensorFlow needed; about half a minute.
+``--backend null`` (or ``--host``) measures the runner's own (host-side) cost alone: the same pipeline with
+the ``null`` backend (``benchmarks/null_backend.py``, registered in-process only) whose ``predict`` returns
+a precomputed batch of realistic probabilities (smooth class regions, full-precision float32 noise) in no
+time, so what remains is reading, scaling, batching, assembling, converting, compressing and writing. It
+runs float32 probabilities, uint8 and labels into OME-TIFF and Zarr (``--repeat`` times each, median kept:
+the machine may be shared) and prints tiles/s, CPU ms per tile, the tiles/s each stage's busy time alone
+allows, and the memory / disk bandwidth that bound float32 output; ``--json`` gives ``tiles_per_s`` per
+configuration. ``--device-convert`` lets the session convert to labels/uint8 itself, as the torch backend
+does on a GPU. No TensorFlow needed; about half a minute at the default 8192 x 8192.
 
 ``--dask [--workers 1 2 4] [--sizes 8192]`` compares the single-process runner with ``czreg run --dask
 local:N`` (``czregistry.run.dask_run``) on the same image, both writing labels to Zarr: wall time including the
@@ -46,6 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 TILE = 256
 OVERLAP = 32
+DEFAULT_SIZES = [4096, 8192, 16384]
 
 
 def build_package(dest: Path) -> Path:
@@ -106,129 +110,96 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --- host overhead alone ------------------------------------------------------------------------------
+# --- host overhead alone (the null backend) ------------------------------------------------------------
+
+STAGES = ["read", "predict", "assemble", "convert", "write", "encode"]
+CASES = [(kind, suffix) for suffix in (".ome.tif", ".zarr") for kind in ("probabilities", "uint8", "labels")]
 
 
-def build_tiny_package(dest: Path) -> Path:
-    """A .czann holding a pointwise ONNX model (x * w + b, softmax over 2 classes) built with onnx.helper.
-    The free backend never runs it; it gives the runner a real package and signature."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def bandwidth(tmp: Path, mb: int = 256) -> dict[str, float]:
+    """Memory copy and disk write bandwidth here (MB/s), the bounds for float32 output."""
+    a = np.ones(mb * 1024 * 1024 // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    path = tmp / "bandwidth.bin"
+    t0 = time.perf_counter()
+    with path.open("wb") as fh:
+        for _ in range(mb // 16):
+            fh.write(a[:4 * 1024 * 1024].data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    disk = time.perf_counter() - t0
+    path.unlink()
+    return {"memcpy_mb_s": mb / best, "disk_write_mb_s": mb / disk}
+
+
+def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]], repeat: int = 1,
+                  device_convert: bool = False) -> list[dict[str, Any]]:
+    """Run the pipeline with the null backend for each ``(output kind, suffix, compression)`` case,
+    ``repeat`` times; each row keeps the median run (the machine may be shared) and all runs' tiles/s."""
+    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.tiling import plan_tiles
 
     sys.path.insert(0, str(ROOT))
-    from czregistry.package import write_package
+    from benchmarks.null_backend import build_null_package, register_null_backend, warm
 
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, None, None, 1])
-    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, None, None, 2])
-    w = numpy_helper.from_array(np.array([4.0, -4.0], np.float32), "w")
-    b = numpy_helper.from_array(np.array([-2.0, 2.0], np.float32), "b")
-    graph = helper.make_graph([helper.make_node("Mul", ["input", "w"], ["m"]),
-                               helper.make_node("Add", ["m", "b"], ["a"]),
-                               helper.make_node("Softmax", ["a"], ["output"], axis=-1)],
-                              "tiny", [x], [y], [w, b])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    meta = {"FormatVersion": "2.1.0", "Id": "00000000-0000-4000-8000-00000000b0b0",
-            "Type": "SingleClassSemanticSegmentation", "InputShape": [TILE, TILE, 1],
-            "OutputShape": [TILE, TILE, 2], "MinOverlap": [OVERLAP, OVERLAP], "ModelName": "benchmark-free",
-            "Classes": [{"Name": "background", "Color": "#000000"}, {"Name": "object", "Color": "#FF0000"}],
-            "ModelPath": "model.model"}
-    path = dest / "free.czann"
-    write_package(path, meta, model.SerializeToString())
-    return path
-
-
-def register_free_backend() -> None:
-    """Register the ``free`` backend in-process (benchmark only; never installed as a plugin)."""
-    from czregistry.backends import Backend, Session, Signature, TensorInfo
-    from czregistry.hookspecs import hookimpl
-    from czregistry.plugins import get_host
-    from czregistry.selection import available_backends
-
-    class FreeSession(Session):
-        backend = "free"
-        device = "none"
-
-        def __init__(self) -> None:
-            self._cache: dict[tuple[int, ...], np.ndarray] = {}
-
-        @property
-        def signature(self) -> Signature:
-            return Signature((TensorInfo("input", (None, None, None, 1), "float32"),),
-                             (TensorInfo("output", (None, None, None, 2), "float32"),))
-
-        def predict(self, batch: np.ndarray) -> np.ndarray:
-            key = tuple(batch.shape[:-1])
-            if key not in self._cache:  # once per batch shape; the same (read-only) array is returned after
-                n, h, w = key
-                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-                rng = np.random.default_rng(n)
-                logit = np.stack([3 * np.sin(xx / 19 + i) * np.cos(yy / 23 - i) for i in range(n)])
-                logit += rng.normal(0, 0.5, logit.shape).astype(np.float32)
-                p1 = (1 / (1 + np.exp(-logit))).astype(np.float32)
-                out = np.stack([1 - p1, p1], axis=-1)
-                out.flags.writeable = False
-                self._cache[key] = out
-            return self._cache[key]
-
-    class FreeBackend(Backend):
-        name = "free"
-        formats = frozenset({"onnx"})
-
-        def load(self, package: Any, device: Any = "auto") -> Session:
-            return FreeSession()
-
-    class FreePlugin:
-        @hookimpl
-        def register_backends(self, register: Any) -> None:
-            register(FreeBackend)
-
-    host = get_host()
-    if "free" not in set(available_backends()):
-        host.register_plugin(FreePlugin(), "benchmark-free")
-
-
-def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """Run the pipeline with the free backend for each ``(output kind, suffix, compression)`` case."""
-    from czregistry.run.runner import RunOptions, run
-
-    register_free_backend()
-    package = build_tiny_package(tmp)
+    register_null_backend(device_convert=device_convert)
+    package = build_null_package(tmp)
     image = tmp / f"host{size}.tif"
     make_image(image, size)
+    # the null outputs are computed once per process, before any timed run
+    tiles = plan_tiles((size, size), (TILE, TILE), border=OVERLAP // 2, step=(2, 2)).n_tiles
+    warm(batch, TILE, tiles=tiles, kinds=("uint8", "labels") if device_convert else ())
     rows = []
     for kind, suffix, compression in cases:
-        out = tmp / f"host-out{suffix}"
-        # the free model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
-        cpu0 = _cpu_seconds()
-        res = run(package, image, out, RunOptions(batch_size=batch, output_kind=kind, backend="free",  # type: ignore[arg-type]
-                                                   compression=compression, probe=False, step=2))  # type: ignore[arg-type]
-        cpu = _cpu_seconds() - cpu0
-        nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
-        rows.append({"kind": kind, "format": res.format, "compression": res.compression, "tiles": res.tiles,
-                     "pipeline_s": res.pipeline_seconds, "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
-                     "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
-                     "cpu_ms_per_tile": cpu / res.tiles * 1000,
-                     "mb": nbytes / 1e6})
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        runs = []
+        for _ in range(repeat):
+            out = tmp / f"host-out{suffix}"
+            # the null model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
+            cpu0 = _cpu_seconds()
+            res = run(package, image, out, RunOptions(batch_size=batch, output_kind=kind, backend="null",  # type: ignore[arg-type]
+                                                       compression=compression, probe=False, step=2))  # type: ignore[arg-type]
+            cpu = _cpu_seconds() - cpu0
+            nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+            pixels = int(np.prod(res.shape))
+            raw_mb = pixels * np.dtype(res.dtype).itemsize / 1e6
+            runs.append({"kind": kind, "format": res.format, "compression": res.compression, "tiles": res.tiles,
+                         "pipeline_s": res.pipeline_seconds,
+                         "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
+                         "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
+                         "stage_tiles_per_s": {k: (res.tiles / v if v > 0 else None)
+                                               for k, v in res.stage_seconds.items()},
+                         "cpu_ms_per_tile": cpu / res.tiles * 1000, "mb": nbytes / 1e6,
+                         "raw_mb_per_s": raw_mb / res.pipeline_seconds})
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        median = sorted(runs, key=lambda r: r["tiles_per_s"])[(len(runs) - 1) // 2]
+        rows.append({**median, "runs_tiles_per_s": [round(r["tiles_per_s"], 1) for r in runs]})
     image.unlink()
     return rows
 
 
-def print_host(rows: list[dict[str, Any]], size: int, batch: int) -> None:
-    stages = ["read", "predict", "assemble", "convert", "write", "encode"]
-    print(f"\nhost overhead alone: {size}x{size} uint8 tiled TIFF, free backend (predict returns a cached batch), "
-          f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; CPU ms/tile counts all threads; stage columns are "
-          "busy seconds of each stage's thread (they overlap)")
-    head = ("| output | compression | tiles | pipeline s | host ms/tile | max tiles/s | CPU ms/tile | output MB | "
-            + " | ".join(stages) + " |")
+def print_host(rows: list[dict[str, Any]], size: int, batch: int, bw: dict[str, float] | None = None) -> None:
+    print(f"\nhost pipeline alone: {size}x{size} uint8 tiled TIFF, null backend (predict returns a cached batch), "
+          f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; tiles/s is the median of the runs listed; CPU ms/tile "
+          "counts all threads; stage columns are tiles/s of each stage's busy time alone (stages overlap, "
+          "the slowest bounds the run)")
+    head = ("| output | compression | tiles | tiles/s | runs | CPU ms/tile | output MB | raw MB/s | "
+            + " | ".join(STAGES) + " |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     for r in rows:
-        print(f"| {r['kind']} {r['format']} | {r['compression']} | {r['tiles']} | {r['pipeline_s']:.2f} | "
-              f"{r['ms_per_tile']:.2f} | {r['tiles_per_s']:.0f} | {r['cpu_ms_per_tile']:.2f} | {r['mb']:.0f} | "
-              + " | ".join(f"{r['stages'].get(k, 0.0):.2f}" for k in stages) + " |")
+        st = r["stage_tiles_per_s"]
+        print(f"| {r['kind']} {r['format']} | {r['compression']} | {r['tiles']} | {r['tiles_per_s']:.0f} | "
+              f"{'/'.join(f'{x:.0f}' for x in r['runs_tiles_per_s'])} | {r['cpu_ms_per_tile']:.2f} | "
+              f"{r['mb']:.0f} | {r['raw_mb_per_s']:.0f} | "
+              + " | ".join("-" if st.get(k) is None else f"{st[k]:.0f}" for k in STAGES) + " |")
+    if bw:
+        print(f"bounds here: memory copy {bw['memcpy_mb_s']:.0f} MB/s, disk write (fsync) "
+              f"{bw['disk_write_mb_s']:.0f} MB/s; float32 two-class output is 0.52 MB per 256x256 tile")
 
 
 # --- children ------------------------------------------------------------------------------------------
@@ -358,14 +329,23 @@ def _child(args: list[str], python: str | None = None) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--naive-tiles", type=int, default=30)
     ap.add_argument("--raw-tiles", type=int, default=200)
     ap.add_argument("--monai-python", default=None, help="a Python with torch (CPU) + monai + onnxruntime")
-    ap.add_argument("--host", action="store_true", help="measure the host-side pipeline alone (free backend)")
+    ap.add_argument("--backend", choices=["onnxruntime", "null"], default="onnxruntime",
+                    help="null: measure the host-side pipeline alone (benchmarks/null_backend.py)")
+    ap.add_argument("--host", action="store_true", help="same as --backend null")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="with --backend null: runs per configuration (the median is reported)")
+    ap.add_argument("--device-convert", action="store_true",
+                    help="with --backend null: the session converts to labels/uint8 itself, as a GPU backend does")
+    ap.add_argument("--only", nargs="+", default=None, metavar="KIND:FORMAT",
+                    help="with --backend null: only these configurations, e.g. labels:tiff uint8:zarr")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--compare-zlib", action="store_true",
-                    help="with --host: also run float32 output with --compression zlib (the old default)")
+                    help="with --backend null: also run float32 output with --compression zlib (the old default)")
     ap.add_argument("--dask", action="store_true", help="single process vs czreg run --dask local:N")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="with --dask: worker counts to time")
     ap.add_argument("--block-size", type=int, default=0, help="with --dask: block edge (default: the runner's)")
@@ -394,14 +374,23 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    if args.host:
-        cases = [("probabilities", ".ome.tif", "auto"), ("uint8", ".ome.tif", "auto"), ("labels", ".ome.tif", "auto"),
-                 ("probabilities", ".zarr", "auto")]
+    if args.host or args.backend == "null":
+        cases = [(kind, suffix, "auto") for kind, suffix in CASES
+                 if not args.only or f"{kind}:{'zarr' if suffix == '.zarr' else 'tiff'}" in args.only]
         if args.compare_zlib:
             cases.insert(1, ("probabilities", ".ome.tif", "zlib"))
+        sizes = args.sizes if args.sizes != DEFAULT_SIZES else [8192]
         try:
-            for size in args.sizes:
-                print_host(host_overhead(tmp, size, args.batch_size, cases), size, args.batch_size)
+            bw = bandwidth(tmp)
+            results = []
+            for size in sizes:
+                rows = host_overhead(tmp, size, args.batch_size, cases, args.repeat, args.device_convert)
+                results.append({"size": size, "batch_size": args.batch_size, "cores": os.cpu_count(),
+                                "device_convert": args.device_convert, "bandwidth": bw, "configurations": rows})
+                if not args.json:
+                    print_host(rows, size, args.batch_size, bw)
+            if args.json:
+                print(json.dumps(results, indent=1))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return

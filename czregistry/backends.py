@@ -87,6 +87,29 @@ class Session(abc.ABC):
 
         return np.concatenate([self.predict(batch[i:i + 1]) for i in range(n)], axis=0)
 
+    # -- optional pipeline capabilities (the tiled runner uses them when a session offers them) ----------
+
+    def converts_on_device(self, kind: str) -> bool:
+        """Whether ``predict_converted`` can return ``kind`` ("labels": argmax as uint8 ``(..., 1)``;
+        "uint8": ``rint(p * 255)`` clipped) computed where the model runs, before the copy back: a GPU then
+        sends 2-8x fewer bytes and the host skips the conversion. The values must equal the runner's
+        numpy conversion of ``predict``'s output exactly. False by default (ONNX Runtime, TensorFlow)."""
+        return False
+
+    def predict_converted(self, batch: np.ndarray, kind: str) -> np.ndarray:
+        """``predict`` followed by the conversion to ``kind``; only called when ``converts_on_device``."""
+        raise BackendError(f"the {self.backend} backend cannot convert outputs to {kind} itself")
+
+    def hold_outputs(self, count: int) -> None:  # noqa: B027 - a hint that backends may ignore
+        """A hint from a caller that keeps at most ``count`` of the arrays ``predict`` returned alive at a
+        time (0: no promise, the default): a session may then recycle output memory (e.g. pinned host
+        buffers) after ``count`` further calls."""
+
+    def suggest_batch_size(self, tile_shape: tuple[int, ...], limit: int = 32) -> int | None:
+        """A batch size for tiles of ``tile_shape`` (spatial dims + channels) that fits the device's free
+        memory, or None to keep the caller's default (CPU backends: larger batches do not help)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional for backends holding nothing
         """Release resources; idempotent."""
 

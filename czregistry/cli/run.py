@@ -71,8 +71,9 @@ class _Progress:
 @click.option("--compression", type=click.Choice(["auto", "zlib", "none"]), default="auto", show_default=True,
               help="OME-TIFF tiles: auto = zlib for uint8/labels, none for float32 (zlib barely shrinks "
                    "float probabilities and was the slowest step).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Tiles per model call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Tiles per model call (default: 4; on a GPU whose backend can measure it, the largest power "
+                   "of two up to 32 that fits in half the free device memory).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--backend", default=None, help="Inference backend (see 'czreg plugins').")
 @click.option("--tile", type=int, nargs=2, default=None, metavar="H W",
@@ -96,7 +97,7 @@ class _Progress:
               help="With --dask: block edge in pixels, a multiple of 256 (default 2048 in 2D, 256 in 3D).")
 @json_option
 def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: str, compression: str,
-            batch_size: int, device: str,
+            batch_size: int | None, device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
             quiet: bool, force: bool, dask_scheduler: str | None, resume: bool, block_size: int | None,
@@ -125,7 +126,8 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
     except ValueError:
         raise click.BadParameter("give channel numbers separated by commas, e.g. 0,2", param_hint="--channels")\
             from None
-    options = RunOptions(batch_size=batch_size, device=device, backend=backend,  # type: ignore[arg-type]
+    options = RunOptions(batch_size=batch_size or 4, auto_batch=batch_size is None,
+                         device=device, backend=backend,  # type: ignore[arg-type]
                          tile=tuple(tile3 or tile or ()) or None, geometry=geometry,  # type: ignore[arg-type]
                          output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
                          compression=compression,  # type: ignore[arg-type]

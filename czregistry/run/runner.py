@@ -56,6 +56,9 @@ class RunOptions:
     """What ``czreg run`` lets users choose. ``None`` means: from the package's metadata / measurements."""
 
     batch_size: int = 4
+    #: let the session choose the batch from free device memory (``Session.suggest_batch_size``; GPU
+    #: backends), keeping ``batch_size`` where it has no answer. The CLI sets it when --batch-size is not given.
+    auto_batch: bool = False
     device: Device = "auto"
     backend: str | None = None
     tile: tuple[int, ...] | None = None
@@ -153,18 +156,25 @@ def _argmax_labels(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     return out
 
 
-def _convert(block: np.ndarray, kind: OutputKind, out: np.ndarray | None = None) -> np.ndarray:
+def _convert(block: np.ndarray, kind: OutputKind, out: np.ndarray | None = None,
+             scratch: np.ndarray | None = None) -> np.ndarray:
     """Turn float32 output rows into what is stored, into ``out`` if given, else into a new array
-    (``block`` may be reused by the caller either way)."""
+    (``block`` may be reused by the caller either way). ``scratch``, a float32 array at least
+    ``block.size`` long, spares the uint8 conversion its temporary."""
     if kind == "labels":
         return _argmax_labels(block, out)
     if kind == "uint8":
-        scaled = block * np.float32(255)
+        if scratch is not None and scratch.size >= block.size:
+            scaled = scratch.reshape(-1)[:block.size].reshape(block.shape)
+            np.multiply(block, np.float32(255), out=scaled)
+        else:
+            scaled = block * np.float32(255)
         np.rint(scaled, out=scaled)
-        np.clip(scaled, 0, 255, out=scaled)
         if out is None:
+            np.clip(scaled, 0, 255, out=scaled)
             return scaled.astype(np.uint8)
-        np.copyto(out, scaled, casting="unsafe")
+        # clip and cast in one pass: the clipped values are whole numbers in [0, 255], cast exactly
+        np.clip(scaled, 0, 255, out=out, casting="unsafe")
         return out
     if out is None:
         return np.array(block, dtype=np.float32, copy=True)
@@ -178,11 +188,13 @@ class _Packer:
     The assembler emits rows in tile-row steps (say 224) while OME-TIFF tiles and Zarr chunks take 256:
     converting into aligned blocks here spares the writer a concatenation (a full extra copy of the output)
     and a fresh allocation per block. Each block is new: the writer may still hold earlier ones.
+    With ``converted`` the rows arrive already in the output kind (the assembler or the device converted
+    them) and are only packed.
     """
 
     def __init__(self, write: Callable[[int, int, np.ndarray], None], kind: OutputKind, unit: int,
-                 spatial: Sequence[int], channels: int, dtype: np.dtype[Any]) -> None:
-        self.write, self.kind, self.unit = write, kind, unit
+                 spatial: Sequence[int], channels: int, dtype: np.dtype[Any], *, converted: bool = False) -> None:
+        self.write, self.kind, self.unit, self.converted = write, kind, unit, converted
         self.rows, self.rest, self.channels, self.dtype = spatial[0], tuple(spatial[1:]), channels, dtype
         self.plane = -1
         self.start = 0  # first row of ``buf``
@@ -203,7 +215,10 @@ class _Packer:
                 self.buf = np.empty((n, *self.rest, self.channels), self.dtype)
             take = min(self.buf.shape[0] - self.filled, block.shape[0] - pos)
             t0 = time.perf_counter()
-            _convert(block[pos:pos + take], self.kind, self.buf[self.filled:self.filled + take])
+            if self.converted:
+                np.copyto(self.buf[self.filled:self.filled + take], block[pos:pos + take])
+            else:
+                _convert(block[pos:pos + take], self.kind, self.buf[self.filled:self.filled + take])
             self.convert_seconds += time.perf_counter() - t0
             self.filled += take
             pos += take
@@ -230,15 +245,33 @@ class _Assembler:
     The band is allocated once, as high as the tallest tile row's kept (or, blending, valid) rows, and
     reused: after each tile row the finished rows are emitted and the rest moved to the front. ``emit``
     gets a view into the band that is valid only during the call.
+
+    ``kind`` (without blending) converts each tile's kept interior to labels or uint8 as it is placed, so
+    the band holds output values (1-4x smaller than float32) and the float32 rows are never copied whole;
+    conversion is per pixel, so this equals converting the assembled rows. With ``converted`` the tiles
+    arrive converted (the device did it) and are only placed. ``convert_seconds`` counts the conversion.
     """
 
     def __init__(self, grid: TileGrid, channels: int, blend: bool,
-                 emit: Callable[[int, int, np.ndarray], None]) -> None:
+                 emit: Callable[[int, int, np.ndarray], None], *, kind: OutputKind = "probabilities",
+                 converted: bool = False) -> None:
         self.grid, self.channels, self.blend, self.emit = grid, channels, blend, emit
         rows = range(len(grid.axes[0]))
         cap = max(self._row_stop(i) - self._row_start(i) for i in rows)
         rest = grid.padded_shape[1:]
-        self.acc = np.zeros((cap, *rest, channels), np.float32)
+        #: what ``add`` does to a tile: None (place float32), a kind to convert to, or "copy" (converted)
+        self.kind: str | None = None
+        dtype = np.dtype(np.float32)
+        if kind != "probabilities" and not blend:
+            self.kind = "copy" if converted else kind
+            dtype = _out_dtype(kind, channels)
+            channels = 1 if kind == "labels" else channels
+        elif converted:
+            raise RunError("internal error: converted tiles need an output kind and no blending")
+        self.convert_seconds = 0.0
+        self._scratch = np.empty(int(np.prod(grid.tile)) * self.channels, np.float32) if self.kind == "uint8" \
+            else None
+        self.acc = np.zeros((cap, *rest, channels), dtype)
         self.wsum = np.zeros((cap, *rest, 1), np.float32) if blend else None
         self.plane: int | None = None
         self.row: int | None = None
@@ -301,7 +334,12 @@ class _Assembler:
         else:
             keep = tile.keep_slices
             dst = (slice(keep[0].start - self.base, keep[0].stop - self.base), *keep[1:])
-            self.acc[dst] = y[tile.local_keep_slices]
+            if self.kind is None or self.kind == "copy":
+                self.acc[dst] = y[tile.local_keep_slices]
+            else:
+                t0 = time.perf_counter()
+                _convert(y[tile.local_keep_slices], self.kind, self.acc[dst], self._scratch)  # type: ignore[arg-type]
+                self.convert_seconds += time.perf_counter() - t0
             self.filled = max(self.filled, keep[0].stop - self.base)
 
     def finish_plane(self) -> None:
@@ -319,6 +357,54 @@ class _Assembler:
 # --- the pipeline -------------------------------------------------------------------------------------
 
 
+class _Bands:
+    """Full-width input bands (one tile row each), prepared one row ahead on a worker thread.
+
+    ``prepare`` (read, reflect at the far edge, scale, map channels) costs about as much as everything
+    else the reader does; preparing the next row while the reader cuts the current one into batches
+    splits the read stage over two threads. Only the worker touches the image, one band at a time, so
+    readers need not be thread-safe. At most two bands exist at once.
+    """
+
+    def __init__(self, prepare: Callable[[int, Sequence[int], Sequence[int]], np.ndarray], grid: TileGrid,
+                 n_planes: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prepare, self.grid, self.n_planes = prepare, grid, n_planes
+        self.rows = len(grid.axes[0])
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="czreg-band")
+        self.pending: dict[tuple[int, int], Any] = {}
+
+    def _load(self, key: tuple[int, int]) -> np.ndarray:
+        plane, row = key
+        s0 = self.grid.axes[0][row]
+        nd = len(self.grid.padded_shape)
+        return self.prepare(plane, (s0.origin, *(0,) * (nd - 1)), (s0.origin + s0.size, *self.grid.padded_shape[1:]))
+
+    def get(self, plane: int, row: int) -> np.ndarray:
+        key = (plane, row)
+        fut = self.pending.get(key)
+        if fut is None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pending = {key: self.pool.submit(self._load, key)}
+            fut = self.pending[key]
+        else:
+            for k in [k for k in self.pending if k < key]:
+                self.pending.pop(k).cancel()
+        nxt = (plane, row + 1) if row + 1 < self.rows else (plane + 1, 0)
+        if nxt[0] < self.n_planes and nxt not in self.pending:
+            self.pending[nxt] = self.pool.submit(self._load, nxt)
+        return np.asarray(fut.result())
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+
 TileReader = Callable[[int, Tile], np.ndarray]
 
 
@@ -326,28 +412,55 @@ class TiledPredictor:
     """Runs ``session`` over ``planes`` x ``grid`` tiles with a reader and a writer thread.
 
     ``read(plane, tile)`` returns the float32 model input of one tile (a view is fine: it is copied once,
-    straight into the batch); ``write(plane, start, block)`` receives finished float32 rows (cropped to
-    the image) in order. ``stage_seconds`` records how long each stage was busy.
+    straight into the batch); ``write(plane, start, block)`` receives finished rows (cropped to the image)
+    in order: float32, or, when ``emits_converted``, already in ``output_kind``. ``stage_seconds`` records
+    how long each stage was busy.
+
+    Batches are cut into a small ring of reused buffers, allocated as the run first needs them (a buffer
+    returns to the ring once its batch has been predicted, so the reader never overwrites one still queued
+    or in the model; the ring never holds more than the per-batch buffers it replaced could). With an
+    ``output_kind`` other than probabilities and no blending, conversion happens before assembly: on the
+    device when the session offers it (``Session.converts_on_device``, e.g. the torch backend's argmax
+    before the copy back), else per tile as it is placed; both give exactly the values converting the
+    float32 rows gives.
     """
 
+    #: batch buffers in the ring: one being filled, ``_QUEUE`` queued, one in the model
+    _QUEUE = 3
+
     def __init__(self, session: Session, grid: TileGrid, out_channels: int, *, batch_size: int = 4,
-                 blend: bool = False, progress: Progress | None = None) -> None:
+                 blend: bool = False, progress: Progress | None = None,
+                 output_kind: OutputKind = "probabilities") -> None:
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         self.session, self.grid, self.out_channels = session, grid, out_channels
         self.batch_size, self.blend, self.progress = batch_size, blend, progress
+        self.output_kind: OutputKind = output_kind
+        early = output_kind != "probabilities" and not blend
+        #: the session converts to ``output_kind`` on its device before returning
+        self.device_converts = early and bool(getattr(session, "converts_on_device", lambda k: False)(output_kind))
+        #: ``write`` receives rows in the output kind's values and dtype (else float32)
+        self.emits_converted = early
         self.tiles_done = 0
         self.predict_seconds = 0.0
-        self.stage_seconds = {"read": 0.0, "predict": 0.0, "assemble": 0.0, "emit": 0.0}
+        self.stage_seconds = {"read": 0.0, "predict": 0.0, "assemble": 0.0, "emit": 0.0, "convert": 0.0}
 
-    def run(self, n_planes: int, read: TileReader, write: Callable[[int, int, np.ndarray], None]) -> None:
+    def run(self, n_planes: int, read: TileReader, write: Callable[[int, int, np.ndarray], None], *,
+            scale: float | None = None) -> None:
+        """``scale``: ``read`` returns raw integer pixels, divided by ``scale`` (in float32, exactly as
+        ``images.scale_to_unit`` does) straight into the batch: one pass over the input instead of
+        scaling a float32 band and copying it again."""
         stop = threading.Event()
-        q_in: queue.Queue[Any] = queue.Queue(maxsize=3)
+        divisor = None if scale is None else np.float32(scale)
+        q_in: queue.Queue[Any] = queue.Queue(maxsize=self._QUEUE)
         q_out: queue.Queue[Any] = queue.Queue(maxsize=3)
+        free: queue.Queue[np.ndarray] = queue.Queue()  # batch buffers back from the model
         errors: list[BaseException] = []
         stages = self.stage_seconds
         clock = time.perf_counter
         total = n_planes * self.grid.n_tiles
+        ring = min(self._QUEUE + 2, -(-total // self.batch_size))
+        allocated = 0
 
         def put(q: queue.Queue[Any], item: Any) -> bool:
             while not stop.is_set():
@@ -357,6 +470,22 @@ class TiledPredictor:
                 except queue.Full:
                     continue
             return False
+
+        def buffer(shape: tuple[int, ...]) -> np.ndarray | None:
+            """A returned buffer if there is one; a new one only while the ring is not yet as deep as the
+            run needs: with a model faster than the reader it stays two or three deep."""
+            nonlocal allocated
+            with contextlib.suppress(queue.Empty):
+                return free.get_nowait()
+            if allocated < ring:
+                allocated += 1
+                return np.empty((self.batch_size, *shape), np.float32)
+            while not stop.is_set():
+                try:
+                    return free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            return None
 
         def reader() -> None:
             try:
@@ -370,12 +499,19 @@ class TiledPredictor:
                             return
                         t0 = clock()
                         x = read(plane, tile)
-                        if batch is None:  # a fresh buffer per batch: earlier ones may still be in use
-                            batch = np.empty((min(self.batch_size, left), *x.shape), np.float32)
-                        batch[len(metas)] = x
+                        busy += clock() - t0
+                        if batch is None:
+                            batch = buffer(x.shape)  # waiting for a free buffer is not busy time
+                            if batch is None:
+                                return
+                        t0 = clock()
+                        if divisor is None:
+                            batch[len(metas)] = x
+                        else:
+                            np.divide(x, divisor, out=batch[len(metas)], dtype=np.float32)
                         metas.append((plane, tile))
                         busy += clock() - t0
-                        if len(metas) == len(batch):
+                        if len(metas) == min(self.batch_size, left):
                             stages["read"] = busy
                             left -= len(metas)
                             if not put(q_in, (metas, batch)):
@@ -392,7 +528,8 @@ class TiledPredictor:
             write(plane, start, block)
             stages["emit"] += clock() - t0
 
-        assembler = _Assembler(self.grid, self.out_channels, self.blend, timed_write)
+        assembler = _Assembler(self.grid, self.out_channels, self.blend, timed_write, kind=self.output_kind,
+                               converted=self.device_converts)
 
         def writer() -> None:
             try:
@@ -418,6 +555,10 @@ class TiledPredictor:
 
         threads = [threading.Thread(target=reader, name="czreg-reader", daemon=True),
                    threading.Thread(target=writer, name="czreg-writer", daemon=True)]
+        # outputs alive at once: q_out's, the one being assembled, and one spare
+        hold = getattr(self.session, "hold_outputs", None)
+        if hold is not None:
+            hold(q_out.maxsize + 2)
         for t in threads:
             t.start()
         try:
@@ -431,11 +572,18 @@ class TiledPredictor:
                 if item is _DONE:
                     put(q_out, _DONE)
                     break
-                metas, xs = item
+                metas, buf = item
+                xs = buf[:len(metas)]
                 t0 = clock()
-                ys = self.session.predict_batch(xs)
+                if self.device_converts:
+                    ys = self.session.predict_converted(xs, self.output_kind)
+                else:
+                    ys = self.session.predict_batch(xs)
                 self.predict_seconds += clock() - t0
                 self._check_output(xs, ys)
+                if np.may_share_memory(ys, buf):  # e.g. an identity model on torch CPU: keep the values
+                    ys = ys.copy()
+                free.put(buf)
                 if not put(q_out, (metas, ys)):
                     break
                 self.tiles_done += len(metas)
@@ -449,8 +597,11 @@ class TiledPredictor:
             stop.set()
             for t in threads:
                 t.join(timeout=10)
+            if hold is not None:
+                hold(0)
             stages["predict"] = self.predict_seconds
-            stages["assemble"] -= stages["emit"]  # emit runs inside assemble's calls
+            stages["convert"] = assembler.convert_seconds
+            stages["assemble"] -= stages["emit"] + assembler.convert_seconds  # both run inside assemble's calls
         if errors:
             exc = errors[0]
             if isinstance(exc, (RunError, UsageError, BackendError)):
@@ -458,7 +609,8 @@ class TiledPredictor:
             raise RunError(f"tiled inference failed: {type(exc).__name__}: {exc}") from exc
 
     def _check_output(self, xs: np.ndarray, ys: np.ndarray) -> None:
-        want = (xs.shape[0], *xs.shape[1:-1], self.out_channels)
+        channels = 1 if self.device_converts and self.output_kind == "labels" else self.out_channels
+        want = (xs.shape[0], *xs.shape[1:-1], channels)
         if tuple(ys.shape) != want:
             raise RunError(f"the model returned shape {tuple(ys.shape)} for input {tuple(xs.shape)}; tiling "
                            f"needs {want} (output spatial dims equal to the input's)",
@@ -715,7 +867,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
     src = open_image(image, options.axes)
     t_start = time.perf_counter()
     try:
-        with load_session(pkg, options.backend, options.device) as session:
+        with load_session(pkg, options.backend, options.device) as session, contextlib.ExitStack() as stack:
             nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             lead_axes, lead_shape, spatial = src.layout(nd)
             notes: list[str] = []
@@ -726,9 +878,18 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                                                 for c in legacy.get("Channels") or [] if isinstance(c, dict))
             color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
 
+            # 8/16-bit pixels whose channels pass unchanged are scaled by the predictor as it fills the
+            # batch (the same float32 division), not here: a float32 band would be written and read again
+            scale: float | None = None
+            if (src.dtype in (np.uint8, np.uint16) and options.channels is None and src.channels == in_ch
+                    and not (bgr and in_ch >= 3)):
+                scale = float(np.iinfo(src.dtype).max)
+
             def prepare(plane: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
                 lead = tuple(int(i) for i in np.unravel_index(plane, lead_shape)) if lead_shape else ()
                 raw = src.read_padded(lead, starts, stops, spatial)
+                if scale is not None:
+                    return raw
                 x = to_model_channels(scale_to_unit(raw), in_ch, select=options.channels,
                                       color_handling=color, bgr=bgr)
                 return np.asarray(x, dtype=np.float32)
@@ -737,19 +898,14 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
             # instead of per tile, and each pixel is scaled once.
             band_bytes = grid.tile[0] * int(np.prod(grid.padded_shape[1:])) * max(in_ch, src.channels) * 4
             use_bands = band_bytes <= _MAX_BAND_BYTES
-            band: dict[tuple[int, int], np.ndarray] = {}
+            bands = _Bands(prepare, grid, n_planes)
+            stack.callback(bands.close)
 
             def read(plane: int, tile: Tile) -> np.ndarray:  # a view: the predictor copies it into the batch
                 if not use_bands:
                     return prepare(plane, tile.origin, [o + s.size for o, s in zip(tile.origin, tile.spans)])
-                key = (plane, tile.index[0])
-                if key not in band:
-                    band.clear()
-                    s0 = tile.spans[0]
-                    band[key] = prepare(plane, (s0.origin, *(0,) * (len(spatial) - 1)),
-                                        (s0.origin + s0.size, *grid.padded_shape[1:]))
                 rest = tuple(slice(s.origin, s.origin + s.size) for s in tile.spans[1:])
-                return band[key][(slice(None), *rest)]
+                return bands.get(plane, tile.index[0])[(slice(None), *rest)]
 
             # fail early on channel problems, before any file exists
             read(0, next(iter(grid)))
@@ -767,14 +923,21 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                                "classes": list(info.classes or [])}, compression=compression)
             if on_plan is not None:
                 on_plan(n_planes * grid.n_tiles)
-            predictor = TiledPredictor(session, grid, out_ch, batch_size=options.batch_size, blend=options.blend,
-                                       progress=progress)
+            batch_size = options.batch_size
+            if options.auto_batch and session.batch_limit is None:
+                suggested = session.suggest_batch_size((*grid.tile, in_ch))
+                if suggested:
+                    batch_size = suggested
+                    notes.append(f"batch size {suggested}, chosen from the free memory of {session.device}")
+            predictor = TiledPredictor(session, grid, out_ch, batch_size=batch_size, blend=options.blend,
+                                       progress=progress, output_kind=kind)
             t_pipe = time.perf_counter()
             with _temp_output(output) as tmp:
                 writer = open_writer(tmp, spec, fmt)
-                packer = _Packer(writer.write, kind, spec.unit, spatial, out_c, spec.dtype)
+                packer = _Packer(writer.write, kind, spec.unit, spatial, out_c, spec.dtype,
+                                 converted=predictor.emits_converted)
                 try:
-                    predictor.run(n_planes, read, packer)
+                    predictor.run(n_planes, read, packer, scale=scale)
                     writer.close()
                 except BaseException:
                     writer.abort()
@@ -784,7 +947,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
             return RunResult(
                 output=str(output), format=fmt, output_kind=kind,
                 shape=[*lead_shape, *spatial, out_c], dtype=str(spec.dtype), tiles=predictor.tiles_done,
-                planes=n_planes, batch_size=options.batch_size, seconds=round(seconds, 3),
+                planes=n_planes, batch_size=batch_size, seconds=round(seconds, 3),
                 pipeline_seconds=round(pipeline, 3), predict_seconds=round(predictor.predict_seconds, 3),
                 tiles_per_second=round(predictor.tiles_done / pipeline, 2) if pipeline else 0.0,
                 backend=session.backend, device=session.device, grid=grid.to_dict(),
@@ -793,7 +956,8 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 pixel_size_um=pixel_size, notes=notes, compression=compression if fmt == "tiff" else "zarr default",
                 stage_seconds={k: round(v, 3) for k, v in {
                     "read": predictor.stage_seconds["read"], "predict": predictor.predict_seconds,
-                    "assemble": predictor.stage_seconds["assemble"], "convert": packer.convert_seconds,
+                    "assemble": predictor.stage_seconds["assemble"],
+                    "convert": packer.convert_seconds + predictor.stage_seconds["convert"],
                     "write": packer.write_seconds,
                     "encode": getattr(writer, "busy_seconds", 0.0)}.items()})
     finally:

@@ -78,12 +78,33 @@ class ImageSource:
         idx = [reflect_indices(a, b, n) for a, b, n in zip(starts, stops, spatial_shape)]
         lo = [int(i.min()) for i in idx]
         block = self.read(lead_index, [slice(lo_, int(i.max()) + 1) for lo_, i in zip(lo, idx)])
-        return block[np.ix_(*(i - lo_ for i, lo_ in zip(idx, lo)), np.arange(block.shape[-1]))]
+        for axis, (i, lo_) in enumerate(zip(idx, lo)):
+            block = _take_runs(block, i - lo_, axis)
+        return block
 
     def close(self) -> None:
         if self.closer is not None:
             self.closer()
             self.closer = None
+
+
+def _take_runs(block: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take(block, idx, axis)`` for indices made of runs of step +1 / -1 (what reflection gives), as
+    one slice copy per run: fancy indexing the whole padded band (``np.ix_``) cost 30 ms per 256 x 8192
+    band, more than reading it. The identity returns ``block`` itself; anything else falls back to take."""
+    n = len(idx)
+    if n == block.shape[axis] and (n == 0 or (idx[0] == 0 and bool(np.all(np.diff(idx) == 1)))):
+        return block
+    d = np.diff(idx)
+    if n < 2 or not bool(np.all(np.abs(d) == 1)):
+        return np.take(block, idx, axis=axis)
+    starts = [0, *(int(j) + 1 for j in np.flatnonzero(d[1:] != d[:-1]) + 1)]
+    parts = []
+    for p, q in zip(starts, [*starts[1:], n]):
+        a, b = int(idx[p]), int(idx[q - 1])
+        sl = slice(a, b + 1) if b >= a else slice(a, b - 1 if b > 0 else None, -1)
+        parts.append(block[(slice(None),) * axis + (sl,)])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 def guess_axes(shape: Sequence[int]) -> str:

@@ -254,6 +254,9 @@ class TorchSession(Session):
         in_dtype = ins[0].dtype
         self._dtype = np.dtype(in_dtype) if in_dtype in ("float32", "float64", "float16") else np.dtype(np.float32)
         module = convert_onnx(proto)
+        self._pinned_in: dict[tuple[int, ...], Any] = {}
+        self._out_ring: dict[tuple[Any, ...], tuple[list[Any], list[int]]] = {}
+        self._hold = 0
         try:
             self._module: Any = module.to(self._torch_device)
         except Exception as exc:
@@ -264,16 +267,43 @@ class TorchSession(Session):
     def signature(self) -> Signature:
         return self._signature
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, kind: str | None) -> np.ndarray:
+        """Run one batch, convert to ``kind`` on the device if given, and copy the result back.
+
+        On CUDA the input goes through a reused pinned (page-locked) buffer with an asynchronous copy, and
+        the output comes back into pinned buffers too: page-locked copies run at full PCIe speed and need
+        no staging copy. When the caller promised (``hold_outputs``) to keep few outputs alive, the pinned
+        output buffers are recycled from a ring; otherwise each result gets its own memory.
+        These CUDA paths cannot be exercised without a GPU (the CPU path is the tested one)."""
         import numpy as np
         import torch
 
         if self._module is None:
             raise BackendError("session is closed")
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=self._dtype)).to(self._torch_device)
+        on_cuda = self._torch_device.type == "cuda"
+        host = np.ascontiguousarray(batch, dtype=self._dtype)
         try:
-            with torch.inference_mode(), _exact_float32(self._torch_device.type == "cuda"):
+            if on_cuda:  # pragma: no cover - needs a CUDA GPU
+                pinned = self._pinned_in.get(host.shape)
+                if pinned is None:
+                    self._pinned_in.clear()
+                    dtype = torch.from_numpy(host[:0]).dtype
+                    pinned = self._pinned_in[host.shape] = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+                pinned.numpy()[...] = host
+                x = pinned.to(self._torch_device, non_blocking=True)
+            else:
+                x = torch.from_numpy(host)
+            with torch.inference_mode(), _exact_float32(on_cuda):
                 out = self._module(x)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if kind is not None:
+                    out = _convert_tensor(out, kind)
+                if on_cuda:  # pragma: no cover - needs a CUDA GPU
+                    result = self._pinned_out(tuple(out.shape), out.dtype)
+                    result.copy_(out, non_blocking=True)
+                    torch.cuda.current_stream(self._torch_device).synchronize()
+                    return np.asarray(result.numpy())
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError(f"the GPU ran out of memory on a batch of shape {tuple(batch.shape)}",
                                hint="lower --batch-size, or use --device cpu") from exc
@@ -281,18 +311,100 @@ class TorchSession(Session):
             raise
         except Exception as exc:
             raise BackendError(f"PyTorch failed on input of shape {tuple(batch.shape)}: {first_line(exc)}") from exc
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return np.asarray(out.detach().to("cpu").numpy())
+        return np.asarray(out.detach().numpy())
+
+    def _pinned_out(self, shape: tuple[int, ...], dtype: Any) -> Any:  # pragma: no cover - needs a CUDA GPU
+        import torch
+
+        if self._hold <= 0:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        ring, turn = self._out_ring.setdefault((shape, dtype), ([], [0]))
+        if len(ring) < self._hold + 1:  # one more than the caller holds: the one being filled
+            ring.append(torch.empty(shape, dtype=dtype, pin_memory=True))
+            turn[0] = len(ring) - 1
+            return ring[-1]
+        turn[0] = (turn[0] + 1) % len(ring)  # the least recently returned buffer
+        return ring[turn[0]]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, None)
+
+    def converts_on_device(self, kind: str) -> bool:
+        """labels and uint8 are computed by the same elementwise steps as the runner's numpy code (the
+        argmax as a running ``>`` comparison, so ties and NaN resolve alike), so they are exact."""
+        if kind == "uint8":
+            return True
+        classes = self._signature.outputs[0].shape[-1] if self._signature.outputs[0].shape else None
+        return kind == "labels" and classes is not None and classes <= 256
+
+    def predict_converted(self, batch: np.ndarray, kind: str) -> np.ndarray:
+        if not self.converts_on_device(kind):
+            raise BackendError(f"the torch backend cannot convert outputs to {kind}")
+        return self._run(batch, kind)
+
+    def hold_outputs(self, count: int) -> None:
+        self._hold = max(0, int(count))
+        self._out_ring.clear()
+
+    def suggest_batch_size(self, tile_shape: tuple[int, ...], limit: int = 32) -> int | None:
+        """On CUDA: the largest power of two up to ``limit`` whose activations, measured on a batch of 2,
+        fit in half of the free device memory. None on the CPU."""
+        if self._module is None or self._torch_device.type != "cuda":
+            return None
+        return self._suggest_cuda(tile_shape, limit)  # pragma: no cover - needs a CUDA GPU
+
+    def _suggest_cuda(self, tile_shape: tuple[int, ...], limit: int) -> int | None:  # pragma: no cover - needs a GPU
+        import torch
+
+        dev = self._torch_device
+        try:
+            torch.cuda.synchronize(dev)
+            free, _ = torch.cuda.mem_get_info(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            x = torch.zeros((2, *tile_shape), dtype=torch.float32, device=dev)
+            with torch.inference_mode(), _exact_float32(True):
+                self._module(x)
+            torch.cuda.synchronize(dev)
+            per_tile = max(1.0, (torch.cuda.max_memory_allocated(dev) - base) / 2)
+            del x
+        except Exception:  # measuring is a nicety: keep the caller's default
+            return None
+        fits = int(free * 0.5 // per_tile)
+        batch = 1
+        while batch * 2 <= min(fits, limit):
+            batch *= 2
+        return batch
 
     def close(self) -> None:
         if self._module is None:
             return
         self._module = None
+        self._pinned_in.clear()
+        self._out_ring.clear()
         if self._torch_device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _convert_tensor(out: Any, kind: str) -> Any:
+    """The runner's ``_convert`` in torch, step for step (see ``czregistry.run.runner._argmax_labels``)."""
+    import torch
+
+    if kind == "uint8":
+        scaled = torch.round(out * 255.0)  # float32 x float32, round half to even like np.rint
+        return torch.clamp(scaled, 0, 255).to(torch.uint8)
+    n = out.shape[-1]
+    if n == 2:
+        return (out[..., 1] > out[..., 0]).to(torch.uint8)[..., None]
+    labels = torch.zeros(out.shape[:-1], dtype=torch.uint8, device=out.device)
+    best = out[..., 0].clone()
+    for c in range(1, n):
+        channel = out[..., c]
+        labels = torch.where(channel > best, torch.tensor(c, dtype=torch.uint8, device=out.device), labels)
+        best = torch.maximum(best, channel)
+    return labels[..., None]
 
 
 class TorchBackend(Backend):
