@@ -5,10 +5,8 @@ Nothing heavy is imported here at start-up: TensorFlow and ONNX Runtime load ins
 
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +168,9 @@ def unpack_package(package: Path, directory: Path, *, force: bool = False) -> li
         targets.append((name, target))
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    import shutil
+    import zipfile
+
     with zipfile.ZipFile(package) as zf:
         for name, target in targets:
             info = zf.getinfo(name)

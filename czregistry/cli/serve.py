@@ -6,7 +6,6 @@ rows in the registry database, so ``czreg token`` runs where that database is re
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import click
@@ -19,6 +18,8 @@ __all__ = ["register"]
 
 def _check_port(host: str, port: int) -> None:
     """Refuse a port that is taken now, in one line, instead of uvicorn's log and exit 1."""
+    import socket
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

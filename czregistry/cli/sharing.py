@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,6 +168,8 @@ def push_cmd(package: str, target: str, oci_auth: dict[str, Any], static: bool, 
 
         oci.parse_reference(target, need_tag=True)  # a bad target fails before any validation
         path = Path(package)
+        import tempfile
+
         with tempfile.TemporaryDirectory(prefix="czreg-push-") as tmp:
             if path.is_file() or path.suffix.lower() in (".czann", ".czmodel") or "/" in package:
                 require_package_file(path)
