@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import CzregError, UsageError
+from ..errors import CzregError, UsageError, as_disk_full
 
 __all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
            "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
@@ -60,6 +60,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except OSError as exc:
+            exc = as_disk_full(exc) or exc
             if exc.errno not in _USER_ERRNOS:
                 raise
             raise CliError(os_error(exc)) from None
@@ -67,12 +68,13 @@ class Group(click.Group):
 
 def os_error(exc: OSError) -> UsageError:
     """An ``OSError`` from writing or reading a user's path as one line: what, where, and what to do."""
+    exc = as_disk_full(exc) or exc
     reason = _USER_ERRNOS.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
     where = f" {exc.filename}" if exc.filename else ""
     hint = {errno.ENOSPC: "free some space or write elsewhere (-o)", errno.EDQUOT: "free some space",
             errno.EROFS: "write somewhere writable (-o PATH)", errno.EACCES: "check the permissions or choose "
             "another path"}.get(exc.errno or 0, "check the path")
-    error = UsageError(f"cannot use{where}: {reason}", hint=hint)
+    error = UsageError(f"cannot {'use' if where else 'write'}{where}: {reason}", hint=hint)
     return error
 
 
@@ -92,6 +94,7 @@ def handle_errors() -> Iterator[None]:
     except CzregError as exc:
         raise CliError(exc) from None
     except OSError as exc:
+        exc = as_disk_full(exc) or exc
         if exc.errno not in _USER_ERRNOS:
             raise
         raise CliError(os_error(exc)) from None
@@ -121,6 +124,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 def require_package_file(path: Path) -> None:
     """Refuse a missing package (or a folder) before any work, with the same words, hint and exit code (2)
     in every command; call it inside ``handle_errors()``."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a package file",
+                         hint=f"name the package files, e.g. {path / '*.czann'}")
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
 
