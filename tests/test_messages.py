@@ -234,3 +234,61 @@ def test_run_prints_no_progress_line_when_stderr_is_not_a_terminal(tmp_path: Pat
 
 def test_the_demo_folder_is_ignored_by_git() -> None:
     assert "czreg-demo/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+# --- plugins -------------------------------------------------------------------------------------------
+
+
+def test_a_plugin_that_fails_to_import_is_named_by_validate_run_and_smoke(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Callable[..., Path], tiff: Path) -> None:
+    from czregistry.plugins import reset_host
+    from tests.test_plugins import _fake_distribution
+
+    _fake_distribution(tmp_path / "site", "czreg-broken", "broken", "czreg_broken_mod",
+                       "raise ImportError('no numpy 3')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime,broken")
+    reset_host()
+    warning = "Warning: plugin 'broken' failed to load (failed to import: ImportError: no numpy 3); see 'czreg plugins'"
+    out = tmp_path / "out"
+    out.mkdir()
+    pkg = model_cache("unet")
+    for args, code in ((["validate", "--static", str(pkg)], 0),
+                       (["run", str(pkg), str(tiff), "-o", str(out / "m.ome.tiff"), "-q"], 0)):
+        r = cli(*args)
+        assert r.exit_code == code, r.output
+        assert r.output.count(warning) == 1, r.output  # and the command still did its work
+    assert (out / "m.ome.tiff").is_file()
+    r = cli("plugins")
+    assert r.exit_code == 4 and "ERROR: failed to import: ImportError: no numpy 3" in r.output
+
+
+def test_disabled_plugins_are_not_reported_as_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      model_cache: Callable[..., Path], tiff: Path) -> None:
+    from czregistry.plugins import reset_host
+
+    monkeypatch.setenv("CZREG_PLUGINS", "none")
+    reset_host()
+    pkg = model_cache("unet")
+    r = cli("validate", str(pkg))
+    assert r.exit_code == 1, r.output
+    assert "plugin 'onnxruntime' (czregistry-onnx) is installed but disabled by CZREG_PLUGINS='none'" in r.output
+    assert "pip install" not in r.output
+    r = cli("run", str(pkg), str(tiff), "-o", str(tmp_path / "m.ome.tiff"))
+    assert r.exit_code == 5, r.output
+    _one_error_line(r.output)
+    assert "disabled by CZREG_PLUGINS='none'; unset CZREG_PLUGINS or add onnxruntime to it" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_trace_plugins_prints_the_hook_calls_of_a_command(monkeypatch: pytest.MonkeyPatch,
+                                                          model_cache: Callable[..., Path]) -> None:
+    from czregistry.plugins import reset_host
+
+    monkeypatch.setenv("CZREG_TRACE_PLUGINS", "1")
+    reset_host()
+    r = cli("validate", str(model_cache("unet")))
+    assert r.exit_code == 0, r.output
+    for line in ("[czreg plugins] register_checks -> checks", "[czreg plugins] register_backends -> onnxruntime",
+                 "[czreg plugins] register_backends -> torch"):
+        assert line in r.output, r.output

@@ -17,7 +17,8 @@ import click
 from ..errors import CzregError, UsageError, as_disk_full
 
 __all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
-           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
+           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt",
+           "warn_plugin_failures"]
 
 #: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
 _USER_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -129,6 +130,16 @@ def require_package_file(path: Path) -> None:
                          hint=f"name the package files, e.g. {path / '*.czann'}")
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
+
+
+def warn_plugin_failures() -> None:
+    """One stderr line per plugin that failed to load, before a command that runs plugins (``validate``,
+    ``run``, ``smoke``): a broken plugin is skipped so the others keep working, but its backend, layers or
+    checks are silently missing unless we say so. ``czreg plugins`` has the details (and exits 4)."""
+    from ..plugins import get_host
+
+    for line in get_host().load_failures():
+        click.echo(f"Warning: {line}; see 'czreg plugins'", err=True)
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")

@@ -23,6 +23,7 @@ from ._common import (
     refuse_existing_output,
     require_package_file,
     sigterm_as_interrupt,
+    warn_plugin_failures,
 )
 
 __all__ = ["register", "run_cmd", "smoke_cmd"]
@@ -120,6 +121,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                 raise UsageError(f"{'--resume' if resume else '--block-size'} needs --dask",
                                  hint="e.g. --dask local:2")
             refuse_existing_output(output, force)
+        warn_plugin_failures()
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
     except ValueError:
@@ -193,6 +195,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
 
     with handle_errors():
         require_package_file(package)
+        warn_plugin_failures()
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
                             batch_size=batch_size)
