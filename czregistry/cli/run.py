@@ -207,7 +207,8 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
         if "smoke.tiles_per_second" in m:
             click.echo(f"  {m.get('smoke.tiles')} tiles, {m.get('smoke.tiles_per_second')} tiles/s on "
                        f"{m.get('smoke.device')} ({m.get('smoke.backend')}); seam error "
-                       f"{m.get('smoke.seam_error', 'n/a')}")
+                       f"{m.get('smoke.seam_error', 'n/a')}"
+                       + (f" (between {m['smoke.seam_method']})" if "smoke.seam_method" in m else ""))
     sys.exit(0 if report.valid else 1)
 
 
