@@ -184,7 +184,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
 
     The blob is streamed and its SHA-256 checked before the file appears under its name."""
     if requirement.startswith("oci://"):
-        pull_oci(requirement, output, key, oci_auth, as_json)
+        pull_oci(requirement, output, key, oci_auth, as_json, force=force)
         return
     with handle_errors():
         from ..registry.remote import connect
