@@ -6,6 +6,9 @@ czregistry gets exceptions it can catch and a CLI user gets one line and a disti
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from typing import Any
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "SchemaError",
     "SignatureError",
     "UsageError",
+    "as_disk_full",
     "first_line",
 ]
 
@@ -149,3 +153,22 @@ def first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_SHORT_WRITE = re.compile(r"\b\d+ requested and \d+ written\b")
+
+
+def as_disk_full(exc: BaseException, where: str | None = None) -> OSError | None:
+    """``exc`` as an ``ENOSPC`` ``OSError`` when it means the disk (or quota) is full, else ``None``.
+
+    NumPy's ``tofile`` (tifffile writes image data with it) reports a full disk as a short write with no
+    errno: ``OSError('131072 requested and 130776 written')``. That text means nothing to a user, and with
+    no errno it would escape the CLI's one-line answer for a full disk; ``where`` names the place that
+    filled up when the error does not."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exc if exc.filename or where is None else OSError(exc.errno, os.strerror(exc.errno), where)
+    if exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), exc.filename or where)
+    return None

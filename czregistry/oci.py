@@ -535,7 +535,7 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
     out = out_dir / name
     if out.exists() and not force and (not out.is_file() or _sha256_file(out)[0] != sha256):
         raise UsageError(f"{out} already exists with other content; not overwritten",
-                         hint="remove it or choose another -o folder")
+                         hint="pass --force to replace it, or choose another -o folder")
 
     descriptors, via = client.referrers(digest)
     found: dict[str, list[bytes]] = {"report": [], "signature": [], "attestation": []}

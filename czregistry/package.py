@@ -138,6 +138,9 @@ class Package:
 def require_package_file(path: Path) -> None:
     """Refuse a missing package (or a folder) before any work, with the same words, hint and exit code (2)
     in every command and library entry point."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a package file",
+                         hint=f"name the package files, e.g. {path / '*.czann'}")
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
 
@@ -195,6 +198,14 @@ def _member_type(info: zipfile.ZipInfo) -> str | None:
     return "special file"
 
 
+def _bomb_hint(name: str) -> str:
+    """Why a member that inflates this much is suspect, in terms of what the member is."""
+    if name.lower().endswith((".json", ".xml", ".txt")):
+        return (f"{name} is metadata: a real one is a few kilobytes of varied text, not megabytes of repeats; "
+                "this archive is likely a zip bomb")
+    return "real model weights barely compress; this archive is likely a zip bomb"
+
+
 def archive_findings(infos: list[zipfile.ZipInfo], limits: ReadLimits) -> list[Finding]:
     """Findings about a zip archive's member list alone, before any member is inflated.
 
@@ -244,7 +255,7 @@ def archive_findings(infos: list[zipfile.ZipInfo], limits: ReadLimits) -> list[F
                 "archive.zip_bomb",
                 f"member '{name}' inflates {ratio:,.0f}x ({info.compress_size:,} -> {info.file_size:,} bytes), "
                 f"over the {limits.max_ratio:g}x limit",
-                location=name, hint="real model weights barely compress; this archive is likely a zip bomb",
+                location=name, hint=_bomb_hint(name),
             ))
     if total > limits.max_total_bytes:
         out.append(Finding.error(

@@ -66,6 +66,8 @@ class PluginHost:
         self._cache: dict[str, list[tuple[str, Any]]] = {}
         #: Names given in ``CZREG_PLUGINS`` that match no installed entry point.
         self.missing: list[str] = []
+        #: Installed plugins ``CZREG_PLUGINS`` left out: entry-point name -> distribution name.
+        self.skipped: dict[str, str] = {}
         if os.environ.get("CZREG_TRACE_PLUGINS") == "1":
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[czreg plugins] {msg}"))
             self.pm.enable_tracing()
@@ -87,6 +89,7 @@ class PluginHost:
         seen: set[str] = set()
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if wanted is not None and ep.name not in wanted:
+                self.skipped[ep.name] = ep.dist.name if ep.dist is not None else ep.name
                 continue
             version = ep.dist.version if ep.dist is not None else None
             if ep.name in seen:
@@ -213,6 +216,11 @@ class PluginHost:
         """Every plugin known so far with what it registered and its errors, built-ins first. Only hooks
         already collected are reflected: ``czregistry.selection.plugin_infos`` collects every kind first."""
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    def load_failures(self) -> list[str]:
+        """One line per plugin that could not be loaded at all (import failed, or pluggy rejected it)."""
+        return [f"plugin '{info.name}' failed to load ({err})" for info in self.infos.values()
+                for err in info.errors if err.startswith(("failed to import:", "rejected:"))]
 
 
 _host: PluginHost | None = None

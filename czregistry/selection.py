@@ -77,6 +77,22 @@ def _ask(plugin: str, cls: type[Backend], question: str) -> bool:
                            hint=f"report this to the author of plugin '{plugin}'") from exc
 
 
+def _no_backend_hint(package: str) -> str:
+    """What to do when no backend runs a format: install the plugin, unless it is installed and only
+    ``CZREG_PLUGINS`` keeps it out, or it is installed and failed to load."""
+    import os
+
+    host = get_host()
+    skipped = [name for name, dist in host.skipped.items() if dist.lower().replace("_", "-") == package]
+    if skipped:
+        setting = os.environ.get("CZREG_PLUGINS", "")
+        return (f"plugin '{skipped[0]}' ({package}) is installed but disabled by CZREG_PLUGINS={setting!r}; "
+                f"unset CZREG_PLUGINS or add {skipped[0]} to it")
+    if host.load_failures():
+        return f"a plugin failed to load: see 'czreg plugins' (else pip install {package})"
+    return f"install the {package} plugin (pip install {package})"
+
+
 def select_backend(model_format: ModelFormat, name: str | None = None, device: Device = "auto") -> type[Backend]:
     """The backend class to run ``model_format``: the user's choice (``--backend``), else among the
     available backends for the format: with ``device="auto"`` the first (by priority) that has a GPU, else
@@ -110,8 +126,7 @@ def select_backend(model_format: ModelFormat, name: str | None = None, device: D
         if package is None:
             raise NoBackendError(f"no installed backend can run {model_format} models",
                                  hint="model.model is neither ONNX nor a zipped SavedModel; see 'czreg plugins'")
-        raise NoBackendError(f"no installed backend can run {model_format} models",
-                             hint=f"install the {package} plugin (pip install {package})")
+        raise NoBackendError(f"no installed backend can run {model_format} models", hint=_no_backend_hint(package))
     if device == "cpu" or (device == "auto" and len(candidates) == 1):
         return candidates[0]
     for cls in candidates:

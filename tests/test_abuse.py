@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,8 @@ class World:
     registry: str  # a SQLite registry holding abuse-seg 1.0.0 (= static_pkg)
     key: Path  # a signing key (PEM)
     home: Path  # CZREG_HOME for subprocesses
+    eval_images: Path  # a folder with one image ...
+    eval_labels: Path  # ... and its label (evaluate, compare)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -74,7 +76,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, model_cache: Callable[..., P
     assert cli("keygen", "-o", str(root / "key")).exit_code == 0
     home = root / "home"
     home.mkdir()
-    return World(pkg, static_pkg, onnx, image, big, registry, root / "key.pem", home)
+    (root / "eval" / "images").mkdir(parents=True)
+    (root / "eval" / "labels").mkdir()
+    shutil.copy(image, root / "eval" / "images" / "cells.png")
+    label = (np.random.default_rng(2).random((96, 96)) > 0.5).astype(np.uint8)
+    Image.fromarray(label).save(root / "eval" / "labels" / "cells.png")
+    return World(pkg, static_pkg, onnx, image, big, registry, root / "key.pem", home, root / "eval" / "images",
+                 root / "eval" / "labels")
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -91,6 +99,7 @@ class Command:
     refuses_existing: bool = True  # an existing output needs --force (or a new name)
     occupy: Callable[[Path], Path] | None = None  # a file that makes the output "existing" (default: output)
     slow_write: bool = False  # writes long enough that SIGTERM lands mid-write
+    reads_input: bool = True  # has an input that can be missing
 
 
 def _missing(w: World, missing: bool, path: Path) -> str:
@@ -114,7 +123,7 @@ COMMANDS: list[Command] = [
             lambda o: o / "big.ome.tiff", slow_write=True),
     Command("pull", lambda w, o, m: ["pull", "abuse-seg==1.0.0" if not m else "no-such-model", "-o",
                                      str(o / "p.czann"), "--registry", w.registry], lambda o: o / "p.czann"),
-    Command("keygen", lambda w, o, m: ["keygen", "-o", str(o / "k")], lambda o: o / "k.pem"),
+    Command("keygen", lambda w, o, m: ["keygen", "-o", str(o / "k")], lambda o: o / "k.pem", reads_input=False),
     Command("smoke", lambda w, o, m: ["smoke", _missing(w, m, w.pkg)]),
     Command("publish", lambda w, o, m: ["publish", _missing(w, m, w.static_pkg), "--bump", "patch", "--static",
                                         "--name", "abuse-other", "--registry", w.registry]),
@@ -124,6 +133,23 @@ COMMANDS: list[Command] = [
                                                  str(w.key.with_suffix(".pub"))]),
     Command("evaluate", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images", str(w.home),
                                          "--labels", str(w.home)]),
+    Command("evaluate --report", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images", str(w.eval_images),
+                                                  "--labels", str(w.eval_labels), "--report", str(o / "e.html"),
+                                                  "-q", "--no-probe"], lambda o: o / "e.html"),
+    Command("compare", lambda w, o, m: ["compare", _missing(w, m, w.pkg), str(w.pkg), "--images",
+                                        str(w.eval_images), "--labels", str(w.eval_labels), "--no-probe"]),
+    # the demo regenerates its own files in its workdir on purpose (a second `czreg demo` works); a user's
+    # other files there are kept (test_demo_rerun_keeps_other_files)
+    Command("demo", lambda w, o, m: ["demo", "--workdir", str(o / "d"), "--size", "64", "--registry", w.registry],
+            lambda o: o / "d", refuses_existing=False, reads_input=False),
+    Command("push (oci)", lambda w, o, m: ["push", _missing(w, m, w.pkg), "oci://127.0.0.1:9/lab/x:1",
+                                           "--plain-http"]),
+    # a registry named by --registry must exist: a typo never starts a server on, or adds a token to, a new
+    # empty registry
+    Command("serve", lambda w, o, m: ["serve", "--registry", str(w.home / "no-registry") if m else w.registry,
+                                      "--port", "0"]),
+    Command("token create", lambda w, o, m: ["token", "create", "abuse", "--scope", "read", "--registry",
+                                             str(w.home / "no-registry") if m else w.registry]),
 ]
 WRITERS = [c for c in COMMANDS if c.output is not None]
 
@@ -143,8 +169,7 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.name not in ("keygen", "run (interrupted mid-write)")],
-                         ids=_ids)
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.reads_input and not c.slow_write], ids=_ids)
 def test_missing_input_is_one_line_exit_2(cmd: Command, world: World, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -426,3 +451,130 @@ def test_validate_json_is_an_array_for_any_count(world: World) -> None:
     two = json.loads(cli("validate", "--static", "--json", str(world.static_pkg), str(world.static_pkg)).output)
     assert isinstance(one, list) and len(one) == 1 and len(two) == 2
     assert one[0]["report_version"] == two[0]["report_version"] == "1"
+
+
+# --- commands with their own cases: demo, serve, token, OCI, a locked registry ---------------------------
+
+
+def test_demo_rerun_keeps_other_files(world: World, tmp_path: Path) -> None:
+    """A second `czreg demo` regenerates the demo's own files; anything else in its folder stays."""
+    work = tmp_path / "d"
+    work.mkdir()
+    (work / "mine.txt").write_text("precious")
+    for _ in range(2):
+        r = cli("demo", "--workdir", str(work), "--size", "64", "--registry", world.registry, "--json")
+        assert r.exit_code == 0, r.output
+    assert (work / "mine.txt").read_text() == "precious"
+    assert (work / "nuclei-labels.ome.tiff").is_file() and not list(work.rglob("*.part"))
+
+
+def test_serve_stops_cleanly_on_sigterm(world: World, tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.oci_registry import free_port
+
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "czregistry", "serve", "--registry", world.registry, "--port",
+                             str(port), "--public-read", "--upload-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(world))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/models", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    # uvicorn shuts down gracefully, then ends by the signal it caught (the shell's 143)
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Traceback" not in err and "Finished server process" in err
+    assert list(tmp_path.iterdir()) == []  # no upload left behind
+
+
+@pytest.mark.parametrize("argv", [
+    ["token", "create", "locked-token", "--scope", "read"],
+    ["tag", "abuse-seg==1.0.0", "stage=qa"],
+    ["alias", "set", "abuse-seg", "production", "1.0.0"],
+], ids=lambda a: " ".join(a[:2]))
+def test_registry_writes_wait_for_a_held_lock_within_the_bound(argv: list[str], world: World,
+                                                                 tmp_path: Path) -> None:
+    """Every command that writes the registry (not only publish) says it waits and gives up at the bound
+    (exit 13), changing nothing."""
+    reg = tmp_path / "reg"
+    shutil.copytree(world.registry, reg)
+    before = (reg / "registry.db").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sqlite3, sys, time\n"
+                               "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
+                               str(reg / "registry.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        env = {**_env(world), "CZREG_LOCK_TIMEOUT": "2", "CZREG_REGISTRY": str(reg)}
+        p = subprocess.run([sys.executable, "-m", "czregistry", *argv], capture_output=True, text=True, env=env,
+                           check=False, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert p.returncode == 13, p.stdout + p.stderr
+    _assert_one_line(p.stderr)
+    assert "waiting for the registry lock held by another process" in p.stderr
+    assert "gave up after 2 s" in p.stderr
+    with sqlite3.connect(reg / "registry.db") as conn:
+        assert conn.execute("SELECT count(*) FROM tokens").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM tags").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM aliases").fetchone() == (0,)
+    assert before  # the copy was a real registry
+
+
+@pytest.fixture(scope="module")
+def oci_host(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[str]:
+    from tests.oci_registry import BINARY, run_registry
+
+    if BINARY is None:
+        pytest.skip("docker-registry is not installed (.ci/run installs it)")
+    with run_registry(tmp_path_factory.mktemp("abuse-oci")) as host:
+        r = cli("push", str(world.static_pkg), f"oci://{host}/abuse/seg:1", "--plain-http", "--static")
+        assert r.exit_code == 0, r.output
+        yield host
+
+
+def test_pull_oci_refuses_existing_output_and_reports_a_missing_tag(oci_host: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("pull", f"oci://{oci_host}/abuse/seg:no-such-tag", "-o", str(out), "--plain-http")
+    assert r.exit_code == 12, r.output
+    _assert_one_line(r.output)
+    assert _files(out) == []
+    r = cli("pull", f"oci://{oci_host}/abuse/seg:1", "-o", str(out), "--plain-http", "--json")
+    assert r.exit_code == 0, r.output
+    pulled = Path(json.loads(r.output)["path"])
+    pulled.write_bytes(b"precious")
+    r = cli("pull", f"oci://{oci_host}/abuse/seg:1", "-o", str(out), "--plain-http")
+    assert r.exit_code == 2 and "already exists" in r.output and "--force" in r.output, r.output
+    assert pulled.read_bytes() == b"precious"
+    r = cli("pull", f"oci://{oci_host}/abuse/seg:1", "-o", str(out), "--plain-http", "--force")
+    assert r.exit_code == 0, r.output
+    assert pulled.read_bytes() != b"precious" and not list(out.rglob("*.part"))
+
+
+def test_pull_oci_into_a_read_only_folder_is_one_line(oci_host: str, world: World, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    prefix = _read_only_runner(ro)
+    p = subprocess.run([*prefix, sys.executable, "-m", "czregistry", "pull", f"oci://{oci_host}/abuse/seg:1",
+                        "-o", str(ro), "--plain-http"], capture_output=True, text=True, env=_env(world),
+                       check=False, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    _assert_one_line(p.stderr)
+    assert "read-only" in p.stderr.lower()
+    assert _files(ro) == []

@@ -139,7 +139,7 @@ def test_missing_among_several_exits_2_before_validating(good: Path, tmp_path: P
 
 
 def test_directory_exits_2(tmp_path: Path) -> None:
-    assert_usage_error(invoke(tmp_path, "--static"), "no such package file")
+    assert_usage_error(invoke(tmp_path, "--static"), f"{tmp_path} is a folder, not a package file")
 
 
 def test_no_paths_exits_2() -> None:

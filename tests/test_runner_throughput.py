@@ -15,8 +15,9 @@ import pytest
 from czregistry.backends import Session, Signature, TensorInfo
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
-from czregistry.run.images import OutputSpec, ZarrWriterSink, _take_runs
+from czregistry.run.images import OutputSpec, ZarrWriterSink
 from czregistry.run.runner import ArrayWriter, OutputKind, RunOptions, TiledPredictor, _convert, plan_for_model, run
+from czregistry.run.source import _take_runs
 from czregistry.run.tiling import plan_tiles, reflect_indices
 from czregistry.selection import load_session
 

@@ -126,6 +126,7 @@ def cli(*args: str, registry: str, token: str | None = None) -> Result:
 
 def test_token_commands_store_only_a_hash(tmp_path: Path) -> None:
     reg_url = f"sqlite:///{tmp_path / 'r' / 'registry.db'}"
+    assert CliRunner().invoke(main, ["init", reg_url]).exit_code == 0  # a named registry must exist (issue 12)
     made = cli("token", "create", "ci-bot", "--scope", "publish", "--model", "Nuclei_*", "--expires", "30",
                "--json", registry=reg_url)
     assert made.exit_code == 0, made.output
@@ -449,6 +450,7 @@ def test_serve_refuses_a_busy_port_and_a_server_url(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        assert CliRunner().invoke(main, ["init", str(tmp_path / "r")]).exit_code == 0
         r = CliRunner().invoke(main, ["serve", "--port", str(port), "--registry", str(tmp_path / "r")])
     assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
     r = CliRunner().invoke(main, ["serve", "--registry", "http://127.0.0.1:8700"])

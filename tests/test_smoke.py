@@ -89,3 +89,69 @@ def test_savedmodel_package_through_its_backend(model_cache: ModelCache) -> None
     assert report.valid, report.findings
     assert report.measurements["smoke.backend"] == "tensorflow"
     assert report.measurements["smoke.seam_error"] <= 1e-5
+
+
+# --- fixed-size graphs (issue 12): seams measured between the stitched output and tiles on the cuts ----
+
+
+def _fixed_size(src_path: Path, dest: Path, size: int) -> Path:
+    """The same network with its graph's spatial size fixed (as an exporter with static shapes writes it)."""
+    import onnx
+
+    from czregistry.package import open_package, write_package
+
+    src = open_package(src_path)
+    model = onnx.load_model_from_string(src.read_model_bytes())
+    for t in (*model.graph.input, *model.graph.output):
+        for axis in (1, 2):
+            t.type.tensor_type.shape.dim[axis].dim_value = size
+    return write_package(dest, src.metadata or {}, model.SerializeToString())
+
+
+def test_fixed_size_model_reports_a_measured_seam_error(model_cache: ModelCache, tmp_path: Path) -> None:
+    """A fixed-size copy of the U-Net gives the same verdict and seam error as the dynamic one, which is
+    checked against whole-image inference: both tile without seams."""
+    dynamic = smoke_test(model_cache("unet"))
+    fixed = smoke_test(_fixed_size(model_cache("unet"), tmp_path / "fixed.czann", 64))
+    assert dynamic.valid and fixed.valid, fixed.findings
+    assert dynamic.measurements["smoke.seam_error"] <= 1e-5  # tiled == whole image
+    assert fixed.measurements["smoke.seam_error"] <= 1e-5
+    assert "fixed-size tiles centred on the cuts" in fixed.measurements["smoke.seam_method"]
+    assert "smoke.seam_method" not in dynamic.measurements
+    seams = next(f for f in fixed.findings if f.check == "smoke.seams")
+    assert seams.severity is Severity.INFO and "fixed tile size [64, 64]" in seams.message
+    r = CliRunner().invoke(main, ["smoke", str(tmp_path / "fixed.czann")])
+    assert r.exit_code == 0, r.output
+    assert "seam error n/a" not in r.output and "seam error 0.0 (between tiled output and" in r.output
+
+
+def test_fixed_size_seams_are_found_when_the_border_is_too_small(model_cache: ModelCache, tmp_path: Path) -> None:
+    """With a border below the model's halo the stitched output has seams; the fixed-size check finds them
+    and gives the same size as the comparison with whole-image inference of the dynamic model."""
+    from czregistry.metadata import ModelInfo
+    from czregistry.package import open_package
+    from czregistry.report import Report
+    from czregistry.run.runner import RunOptions, model_geometry, predict_image
+    from czregistry.run.smoke import _compare_fixed_tiles, _compare_whole
+    from czregistry.selection import load_session
+
+    img = synthetic_image((200, 200), 1, seed=5)
+    errors = {}
+    for label, path in (("dynamic", model_cache("unet")),
+                        ("fixed", _fixed_size(model_cache("unet"), tmp_path / "fixed.czann", 64))):
+        pkg = open_package(path)
+        info = ModelInfo.from_package(pkg)
+        with load_session(pkg, None, "cpu") as session:
+            geom = model_geometry(session, info)
+            assert geom.halo[0] > 4  # the U-Net's halo is 10 px
+            out, grid = predict_image(session, info, img, RunOptions(border=4), geometry=geom)
+            report = Report(path=str(path))
+            if label == "fixed":
+                _compare_fixed_tiles(report, session, img, out, grid, tuple(geom.stride), geom.global_context)
+            else:
+                _compare_whole(report, session, img, out, grid, 1 << 22, geom.global_context)
+        seams = next(f for f in report.findings if f.check == "smoke.seams")
+        assert seams.severity is Severity.ERROR, seams
+        errors[label] = report.measurements["smoke.seam_error"]
+    assert errors["fixed"] > 1e-3
+    assert errors["dynamic"] / 3 <= errors["fixed"] <= errors["dynamic"] * 1.0001  # same seams, seen locally

@@ -14,10 +14,11 @@ from typing import Any
 
 import click
 
-from ..errors import CzregError, UsageError
+from ..errors import CzregError, UsageError, as_disk_full
 
 __all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
-           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt"]
+           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt",
+           "warn_plugin_failures"]
 
 #: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
 _USER_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -60,6 +61,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except OSError as exc:
+            exc = as_disk_full(exc) or exc
             if exc.errno not in _USER_ERRNOS:
                 raise
             raise CliError(os_error(exc)) from None
@@ -67,12 +69,13 @@ class Group(click.Group):
 
 def os_error(exc: OSError) -> UsageError:
     """An ``OSError`` from writing or reading a user's path as one line: what, where, and what to do."""
+    exc = as_disk_full(exc) or exc
     reason = _USER_ERRNOS.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
     where = f" {exc.filename}" if exc.filename else ""
     hint = {errno.ENOSPC: "free some space or write elsewhere (-o)", errno.EDQUOT: "free some space",
             errno.EROFS: "write somewhere writable (-o PATH)", errno.EACCES: "check the permissions or choose "
             "another path"}.get(exc.errno or 0, "check the path")
-    error = UsageError(f"cannot use{where}: {reason}", hint=hint)
+    error = UsageError(f"cannot {'use' if where else 'write'}{where}: {reason}", hint=hint)
     return error
 
 
@@ -92,6 +95,7 @@ def handle_errors() -> Iterator[None]:
     except CzregError as exc:
         raise CliError(exc) from None
     except OSError as exc:
+        exc = as_disk_full(exc) or exc
         if exc.errno not in _USER_ERRNOS:
             raise
         raise CliError(os_error(exc)) from None
@@ -124,6 +128,16 @@ def require_package_file(path: Path) -> None:
     from ..package import require_package_file as require
 
     require(path)
+
+
+def warn_plugin_failures() -> None:
+    """One stderr line per plugin that failed to load, before a command that runs plugins (``validate``,
+    ``run``, ``smoke``): a broken plugin is skipped so the others keep working, but its backend, layers or
+    checks are silently missing unless we say so. ``czreg plugins`` has the details (and exits 4)."""
+    from ..plugins import get_host
+
+    for line in get_host().load_failures():
+        click.echo(f"Warning: {line}; see 'czreg plugins'", err=True)
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import echo_json, handle_errors, json_option
+from ._common import echo_json, handle_errors, json_option, sigterm_as_interrupt
 
 
 @click.command()
@@ -21,7 +21,7 @@ def demo(workdir: Path, registry: str | None, size: int, as_json: bool) -> None:
     """Pack an example model, validate it, publish it, pull it back by specifier and run it tiled."""
     from ..demo import run_demo
 
-    with handle_errors():
+    with handle_errors(), sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C
         result = run_demo(workdir, registry=registry, size=size,
                           echo=(lambda s: None) if as_json else click.echo)
     if as_json:

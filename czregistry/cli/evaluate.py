@@ -150,7 +150,7 @@ def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, 
 
     with handle_errors():
         if report is not None and report.exists():
-            raise UsageError(f"{report} exists", hint="choose another --report path or remove it")
+            raise UsageError(f"{report} already exists", hint="choose another --report path or remove it")
         opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe),
                            keep_worst=worst if report is not None else 0, overlays=overlays)
         with _registry(registry_url, blob_store) as lazy:

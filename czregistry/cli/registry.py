@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..errors import RegistryError, UsageError
-from ..report import human_size
 from ._common import announce_lock_waits, echo_json, handle_errors, json_option
 from .sharing import oci_options, pull_oci
 
@@ -31,27 +30,44 @@ __all__ = ["register"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def human_size(n: int) -> str:
+    """``report.human_size``, imported on use: ``czreg list`` need not load the report module at start-up."""
+    from ..report import human_size as size
+
+    return size(n)
+
+
+def _location_options(fn: F) -> F:
+    """``--registry`` and ``--blob-store`` on a command (passed as ``registry_url`` and ``blob_store``)."""
+    fn = click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
+                      help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")(fn)
+    return click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
+                        help="Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server "
+                             "https://host (token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]"
+                        )(fn)
+
+
+def _call_with_registry(fn: Callable[..., Any], registry_url: str | None, blob_store: str | None,
+                        *args: Any, **kwargs: Any) -> Any:
+    """Open the registry (local or server), say its warnings, and call ``fn(..., reg=reg)``."""
+    with handle_errors():
+        from ..registry.remote import connect
+
+        announce_lock_waits()
+        with connect(registry_url, blob_store, create=False) as reg:
+            _warn(getattr(reg, "warnings", []))
+            return fn(*args, reg=reg, **kwargs)
+
+
 def _registry_options(fn: F) -> F:
     """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily)."""
 
-    @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-                  help="Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server "
-                       "https://host (token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]")
-    @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
-                  help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
+    @_location_options
     @functools.wraps(fn)
     def wrapper(*args: Any, registry_url: str | None, blob_store: str | None, **kwargs: Any) -> Any:
-        with handle_errors():
-            from ..registry.remote import connect
-
-            announce_lock_waits()
-            with connect(registry_url, blob_store, create=False) as reg:
-                _warn(getattr(reg, "warnings", []))
-                return fn(*args, reg=reg, **kwargs)
+        return _call_with_registry(fn, registry_url, blob_store, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -168,7 +184,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
 
     The blob is streamed and its SHA-256 checked before the file appears under its name."""
     if requirement.startswith("oci://"):
-        pull_oci(requirement, output, key, oci_auth, as_json)
+        pull_oci(requirement, output, key, oci_auth, as_json, force=force)
         return
     with handle_errors():
         from ..registry.remote import connect
@@ -195,14 +211,21 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
 @click.option("--yanked", "include_yanked", is_flag=True, help="Include yanked versions.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
 @json_option
-@_registry_options
-def list_cmd(reg: Registry, name: str | None, model_type: str | None, class_name: str | None, tag: str | None,
-             alias: str | None, all_versions: bool, include_yanked: bool, limit: int | None,
-             as_json: bool) -> None:
+@_location_options
+def list_cmd(registry_url: str | None, blob_store: str | None, name: str | None, model_type: str | None,
+             class_name: str | None, tag: str | None, alias: str | None, all_versions: bool, include_yanked: bool,
+             limit: int | None, as_json: bool) -> None:
     """List models (newest version each) or versions; NAME filters by substring or glob (nuclei*)."""
+    filters: dict[str, Any] = {"name": name, "model_type": model_type, "class_name": class_name, "tag": tag,
+                               "alias": alias, "all_versions": all_versions, "include_yanked": include_yanked,
+                               "limit": limit}
     with handle_errors():
-        rows = reg.search(name=name, model_type=model_type, class_name=class_name, tag=tag, alias=alias,
-                          all_versions=all_versions, include_yanked=include_yanked, limit=limit)
+        # A local SQLite registry answers without SQLAlchemy (start-up time); anything else opens it.
+        from ..registry.quicklist import quick_search
+
+        rows = quick_search(registry_url, blob_store, **filters)
+    if rows is None:
+        rows = _call_with_registry(lambda reg: reg.search(**filters), registry_url, blob_store)
     if as_json:
         echo_json(rows)
         return

@@ -23,6 +23,7 @@ from ._common import (
     refuse_existing_output,
     require_package_file,
     sigterm_as_interrupt,
+    warn_plugin_failures,
 )
 
 __all__ = ["register", "run_cmd", "smoke_cmd"]
@@ -121,6 +122,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                 raise UsageError(f"{'--resume' if resume else '--block-size'} needs --dask",
                                  hint="e.g. --dask local:2")
             refuse_existing_output(output, force)
+        warn_plugin_failures()
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
     except ValueError:
@@ -195,6 +197,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
 
     with handle_errors():
         require_package_file(package)
+        warn_plugin_failures()
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
                             batch_size=batch_size)
@@ -206,7 +209,8 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
         if "smoke.tiles_per_second" in m:
             click.echo(f"  {m.get('smoke.tiles')} tiles, {m.get('smoke.tiles_per_second')} tiles/s on "
                        f"{m.get('smoke.device')} ({m.get('smoke.backend')}); seam error "
-                       f"{m.get('smoke.seam_error', 'n/a')}")
+                       f"{m.get('smoke.seam_error', 'n/a')}"
+                       + (f" (between {m['smoke.seam_method']})" if "smoke.seam_method" in m else ""))
     sys.exit(0 if report.valid else 1)
 
 

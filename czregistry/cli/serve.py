@@ -6,7 +6,6 @@ rows in the registry database, so ``czreg token`` runs where that database is re
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import click
@@ -19,6 +18,8 @@ __all__ = ["register"]
 
 def _check_port(host: str, port: int) -> None:
     """Refuse a port that is taken now, in one line, instead of uvicorn's log and exit 1."""
+    import socket
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,7 +72,9 @@ def serve_cmd(host: str, port: int, registry_url: str | None, blob_store: str | 
         from ..registry import open_registry
         from ..server.settings import ServerSettings
 
-        with open_registry(registry_url, blob_store) as reg:  # create/migrate once, and fail here if it cannot
+        # migrate once, and fail here if it cannot; a named location must exist (a typo must not start a
+        # server on a new, empty registry): create one with 'czreg init'
+        with open_registry(registry_url, blob_store, create=False) as reg:
             location = reg.location
         _check_port(host, port)
         settings = ServerSettings(registry=location.url, blob_store=location.blob_store, public_read=public_read,
@@ -107,7 +110,10 @@ def _local_registry(registry_url: str | None, blob_store: str | None) -> Any:
     if is_remote(registry_url):
         raise UsageError("tokens are managed on the server, in its registry database",
                          hint="run czreg token there, with --registry pointing at the database")
-    return open_registry(registry_url, blob_store)
+    from ._common import announce_lock_waits
+
+    announce_lock_waits()  # a token write waiting for another process's lock says so
+    return open_registry(registry_url, blob_store, create=False)  # a mistyped --registry is refused
 
 
 _registry_option = click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",

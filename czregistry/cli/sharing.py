@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,6 +168,8 @@ def push_cmd(package: str, target: str, oci_auth: dict[str, Any], static: bool, 
 
         oci.parse_reference(target, need_tag=True)  # a bad target fails before any validation
         path = Path(package)
+        import tempfile
+
         with tempfile.TemporaryDirectory(prefix="czreg-push-") as tmp:
             if path.is_file() or path.suffix.lower() in (".czann", ".czmodel") or "/" in package:
                 require_package_file(path)
@@ -235,12 +236,13 @@ def _registry_attachments(requirement: str, folder: Path, registry_url: str | No
                          "attestation": first["attestation"].encode() if first else None}
 
 
-def pull_oci(source: str, output: str | None, key: Path | None, oci_auth: dict[str, Any], as_json: bool) -> None:
+def pull_oci(source: str, output: str | None, key: Path | None, oci_auth: dict[str, Any], as_json: bool,
+             force: bool = False) -> None:
     """``czreg pull oci://...``: called by the registry's ``pull`` command for ``oci://`` sources."""
     with handle_errors():
         from .. import oci
 
-        result = oci.pull(source, Path(output) if output else Path.cwd(), key=key, **oci_auth)
+        result = oci.pull(source, Path(output) if output else Path.cwd(), key=key, force=force, **oci_auth)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, require_package_file
+from ._common import echo_json, handle_errors, require_package_file, warn_plugin_failures
 
 
 @click.command()
@@ -39,6 +39,7 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
     with handle_errors():
         for path in paths:
             require_package_file(path)
+        warn_plugin_failures()
     options = ValidateOptions(static=static, strict=strict, backend=backend, device=device,  # type: ignore[arg-type]
                               max_probe_size=max_probe_size, time_budget=time_budget)
     all_valid = True

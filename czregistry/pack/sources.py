@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ def _is_keras_model(obj: Any) -> bool:
 
 def _load_savedmodel(folder: Path) -> Any:
     """Wrap a SavedModel folder (Keras 3 export or plain TF2) as a one-input Keras model."""
+    from .._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # absl/cudart start-up lines must not reach the terminal
     import keras
     import tensorflow as tf
 
@@ -85,6 +89,9 @@ def _load_savedmodel(folder: Path) -> Any:
 
 
 def _load_keras_file(path: Path) -> Any:
+    from .._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # absl/cudart start-up lines must not reach the terminal
     import keras
 
     from ..selection import available_layers
@@ -152,6 +159,24 @@ def _check_spec_schema(spec: dict[str, Any], style: str, path: Path) -> None:
         warnings.warn(f"conversion spec {path}: {f.message}", PackWarning, stacklevel=4)
 
 
+def _refuse_external_data(path: Path, data: bytes) -> None:
+    """An ONNX file whose weights live in separate files (``save_as_external_data``, the rule above 2 GB):
+    a package embeds one self-contained model, and ONNX Runtime's own complaint ("Cannot parse data from
+    external tensors") does not say what to do. Say which file, and how to merge."""
+    from .onnxgraph import check_external_data
+
+    try:
+        check_external_data(data)
+    except Exception as exc:  # BackendError: external data found, or not ONNX at all (ORT reports that)
+        where = re.search(r"in '([^']*)'$", getattr(exc, "message", ""))
+        if where is None:
+            return
+        raise PackError(f"{path.name} keeps its weights outside the file (in {where.group(1)}); a package "
+                        "embeds one self-contained model",
+                        hint=f"merge them first: python -c \"import onnx; onnx.save(onnx.load('{path}'), "
+                             f"'{path.with_name(path.stem + '-merged.onnx')}')\" (models under 2 GB)") from None
+
+
 def _load_source(source: Any, depth: int = 0) -> _Source:
     if _is_keras_model(source):
         return _Source(description=f"Keras model '{source.name}'", keras_model=source)
@@ -171,7 +196,9 @@ def _load_source(source: Any, depth: int = 0) -> _Source:
     if suffix == ".keras":
         return _Source(description=f"Keras file {path}", keras_model=_load_keras_file(path))
     if suffix == ".onnx":
-        return _Source(description=f"ONNX file {path}", onnx_bytes=path.read_bytes())
+        data = path.read_bytes()
+        _refuse_external_data(path, data)
+        return _Source(description=f"ONNX file {path}", onnx_bytes=data)
     if suffix == ".json":
         if depth:
             raise UsageError(f"conversion spec {path} points at another spec; ModelPath must be a model")

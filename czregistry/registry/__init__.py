@@ -1,13 +1,28 @@
 """A versioned, content-addressed model registry (SQLite by default, PostgreSQL for teams).
 
 ``open_registry()`` opens (creating and migrating) the registry at ``--registry`` / ``CZREG_REGISTRY`` /
-the per-user default. Importing this package imports SQLAlchemy: the CLI does it inside commands only.
+the per-user default. The names below load on first use: importing a light submodule (``location``,
+``quicklist``) must not import SQLAlchemy, which costs ``czreg list`` most of its start-up time.
 """
 
 from __future__ import annotations
 
-from .api import PublishResult, PullResult, Registry, Resolved, open_registry
-from .location import RegistryLocation, resolve_location
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import PublishResult, PullResult, Registry, Resolved, open_registry
+    from .location import RegistryLocation, resolve_location
 
 __all__ = ["PublishResult", "PullResult", "Registry", "RegistryLocation", "Resolved", "open_registry",
            "resolve_location"]
+
+_LAZY = {"PublishResult": "api", "PullResult": "api", "Registry": "api", "Resolved": "api", "open_registry": "api",
+         "RegistryLocation": "location", "resolve_location": "location"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

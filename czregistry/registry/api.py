@@ -32,6 +32,7 @@ from . import signatures as sigs
 from .audit import _ACTING, acting_as, acting_host, acting_user, iso_time, utc_now
 from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
+from .names import like_pattern
 from .store import CHUNK, BlobStore, open_blob_store
 from .versions import (
     Bump,
@@ -46,7 +47,8 @@ from .versions import (
     version_key,
 )
 
-__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "acting_as", "open_registry", "package_model_name"]
+__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "acting_as", "open_registry", "package_model_name",
+           "search_statement"]
 
 T = TypeVar("T")
 
@@ -436,36 +438,9 @@ class Registry:
                tag: str | None = None, alias: str | None = None, all_versions: bool = False,
                include_yanked: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
         """Versions matching every filter; by default only the newest matching version of each model."""
-        q: Any = (select(Model.display_name, Model.name, Version.id, Version.version, Version.digest, Version.size,
-                         Version.model_type, Version.classes, Version.created_at, Version.yanked, Version.valid)
-                  .join(Model, Version.model_id == Model.id))
-        if name:
-            pattern = name.replace("*", "%") if "*" in name else f"%{name}%"
-            q = q.where(Model.name.like(canonical_like(pattern)))
-        if model_type:
-            q = q.where(func.lower(Version.model_type) == model_type.lower())
-        if class_name:
-            q = q.where(Version.classes.like(f"%{json.dumps(class_name)}%"))
-        if tag:
-            k, _, v = tag.partition("=")
-            sub = select(Tag.version_id).where(Tag.key == k)
-            if v:
-                sub = sub.where(Tag.value == v)
-            q = q.where(Version.id.in_(sub))
-        if alias:
-            q = q.where(Version.id.in_(select(Alias.version_id).where(Alias.name == alias.lower())))
-        if not include_yanked:
-            q = q.where(Version.yanked.is_(False))
-        if all_versions:
-            q = q.order_by(Model.name, Version.sort_key.desc())
-        else:  # newest matching version per model (finals before pre-releases), counted, in one query
-            order = (Version.is_pre.asc(), Version.sort_key.desc())
-            ranked = q.add_columns(
-                func.row_number().over(partition_by=Version.model_id, order_by=order).label("rn"),
-                func.count().over(partition_by=Version.model_id).label("n")).subquery()
-            q = select(ranked).where(ranked.c.rn == 1).order_by(ranked.c.name)
-        if limit:
-            q = q.limit(limit)
+        q = search_statement(name_pattern=like_pattern(name) if name else None, model_type=model_type,
+                             class_name=class_name, tag=tag, alias=alias, all_versions=all_versions,
+                             include_yanked=include_yanked, limit=limit)
         with self._read() as s:
             rows = s.execute(q).all()
         return [{"name": r.display_name, "version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
@@ -789,11 +764,43 @@ def _identity(path: Path, name: str | None) -> tuple[str, str, str, str | None, 
     return display, cname, kind, model_type, classes
 
 
-def canonical_like(pattern: str) -> str:
-    """Canonicalise a LIKE pattern the way names are (lower-case, runs of ``-_.`` become ``-``)."""
-    import re
+def search_statement(*, name_pattern: str | None = None, model_type: str | None = None,
+                     class_name: str | None = None, tag: str | None = None, alias: str | None = None,
+                     all_versions: bool = False, include_yanked: bool = False, limit: int | None = None) -> Any:
+    """The ``search`` query (``name_pattern``: a canonical LIKE pattern, see ``like_pattern``). Module-level
+    so ``quicklist`` can compile the SQL of its common shapes from this one definition."""
+    q: Any = (select(Model.display_name, Model.name, Version.id, Version.version, Version.digest, Version.size,
+                     Version.model_type, Version.classes, Version.created_at, Version.yanked, Version.valid)
+              .join(Model, Version.model_id == Model.id))
+    if name_pattern is not None:
+        q = q.where(Model.name.like(name_pattern))
+    if model_type:
+        q = q.where(func.lower(Version.model_type) == model_type.lower())
+    if class_name:
+        q = q.where(Version.classes.like(f"%{json.dumps(class_name)}%"))
+    if tag:
+        k, _, v = tag.partition("=")
+        sub = select(Tag.version_id).where(Tag.key == k)
+        if v:
+            sub = sub.where(Tag.value == v)
+        q = q.where(Version.id.in_(sub))
+    if alias:
+        q = q.where(Version.id.in_(select(Alias.version_id).where(Alias.name == alias.lower())))
+    if not include_yanked:
+        q = q.where(Version.yanked.is_(False))
+    if all_versions:
+        q = q.order_by(Model.name, Version.sort_key.desc())
+    else:  # newest matching version per model (finals before pre-releases), counted, in one query
+        order = (Version.is_pre.asc(), Version.sort_key.desc())
+        ranked = q.add_columns(
+            func.row_number().over(partition_by=Version.model_id, order_by=order).label("rn"),
+            func.count().over(partition_by=Version.model_id).label("n")).subquery()
+        q = select(ranked).where(ranked.c.rn == 1).order_by(ranked.c.name)
+    if limit:
+        q = q.limit(limit)
+    return q
 
-    return re.sub(r"[-_.]+", "-", pattern).lower()
+
 
 
 def _slug(text: str) -> str:

@@ -22,9 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import AuthError, RegistryError, UsageError
-from .api import Registry, _slug, canonical_like
+from .api import Registry, _slug
 from .audit import acting_user, iso_time, utc_now
 from .models import Token
+from .names import canonical_like
 
 __all__ = ["SCOPES", "TokenInfo", "authenticate", "create_token", "hash_token", "list_tokens", "model_key",
            "revoke_token"]

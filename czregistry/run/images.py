@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import RunError, UsageError
+from ..errors import RunError, UsageError, as_disk_full
 from .source import ImageSource, guess_axes
 
 __all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
@@ -170,33 +170,74 @@ class _TiffChunkArray:
         return out[(..., *rest)] if rest else out
 
 
+@contextlib.contextmanager
+def _tifffile_log_captured() -> Iterator[list[str]]:
+    """tifffile reports damage through its logger (a stray ``<tifffile.TiffPages @...> invalid offset`` line
+    on stderr); collect those messages instead, for our own one-line error."""
+    import logging
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    log = logging.getLogger("tifffile")
+    handler, propagate = _Collect(level=logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _damaged_tiff(path: Path, detail: str) -> UsageError:
+    return UsageError(f"cannot read TIFF {path.name}: the file is damaged or not a TIFF ({detail})",
+                      hint="check that the file was copied completely; open it in Fiji or re-export it")
+
+
 def _open_tiff(path: Path) -> ImageSource:
     import tifffile
     import zarr
 
-    tif = tifffile.TiffFile(path)
-    try:
-        series = tif.series[0]
-        axes = series.axes.replace("S", "C")
-        if axes.count("C") > 1:  # both channels and samples: read as is, let the user choose
-            raise UsageError(f"{path.name}: has both channel and sample axes ({series.axes})",
-                             hint="convert it to one channel axis first")
-        pixel_size = _ome_pixel_size(tif.ome_metadata)
-        array: Any
-        if series.dataoffset is not None:  # contiguous, uncompressed: the cheapest lazy read
-            array = tifffile.memmap(path, series=0, mode="r")
-        elif _TiffChunkArray.supports(series):  # tiles or strips, decoded directly
-            array = _TiffChunkArray(tif, series)
-        else:
-            array = zarr.open(series.aszarr(), mode="r")
-            if not hasattr(array, "shape"):  # a pyramid: take the full-resolution level
-                array = array["0"]
-    except UsageError:
-        tif.close()
-        raise
-    except Exception as exc:
-        tif.close()
-        raise UsageError(f"cannot read TIFF {path.name}: {exc}") from exc
+    with _tifffile_log_captured() as log:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:
+            raise _damaged_tiff(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                                ) from None
+        try:
+            if not tif.series or not tif.pages:
+                raise _damaged_tiff(path, log[-1].split("> ", 1)[-1] if log else "no image in it")
+            series = tif.series[0]
+            axes = series.axes.replace("S", "C")
+            if axes.count("C") > 1:  # both channels and samples: read as is, let the user choose
+                raise UsageError(f"{path.name}: has both channel and sample axes ({series.axes})",
+                                 hint="convert it to one channel axis first")
+            pixel_size = _ome_pixel_size(tif.ome_metadata)
+            array: Any
+            if series.dataoffset is not None:  # contiguous, uncompressed: the cheapest lazy read
+                need = series.dataoffset + series.size * series.dtype.itemsize
+                have = path.stat().st_size
+                if need > have:
+                    raise UsageError(f"TIFF {path.name} is truncated: its image data needs {need:,} bytes, the file "
+                                     f"has {have:,}", hint="copy the file again (an interrupted transfer?)")
+                array = tifffile.memmap(path, series=0, mode="r")
+            elif _TiffChunkArray.supports(series):  # tiles or strips, decoded directly
+                array = _TiffChunkArray(tif, series)
+            else:
+                array = zarr.open(series.aszarr(), mode="r")
+                if not hasattr(array, "shape"):  # a pyramid: take the full-resolution level
+                    array = array["0"]
+        except UsageError:
+            tif.close()
+            raise
+        except Exception as exc:
+            tif.close()
+            text = str(exc).strip()
+            raise _damaged_tiff(path, text.splitlines()[0] if text else type(exc).__name__) from exc
     return ImageSource(path, array, axes, pixel_size, tif.close)
 
 
@@ -485,6 +526,7 @@ class TiffWriterSink:
                 metadata[f"PhysicalSize{ax}Unit"] = "µm"
         if spec.attrs.get("name"):
             metadata["Name"] = str(spec.attrs["name"])
+        self.path = path
         self._tw = tifffile.TiffWriter(path, bigtiff=True, ome=True)
         # with zlib the tiles arrive as encoded bytes: tifffile only writes them and sets the tag
         self._kwargs: dict[str, Any] = {"shape": shape, "dtype": spec.dtype, "tile": (spec.chunk, spec.chunk),
@@ -575,7 +617,7 @@ class TiffWriterSink:
     def _put(self, item: Any) -> None:
         while True:
             if self.error is not None:
-                raise RunError(f"writing the OME-TIFF failed: {self.error}")
+                raise self._failure()
             try:
                 self.queue.put(item, timeout=0.2)
                 return
@@ -594,7 +636,14 @@ class TiffWriterSink:
         self._thread.join()
         self._tw.close()
         if self.error is not None:
-            raise RunError(f"writing the OME-TIFF failed: {self.error}")
+            raise self._failure()
+
+    def _failure(self) -> BaseException:
+        """The writer thread's error: a full disk as ``ENOSPC`` naming the folder (one line at the CLI),
+        anything else as a ``RunError``."""
+        assert self.error is not None
+        return as_disk_full(self.error, str(self.path.parent)) or RunError(
+            f"writing the OME-TIFF failed: {self.error}")
 
     def abort(self) -> None:
         self.aborted.set()

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..backends import Device, Session
-from ..errors import BackendError, RunError, UsageError
+from ..errors import BackendError, RunError, UsageError, as_disk_full
 from ..metadata import ModelInfo
 from ..package import Package
 from ..selection import load_session
@@ -606,6 +606,8 @@ class TiledPredictor:
             exc = errors[0]
             if isinstance(exc, (RunError, UsageError, BackendError)):
                 raise exc
+            if (disk := as_disk_full(exc)) is not None:  # the CLI answers a full disk in one line
+                raise disk
             raise RunError(f"tiled inference failed: {type(exc).__name__}: {exc}") from exc
 
     def _check_output(self, xs: np.ndarray, ys: np.ndarray) -> None:
