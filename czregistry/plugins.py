@@ -28,8 +28,9 @@ from .errors import PluginError
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "get_host", "reset_host"]
 
 ENTRY_POINT_GROUP = "czregistry"
-#: Modules inside czregistry itself that register through the same hooks (static + model checks).
-DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks",)
+#: Modules inside czregistry itself that register through the same hooks (static + model checks, the ONNX
+#: model source).
+DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks", "czregistry.sources")
 
 
 @dataclass
@@ -207,6 +208,12 @@ class PluginHost:
 
         return self._collect("register_checks", validate_check, key=lambda check: str(check.id))
 
+    def sources(self) -> list[tuple[str, Any]]:
+        """``[(plugin name, Source subclass)]``, source names unique."""
+        from .sources import validate_source_class
+
+        return self._collect("register_sources", validate_source_class, key=lambda cls: str(cls.name))
+
     def add_commands(self, cli: Any) -> None:
         """Let plugins add commands; one that would replace an existing command is undone and reported."""
         for impl in self.pm.hook.register_commands.get_hookimpls():
@@ -232,6 +239,7 @@ class PluginHost:
         self.backends()
         self.layers()
         self.checks()
+        self.sources()
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
 
     def problems(self) -> list[str]:

@@ -408,7 +408,7 @@ def test_same_inputs_give_byte_identical_packages(models: Callable[..., Any], un
             "background,foreground", "--min-overlap", "24", "--tile", "32", "32", "--pre", "scale:factor=2"]
     here = CliRunner().invoke(main, [s.replace("{out}", str(tmp_path / "c.czann")) for s in args])
     assert here.exit_code == 0, here.output
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "czregistry", *[s.replace("{out}", str(tmp_path / "d.czann"))
                                                                  for s in args]],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -320,3 +320,10 @@ class TorchBackend(Backend):
 @hookimpl
 def register_backends(register: Any) -> None:
     register(TorchBackend)
+
+
+@hookimpl
+def register_sources(register: Any) -> None:
+    from .source import TorchSource
+
+    register(TorchSource)
