@@ -237,7 +237,7 @@ def test_parse_layer_arg(arg: str, expected: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("arg", "message"), [
     ("nope", "unknown layer 'nope' (available: normalize, per_image_standardization, percentile_normalize, "
-             "rgb_to_bgr, rgba_to_bgra, scale, shift, sigmoid_to_softmax, transpose_channels)"),
+             "rgb_to_bgr, rgba_to_bgra, scale, shift, sigmoid_to_softmax, softmax, transpose_channels)"),
     ("normalize:mean=0.5",
      "layer 'normalize' needs parameter 'std' (standard deviation, one value or one per channel)"),
     ("scale:factor=abc", "layer 'scale': parameter 'factor' expects floats, got 'abc'"),

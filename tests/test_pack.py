@@ -284,6 +284,7 @@ def _layer_cases() -> Iterable[tuple[str, str, int, str]]:
     yield "shift:offset=-0.5", "pre", 1, "unet"
     yield "transpose_channels:order=[2,0,1]", "pre", 3, "unet"
     yield "sigmoid_to_softmax", "post", 1, "regression"
+    yield "softmax", "post", 1, "unet"
 
 
 def test_every_installed_layer_is_covered() -> None:
