@@ -374,7 +374,7 @@ def test_hook_register_sources(model_cache: Callable[..., Path], tmp_path: Path)
     assert select_source(link) == ("link", LinkSource)
     assert select_source(model)[1].name == "onnx"
     meta = open_pkg(model_cache("unet")).metadata
-    result = pack(link, {k: meta[k] for k in ("Type", "Classes", "MinOverlap")}, tmp_path / "out.czann")
+    result = pack(link, {k: meta[k] for k in ("Type", "Classes", "MinOverlap", "InputShape")}, tmp_path / "out.czann")
     assert result.valid and result.parity_max_abs_diff is not None and result.parity_max_abs_diff <= 1e-4
     assert open_pkg(result.path).read_model_bytes() != b""
     assert get_host().infos["link"].registered["sources"] == ["onnx-link"]

@@ -160,13 +160,19 @@ class TorchSource(Source):
             what = f"{path.suffix.lower()} file {path}"
             module, dynamo, scripted = _load_file(path)
         elif isinstance(source, torch.export.ExportedProgram):
-            what, module, dynamo = "torch.export program", source.module(), True
+            what, module, dynamo = "torch.export program", source, True
         else:
             what = f"PyTorch module {type(source).__name__}"
             module = source
             scripted = isinstance(source, torch.jit.ScriptModule)
             if not scripted:
                 module.eval()
+        fixed_size = False
+        if isinstance(module, torch.export.ExportedProgram):
+            # a program exported without dynamic shapes runs only at its example size: say so, so the tile
+            # is not "reset" by probing other sizes the program's guards refuse
+            fixed_size = not module.range_constraints
+            module = module.module()
         rank, channels = self._input_layout(module, options, what)
         tile = options.tile or (tuple(options.input_shape[:-1]) if options.input_shape else None)
         if tile is None:
@@ -176,6 +182,10 @@ class TorchSource(Source):
                              f"{rank}-D input", hint=_HINT_TILE)
         example = torch.zeros((1, *tile, channels), dtype=torch.float32)
         wrapper = channels_last_wrapper(module, rank)
+        if not dynamo:
+            # eval mode for the wrapper too: the exporter restores the wrapper's mode afterwards, and a wrapper
+            # left in training mode would switch the module's BatchNorm/Dropout back to training
+            wrapper.eval()
         notes: list[str] = []
         try:
             with torch.no_grad():
@@ -185,10 +195,13 @@ class TorchSource(Source):
         except Exception as exc:
             raise PackError(f"{what} fails on an input of shape {[1, channels, *tile]} (NC{'DHW'[-rank:]}): "
                             f"{first_line(exc)}", hint="check the tile size and the input channels") from exc
-        dynamic = True
+        dynamic = not fixed_size
         try:
-            data = export_onnx(wrapper, example, options.opset, dynamic=True, scripted=scripted, dynamo=dynamo)
+            data = export_onnx(wrapper, example, options.opset, dynamic=dynamic, scripted=scripted, dynamo=dynamo)
         except Exception as first:
+            if not dynamic:
+                raise PackError(f"torch.onnx cannot export {what} at opset {options.opset}: {first_line(first)}",
+                                hint="try another --opset, or export to ONNX yourself") from first
             dynamic = False
             try:
                 data = export_onnx(wrapper, example, options.opset, dynamic=False, scripted=scripted, dynamo=dynamo)
@@ -223,7 +236,8 @@ class TorchSource(Source):
 
 
 def _load_file(path: Path) -> tuple[Any, bool, bool]:
-    """``(module, use dynamo, is scripted)`` for a ``.pt`` (TorchScript) or ``.pt2`` (torch.export) file."""
+    """``(module or ExportedProgram, use dynamo, is scripted)`` for a ``.pt`` (TorchScript) or ``.pt2``
+    (torch.export) file."""
     import torch
 
     suffix = path.suffix.lower()
@@ -239,7 +253,7 @@ def _load_file(path: Path) -> tuple[Any, bool, bool]:
             program = torch.export.load(str(path))
         except Exception as exc:
             raise UsageError(f"{path} is not a loadable torch.export program: {first_line(exc)}") from exc
-        return program.module(), True, False
+        return program, True, False
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
