@@ -8,6 +8,7 @@ weights from tests/corpus.py, no downloads) to keep the suite fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from pathlib import Path
@@ -21,6 +22,10 @@ from czregistry.cli import main
 from czregistry.errors import PackError, UsageError
 
 torch = pytest.importorskip("torch")
+# smp imports torchvision; in this environment importing torchvision after TensorFlow segfaults (checked:
+# `import tensorflow, torchvision` exits 139, the other order works), so import it before any test loads TF
+with contextlib.suppress(ImportError):
+    import segmentation_models_pytorch  # noqa: F401
 
 SEG = {"Type": "SingleClassSemanticSegmentation", "Classes": ["background", "foreground"], "MinOverlap": [16, 16]}
 
@@ -74,12 +79,15 @@ def _opset(path: Path) -> int:
 def smp_unet_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     """The corpus' smp U-Net (resnet18, random weights) packed once from the module, as the issue asks."""
     import czregistry
+    from czregistry.checks import ValidateOptions
     from tests.corpus import CORPUS
 
     module = CORPUS["smp-unet-resnet18"].build()
     out = tmp_path_factory.mktemp("torch") / "unet.czann"
+    # pack validates statically here; the test below runs the full validation (model checks) once
     result = czregistry.pack(module, {**SEG, "MinOverlap": [64, 64]}, out, spatial_dims=(128, 128),
-                             preprocessing=["normalize:mean=0.5,std=0.25"], postprocessing=["softmax"])
+                             preprocessing=["normalize:mean=0.5,std=0.25"], postprocessing=["softmax"],
+                             validate_options=ValidateOptions(static=True))
     return module, result
 
 
