@@ -36,3 +36,9 @@ def register_checks(register: Callable[[Any], None]) -> None:
 @hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the ``czreg`` group (``cli`` is the ``click.Group``); existing names are kept."""
+
+
+@hookspec
+def register_sources(register: Callable[[Any], None]) -> None:
+    """Register model sources ``pack`` can read: call ``register(SourceSubclass)`` once per
+    ``sources.Source`` subclass (an in-memory object, a file type or a folder it recognises)."""

@@ -28,8 +28,9 @@ from .errors import PluginError
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "get_host", "reset_host"]
 
 ENTRY_POINT_GROUP = "czregistry"
-#: Modules inside czregistry itself that register through the same hooks (static + model checks).
-DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks",)
+#: Modules inside czregistry itself that register through the same hooks (static + model checks, the ONNX
+#: model source).
+DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks", "czregistry.sources")
 
 
 @dataclass

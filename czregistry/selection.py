@@ -1,24 +1,28 @@
-"""Choosing among what the plugins registered: the backend that runs a format, layers by name, the checks
-to run, and the plugin report.
+"""Choosing among what the plugins registered: the backend that runs a format, the source that packs a model,
+layers by name, the checks to run, and the plugin report.
 
-The interface modules (``backends``, ``layers``, ``checks``) are leaves that define what a plugin registers and
-how it is validated; ``plugins`` loads plugins and calls hooks; this module joins the two. Keeping selection
-here is what keeps the import graph free of circles (``tests/test_layout.py``).
+The interface modules (``backends``, ``layers``, ``checks``, ``sources``) are leaves that define what a plugin
+registers and how it is validated; ``plugins`` loads plugins and calls hooks; this module joins the two.
+Keeping selection here is what keeps the import graph free of circles (``tests/test_layout.py``).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from .backends import GPU_HINT_FOR_FORMAT, PLUGIN_FOR_FORMAT, Backend, Device, Session, validate_backend_class
 from .checks import validate_check
-from .errors import BackendError, CzregError, NoBackendError, UsageError
+from .errors import BackendError, CzregError, NoBackendError, PackError, UsageError
 from .layers import LayerSpec, parse_layer_arg, validate_layer_spec
 from .package import ModelFormat, Package
 from .plugins import PluginInfo, get_host
+from .sources import Source, validate_source_class
 
-__all__ = ["available_backends", "available_layers", "layer_specs", "load_session", "parse_layer", "plugin_infos",
-           "problems", "registered_checks", "select_backend"]
+__all__ = ["available_backends", "available_layers", "available_sources", "layer_builder", "layer_specs",
+           "load_session", "parse_layer", "plugin_infos", "problems", "registered_checks", "select_backend",
+           "select_source"]
 
 
 def available_layers() -> dict[str, tuple[str, LayerSpec]]:
@@ -48,6 +52,7 @@ def plugin_infos() -> list[PluginInfo]:
     available_backends()
     available_layers()
     registered_checks()
+    available_sources()
     return get_host().collected_infos()
 
 
@@ -157,3 +162,52 @@ def load_session(package: Package, backend: str | None = None, device: Device = 
         raise BackendError(f"backend '{cls.name}' from plugin '{plugin}' returned {type(session).__name__}, "
                            "not a Session", hint=f"report this to the author of plugin '{plugin}'")
     return session
+
+
+# -- model sources (packing) ---------------------------------------------------------------------------
+
+def available_sources() -> dict[str, tuple[str, type[Source]]]:
+    """``{source name: (plugin name, Source subclass)}`` of every loaded plugin."""
+    return {cls.name: (plugin, cls) for plugin, cls in
+            get_host().collect("register_sources", validate_source_class, key=lambda cls: str(cls.name))}
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, bytes):
+        return "bytes"
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return f"folder {path}" if path.is_dir() else f"{path} ('{path.suffix.lower() or 'no suffix'}' file)"
+    return f"a {type(source).__module__}.{type(source).__qualname__}"
+
+
+def select_source(source: Any) -> tuple[str, type[Source]]:
+    """``(plugin, Source subclass)`` for ``source``: the highest-priority source that recognises it.
+
+    A source whose ``recognise`` raises is skipped (a broken plugin must not stop the others); when none
+    recognises the input, ``UsageError`` names the installed sources and what each packs.
+    """
+    found: list[tuple[int, str, type[Source]]] = []
+    installed = available_sources()
+    for plugin, cls in installed.values():
+        try:
+            if cls.recognise(source):
+                found.append((int(cls.priority), plugin, cls))
+        except Exception:  # a plugin's broken recognise must not hide the other sources
+            continue
+    if found:
+        _, plugin, cls = max(found, key=lambda t: t[0])
+        return plugin, cls
+    listing = "; ".join(f"{name} ({cls.description or plugin})" for name, (plugin, cls) in sorted(installed.items()))
+    raise UsageError(f"cannot pack {_describe(source)}: no installed model source recognises it "
+                     f"(installed: {listing or 'none'})",
+                     hint="PyTorch needs czregistry-torch, Keras/SavedModel czregistry-tensorflow; see 'czreg plugins'")
+
+
+def layer_builder() -> Source:
+    """The source that builds ``--pre`` / ``--post`` layers (``builds_layers``), or ``PackError``."""
+    for _, (_, cls) in sorted(available_sources().items()):
+        if cls.builds_layers:
+            return cls()
+    raise PackError("pre/post-processing layers need the plugin that builds them, and none is loaded",
+                    hint="pip install czregistry-tensorflow (plugins/czregistry-tensorflow)")

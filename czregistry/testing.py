@@ -16,7 +16,6 @@ inside the functions; layer checks need the ``czregistry-tensorflow`` plugin ins
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +105,13 @@ def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channe
     ``channels`` is what the layer receives; ``value_scale`` scales the random input (65535 for 16-bit).
     """
     import keras
-    from czregistry_tensorflow.compose import prepend_and_append
-    from czregistry_tensorflow.export import DEFAULT_OPSET, export_savedmodel_zip, to_onnx
+
+    from .pack.onnxgraph import DEFAULT_OPSET
+    from .selection import layer_builder
+    from .sources import LoadOptions
+
+    # the layers' own plugin (the source that builds them: Keras in czregistry-tensorflow) exports the models
+    builder = layer_builder()
 
     try:
         validate_layer_spec(spec)
@@ -141,16 +145,19 @@ def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channe
     # 3. export survival
     if spec.kind == "pre":
         base = invariant_conv_model(int(out.shape[-1]), 2, activation="softmax")
-        model = prepend_and_append(base, [(spec, kwargs)], [], input_channels=channels)
+        inp = keras.Input((None, None, channels), name="input", dtype="float32")
+        model = keras.Model(inp, base(spec.factory(**kwargs)(inp)))
         x = sample
     else:
         base = invariant_conv_model(1, channels, activation="sigmoid")
-        model = prepend_and_append(base, [], [(spec, kwargs)])
+        model = keras.Model(base.input, spec.factory(**kwargs)(base.output))
         x = (rng.random((2, tile, tile, 1)) * value_scale).astype(np.float32)
     want = np.asarray(model(x))
     notes: list[str] = []
-    sm_diff = _check_savedmodel(what, model, x, want, atol, rtol, export_savedmodel_zip)
-    onnx_diff = _check_onnx(what, model, x, want, atol, rtol, to_onnx, opset or DEFAULT_OPSET)
+    use_opset = opset or DEFAULT_OPSET
+    loaded = builder.load(model, LoadOptions(opset=use_opset))
+    sm_diff = _check_savedmodel(what, loaded.export("savedmodel", use_opset), x, want, atol, rtol)
+    onnx_diff = _check_onnx(what, loaded.export("onnx", use_opset), x, want, atol, rtol, use_opset)
 
     # 4. spatial invariance
     invariance: float | None = None
@@ -169,27 +176,27 @@ def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channe
     return LayerCheck(spec.name, tuple(int(d) for d in want.shape), sm_diff, onnx_diff, invariance, notes)
 
 
-def _check_savedmodel(what: str, model: Any, x: np.ndarray, want: np.ndarray, atol: float, rtol: float,
-                      export: Callable[[Any], bytes]) -> float:
-    from czregistry_tensorflow.backend import extract_savedmodel, load_savedmodel_folder
+def _check_savedmodel(what: str, zipped: bytes, x: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> float:
+    """Run the zipped SavedModel through the backend a host would pick for it (the TensorFlow plugin's)."""
+    import uuid
 
+    from .package import open_package, write_package
+    from .selection import load_session
+
+    meta = {"Id": str(uuid.uuid4()), "Type": "Regression", "InputShape": [*map(int, x.shape[1:])],
+            "OutputShape": [*map(int, want.shape[1:])], "MinOverlap": [0] * (x.ndim - 2), "Classes": [],
+            "ModelName": "check_layer", "Version": "1.0.0"}
     with tempfile.TemporaryDirectory(prefix="czreg-check-") as tmp:
-        zipped = Path(tmp) / "model.model"
-        zipped.write_bytes(export(model))
-        folder = extract_savedmodel(zipped, Path(tmp) / "sm")
-        session = load_savedmodel_folder(folder, "cpu")
-        try:
+        path = write_package(Path(tmp) / "layer.czann", meta, zipped)
+        with load_session(open_package(path), device="cpu") as session:
             got = session.predict(x)
-        finally:
-            session.close()
     return _assert_close(f"{what} in a SavedModel", got, want, atol, rtol)
 
 
-def _check_onnx(what: str, model: Any, x: np.ndarray, want: np.ndarray, atol: float, rtol: float,
-                convert: Callable[[Any, int], bytes], opset: int) -> float:
+def _check_onnx(what: str, data: bytes, x: np.ndarray, want: np.ndarray, atol: float, rtol: float,
+                opset: int) -> float:
     import onnxruntime as ort
 
-    data = convert(model, opset)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
     return _assert_close(f"{what} in ONNX (opset {opset})", got, want, atol, rtol)

@@ -1,7 +1,8 @@
 """The validator's claims on architectures nobody here designed, checked against whole-image inference.
 
 Every network comes from the library users train with (segmentation_models_pytorch, torchvision, Keras; see
-``tests/corpus.py``), with random weights, exported the way czmodel 6.2 exports. For each one the test asserts
+``tests/corpus.py``), with random weights; PyTorch networks are packed directly from the module by
+``czregistry.pack``, Keras ones exported with tf2onnx. For each one the test asserts
 the verdict and the measured stride and halo, then **checks the claims by running the model**: tiled inference
 (our runner, tiles on the measured stride grid) at the measured halo must equal whole-image inference within the
 tolerance; at the declared overlap, where a border warning says tiles will show seams, they must differ; for a
@@ -31,7 +32,15 @@ TOL = 1e-4
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """``corpus(name)`` -> the entry packed as a .czann (exported once per session)."""
+    """``corpus(name)`` -> the entry packed as a .czann (once per session).
+
+    PyTorch entries are packed **directly from the module** by ``czregistry.pack`` (the torch plugin's model
+    source: NHWC wrapper, TorchScript exporter, opset 18, dynamic H/W, ``softmax`` post layer for logits),
+    with the tile from ``InputShape``; Keras entries are exported by tf2onnx as before (some need a fixed
+    batch of 1, which only a hand export gives). ``pack`` checks parity with the module; the full
+    validation is the ``reports`` fixture's, so pack validates statically here.
+    """
+    import czregistry
     from czregistry.package import write_package
 
     root = tmp_path_factory.mktemp("corpus")
@@ -41,7 +50,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
         if name not in cache:
             entry = CORPUS[name]
             path = root / f"{name}.czann"
-            write_package(path, metadata(entry), export_onnx(entry))
+            if entry.framework == "torch":
+                result = czregistry.pack(entry.build(), metadata(entry), path,
+                                         postprocessing=["softmax"] if entry.post == "softmax" else [],
+                                         validate_options=ValidateOptions(static=True))
+                assert result.parity_max_abs_diff is not None and result.parity_max_abs_diff <= TOL
+            else:
+                write_package(path, metadata(entry), export_onnx(entry))
             cache[name] = path
         return cache[name]
 

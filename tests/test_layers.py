@@ -37,8 +37,9 @@ def _apply(arg: str, x: np.ndarray) -> np.ndarray:
 
 def test_reference_set_is_registered_with_stable_names() -> None:
     assert [s.name for s in LAYER_SPECS] == ["rgb_to_bgr", "rgba_to_bgra", "per_image_standardization", "normalize",
-                                             "shift", "scale", "transpose_channels", "sigmoid_to_softmax"]
-    assert {s.name for s in LAYER_SPECS if s.kind == "post"} == {"sigmoid_to_softmax"}
+                                             "shift", "scale", "transpose_channels", "sigmoid_to_softmax",
+                                             "softmax"]
+    assert {s.name for s in LAYER_SPECS if s.kind == "post"} == {"sigmoid_to_softmax", "softmax"}
     assert {s.name for s in LAYER_SPECS if not s.local} == {"per_image_standardization"}
 
 
@@ -95,6 +96,7 @@ CONTRACT_ARGS: dict[str, tuple[str, int]] = {
     "scale": ("scale:factor=[2,3,4]", 3),
     "transpose_channels": ("transpose_channels:order=[2,0,1]", 3),
     "sigmoid_to_softmax": ("sigmoid_to_softmax", 1),
+    "softmax": ("softmax", 3),
 }
 
 
@@ -236,7 +238,7 @@ def test_parse_layer_arg(arg: str, expected: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("arg", "message"), [
     ("nope", "unknown layer 'nope' (available: normalize, per_image_standardization, percentile_normalize, "
-             "rgb_to_bgr, rgba_to_bgra, scale, shift, sigmoid_to_softmax, transpose_channels)"),
+             "rgb_to_bgr, rgba_to_bgra, scale, shift, sigmoid_to_softmax, softmax, transpose_channels)"),
     ("normalize:mean=0.5",
      "layer 'normalize' needs parameter 'std' (standard deviation, one value or one per channel)"),
     ("scale:factor=abc", "layer 'scale': parameter 'factor' expects floats, got 'abc'"),

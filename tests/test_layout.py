@@ -105,6 +105,28 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_no_module_imports_a_plugin_package_by_name() -> None:
+    """Built-ins come in through hooks: no ``import czregistry_tensorflow`` (nor an ``importlib`` string naming
+    it) anywhere in the core."""
+    assert len(PLUGIN_PACKAGES) >= 3, PLUGIN_PACKAGES
+    pattern = re.compile(r"\b(" + "|".join(PLUGIN_PACKAGES) + r")\b")
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value] if pattern.search(node.value) and "." in node.value and " " not in node.value \
+                    else []
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names  # type: ignore[attr-defined]
+                          if pattern.search(n)]
+    assert offenders == []
+
+
 def test_the_wings_are_subpackages() -> None:
     for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "onnxgraph", "unpack"),
                           "run": ("runner", "images", "source", "tiling", "czi", "smoke", "dask_run")}.items():

@@ -284,6 +284,7 @@ def _layer_cases() -> Iterable[tuple[str, str, int, str]]:
     yield "shift:offset=-0.5", "pre", 1, "unet"
     yield "transpose_channels:order=[2,0,1]", "pre", 3, "unet"
     yield "sigmoid_to_softmax", "post", 1, "regression"
+    yield "softmax", "post", 1, "unet"
 
 
 def test_every_installed_layer_is_covered() -> None:
@@ -408,7 +409,7 @@ def test_same_inputs_give_byte_identical_packages(models: Callable[..., Any], un
             "background,foreground", "--min-overlap", "24", "--tile", "32", "32", "--pre", "scale:factor=2"]
     here = CliRunner().invoke(main, [s.replace("{out}", str(tmp_path / "c.czann")) for s in args])
     assert here.exit_code == 0, here.output
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "czregistry", *[s.replace("{out}", str(tmp_path / "d.czann"))
                                                                  for s in args]],
                           capture_output=True, text=True, env=env, timeout=300)

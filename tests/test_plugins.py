@@ -98,7 +98,7 @@ def test_loading_plugins_does_not_import_engines() -> None:
 def test_czreg_plugins_none_loads_no_external_plugin(monkeypatch: pytest.MonkeyPatch, package: Path) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "none")
     reset_host()
-    assert [i.name for i in plugin_infos()] == ["checks"]  # built-in checks still run
+    assert [i.name for i in plugin_infos()] == ["checks", "sources"]  # built-ins still run
     assert available_backends() == {}
     assert available_layers() == {}
     with pytest.raises(NoBackendError) as err:
@@ -110,7 +110,7 @@ def test_czreg_plugins_only_these(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime, nosuchplugin")
     reset_host()
     host = get_host()
-    assert sorted(i.name for i in plugin_infos()) == ["checks", "onnxruntime"]
+    assert sorted(i.name for i in plugin_infos()) == ["checks", "onnxruntime", "sources"]
     assert host.missing == ["nosuchplugin"]
     assert any("'nosuchplugin'" in p for p in problems())
     assert select_backend("onnx").name == "onnxruntime"
@@ -348,6 +348,47 @@ def test_hook_register_checks(package: Path) -> None:
                                "namecheck")
     report = validate(package, ValidateOptions(static=True))
     assert any(f.check == "example.name_length" for f in report.findings)
+
+
+def test_hook_register_sources(model_cache: Callable[..., Path], tmp_path: Path) -> None:
+    """A plugin's source is asked by pack(); the highest priority wins; unknown input names the sources."""
+    from czregistry.errors import UsageError
+    from czregistry.pack.core import pack
+    from czregistry.package import open_package as open_pkg
+    from czregistry.selection import available_sources, select_source
+    from czregistry.sources import LoadedSource, LoadOptions, Source, onnx_reference
+
+    onnx_bytes = open_pkg(model_cache("unet")).read_model_bytes()
+
+    class LinkSource(Source):
+        name = "onnx-link"
+        description = ".onnxlink files naming an ONNX model"
+        priority = 5
+
+        @classmethod
+        def recognise(cls, source: Any) -> bool:
+            return isinstance(source, str | Path) and Path(source).suffix == ".onnxlink"
+
+        def load(self, source: Any, options: LoadOptions) -> LoadedSource:
+            data = Path(Path(source).read_text().strip()).read_bytes()
+            return LoadedSource(f"link {source}", onnx_reference(data), onnx_bytes=data)
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(onnx_bytes)
+    link = tmp_path / "model.onnxlink"
+    link.write_text(str(model))
+    with pytest.raises(UsageError, match=r"no installed model source recognises it \(installed: .*onnx \(ONNX"):
+        select_source(link)
+    get_host().register_plugin(_plugin("link", register_sources=lambda register: register(LinkSource)), "link")
+    assert available_sources()["onnx-link"] == ("link", LinkSource)
+    assert available_sources()["onnx"][0] == "sources"  # the core's own source, through the same hook
+    assert select_source(link) == ("link", LinkSource)
+    assert select_source(model)[1].name == "onnx"
+    meta = open_pkg(model_cache("unet")).metadata
+    result = pack(link, {k: meta[k] for k in ("Type", "Classes", "MinOverlap", "InputShape")}, tmp_path / "out.czann")
+    assert result.valid and result.parity_max_abs_diff is not None and result.parity_max_abs_diff <= 1e-4
+    assert open_pkg(result.path).read_model_bytes() != b""
+    assert get_host().infos["link"].registered["sources"] == ["onnx-link"]
 
 
 def test_hook_register_commands() -> None:

@@ -73,7 +73,7 @@ def _run_both(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_plugin_registers_the_torch_backend() -> None:
     infos = {i.name: i for i in plugin_infos()}
-    assert infos["torch"].registered == {"backends": ["torch"]}
+    assert infos["torch"].registered == {"backends": ["torch"], "sources": ["torch"]}
     assert not infos["torch"].errors
     assert available_backends()["torch"] == ("torch", TorchBackend)
     assert TorchBackend.formats == {"onnx"} and TorchBackend.priority < OnnxRuntimeBackend.priority

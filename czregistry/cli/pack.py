@@ -45,14 +45,16 @@ _PACKAGE_SUFFIXES = (".czann", ".czmodel", ".czseg")
 @click.option("--pre", "pre", multiple=True, metavar="NAME[:k=v,...]",
               help="Preprocessing layer prepended to the model (repeatable; see 'czreg plugins').")
 @click.option("--post", "post", multiple=True, metavar="NAME[:k=v,...]",
-              help="Postprocessing layer appended to the model (repeatable).")
+              help="Postprocessing layer appended to the model (repeatable), e.g. softmax for models ending in "
+                   "logits.")
 @click.option("--tile", nargs=2, type=click.IntRange(min=1), default=None, metavar="H W",
               help="Reset the spatial input size (refused unless the model is spatially invariant).")
 @click.option("--format", "target", type=click.Choice(["czann", "czmodel"]), default=None,
               help="Package format; default from the output suffix.")
 @click.option("--model-format", type=click.Choice(["onnx", "savedmodel"]), default="onnx", show_default=True)
 @click.option("--opset", type=click.IntRange(min=7), default=None,
-              help="ONNX opset (default 18; 12 for legacy .czmodel).")
+              help="ONNX opset (default 18; 12 for legacy .czmodel). An ONNX source at another opset is "
+                   "converted and checked against the original; refused when the converter lacks an adapter.")
 @click.option("--license", "license_file", type=click.Path(path_type=Path), default=None,
               help="License file to include.")
 @click.option("--pixel-type", "pixel_types", multiple=True, help="Legacy: input pixel type(s), e.g. Gray8.")
@@ -67,7 +69,8 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
          post: tuple[str, ...], tile: tuple[int, int] | None, target: str | None, model_format: str,
          opset: int | None, license_file: Path | None, pixel_types: tuple[str, ...], color_handling: str | None,
          border_size: int | None, force: bool, as_json: bool) -> None:
-    """Pack SOURCE (SavedModel folder, .keras, .onnx or conversion-spec .json) into a verified package.
+    """Pack SOURCE (.onnx, TorchScript .pt, torch.export .pt2, SavedModel folder, .keras or conversion-spec .json;
+    each read by an installed model-source plugin) into a verified package.
 
     The package is converted, compared with the source on random inputs (within 1e-4), validated, and only
     then written to OUTPUT. Exit 0 when valid, 1 when kept invalid with --force, 6 when packing failed.

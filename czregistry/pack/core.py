@@ -1,4 +1,4 @@
-"""Packing: turn a trained model (Keras, SavedModel, ``.keras``, ONNX, or a conversion spec) into a package.
+"""Packing: turn a trained model (ONNX, PyTorch, Keras, SavedModel, ``.keras``, or a conversion spec) into a package.
 
 Why it is built this way:
 
@@ -13,14 +13,17 @@ Why it is built this way:
   (``canonicalize_onnx``); a missing ``Id`` is derived from the content instead of drawn at random.
   TensorFlow SavedModels embed per-export function ids and a fingerprint, so SavedModel packages are
   *not* byte-reproducible (docs/packing.md); ONNX packages are.
-- **Heavy libraries stay out of import time.** TensorFlow, Keras, tf2onnx and ONNX Runtime are imported
-  inside functions; the Keras-side conversion lives in the ``czregistry-tensorflow`` plugin
-  (``compose.prepend_and_append``, ``export.to_onnx``, ``export.export_savedmodel_zip``).
+- **Sources are plugins.** What can be packed is registered through the ``register_sources`` hook
+  (``czregistry.sources``): ONNX in the core, Keras/SavedModel/``.keras`` in ``czregistry-tensorflow``,
+  PyTorch modules, TorchScript and ``torch.export`` programs in ``czregistry-torch``. ``pack`` asks them which
+  one recognises its input, like backends are picked; it never imports a plugin by name.
+- **Heavy libraries stay out of import time.** TensorFlow, Keras, tf2onnx, torch and ONNX Runtime are
+  imported inside functions.
 
-The work is split by seam into the sibling modules of ``czregistry.pack``: ``sources`` (loading models and
-conversion specs), ``sessions`` (running the source as the parity reference), ``tile`` (the tile-size reset),
-``metadata`` (``model.json`` and legacy XML) and ``onnxgraph`` (canonicalisation, opsets, splicing). This
-module keeps ``pack``; the package ``czregistry.pack`` exports the public names, so it is the one import.
+The work is split by seam: ``_pack_sources`` (conversion specs, then the source plugins), ``_pack_sessions``
+(layers chained around the source's reference session), ``_pack_tile`` (the tile-size reset), ``_pack_metadata``
+(``model.json`` and legacy XML) and ``czregistry.pack.onnxgraph`` (canonicalisation, opsets, splicing). This
+module keeps ``pack`` and re-exports the public names, so ``czregistry.pack`` is the one import.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..backends import Session
 from ..errors import BackendError, PackError, UsageError, first_line
 from ..layers import LayerSpec
 from ..report import Finding, Report, Severity
+from ..sources import LayerStack, LoadOptions
 from .metadata import (
     _CZANN_KEYS,
     _LEGACY_KEYS,
@@ -57,8 +61,8 @@ from .onnxgraph import (
     onnx_opset,
     splice_onnx,
 )
-from .sessions import _ChainSession, _KerasSession, _layer_stack, _OrtSession
-from .sources import PackWarning, _load_source, _tf_plugin, load_spec
+from .sessions import _ChainSession, _layer_stack
+from .sources import PackWarning, _load_source, _resolve_source, load_spec
 from .tile import _check_tile, _fmt, _resolve_tile
 
 if TYPE_CHECKING:
@@ -120,18 +124,35 @@ class PackResult:
         }
 
 
-def _merge_onnx_layers(data: bytes, pre: Any, post: Any) -> bytes:
-    """Convert the layer stacks with tf2onnx at the source's opset and splice them around the source graph."""
-    export = _tf_plugin("export")
+def _merge_onnx_layers(data: bytes, pre: LayerStack | None, post: LayerStack | None) -> bytes:
+    """Export the layer stacks as ONNX at the source's opset and splice them around the source graph."""
     opset = onnx_opset(data) or DEFAULT_OPSET
     try:
-        parts = [None if stack is None else canonicalize_onnx(export.to_onnx(stack, opset)) for stack in (pre, post)]
+        parts = [None if stack is None else canonicalize_onnx(stack.to_onnx(opset)) for stack in (pre, post)]
     except PackError:
         raise
     except Exception as exc:
         raise PackError(f"cannot merge the layers into the ONNX model: {first_line(exc)}",
                         hint="pack from the Keras model (or SavedModel) instead") from exc
     return splice_onnx(data, parts[0], parts[1])
+
+
+def _check_conversion(original: bytes, converted: bytes, old: int, new: int, inputs: list[np.ndarray]) -> str:
+    """Refuse an opset conversion that changes the numerics: both graphs on the parity inputs, ONNX Runtime
+    on the CPU, within ``PARITY_TOLERANCE``. Returns the note quoting the measurement."""
+    from ..sources import onnx_reference
+
+    try:
+        before, after = onnx_reference(original), onnx_reference(converted)
+        diff = max(float(np.max(np.abs(after.predict(x).astype(np.float64) - before.predict(x).astype(np.float64))))
+                   for x in inputs)
+    except (PackError, BackendError) as exc:
+        raise PackError(f"the model converted from opset {old} to {new} does not run: {exc.message}",
+                        hint="re-export the model at that opset, or choose another --opset") from exc
+    if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
+        raise PackError(f"converting from opset {old} to {new} changes the output by up to {diff:.3g} "
+                        f"(tolerance {PARITY_TOLERANCE:g})", hint="re-export the model at that opset")
+    return f"opset {old} -> {new}: converted graph matches the original within {diff:.3g} on {len(inputs)} inputs"
 
 
 def _layer_calls(items: Iterable[LayerArg], kind: str) -> list[tuple[LayerSpec, dict[str, Any]]]:
@@ -212,7 +233,7 @@ def pack(
         notes.append(msg)
         warnings.warn(msg, PackWarning, stacklevel=3)
 
-    src = _load_source(source)
+    src = _resolve_source(source)
     meta: dict[str, Any] = {**src.spec_metadata, **{k: v for k, v in (metadata or {}).items() if v is not None}}
     meta.pop("_TestImageFile", None)
     allowed = set(_CZANN_KEYS) | (set(_LEGACY_KEYS) if kind == "czmodel" or src.spec_style == "legacy" else set())
@@ -242,39 +263,31 @@ def pack(
     declared = meta.get("InputShape")
 
     # -- the model to convert, and the reference session for parity ------------------------------------
-    if src.keras_model is not None:
-        base_shape = _tf_plugin("export").input_shape(src.keras_model)
-        n_out = len(getattr(src.keras_model, "outputs", None) or [None])
-        if n_out != 1:
-            raise PackError(f"the model has {n_out} outputs; a package needs exactly one",
-                            hint="wrap it in a keras.Model that returns only the output the host should use")
-        spatial = _resolve_tile(base_shape, spatial, declared, kind)
-        if spatial is not None:
-            infos.extend(_check_tile(_KerasSession(src.keras_model), base_shape, spatial, meta.get("Type")))
-        model = src.keras_model
+    loaded = _load_source(src, LoadOptions(
+        opset=use_opset, tile=spatial, target=kind,
+        input_shape=tuple(int(d) for d in declared) if isinstance(declared, list) else None))
+    for n in loaded.notes:
+        note(n)
+    reference: Session = loaded.reference
+    base_shape = tuple(reference.signature.inputs[0].shape)
+    spatial = _resolve_tile(base_shape, spatial, declared, kind)
+    if spatial is not None:
+        infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
+    if loaded.onnx_bytes is None:
+        # the source composes the layers in its own framework and exports the result
         if pre or post or (spatial is not None and spatial != tuple(base_shape[1:-1])):
-            compose = _tf_plugin("compose")
-            model = compose.prepend_and_append(model, pre, post, spatial_dims=spatial)
-        reference: Session = _KerasSession(model)
+            loaded = loaded.compose(pre, post, spatial)
+            reference = loaded.reference
     else:
-        assert src.onnx_bytes is not None
         if model_format == "savedmodel":
-            raise UsageError("an ONNX source cannot be packed as a SavedModel", hint="use --model-format onnx")
-        reference = _OrtSession(src.onnx_bytes)
-        base_shape = reference.signature.inputs[0].shape
-        spatial = _resolve_tile(base_shape, spatial, declared, kind)
-        if spatial is not None:
-            infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
-        model = None
-        source_session = reference
+            raise UsageError(f"{loaded.description} cannot be packed as a SavedModel", hint="use --model-format onnx")
         if pre or post:
-            # the layers run in Keras here; in the package they are ONNX subgraphs merged around the source
+            # the layers run eagerly here; in the package they are ONNX subgraphs merged around the source
             reference = _ChainSession(_layer_stack(pre, reference.signature.inputs[0].shape),
-                                      source_session,
+                                      reference,
                                       _layer_stack(post, reference.signature.outputs[0].shape))
 
-    in_shape = (tuple(reference.signature.inputs[0].shape) if src.keras_model is None
-                else _tf_plugin("export").input_shape(model))
+    in_shape = tuple(reference.signature.inputs[0].shape)
     if spatial is not None:
         tile = spatial
     elif all(d is not None for d in in_shape[1:-1]):
@@ -290,17 +303,20 @@ def pack(
     if isinstance(declared, list) and (list(declared[:-1]) != list(tile) or declared[-1] != channels):
         raise UsageError(f"InputShape {declared} disagrees with the model input {[*tile, channels]}",
                          hint="drop InputShape (it is derived) or fix it")
+    inputs = _parity_inputs((*tile, int(channels)), parity_samples, seed)
 
     # -- convert ---------------------------------------------------------------------------------------
     fmt = model_format
     used_opset: int | None = None
     model_bytes: bytes
-    if src.onnx_bytes is not None:
-        data = src.onnx_bytes
+    if loaded.onnx_bytes is not None:
+        data = loaded.onnx_bytes
         current = onnx_opset(data)
         if current is not None and ((opset is not None and current != opset)
                                     or (kind == "czmodel" and current > LEGACY_OPSET)):
-            data = convert_onnx_opset(data, use_opset)
+            converted = convert_onnx_opset(data, use_opset)
+            infos.append(_check_conversion(data, converted, current, use_opset, inputs))
+            data = converted
         if pre or post:
             assert isinstance(reference, _ChainSession)
             data = _merge_onnx_layers(data, reference.pre, reference.post)
@@ -309,27 +325,18 @@ def pack(
         model_bytes = canonicalize_onnx(data)
         used_opset = onnx_opset(model_bytes)
     else:
-        export = _tf_plugin("export")
         if fmt == "onnx":
             try:
-                model_bytes = canonicalize_onnx(export.to_onnx(model, use_opset))
+                model_bytes = canonicalize_onnx(loaded.export("onnx", use_opset))
                 used_opset = use_opset
             except PackError as exc:
                 note(f"ONNX conversion failed ({exc.message}); packing a zipped SavedModel instead")
                 fmt = "savedmodel"
         if fmt == "savedmodel":
-            if src.savedmodel_dir is not None and model is src.keras_model:
-                from ..package import zip_directory
-
-                zipped = zip_directory(src.savedmodel_dir)
-                assert isinstance(zipped, bytes)
-                model_bytes = zipped
-            else:
-                model_bytes = export.export_savedmodel_zip(model)
+            model_bytes = loaded.export("savedmodel", use_opset)
             note("SavedModel packages are not byte-reproducible (TensorFlow embeds per-export ids)")
 
     # -- run the reference once to learn the output shape ----------------------------------------------
-    inputs = _parity_inputs((*tile, int(channels)), parity_samples, seed)
     expected = [reference.predict(x) for x in inputs]
     out_shape = [int(d) for d in expected[0].shape[1:]]
 

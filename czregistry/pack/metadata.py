@@ -104,6 +104,9 @@ def _czann_metadata(meta: dict[str, Any], style: str | None, input_shape: list[i
     out["Id"] = meta.get("Id")
     out["Type"] = mtype
     out["InputShape"] = input_shape
+    if len(output_shape) == 1 and len(input_shape) > 1:
+        # one vector per image (a classifier, e.g. a torchvision ResNet): the format's form is [1, 1, classes]
+        output_shape = [1] * (len(input_shape) - 1) + output_shape
     out["OutputShape"] = output_shape
     overlap = meta.get("MinOverlap")
     if overlap is None and style == "legacy" and meta.get("BorderSize") is not None:

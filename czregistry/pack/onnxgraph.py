@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -215,7 +216,10 @@ def convert_onnx_opset(data: bytes, opset: int) -> bytes:
         converted = version_converter.convert_version(onnx.load_model_from_string(data), opset)
         onnx.checker.check_model(converted)
     except Exception as exc:
-        raise PackError(f"cannot convert the ONNX model to opset {opset}: {first_line(exc)}",
+        missing = re.search(r"No Adapter (?:From|To) Version \$?(\d+) for (\w+)", str(exc))
+        reason = (f"onnx's version converter has no adapter for {missing.group(2)} (version {missing.group(1)})"
+                  if missing else first_line(exc))
+        raise PackError(f"cannot convert the ONNX model to opset {opset}: {reason}",
                         hint="re-export the model at that opset, or choose another --opset") from exc
     return bytes(converted.SerializeToString())
 

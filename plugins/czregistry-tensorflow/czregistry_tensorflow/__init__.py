@@ -1,4 +1,5 @@
-"""TensorFlow plugin for czregistry: a SavedModel backend and the reference Keras layers.
+"""TensorFlow plugin for czregistry: a SavedModel backend, the reference Keras layers, and the Keras model
+source (``keras.Model`` objects, SavedModel folders, ``.keras`` files) that ``czreg pack`` reads.
 
 Importing this module is cheap: TensorFlow and Keras load only when a model is run or a layer is built
 (the layer factories below import ``keras_layers`` on first call).
@@ -12,8 +13,9 @@ from czregistry.hookspecs import hookimpl
 from czregistry.layers import LayerSpec, Param
 
 from .backend import TensorFlowBackend
+from .source import KerasSource
 
-__all__ = ["LAYER_SPECS", "TensorFlowBackend"]
+__all__ = ["LAYER_SPECS", "KerasSource", "TensorFlowBackend"]
 
 
 def _factory(class_name: str) -> Any:
@@ -52,6 +54,8 @@ LAYER_SPECS: tuple[LayerSpec, ...] = (
     }, "reorder channels: output channel i is input channel order[i]"),
     LayerSpec("sigmoid_to_softmax", "post", _factory("SigmoidToSoftmaxScores"), {},
               "one sigmoid channel p to two class scores [1-p, p]"),
+    LayerSpec("softmax", "post", _factory("Softmax"), {},
+              "softmax over the channels: class probabilities from a model that ends in logits"),
 )
 
 
@@ -64,3 +68,8 @@ def register_backends(register: Any) -> None:
 def register_layers(register: Any) -> None:
     for spec in LAYER_SPECS:
         register(spec)
+
+
+@hookimpl
+def register_sources(register: Any) -> None:
+    register(KerasSource)

@@ -22,6 +22,7 @@ __all__ = [
     "Scale",
     "Shift",
     "SigmoidToSoftmaxScores",
+    "Softmax",
     "TransposeChannels",
 ]
 
@@ -214,3 +215,15 @@ class SigmoidToSoftmaxScores(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return (*input_shape[:-1], 2)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Softmax(keras.layers.Layer):
+    """Softmax over the channel axis: class scores for a model that ends in logits (typical for PyTorch
+    segmentation models, whose loss applies the softmax), so the package outputs probabilities."""
+
+    def call(self, inputs: Any) -> Any:
+        return ops.softmax(ops.cast(inputs, "float32"), axis=-1)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape

@@ -6,6 +6,9 @@ GPU machines already have a CUDA build of PyTorch. Its priority (5) is below ONN
 ``--device auto`` it is picked only when it has a GPU and ONNX Runtime has none (see
 ``czregistry.backends.select_backend``), or when the user asks for it (``--backend torch``).
 
+It also registers the PyTorch model source (``czregistry_torch.source.TorchSource``): ``czreg pack`` reads
+``torch.nn.Module`` objects, TorchScript ``.pt`` and ``torch.export`` ``.pt2`` files directly.
+
 ``torch``, ``onnx`` and ``onnx2torch`` are imported only inside functions, so listing plugins stays fast.
 """
 
@@ -432,3 +435,10 @@ class TorchBackend(Backend):
 @hookimpl
 def register_backends(register: Any) -> None:
     register(TorchBackend)
+
+
+@hookimpl
+def register_sources(register: Any) -> None:
+    from .source import TorchSource
+
+    register(TorchSource)
