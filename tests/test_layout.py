@@ -135,6 +135,23 @@ def test_the_wings_are_subpackages() -> None:
     assert not list(PKG.glob("_pack_*.py")), "packing modules belong in czregistry/pack/"
 
 
+def test_old_import_paths_named_in_the_docs_still_work() -> None:
+    import czregistry
+    import czregistry.checks.probing
+    import czregistry.dask_run
+    import czregistry.packing
+    import czregistry.probing
+    import czregistry.run.dask_run
+    import czregistry.run.runner
+    import czregistry.run.smoke
+    import czregistry.runner
+    import czregistry.smoke
+
+    assert czregistry.runner is czregistry.run.runner and czregistry.smoke is czregistry.run.smoke
+    assert czregistry.dask_run is czregistry.run.dask_run and czregistry.checks.probing is czregistry.probing
+    assert czregistry.packing.pack is czregistry.pack.pack and callable(czregistry.pack)
+
+
 def test_cli_modules_hold_no_library_logic() -> None:
     """A CLI module defines commands, their option helpers and ``register``; functions that a library user would
     call (they take no click context and return data) live in the library. Caught here: module-level functions
