@@ -76,7 +76,7 @@ run plugins.json 120 "$PY" -m czregistry plugins --json
 step "backend selection (no TensorFlow imported)"
 "$PY" - <<EOF
 import sys
-from czregistry.backends import select_backend
+from czregistry.selection import select_backend
 for device in ("auto", "gpu", "cpu"):
     try:
         print(f"select_backend('onnx', device={device!r}) ->", select_backend("onnx", device=device).name)
@@ -94,7 +94,7 @@ step "raw backend throughput and agreement (same tiles, in memory)"
 run raw.json 300 "$PY" - <<'EOF'
 import json, time
 import numpy as np
-from czregistry.backends import load_session
+from czregistry.selection import load_session
 from czregistry.package import open_package
 
 result = {}
@@ -160,7 +160,7 @@ run throughput.json 600 "$PY" - <<EOF
 import json, time
 from pathlib import Path
 import numpy as np
-from czregistry.backends import load_session
+from czregistry.selection import load_session
 from czregistry.package import open_package
 from czregistry.run.runner import RunOptions, run
 

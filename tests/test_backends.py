@@ -94,7 +94,9 @@ def test_missing_backend_names_the_plugin_to_install(model_cache: Callable[..., 
     with pytest.raises(NoBackendError) as err:
         load_session(package)
     assert err.value.message == "no installed backend can run savedmodel models"
-    assert err.value.hint == "install the czregistry-tensorflow plugin (pip install czregistry-tensorflow)"
+    # the plugin is installed here, only CZREG_PLUGINS leaves it out: the hint says so instead of "pip install"
+    assert err.value.hint == ("plugin 'tensorflow' (czregistry-tensorflow) is installed but disabled by "
+                              "CZREG_PLUGINS='onnxruntime'; unset CZREG_PLUGINS or add tensorflow to it")
     assert err.value.exit_code == 5
 
 

@@ -411,7 +411,7 @@ def test_real_plugins_on_this_host(model_cache: Callable[..., Path]) -> None:
 def test_selection_for_onnx_does_not_import_tensorflow() -> None:
     """Selecting for an ONNX package asks only ONNX backends: TensorFlow stays unimported, and on a
     Linux host without GPU device files torch is not imported either."""
-    code = ("import sys; from czregistry.backends import select_backend; "
+    code = ("import sys; from czregistry.selection import select_backend; "
             "print(select_backend('onnx', device='auto').name, 'tensorflow' in sys.modules, 'torch' in sys.modules)")
     env = {**os.environ, "CZREG_PLUGINS": PLUGINS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
