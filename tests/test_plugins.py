@@ -402,6 +402,7 @@ def test_hook_register_commands() -> None:
         cli.add_command(hello)
         cli.add_command(click.Command("validate", callback=lambda: None))  # may not replace a built-in
 
+    main.load_builtin_commands()  # built-ins load lazily, and always before any plugin command
     original = main.commands["validate"]
     host = get_host()
     host.register_plugin(_plugin("cmds", register_commands=add), "cmds")

@@ -4,6 +4,7 @@ and its quick read path gives exactly what the full registry API gives. Speed it
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -109,3 +110,30 @@ def test_czreg_list_loads_no_sqlalchemy_plugins_or_numpy(populated: Path) -> Non
     assert p.returncode == 0, p.stderr
     assert "nuclei-seg" in p.stdout
     assert "HEAVY []" in p.stdout, p.stdout
+
+
+def test_lazy_command_table_matches_what_the_modules_register() -> None:
+    """``czreg`` imports a command's module only when the command runs; the table that says which module
+    defines which command must list exactly what each module's ``register`` adds."""
+    import importlib
+
+    import click
+
+    from czregistry.cli import COMMAND_MODULES
+
+    found: dict[str, str] = {}
+    for module in sorted(set(COMMAND_MODULES.values())):
+        group = click.Group()
+        importlib.import_module(f"czregistry.cli.{module}").register(group)
+        found.update(dict.fromkeys(group.commands, module))
+    assert found == COMMAND_MODULES
+
+
+def test_a_registry_command_imports_only_the_registry_command_modules(populated: Path) -> None:
+    code = ("import sys; from czregistry.cli import main\n"
+            "try:\n    main(['list'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('czregistry.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CZREG_REGISTRY": str(populated)})
+    loaded = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert "registry" in loaded and not {"pack", "run", "evaluate", "serve", "demo", "validate"} & set(loaded)

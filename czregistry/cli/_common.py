@@ -39,16 +39,36 @@ class Group(click.Group):
 
     _plugins_added = False
 
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: built-in command name -> module of ``czregistry.cli`` whose ``register(group)`` adds it
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def _load_module(self, module: str) -> None:
+        import importlib
+
+        importlib.import_module(f"{__package__}.{module}").register(self)
+        self.lazy_commands = {k: v for k, v in self.lazy_commands.items() if v != module}
+
+    def load_builtin_commands(self) -> None:
+        """Import every built-in command module (for ``--help`` and before any plugin adds commands)."""
+        for module in sorted(set(self.lazy_commands.values())):
+            self._load_module(module)
+
     def _add_plugin_commands(self) -> None:
-        """Plugins' commands load only when asked for (an unknown name, or the command list for ``--help``):
-        ``czreg list`` and the other built-in commands never import the plugins (start-up time)."""
+        """Plugins' commands load only when asked for (an unknown name, or the command list for ``--help``),
+        after every built-in, so a plugin cannot take a built-in's name: ``czreg list`` and the other
+        built-in commands never import the plugins (start-up time)."""
         if not self._plugins_added:
+            self.load_builtin_commands()
             self._plugins_added = True
             from ..plugins import get_host
 
             get_host().add_commands(self)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            self._load_module(self.lazy_commands[cmd_name])
         if cmd_name not in self.commands:
             self._add_plugin_commands()
         return super().get_command(ctx, cmd_name)
