@@ -10,6 +10,7 @@ lock use real processes and real signals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -413,18 +414,28 @@ def test_show_orders_by_pep440_and_counts_versions(tmp_path: Path) -> None:
     assert cli("list", "single").output.rstrip().endswith("(1 version)")
 
 
+@contextlib.contextmanager
+def _holding_the_write_lock(db: Path) -> Iterator[None]:
+    """Another process holds SQLite's write lock on ``db`` for the duration of the block."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sqlite3, sys, time\n"
+                               "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
+                               str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_a_held_registry_lock_is_announced_and_bounded(tmp_path: Path) -> None:
     """Another process holds SQLite's write lock: publish says so after a second and gives up at the bound
     (CZREG_LOCK_TIMEOUT) with exit 13; nothing is published."""
     reg = tmp_path / "reg"
     assert cli("init", str(reg)).exit_code == 0
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sqlite3, sys, time\n"
-                               "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
-                               str(reg / "registry.db")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with _holding_the_write_lock(reg / "registry.db"):
         env = {**os.environ, "CZREG_LOCK_TIMEOUT": "3", "CZREG_REGISTRY": str(reg),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         t0 = time.monotonic()
@@ -432,9 +443,6 @@ def test_a_held_registry_lock_is_announced_and_bounded(tmp_path: Path) -> None:
                             "--name", "locked", "--version", "1.0.0", "--static"],
                            capture_output=True, text=True, env=env, check=False, timeout=120)
         took = time.monotonic() - t0
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     assert p.returncode == 13, p.stdout + p.stderr
     assert "waiting for the registry lock held by another process" in p.stderr
     assert "locked by another process; gave up after 3 s" in p.stderr and "Traceback" not in p.stderr
@@ -512,19 +520,10 @@ def test_registry_writes_wait_for_a_held_lock_within_the_bound(argv: list[str], 
     reg = tmp_path / "reg"
     shutil.copytree(world.registry, reg)
     before = (reg / "registry.db").read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sqlite3, sys, time\n"
-                               "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
-                               str(reg / "registry.db")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with _holding_the_write_lock(reg / "registry.db"):
         env = {**_env(world), "CZREG_LOCK_TIMEOUT": "2", "CZREG_REGISTRY": str(reg)}
         p = subprocess.run([sys.executable, "-m", "czregistry", *argv], capture_output=True, text=True, env=env,
                            check=False, timeout=120)
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     assert p.returncode == 13, p.stdout + p.stderr
     _assert_one_line(p.stderr)
     assert "waiting for the registry lock held by another process" in p.stderr
