@@ -137,3 +137,12 @@ def test_a_registry_command_imports_only_the_registry_command_modules(populated:
                          env={**os.environ, "CZREG_REGISTRY": str(populated)})
     loaded = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert "registry" in loaded and not {"pack", "run", "evaluate", "serve", "demo", "validate"} & set(loaded)
+
+
+def test_an_unknown_command_is_one_line_after_every_builtin_and_plugin_was_asked() -> None:
+    """With command modules loaded lazily, a name nobody defines still gets click's one-line answer (exit 2),
+    and only after the built-ins and the plugins were all consulted."""
+    result = CliRunner().invoke(main, ["frobnicate"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == "Error: No such command 'frobnicate'."
+    assert {"list", "pack", "run", "evaluate", "serve"} <= set(main.commands)

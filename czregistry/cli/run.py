@@ -139,19 +139,34 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
     if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.run.dask_run)
         _run_dask(package, images, output, options, dask_scheduler, resume, block_size, progress, quiet, as_json)
         return
+    with _running(progress):
+        result = run_tiled(package, images[0], output, options, progress=progress, on_plan=progress.start)
+    _report(result, as_json, [
+        f"wrote {result.output} ({result.output_kind}, {'x'.join(map(str, result.shape))} {result.dtype}) "
+        f"from {result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s) "
+        f"on {result.device} via {result.backend}"])
+
+
+@contextlib.contextmanager
+def _running(progress: _Progress) -> Iterator[None]:
+    """What both run paths need around the work: errors in one line (a tile size the model refuses while it
+    is measured too), SIGTERM treated as Ctrl-C so temp files go, and the progress bar closed."""
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         try:
-            result = run_tiled(package, images[0], output, options, progress=progress, on_plan=progress.start)
+            yield
         finally:
             progress.close()
+
+
+def _report(result: Any, as_json: bool, lines: list[str]) -> None:
+    """The result as JSON, or its notes on stderr and ``lines`` on stdout."""
     if as_json:
         echo_json(result.to_dict())
         return
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {result.output} ({result.output_kind}, {'x'.join(map(str, result.shape))} {result.dtype}) "
-               f"from {result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s) "
-               f"on {result.device} via {result.backend}")
+    for line in lines:
+        click.echo(line)
 
 
 def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: Any, scheduler: str, resume: bool,
@@ -162,23 +177,15 @@ def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: An
         if not as_json:
             click.echo(f"Dask dashboard: {link}", err=True)
 
-    with handle_errors():
-        try:
-            result = run_dask(package, images, output, options, scheduler=scheduler, resume=resume,
-                              block=block_size, progress=progress, on_plan=progress.start, on_dashboard=dashboard)
-        finally:
-            progress.close()
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    for out in result.outputs:
-        click.echo(f"wrote {out['output']} ({result.outputs[0]['dtype']}, axes {out['axes']}, "
-                   f"{'x'.join(map(str, out['shape']))})")
-    click.echo(f"{result.tiles_run} tiles run, {result.tiles_skipped} skipped (finished earlier), "
-               f"{result.blocks_run}/{result.blocks} blocks on {result.workers} worker(s) in {result.seconds:.1f} s "
-               f"({result.tiles_per_second:.1f} tiles/s) on {result.device} via {result.backend}")
+    with _running(progress):
+        result = run_dask(package, images, output, options, scheduler=scheduler, resume=resume,
+                          block=block_size, progress=progress, on_plan=progress.start, on_dashboard=dashboard)
+    _report(result, as_json, [
+        *(f"wrote {out['output']} ({out['dtype']}, axes {out['axes']}, {'x'.join(map(str, out['shape']))})"
+          for out in result.outputs),
+        f"{result.tiles_run} tiles run, {result.tiles_skipped} skipped (finished earlier), "
+        f"{result.blocks_run}/{result.blocks} blocks on {result.workers} worker(s) in {result.seconds:.1f} s "
+        f"({result.tiles_per_second:.1f} tiles/s) on {result.device} via {result.backend}"])
 
 
 @click.command("smoke")
