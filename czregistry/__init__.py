@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._lazy import lazy_attributes
+
 __all__ = [
     "Finding",
     "Report",
@@ -20,15 +22,15 @@ __all__ = [
     "write_package",
 ]
 
-_LAZY = {
-    "validate": ("czregistry.validate", "validate"),
-    "ValidateOptions": ("czregistry.checks", "ValidateOptions"),
-    "Report": ("czregistry.report", "Report"),
-    "Finding": ("czregistry.report", "Finding"),
-    "open_package": ("czregistry.package", "open_package"),
-    "inspect_package": ("czregistry.package", "inspect_package"),
-    "write_package": ("czregistry.package", "write_package"),
-}
+_lazy = lazy_attributes(__name__, {
+    "validate": "validate",
+    "ValidateOptions": "checks",
+    "Report": "report",
+    "Finding": "report",
+    "open_package": "package",
+    "inspect_package": "package",
+    "write_package": "package",
+})
 
 
 def _version() -> str:
@@ -51,9 +53,4 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module("czregistry.pack")
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'czregistry' has no attribute {name!r}")
+    return _lazy(name)

@@ -12,10 +12,11 @@ is ``czregistry.pack.pack(...)``, the call the README has always shown, now that
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from .._lazy import lazy_attributes
 
 __all__ = [
     "CZANN_FORMAT_VERSION",
@@ -48,10 +49,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 
 class _CallablePackage(types.ModuleType):

@@ -9,8 +9,7 @@ Names are resolved lazily: ``czregistry.run.tiling`` alone does not import the r
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_attributes
 
 __all__ = ["ModelGeometry", "RunOptions", "RunResult", "predict_image", "run", "run_dask", "smoke_test"]
 
@@ -25,7 +24,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)
