@@ -4,11 +4,22 @@ It measures the runner's own (host-side) ceiling: reading, cutting, batching, as
 encoding and writing, with no model in the way. Registered in-process only by the benchmarks and the
 tests (``register_null_backend``); it is never installed as a plugin, so users cannot select it.
 
-The output is realistic rather than constant: smooth class regions with full-precision float32 noise
-(constant output would compress to nothing and flatter the writers). It is computed once per batch shape
-per process (``warm`` does it before a timed run: the first computation costs ~0.2 s, a third of a whole
-8192 x 8192 run, which the pipeline's figures must not include) and the same read-only array is
-returned afterwards, so ``predict`` costs nothing. With
+What ``predict`` returns is one of two output profiles (``register_null_backend(profile=...)``), because
+how well the output compresses decides what compressed outputs cost:
+
+- ``demo`` (the default): the output of the README's demo model (``czregistry.examples``: a 7x7 Gaussian
+  blur and a two-class softmax, the model ``czreg demo`` packs and runs) on the demo's synthetic nuclei
+  image, computed here in NumPy. Like a trained segmentation network's, it is confident almost
+  everywhere: on the demo's 2048x2048 run, 95% of the uint8 probabilities are 0 or 255 and ISA-L deflate
+  shrinks uint8 tiles 16-fold in 0.10 ms each.
+- ``noisy``: smooth class regions plus independent per-pixel logit noise (sigma 0.5): a worst case that
+  barely compresses (uint8 tiles shrink by a fifth and cost ISA-L 0.7 ms each, zstd 1.3 ms), kept to bound
+  what outputs no model we know produces would cost.
+
+Constant output would compress to nothing and flatter the writers; neither profile is constant. The
+output is computed once per batch shape per process (``warm`` does it before a timed run: the first
+computation costs ~0.2 s, a third of a whole 8192 x 8192 run, which the pipeline's figures must not
+include) and the same read-only array is returned afterwards, so ``predict`` costs nothing. With
 ``device_convert=True`` the session also offers ``predict_converted`` (the capability a GPU backend uses
 to take the argmax / uint8 quantisation before the copy back), converting with the runner's own numpy
 code once per shape, so the host ceiling with device-side conversion can be measured too.
@@ -26,14 +37,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TILE = 256
 OVERLAP = 32
 
-__all__ = ["NULL_BACKEND", "NullSession", "build_null_package", "register_null_backend", "warm"]
+__all__ = ["NULL_BACKEND", "PROFILES", "NullSession", "build_null_package", "register_null_backend", "warm"]
 
 NULL_BACKEND = "null"
-#: outputs by (kind, batch, *spatial, classes), shared by every null session of the process
+PROFILES = ("demo", "noisy")
+#: outputs by (profile, kind, batch, *spatial, classes), shared by every null session of the process
 _OUTPUTS: dict[tuple[Any, ...], np.ndarray] = {}
 
 
-def _probabilities(n: int, spatial: tuple[int, ...], classes: int) -> np.ndarray:
+def _noisy(n: int, spatial: tuple[int, ...], classes: int) -> np.ndarray:
+    """The ``noisy`` profile: smooth class regions plus independent per-pixel logit noise."""
     grids = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in spatial), indexing="ij")
     rng = np.random.default_rng(n)
     logits = []
@@ -50,6 +63,38 @@ def _probabilities(n: int, spatial: tuple[int, ...], classes: int) -> np.ndarray
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def _demo(n: int, spatial: tuple[int, ...], classes: int) -> np.ndarray:
+    """The ``demo`` profile: the demo model's output (``czregistry.examples.build_example_model``, default
+    threshold and sharpness, behind the ``normalize`` layer the demo packs) on synthetic nuclei tiles, one
+    seed per batch item. Two classes (one: the nucleus probability); other shapes get the noisy profile."""
+    from czregistry.examples import _BLUR_RADIUS, EXAMPLE_NORMALIZATION, synthetic_nuclei_image
+
+    if len(spatial) != 2 or classes > 2:
+        return _noisy(n, spatial, classes)
+    ax = np.arange(2 * _BLUR_RADIUS + 1) - _BLUR_RADIUS
+    g = np.exp(-(ax**2) / (2 * 1.5**2))
+    g = (g / g.sum()).astype(np.float32)  # the model's 7x7 Gaussian is this kernel's outer product
+    sharpness, threshold = 4.0, 0.5
+    out = np.empty((n, *spatial, classes), np.float32)
+    for i in range(n):
+        x = synthetic_nuclei_image(*spatial, seed=i).astype(np.float32) / 255
+        x = (x - EXAMPLE_NORMALIZATION["mean"]) / EXAMPLE_NORMALIZATION["std"]
+        # 'same' convolution with zero padding, as Keras's Conv2D(padding="same")
+        x = np.apply_along_axis(lambda r: np.convolve(r, g, mode="same"), 0, x)
+        x = np.apply_along_axis(lambda r: np.convolve(r, g, mode="same"), 1, x)
+        logit = sharpness * (x - threshold)
+        # softmax over [-logit, logit] is a sigmoid of twice the logit
+        p = 1 / (1 + np.exp(-2 * logit))
+        out[i] = p[..., None] if classes == 1 else np.stack([1 - p, p], axis=-1)
+    return out
+
+
+def _probabilities(n: int, spatial: tuple[int, ...], classes: int, profile: str = "demo") -> np.ndarray:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown null output profile {profile!r}: one of {', '.join(PROFILES)}")
+    return (_demo if profile == "demo" else _noisy)(n, spatial, classes)
+
+
 def _session_classes() -> tuple[type[Any], type[Any]]:
     from czregistry.backends import Backend, Session, Signature, TensorInfo
 
@@ -58,8 +103,9 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
         device = "none"
 
         def __init__(self, in_channels: int = 1, classes: int = 2, spatial_ndim: int = 2,
-                     device_convert: bool = False, batch_suggestion: int | None = None) -> None:
-            self.in_channels, self.classes, self.nd = in_channels, classes, spatial_ndim
+                     device_convert: bool = False, batch_suggestion: int | None = None,
+                     profile: str = "demo") -> None:
+            self.in_channels, self.classes, self.nd, self.profile = in_channels, classes, spatial_ndim, profile
             self.device_convert, self.batch_suggestion = device_convert, batch_suggestion
             free = (None,) * (spatial_ndim + 1)
             self._signature = Signature((TensorInfo("input", (*free, in_channels), "float32"),),
@@ -70,7 +116,7 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
             return self._signature
 
         def _cached(self, key: tuple[Any, ...], make: Any) -> np.ndarray:
-            key = (*key, self.classes)
+            key = (self.profile, *key, self.classes)
             out = _OUTPUTS.get(key)
             if out is None:
                 out = make()
@@ -81,7 +127,7 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
         def predict(self, batch: np.ndarray) -> np.ndarray:
             n, *spatial = batch.shape[:-1]
             return self._cached(("float32", n, *spatial),
-                                lambda: _probabilities(n, tuple(spatial), self.classes))
+                                lambda: _probabilities(n, tuple(spatial), self.classes, self.profile))
 
         def suggest_batch_size(self, tile_shape: tuple[int, ...], limit: int = 32) -> int | None:
             return self.batch_suggestion
@@ -100,9 +146,11 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
         formats = frozenset({"onnx"})
         device_convert = False
         batch_suggestion: int | None = None
+        profile = "demo"
 
         def load(self, package: Any, device: Any = "auto") -> Session:
-            return NullSession(device_convert=self.device_convert, batch_suggestion=self.batch_suggestion)
+            return NullSession(device_convert=self.device_convert, batch_suggestion=self.batch_suggestion,
+                               profile=self.profile)
 
     return NullSession, NullBackend
 
@@ -112,10 +160,11 @@ def NullSession(**kwargs: Any) -> Any:
     return _session_classes()[0](**kwargs)
 
 
-def warm(batch: int, tile: int = TILE, *, tiles: int = 0, kinds: tuple[str, ...] = ()) -> None:
+def warm(batch: int, tile: int = TILE, *, tiles: int = 0, kinds: tuple[str, ...] = (),
+         profile: str = "demo") -> None:
     """Compute the null outputs a run will ask for, outside the timed pipeline: full batches of ``batch``
     tiles, the short last batch of a run of ``tiles`` tiles, and their conversions to ``kinds``."""
-    session = NullSession(device_convert=bool(kinds))
+    session = NullSession(device_convert=bool(kinds), profile=profile)
     for n in {batch, tiles % batch or batch}:
         x = np.zeros((n, tile, tile, 1), np.float32)
         session.predict(x)
@@ -123,17 +172,22 @@ def warm(batch: int, tile: int = TILE, *, tiles: int = 0, kinds: tuple[str, ...]
             session.predict_converted(x, kind)
 
 
-def register_null_backend(*, device_convert: bool = False, batch_suggestion: int | None = None) -> None:
+def register_null_backend(*, device_convert: bool = False, batch_suggestion: int | None = None,
+                          profile: str = "demo") -> None:
     """Register the ``null`` backend in this process's plugin host (benchmarks and tests only).
 
     ``device_convert`` makes its sessions offer device-side conversion (``predict_converted``);
-    ``batch_suggestion`` is what they answer to ``suggest_batch_size`` (as a GPU backend would)."""
+    ``batch_suggestion`` is what they answer to ``suggest_batch_size`` (as a GPU backend would);
+    ``profile`` which output they return (``PROFILES``, see the module docstring)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown null output profile {profile!r}: one of {', '.join(PROFILES)}")
     from czregistry.hookspecs import hookimpl
     from czregistry.plugins import get_host
 
     _, backend_cls = _session_classes()
     backend_cls.device_convert = device_convert
     backend_cls.batch_suggestion = batch_suggestion
+    backend_cls.profile = profile
 
     class NullPlugin:
         @hookimpl

@@ -138,27 +138,28 @@ def bandwidth(tmp: Path, mb: int = 256) -> dict[str, float]:
 
 
 def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]], repeat: int = 1,
-                  device_convert: bool = False) -> list[dict[str, Any]]:
-    """Run the pipeline with the null backend for each ``(output kind, suffix, compression)`` case,
-    ``repeat`` times; each row keeps the median run (the machine may be shared) and all runs' tiles/s."""
+                  device_convert: bool = False, profile: str = "demo") -> list[dict[str, Any]]:
+    """Run the pipeline with the null backend, returning ``profile``'s output (``null_backend.PROFILES``),
+    for each ``(output kind, suffix, compression)`` case, ``repeat`` times; each row keeps the median run
+    (the machine may be shared) and all runs' tiles/s."""
     from czregistry.run.runner import RunOptions, run
     from czregistry.run.tiling import plan_tiles
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.null_backend import build_null_package, register_null_backend, warm
 
-    register_null_backend(device_convert=device_convert)
+    register_null_backend(device_convert=device_convert, profile=profile)
     package = build_null_package(tmp)
     image = tmp / f"host{size}.tif"
     make_image(image, size)
     # the null outputs are computed once per process, before any timed run
     tiles = plan_tiles((size, size), (TILE, TILE), border=OVERLAP // 2, step=(2, 2)).n_tiles
-    warm(batch, TILE, tiles=tiles, kinds=("uint8", "labels") if device_convert else ())
+    warm(batch, TILE, tiles=tiles, kinds=("uint8", "labels") if device_convert else (), profile=profile)
     rows = []
     for kind, suffix, compression in cases:
         runs = []
-        for _ in range(repeat):
-            out = tmp / f"host-out{suffix}"
+        for i in range(repeat):
+            out = tmp / f"host-out-{profile}-{kind}-{i}{suffix}"
             # the null model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
             cpu0 = _cpu_seconds()
             res = run(package, image, out, RunOptions(batch_size=batch, output_kind=kind, backend="null",  # type: ignore[arg-type]
@@ -167,7 +168,8 @@ def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, 
             nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
             pixels = int(np.prod(res.shape))
             raw_mb = pixels * np.dtype(res.dtype).itemsize / 1e6
-            runs.append({"kind": kind, "format": res.format, "compression": res.compression, "tiles": res.tiles,
+            runs.append({"kind": kind, "profile": profile, "format": res.format, "compression": res.compression,
+                         "tiles": res.tiles,
                          "pipeline_s": res.pipeline_seconds,
                          "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
                          "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
@@ -175,7 +177,11 @@ def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, 
                                                for k, v in res.stage_seconds.items()},
                          "cpu_ms_per_tile": cpu / res.tiles * 1000, "mb": nbytes / 1e6,
                          "raw_mb_per_s": raw_mb / res.pipeline_seconds})
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            # Zarr outputs stay until the benchmark ends: deleting ~1,400 chunk files right before the next
+            # run made ext4's inode allocator (its scan past recently deleted inodes) the bottleneck, over
+            # half of all CPU time in the kernel, which a real run never meets
+            if not out.is_dir():
+                out.unlink()
         median = sorted(runs, key=lambda r: r["tiles_per_s"])[(len(runs) - 1) // 2]
         rows.append({**median, "runs_tiles_per_s": [round(r["tiles_per_s"], 1) for r in runs]})
     image.unlink()
@@ -187,13 +193,14 @@ def print_host(rows: list[dict[str, Any]], size: int, batch: int, bw: dict[str, 
           f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; tiles/s is the median of the runs listed; CPU ms/tile "
           "counts all threads; stage columns are tiles/s of each stage's busy time alone (stages overlap, "
           "the slowest bounds the run)")
-    head = ("| output | compression | tiles | tiles/s | runs | CPU ms/tile | output MB | raw MB/s | "
+    head = ("| output | profile | compression | tiles | tiles/s | runs | CPU ms/tile | output MB | raw MB/s | "
             + " | ".join(STAGES) + " |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     for r in rows:
         st = r["stage_tiles_per_s"]
-        print(f"| {r['kind']} {r['format']} | {r['compression']} | {r['tiles']} | {r['tiles_per_s']:.0f} | "
+        print(f"| {r['kind']} {r['format']} | {r['profile']} | {r['compression']} | {r['tiles']} | "
+              f"{r['tiles_per_s']:.0f} | "
               f"{'/'.join(f'{x:.0f}' for x in r['runs_tiles_per_s'])} | {r['cpu_ms_per_tile']:.2f} | "
               f"{r['mb']:.0f} | {r['raw_mb_per_s']:.0f} | "
               + " | ".join("-" if st.get(k) is None else f"{st[k]:.0f}" for k in STAGES) + " |")
@@ -328,6 +335,9 @@ def _child(args: list[str], python: str | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.null_backend import PROFILES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -339,6 +349,9 @@ def main() -> None:
     ap.add_argument("--host", action="store_true", help="same as --backend null")
     ap.add_argument("--repeat", type=int, default=3,
                     help="with --backend null: runs per configuration (the median is reported)")
+    ap.add_argument("--profile", choices=[*PROFILES, "both"], default="both",
+                    help="with --backend null: what the null model returns: the demo model's output (compresses "
+                         "like a trained network's), per-pixel noise (a worst case), or both")
     ap.add_argument("--device-convert", action="store_true",
                     help="with --backend null: the session converts to labels/uint8 itself, as a GPU backend does")
     ap.add_argument("--only", nargs="+", default=None, metavar="KIND:FORMAT",
@@ -384,7 +397,9 @@ def main() -> None:
             bw = bandwidth(tmp)
             results = []
             for size in sizes:
-                rows = host_overhead(tmp, size, args.batch_size, cases, args.repeat, args.device_convert)
+                rows = [row for profile in (PROFILES if args.profile == "both" else (args.profile,))
+                        for row in host_overhead(tmp, size, args.batch_size, cases, args.repeat,
+                                                 args.device_convert, profile)]
                 results.append({"size": size, "batch_size": args.batch_size, "cores": os.cpu_count(),
                                 "device_convert": args.device_convert, "bandwidth": bw, "configurations": rows})
                 if not args.json:

@@ -567,32 +567,51 @@ class TiffWriterSink:
         return self._encoded_tiles()
 
     def _encoded_tiles(self) -> Iterator[bytes]:
-        """zlib-compressed full-size tiles, in order, encoded ahead by ``workers`` threads."""
+        """zlib-compressed full-size tiles, in order, encoded ahead by ``workers`` threads.
+
+        Each row block is cut into ``workers`` runs of consecutive tiles, one task each: a task per tile
+        cost a thread hand-over (a futex wake-up and a GIL switch) per tile, as much CPU as deflating a
+        confident segmentation tile. At most two row blocks are in flight (the one being encoded and the
+        next), so the writer holds at most about one more row block than before. Blocks are the caller's
+        (``_Packer`` hands each over once and never touches it again), so tiles are not copied up front."""
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
         t = self.spec.chunk
         shape = (t, t, self.spec.channels) if self.spec.channels > 1 else (t, t)
-
+        dtype = self.spec.dtype
         deflate = _deflate()
 
-        def encode(tile: np.ndarray) -> bytes:
-            if tile.shape != shape:  # edge tiles are padded with zeros, as tifffile does
-                full = np.zeros(shape, self.spec.dtype)
-                full[tuple(slice(0, n) for n in tile.shape)] = tile
-                tile = full
-            return deflate(np.ascontiguousarray(tile, self.spec.dtype).data)
+        def encode(tiles: list[np.ndarray]) -> list[bytes]:
+            out = []
+            for tile in tiles:
+                if tile.shape != shape:  # edge tiles are padded with zeros, as tifffile does
+                    full = np.zeros(shape, dtype)
+                    full[tuple(slice(0, n) for n in tile.shape)] = tile
+                    tile = full
+                out.append(deflate(np.ascontiguousarray(tile, dtype).data))
+            return out
 
-        pending: deque[Future[bytes]] = deque()
+        def runs(item: np.ndarray) -> Iterator[list[np.ndarray]]:
+            block = item if self.spec.channels > 1 else item[..., 0]
+            pages = block if len(self.spec.spatial) == 3 else block[None]
+            for page in pages:
+                tiles = [page[y:y + t, x:x + t] for y in range(0, page.shape[0], t)
+                         for x in range(0, page.shape[1], t)]
+                size = -(-len(tiles) // self.workers)
+                for i in range(0, len(tiles), size):
+                    yield tiles[i:i + size]
+
+        pending: deque[Future[list[bytes]]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-zlib") as pool:
             try:
-                for tile in self._raw_tiles():
-                    # copy: the row block is the producer's and encoding happens later
-                    pending.append(pool.submit(encode, np.array(tile, copy=True)))
-                    while len(pending) > 2 * self.workers or (pending and pending[0].done()):
-                        yield pending.popleft().result()
+                for item in self._blocks():
+                    for group in runs(item):
+                        pending.append(pool.submit(encode, group))
+                    while len(pending) > self.workers or (pending and pending[0].done()):
+                        yield from pending.popleft().result()
                 while pending:
-                    yield pending.popleft().result()
+                    yield from pending.popleft().result()
             finally:
                 for f in pending:
                     f.cancel()
@@ -736,13 +755,14 @@ class ZarrWriterSink:
     """A Zarr array ``(*lead, *spatial, C)`` chunked like the OME-TIFF tiles; attrs carry axes and pixel size.
 
     Chunks are encoded and written by a small thread pool (zstd and file writes release the GIL), so the
-    caller only hands rows over; see ``_ZarrChunkFiles``. What is in flight is bounded by bytes, not by
-    count: a chunk being written costs about twice its size (its contiguous or padded copy and the
-    encoded bytes), and all in flight together may cost one row block of the output (``unit`` rows, full
-    width; one chunk always goes), the amount the caller already holds. So the writer adds at most about
-    two row blocks to the runner's memory (the rows still being written and the copies), never more on a
-    narrow image than writing synchronously did, while wide images, where the pool matters, keep every
-    thread busy (16 chunks in flight at 8192 px).
+    caller only hands rows over; see ``_ZarrChunkFiles``. Each row block is cut into ``workers`` runs of
+    consecutive chunks, one task each: a task per chunk cost a thread hand-over per chunk, which on 2
+    cores took more CPU than encoding and writing the chunk. What is in flight is bounded by bytes, not
+    by count: a run costs the part of the row block it keeps alive plus two chunks (the contiguous or
+    padded copy and the encoded bytes of the chunk being written), and all in flight together may cost
+    one row block of the output (``unit`` rows, full width) plus those copies (one run always goes). So
+    the writer adds at most about one row block to the runner's memory, as before, while every thread of
+    the pool has work.
     """
 
     def __init__(self, path: Path, spec: OutputSpec) -> None:
@@ -767,10 +787,12 @@ class ZarrWriterSink:
         self._pending: collections.deque[tuple[Any, int]] = collections.deque()  # (future, bytes)
         self._pending_bytes = 0
         itemsize = np.dtype(spec.dtype).itemsize
-        #: what one chunk in flight costs: its contiguous (or padded) copy and the encoded bytes
-        self.chunk_cost = 2 * math.prod(chunks) * itemsize
-        #: the most that chunks queued or being written may cost together (one chunk always goes)
-        self.max_pending_bytes = spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
+        #: bytes of one chunk; a chunk being written costs twice that (its contiguous or padded copy and
+        #: the encoded bytes)
+        self.chunk_bytes = math.prod(chunks) * itemsize
+        #: the most that runs queued or being written may cost together (one run always goes)
+        self.max_pending_bytes = (spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
+                                  + 2 * self.workers * self.chunk_bytes)
         self._lock = threading.Lock()
         #: seconds the pool's threads were busy encoding and writing, summed over threads
         self.busy_seconds = 0.0
@@ -811,10 +833,21 @@ class ZarrWriterSink:
             shape = self.chunks[len(lead):]
             row = s // shape[0]
             grid = [range(0, n, c) for n, c in zip(chunk.shape[1:], shape[1:])]
+            parts = []
             for origin in itertools.product(*grid):
                 region = (slice(None), *(slice(o, o + c) for o, c in zip(origin, shape[1:])))
                 coords = (*lead, row, *(o // c for o, c in zip(origin, shape[1:])))
-                self._submit(self.chunk_cost, self.direct.write_chunk, coords, chunk[region][(None,) * len(lead)])
+                parts.append((coords, chunk[region][(None,) * len(lead)]))
+            size = -(-len(parts) // self.workers)
+            for i in range(0, len(parts), size):
+                run = parts[i:i + size]
+                cost = sum(part.nbytes for _, part in run) + 2 * self.chunk_bytes
+                self._submit(cost, self._write_chunks, run)
+
+    def _write_chunks(self, parts: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
+        assert self.direct is not None
+        for coords, data in parts:
+            self.direct.write_chunk(coords, data)
 
     def close(self) -> None:
         try:
