@@ -302,6 +302,54 @@ def test_fast_argmax_matches_numpy(classes: int) -> None:
     assert np.array_equal(got[..., 0], np.argmax(block, axis=-1))
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "uint32"])
+@pytest.mark.parametrize("predictor", [False, True])
+@pytest.mark.parametrize("layout", ["tiles", "strips"])
+def test_deflated_chunks_inflate_as_tifffile_decodes_them(dtype: str, predictor: bool, layout: str,
+                                                          tmp_path: Path) -> None:
+    """ISA-L inflate (and the parallel decode of a request's chunks) gives exactly tifffile's pixels: both
+    byte orders, one and three samples, horizontal differencing, a short last strip, edge tiles."""
+    import tifffile
+
+    from czregistry.run.images import _TiffChunkArray, open_image
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(np.dtype(dtype))
+    for samples, order in ((1, "<"), (3, ">")):
+        shape = (300, 280) + ((samples,) if samples > 1 else ())
+        img = rng.integers(info.min, info.max, shape, dtype=np.dtype(dtype), endpoint=True)
+        layout_args: dict[str, Any] = {"tile": (64, 48)} if layout == "tiles" else {"rowsperstrip": 64}
+        tifffile.imwrite(tmp_path / "a.tif", img, compression="zlib", predictor=predictor, byteorder=order,
+                         photometric="rgb" if samples == 3 else "minisblack", **layout_args)
+        src = open_image(tmp_path / "a.tif")
+        try:
+            assert isinstance(src.array, _TiffChunkArray) and src.array._inflate is not None
+            src.array.workers = 2  # the parallel path, whatever this machine's core count
+            assert np.array_equal(src.array[0:300, 0:280], img)
+            assert np.array_equal(src.array[130:131, 5:270], img[130:131, 5:270])
+        finally:
+            src.close()
+
+
+@pytest.mark.parametrize("case", ["lzma-uint16", "zlib-float32"])
+def test_other_codecs_are_decoded_by_tifffile_in_parallel(case: str, tmp_path: Path) -> None:
+    """Codecs and sample formats the ISA-L path leaves alone (the ones tifffile writes without imagecodecs)."""
+    import tifffile
+
+    from czregistry.run.images import _TiffChunkArray, open_image
+
+    compression, dtype = case.split("-")
+    img = (np.random.default_rng(8).random((200, 260)) * 60000).astype(dtype)
+    tifffile.imwrite(tmp_path / "a.tif", img, tile=(64, 64), compression=compression)
+    src = open_image(tmp_path / "a.tif")
+    try:
+        assert isinstance(src.array, _TiffChunkArray) and src.array._inflate is None
+        src.array.workers = 2
+        assert np.array_equal(src.array[0:200, 0:260], img)
+    finally:
+        src.close()
+
+
 def test_run_error_is_typed() -> None:
     assert RunError.exit_code == 8
 

@@ -64,6 +64,41 @@ def _ome_pixel_size(xml: str | None) -> dict[str, float]:
     return out
 
 
+def _inflater(kf: Any, shape: tuple[int, ...]) -> Callable[[bytes], np.ndarray] | None:
+    """A decoder of deflated chunks (``shape``, native byte order) through ISA-L, which inflates in half
+    the time of the zlib that tifffile falls back to (0.16 against 0.31 ms for a 256 x 256 uint8 tile),
+    for the plain cases only: deflate, no predictor or horizontal differencing, whole-byte integer
+    samples, normal fill order. None for anything else (tifffile decodes those). A short last strip is
+    padded with zeros, as tifffile pads it (the tests compare both on every case handled here)."""
+    try:
+        from isal import isal_zlib
+
+        dtype = np.dtype(kf.dtype)
+        simple = (int(kf.compression) in (8, 32946) and int(kf.predictor) in (1, 2) and int(kf.fillorder) == 1
+                  and dtype.kind in "ui" and int(kf.bitspersample) == dtype.itemsize * 8)
+        stored = dtype.newbyteorder("<" if kf.parent.byteorder == "<" else ">")
+    except Exception:  # no isal, or an attribute this tifffile lacks: tifffile decodes
+        return None
+    if not simple:
+        return None
+    size = math.prod(shape)
+    predictor = int(kf.predictor) == 2
+
+    def inflate(data: bytes) -> np.ndarray:
+        flat = np.frombuffer(isal_zlib.decompress(data), stored)
+        if flat.size >= size:
+            values = flat[:size].astype(dtype)  # native order, and a writable copy
+        else:
+            values = np.zeros(size, dtype)
+            values[:flat.size] = flat
+        out = values.reshape(shape)
+        if predictor:  # undo horizontal differencing: a running sum along x, wrapping like the encoder
+            np.cumsum(out, axis=1, dtype=dtype, out=out)
+        return out
+
+    return inflate
+
+
 class _TiffChunkArray:
     """A read-only, lazily indexed view of one TIFF series that decodes only the tiles/strips a region
     touches, straight through ``tifffile`` (``keyframe.decode``), with no Zarr in between.
@@ -72,7 +107,10 @@ class _TiffChunkArray:
     the GIL) against ~0.02 ms for the decode itself, and the runner's overlapping bands decoded every chunk
     row twice. Here decoded chunks are kept until a request starts below their row (the runner reads row
     by row), so each chunk is decoded once per pass; the cache is capped at ``cache_bytes``.
-    Only plain layouts are handled (see ``supports``); others are read through Zarr.
+    The chunks one request needs are read in order and decoded by a small thread pool (zlib, LZW and
+    JPEG decoders release the GIL): decoding a deflated 256 x 256 tile takes ~0.3 ms, and on one thread it
+    held the runner at ~2,000 tiles/s on compressed inputs. Only plain layouts are handled (see
+    ``supports``); others are read through Zarr.
     """
 
     def __init__(self, tif: Any, series: Any, cache_bytes: int = 256 * 1024 * 1024) -> None:
@@ -91,6 +129,10 @@ class _TiffChunkArray:
         self.cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.cache_bytes = cache_bytes
         self.cached = 0  # bytes in ``cache``
+        self.compressed = int(kf.compression) != 1
+        self.workers = max(1, min(8, os.cpu_count() or 1)) if self.compressed else 1
+        self._pool: Any = None
+        self._inflate = _inflater(kf, (*self.chunk, *kf.shape[2:]))
 
     @staticmethod
     def supports(series: Any) -> bool:
@@ -110,31 +152,65 @@ class _TiffChunkArray:
         except Exception:  # any surprise in an unusual file: let Zarr handle it
             return False
 
+    def _raw(self, page_index: int, r: int, c: int) -> bytes | None:
+        """The stored bytes of one chunk, None for a chunk never written."""
+        page = self.pages[page_index]
+        index = r * self.ncols + c
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0 or offset == 0:
+            return None
+        fh = self.tif.filehandle
+        with fh.lock:
+            fh.seek(offset)
+            return bytes(fh.read(count))
+
+    def _decode(self, page_index: int, r: int, c: int, data: bytes | None) -> np.ndarray:
+        if data is None:  # a chunk never written: zeros, as tifffile reads it
+            return np.zeros((*self.chunk, *self.kf.shape[2:]), self.dtype)
+        if self._inflate is not None:
+            return self._inflate(data)
+        index = r * self.ncols + c
+        decoded = self.kf.decode(data, index, jpegtables=getattr(self.pages[page_index], "jpegtables", None),
+                                 **self.decodeargs)[0]
+        if decoded is None:
+            raise RunError(f"{Path(self.tif.filehandle.path).name}: chunk {index} could not be decoded")
+        return np.asarray(decoded).reshape(*self.chunk, *self.kf.shape[2:])
+
+    def _keep(self, key: tuple[int, int, int], chunk: np.ndarray) -> None:
+        self.cache[key] = chunk
+        self.cached += chunk.nbytes
+        while self.cached > self.cache_bytes and len(self.cache) > 1:
+            self.cached -= self.cache.pop(next(iter(self.cache))).nbytes  # the oldest
+
     def _chunk(self, page_index: int, r: int, c: int) -> np.ndarray:
         key = (page_index, r, c)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        page = self.pages[page_index]
-        index = r * self.ncols + c
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        if count == 0 or offset == 0:  # a chunk never written: zeros, as tifffile reads it
-            chunk = np.zeros((*self.chunk, *self.kf.shape[2:]), self.dtype)
-        else:
-            fh = self.tif.filehandle
-            with fh.lock:
-                fh.seek(offset)
-                data = fh.read(count)
-            decoded = self.kf.decode(data, index, jpegtables=getattr(page, "jpegtables", None),
-                                     **self.decodeargs)[0]
-            if decoded is None:
-                raise RunError(f"{Path(self.tif.filehandle.path).name}: chunk {index} could not be decoded")
-            chunk = decoded.reshape(*self.chunk, *self.kf.shape[2:])
-        self.cache[key] = chunk
-        self.cached += chunk.nbytes
-        while self.cached > self.cache_bytes and len(self.cache) > 1:
-            self.cached -= self.cache.pop(next(iter(self.cache))).nbytes  # the oldest
+        chunk = self._decode(page_index, r, c, self._raw(page_index, r, c))
+        self._keep(key, chunk)
         return chunk
+
+    def _prefetch(self, page_index: int, rows: range, cols: range) -> dict[tuple[int, int, int], np.ndarray]:
+        """Decode the chunks of ``rows`` x ``cols`` not yet cached, in parallel; returns them (the cache may
+        not hold them all). Reads stay sequential, in file order."""
+        keys = [(page_index, r, c) for r in rows for c in cols if (page_index, r, c) not in self.cache]
+        if self.workers < 2 or len(keys) < 2:
+            return {}
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-decode")
+        raws = [self._raw(*key) for key in keys]
+        chunks = list(self._pool.map(lambda kr: self._decode(kr[0][0], kr[0][1], kr[0][2], kr[1]), zip(keys, raws)))
+        for key, chunk in zip(keys, chunks):
+            self._keep(key, chunk)
+        return dict(zip(keys, chunks))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = (*(key if isinstance(key, tuple) else (key,)),)
@@ -155,9 +231,14 @@ class _TiffChunkArray:
         # drop what the row-by-row reader will not ask for again: other planes, rows above this request
         for k in [k for k in self.cache if k[0] != page_index or k[1] < r0]:
             self.cached -= self.cache.pop(k).nbytes
-        for r in range(r0, (y1 - 1) // ch + 1 if y1 > y0 else r0):
-            for c in range(x0 // cw, (x1 - 1) // cw + 1 if x1 > x0 else 0):
-                chunk = self._chunk(page_index, r, c)
+        rows = range(r0, (y1 - 1) // ch + 1 if y1 > y0 else r0)
+        cols = range(x0 // cw, (x1 - 1) // cw + 1 if x1 > x0 else 0)
+        fresh = self._prefetch(page_index, rows, cols) if self.compressed else {}
+        for r in rows:
+            for c in cols:
+                chunk = fresh.get((page_index, r, c))
+                if chunk is None:
+                    chunk = self._chunk(page_index, r, c)
                 a, b = max(y0, r * ch), min(y1, (r + 1) * ch)
                 e, f = max(x0, c * cw), min(x1, (c + 1) * cw)
                 out[a - y0:b - y0, e - x0:f - x0] = chunk[a - r * ch:b - r * ch, e - c * cw:f - c * cw]
@@ -238,6 +319,14 @@ def _open_tiff(path: Path) -> ImageSource:
             tif.close()
             text = str(exc).strip()
             raise _damaged_tiff(path, text.splitlines()[0] if text else type(exc).__name__) from exc
+    if isinstance(array, _TiffChunkArray):
+        chunks = array
+
+        def close() -> None:
+            chunks.close()
+            tif.close()
+
+        return ImageSource(path, array, axes, pixel_size, close)
     return ImageSource(path, array, axes, pixel_size, tif.close)
 
 
@@ -736,12 +825,14 @@ class _ZarrChunkFiles:
             full = np.full(self.chunks, self.fill, self.dtype)
             full[tuple(slice(0, n) for n in data.shape)] = data
             data = full
+        # one contiguous copy at most (none for padded edge chunks), handed over as a buffer: no bytes copies;
+        # made first, so the emptiness test reads contiguous memory (4x faster than the strided view)
+        data = np.ascontiguousarray(data, self.dtype)
         if not self.write_empty:
             empty = not data.any() if self.fill == 0 else bool(np.all(data == self.fill))
             if empty:
                 return
-        # one contiguous copy at most (none for padded edge chunks), handed over as a buffer: no bytes copies
-        raw = np.ascontiguousarray(data, self.dtype).data.cast("B")
+        raw = data.data.cast("B")
         payload = self.compress(raw) if self.compress is not None else raw
         path = self.root.joinpath("c", *(str(c) for c in coords))
         parent = path.parent
