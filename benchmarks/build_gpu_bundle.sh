@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .whl/ (git-ignored via .git/info/exclude) for benchmarks/gpu_check.sh: our three wheels, the
+# Build .whl/ (git-ignored, in .gitignore; carry it to the device) for benchmarks/gpu_check.sh: our three wheels, the
 # dependencies the GPU machine lacks (pure Python, or cp312 manylinux x86-64 binaries), and two prebuilt
 # ONNX packages (the GPU machine has no TensorFlow to export them). Run here, right before carrying .whl/,
 # so the wheels hold the current tree:  bash benchmarks/build_gpu_bundle.sh

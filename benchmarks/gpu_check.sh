@@ -155,8 +155,8 @@ run run-unet-cpu-onnxruntime.json 300 "$PY" -m czregistry run .whl/unet.czann "$
 run run-unet-cpu-torch.json 300 "$PY" -m czregistry run .whl/unet.czann "$WORK/image.tif" \
     -o "$WORK/unet-cpu-torch.ome.tif" --device cpu --backend torch --batch-size 8 --json
 
-step "model-only vs end-to-end tiles/s by batch size (unet; labels and float32 OME-TIFF, labels Zarr)"
-run throughput.json 600 "$PY" - <<EOF
+step "model-only vs end-to-end tiles/s by backend and batch size (unet; labels/uint8/float32 OME-TIFF, labels Zarr)"
+run throughput.json 900 "$PY" - <<EOF
 import json, time
 from pathlib import Path
 import numpy as np
@@ -168,35 +168,46 @@ work = Path("$WORK")
 package = open_package(".whl/unet.czann")
 h, w, c = package.metadata["InputShape"]
 rows = []
-with load_session(package, device="$DEVICE") as session:
-    default = session.suggest_batch_size((h, w, c)) or 4  # what czreg run picks without --batch-size
-    for batch in (4, 16, 32, 64, None):
-        b = batch or default
-        x = np.random.default_rng(0).random((b, h, w, c), dtype=np.float32)
-        session.predict(x)  # warm-up (cuDNN autotune for this shape)
-        n, t0 = 0, time.perf_counter()
-        while n < 20 * b or time.perf_counter() - t0 < 3.0:
-            session.predict(x)
-            n += b
-        model_only = n / (time.perf_counter() - t0)
-        row = {"batch": f"default ({b})" if batch is None else b, "model_only_tiles_per_s": round(model_only, 1)}
-        for kind, suffix in (("labels", ".ome.tif"), ("probabilities", ".ome.tif"), ("labels", ".zarr")):
-            key = kind + suffix
-            try:
-                res = run(".whl/unet.czann", work / "image.tif", work / f"tp-{b}-{key}",
-                          RunOptions(batch_size=b, auto_batch=batch is None, output_kind=kind, device="$DEVICE"))
-                row[key] = {"tiles_per_s": res.tiles_per_second, "ratio": round(res.tiles_per_second / model_only, 3),
-                            "batch": res.batch_size, "stages": res.stage_seconds}
-            except Exception as exc:
-                row[key] = {"error": f"{type(exc).__name__}: {exc}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-print("| batch | model only tiles/s | labels OME-TIFF tiles/s (end-to-end / model) | float32 OME-TIFF | labels Zarr |")
-print("|---|---|---|---|---|")
+KEYS = (("labels", ".ome.tif"), ("uint8", ".ome.tif"), ("probabilities", ".ome.tif"), ("labels", ".zarr"))
+for backend in ("torch", "onnxruntime"):  # both convert labels/uint8 on the GPU; ONNX Runtime via I/O binding
+    try:
+        session = load_session(package, backend, "$DEVICE")
+    except Exception as exc:
+        print(json.dumps({"backend": backend, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        continue
+    with session:
+        default = session.suggest_batch_size((h, w, c)) or 4  # what czreg run picks without --batch-size
+        for batch in (4, 16, 32, 64, None):
+            b = batch or default
+            x = np.random.default_rng(0).random((b, h, w, c), dtype=np.float32)
+            session.predict(x)  # warm-up (cuDNN autotune for this shape)
+            n, t0 = 0, time.perf_counter()
+            while n < 20 * b or time.perf_counter() - t0 < 3.0:
+                session.predict(x)
+                n += b
+            model_only = n / (time.perf_counter() - t0)
+            row = {"backend": backend, "device": session.device, "batch": f"default ({b})" if batch is None else b,
+                   "model_only_tiles_per_s": round(model_only, 1),
+                   "converts_on_device": session.converts_on_device("labels")}
+            for kind, suffix in KEYS:
+                key = kind + suffix
+                try:
+                    res = run(".whl/unet.czann", work / "image.tif", work / f"tp-{backend}-{b}-{key}",
+                              RunOptions(batch_size=b, auto_batch=batch is None, output_kind=kind, backend=backend,
+                                         device="$DEVICE"))
+                    row[key] = {"tiles_per_s": res.tiles_per_second,
+                                "ratio": round(res.tiles_per_second / model_only, 3),
+                                "batch": res.batch_size, "stages": res.stage_seconds}
+                except Exception as exc:
+                    row[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+print("| backend | batch | model only tiles/s | labels OME-TIFF tiles/s (end-to-end / model) | uint8 OME-TIFF | "
+      "float32 OME-TIFF | labels Zarr |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
-    cells = [f"{r[k].get('tiles_per_s', 'error')} ({r[k].get('ratio', '-')})"
-             for k in ("labels.ome.tif", "probabilities.ome.tif", "labels.zarr")]
-    print(f"| {r['batch']} | {r['model_only_tiles_per_s']} | " + " | ".join(cells) + " |")
+    cells = [f"{r[k + s].get('tiles_per_s', 'error')} ({r[k + s].get('ratio', '-')})" for k, s in KEYS]
+    print(f"| {r['backend']} | {r['batch']} | {r['model_only_tiles_per_s']} | " + " | ".join(cells) + " |")
 EOF
 
 step "tiled outputs: $DEVICE vs CPU (whole image)"
