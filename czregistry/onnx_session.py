@@ -195,7 +195,11 @@ class OnnxSession(Session):
 
     def _run(self, batch: np.ndarray, output: str) -> np.ndarray:
         """One output of one batch. With I/O binding the input is copied to the device once and only
-        ``output`` comes back (the others stay where they were computed)."""
+        ``output`` comes back (the others stay where they were computed).
+
+        If a bound run fails where a plain ``run`` of the same batch succeeds, the binding itself is at fault
+        (the CUDA path cannot be tested without a GPU): the session stops binding and goes on with ``run``
+        rather than failing every batch. A batch the model refuses fails both ways and keeps the binding."""
         import numpy as np
 
         if self._session is None:
@@ -204,14 +208,24 @@ class OnnxSession(Session):
         try:
             if self._bind_device is None:
                 return np.asarray(self._session.run([output], {self._input: x})[0])
-            binding = self._session.io_binding()
-            binding.bind_cpu_input(self._input, x)
-            binding.bind_output(output, self._bind_device)
-            self._session.run_with_iobinding(binding)
-            return np.asarray(binding.copy_outputs_to_cpu()[0])
+            try:
+                return self._bound(x, output)
+            except Exception:
+                result = np.asarray(self._session.run([output], {self._input: x})[0])
+                self._bind_device = None
+                return result
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on input of shape {tuple(batch.shape)}: "
                                f"{first_line(exc)}") from exc
+
+    def _bound(self, x: np.ndarray, output: str) -> np.ndarray:
+        import numpy as np
+
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self._input, x)
+        binding.bind_output(output, self._bind_device)
+        self._session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch, self._output)

@@ -185,3 +185,25 @@ def test_tiled_run_converted_in_the_graph_equals_host_conversion(unet3: Path, pi
         assert a.dtype == b.dtype == np.uint8 and np.array_equal(a, b), kind
         assert np.array_equal(b, _convert(p, kind)), kind
         assert len(np.unique(b)) > 2  # three classes really present, not a constant
+
+
+def test_a_failing_binding_falls_back_to_plain_runs_and_a_refused_batch_still_fails() -> None:
+    """The CUDA binding cannot be tested here: if binding fails where a plain run works, the session must go
+    on without it (same values, conversion included); a batch the model refuses must still fail."""
+    from czregistry.errors import BackendError
+
+    session = OnnxSession(_identity_model(3), "cpu", device_pipeline=True)
+    y = _awkward(3, 1)
+
+    def broken() -> Any:
+        raise RuntimeError("no such device")
+
+    session._session.io_binding = broken  # type: ignore[method-assign]
+    assert np.array_equal(session.predict_converted(y, "labels"), _convert(y, "labels"))
+    assert session._bind_device is None and session.converts_on_device("labels")
+    assert np.array_equal(session.predict(y), y, equal_nan=True)
+
+    fixed = OnnxSession(_identity_model(3), "cpu", device_pipeline=True)
+    with pytest.raises(BackendError, match="ONNX Runtime failed on input of shape"):
+        fixed.predict(np.zeros((2, 4, 4, 5), np.float32))  # 5 classes into a 3-class graph
+    assert fixed._bind_device == "cpu"  # the model's refusal is not the binding's fault
