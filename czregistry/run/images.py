@@ -517,7 +517,9 @@ class OutputSpec:
 class Writer(Protocol):
     def write(self, plane: int, start: int, block: np.ndarray) -> None:
         """``block`` covers rows ``start..`` of the first spatial axis, all of the others, all channels.
-        Rows arrive in order, planes in order."""
+        Rows arrive in order, planes in order. The writer may keep ``block`` (not a copy) until ``close``:
+        callers hand each block over and do not change it afterwards (the runner's ``_Packer`` allocates a
+        new one per call)."""
 
     def close(self) -> None:
         """Finish the file; raise if writing failed."""
