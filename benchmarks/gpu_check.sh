@@ -54,7 +54,7 @@ step "versions"
 import importlib, sys
 from czregistry_torch import _import_onnx2torch  # onnx2torch via the plugin's torchvision fallback
 
-for m in ("numpy", "torch", "onnx", "onnxruntime", "onnx2torch", "czregistry", "tifffile", "zarr"):
+for m in ("numpy", "torch", "onnx", "onnxruntime", "onnx2torch", "czregistry", "tifffile", "zarr", "isal"):
     try:
         mod = _import_onnx2torch() if m == "onnx2torch" else importlib.import_module(m)
         print(f"{m:12s} {getattr(mod, '__version__', '?')}  {getattr(mod, '__file__', '')}")
