@@ -93,8 +93,8 @@ class Session(abc.ABC):
         """Whether ``predict_converted`` can return ``kind`` ("labels": argmax as uint8 ``(..., 1)``;
         "uint8": ``rint(p * 255)`` clipped) computed where the model runs, before the copy back: a GPU then
         sends 2-8x fewer bytes and the host skips the conversion. The values must equal the runner's
-        numpy conversion of ``predict``'s output exactly. False by default (TensorFlow; ONNX Runtime on the
-        CPU); torch and ONNX Runtime on CUDA convert on the device."""
+        numpy conversion of ``predict``'s output exactly. False by default; torch, ONNX Runtime on CUDA and
+        TensorFlow on a GPU convert on the device."""
         return False
 
     def predict_converted(self, batch: np.ndarray, kind: str) -> np.ndarray:

@@ -247,3 +247,73 @@ def test_onnx_garbage_is_a_backend_error(tmp_path: Path) -> None:
     path = write_package(tmp_path / "bad.czann", metadata_for("unet"), b"\x08\x07garbage-not-protobuf\xff\xff")
     with pytest.raises(BackendError, match=r"not a readable ONNX model|cannot load the model"):
         load_session(open_package(path))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 5])
+def test_tensorflow_conversion_equals_the_runner_bit_for_bit(classes: int) -> None:
+    """``convert_tensor`` (what the TensorFlow session runs on a GPU) on crafted values: ties, NaN, x.5/255,
+    values outside [0, 1]."""
+    from czregistry_tensorflow.backend import convert_tensor
+
+    from czregistry._quiet import import_tensorflow_quietly
+    from czregistry.run.runner import _convert
+
+    import_tensorflow_quietly()
+    import tensorflow as tf
+
+    rng = np.random.default_rng(classes)
+    y = rng.random((3, 9, 11, classes), dtype=np.float32)
+    y[0, 0] = 0.5
+    y[0, 2, :] = (rng.integers(0, 256, (11, classes)) + 0.5).astype(np.float32) / np.float32(255)
+    y[1, 0, :4, 0] = np.array([1.0000001, -1e-7, 3.0, -2.0], np.float32)
+    finite = y.copy()
+    if classes > 2:
+        y[2, 0, 0, :] = np.float32(0.2)
+        y[2, 0, 0, 1] = np.nan  # a larger value after a NaN loses, as with np.maximum
+        y[2, 0, 0, -1] = np.float32(0.9)
+        y[2, 0, 1, 0] = np.nan
+    labels = convert_tensor(tf, tf.constant(y), "labels").numpy()
+    assert labels.dtype == np.uint8 and np.array_equal(labels, _convert(y, "labels"))
+    u8 = convert_tensor(tf, tf.constant(finite), "uint8").numpy()
+    assert u8.dtype == np.uint8 and np.array_equal(u8, _convert(finite, "uint8"))
+
+
+def test_tensorflow_runs_converted_on_the_device_equal_host_conversion(model_cache: Callable[..., Path],
+                                                                       tmp_path: Path) -> None:
+    """A tiled run whose session converts (as on a GPU; forced here on the CPU) writes the same files as
+    the run that converts on the host."""
+    from czregistry.hookspecs import hookimpl
+    from czregistry.plugins import get_host
+    from czregistry.run.runner import RunOptions, run
+
+    class PipelineBackend(TensorFlowBackend):
+        name = "tensorflow-pipeline"
+        device_pipeline = True
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register: Any) -> None:
+            register(PipelineBackend)
+
+    package = model_cache("unet", fmt="savedmodel", classes=3)
+    np.save(tmp_path / "in.npy", (np.random.default_rng(4).random((150, 170)) * 255).astype(np.uint8))
+    host = get_host()
+    host.register_plugin(Plugin(), "test-tf-pipeline")
+    try:
+        with PipelineBackend().load(open_package(package), "cpu") as session:
+            assert session.converts_on_device("labels") and session.converts_on_device("uint8")
+        with TensorFlowBackend().load(open_package(package), "cpu") as session:
+            assert not session.converts_on_device("labels")  # on the CPU the host converts
+        for kind in ("labels", "uint8"):
+            outs = []
+            for backend in ("tensorflow", "tensorflow-pipeline"):
+                out = tmp_path / f"{backend}-{kind}.zarr"
+                run(package, tmp_path / "in.npy", out, RunOptions(output_kind=kind, backend=backend,  # type: ignore[arg-type]
+                                                                  device="cpu", probe=False, batch_size=3))
+                import zarr
+
+                outs.append(np.asarray(zarr.open_array(str(out), mode="r")[...]))
+            assert outs[0].dtype == np.uint8 and np.array_equal(outs[0], outs[1]), kind
+            assert len(np.unique(outs[1])) > 1
+    finally:
+        host.unregister_plugin("test-tf-pipeline")
