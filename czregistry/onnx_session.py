@@ -75,7 +75,8 @@ def with_converted_outputs(model_bytes: bytes) -> bytes | None:
     classes = int(dims[-1].dim_value)
     if not 1 <= classes <= 256:
         return None
-    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.input}
+    taken = ({n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.input}
+             | {t.name for t in graph.initializer})
     counter = iter(range(1 << 30))
 
     def name(stem: str) -> str:

@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from czregistry.cli import main
+from tests.sandbox import tmpfs_namespace
 from tests.test_registry import make_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,13 +200,7 @@ def test_existing_output_is_refused_without_force(cmd: Command, world: World, tm
 
 def _read_only_runner(ro: Path) -> list[str]:
     """A prefix that runs a command with ``ro`` a read-only tmpfs (real EROFS), or skips the test."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare is not installed")
-    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{ro}'"],
-                           capture_output=True, check=False, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {probe.stderr.decode().strip()}")
+    unshare = tmpfs_namespace(ro, "ro")
     return [unshare, "-rm", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(ro)]
 
 
@@ -577,3 +572,29 @@ def test_pull_oci_into_a_read_only_folder_is_one_line(oci_host: str, world: Worl
     _assert_one_line(p.stderr)
     assert "read-only" in p.stderr.lower()
     assert _files(ro) == []
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])  # uint8: ISA-L inflates; float32: tifffile decodes
+def test_run_on_a_tiff_with_a_damaged_tile_is_one_line(dtype: str, world: World, tmp_path: Path) -> None:
+    """A deflated tile whose bytes were overwritten (a bad copy): found mid-run, in the reader's pool,
+    answered like damage found on opening (exit 2, one line and a hint), and no output is left."""
+    import numpy as np
+    import tifffile
+
+    bad = tmp_path / "bad.tif"
+    img = (np.random.default_rng(5).random((300, 330)) * 200).astype(dtype)
+    tifffile.imwrite(bad, img, tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = tif.pages[0].dataoffsets[12], tif.pages[0].databytecounts[12]
+    data = bytearray(bad.read_bytes())
+    data[offset + 2:offset + count] = bytes(count - 2)
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("run", str(world.pkg), str(bad), "-o", str(out / "m.ome.tiff"))
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[1].startswith("Hint:"), r.output
+    assert "cannot read TIFF bad.tif: the file is damaged" in lines[0] and "tile/strip 12 of page 0" in lines[0]
+    assert "Traceback" not in r.output
+    assert list(out.iterdir()) == []

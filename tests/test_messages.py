@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ from click.testing import CliRunner, Result
 from czregistry.cli import main
 from czregistry.cli._common import os_error
 from czregistry.errors import as_disk_full
+from tests.sandbox import tmpfs_namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_META = ["--type", "SingleClassSemanticSegmentation", "--classes", "background,cells"]
@@ -144,13 +144,7 @@ def test_a_short_write_is_mapped_to_a_full_disk() -> None:
 
 
 def _tiny_tmpfs(folder: Path, size: str) -> list[str]:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare is not installed")
-    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs '{folder}'"],
-                           capture_output=True, check=False, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    unshare = tmpfs_namespace(folder, f"size={size}")
     # list what is left on the small file system after the command, from inside the namespace
     return [unshare, "-rm", "sh", "-c",
             f'mount -t tmpfs -o size={size} tmpfs "$0" && "$@"; rc=$?; echo LEFT: $(ls -A "$0"); exit $rc',

@@ -165,16 +165,23 @@ class _TiffChunkArray:
             return bytes(fh.read(count))
 
     def _decode(self, page_index: int, r: int, c: int, data: bytes | None) -> np.ndarray:
+        """One chunk's pixels; a chunk whose bytes do not decode is a damaged file (one line at the CLI,
+        as for damage found when opening it)."""
         if data is None:  # a chunk never written: zeros, as tifffile reads it
             return np.zeros((*self.chunk, *self.kf.shape[2:]), self.dtype)
-        if self._inflate is not None:
-            return self._inflate(data)
         index = r * self.ncols + c
-        decoded = self.kf.decode(data, index, jpegtables=getattr(self.pages[page_index], "jpegtables", None),
-                                 **self.decodeargs)[0]
-        if decoded is None:
-            raise RunError(f"{Path(self.tif.filehandle.path).name}: chunk {index} could not be decoded")
-        return np.asarray(decoded).reshape(*self.chunk, *self.kf.shape[2:])
+        try:
+            if self._inflate is not None:
+                return self._inflate(data)
+            decoded = self.kf.decode(data, index, jpegtables=getattr(self.pages[page_index], "jpegtables", None),
+                                     **self.decodeargs)[0]
+            if decoded is None:
+                raise ValueError("no pixels came out")
+            return np.asarray(decoded).reshape(*self.chunk, *self.kf.shape[2:])
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _damaged_tiff(Path(self.tif.filehandle.path),
+                                f"tile/strip {index} of page {page_index} does not decode: {detail}") from exc
 
     def _keep(self, key: tuple[int, int, int], chunk: np.ndarray) -> None:
         self.cache[key] = chunk

@@ -471,6 +471,15 @@ class TiledPredictor:
                     continue
             return False
 
+        def take(q: queue.Queue[Any]) -> Any:
+            """The next item of ``q``, or None once the run is stopping and ``q`` is empty."""
+            while True:
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        return None
+
         def buffer(shape: tuple[int, ...]) -> np.ndarray | None:
             """A returned buffer if there is one; a new one only while the ring is not yet as deep as the
             run needs: with a model faster than the reader it stays two or three deep."""
@@ -480,12 +489,7 @@ class TiledPredictor:
             if allocated < ring:
                 allocated += 1
                 return np.empty((self.batch_size, *shape), np.float32)
-            while not stop.is_set():
-                try:
-                    return free.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-            return None
+            return take(free)
 
         def reader() -> None:
             try:
@@ -534,12 +538,9 @@ class TiledPredictor:
         def writer() -> None:
             try:
                 while True:
-                    try:
-                        item = q_out.get(timeout=0.1)
-                    except queue.Empty:
-                        if stop.is_set():
-                            return
-                        continue
+                    item = take(q_out)
+                    if item is None:
+                        return
                     t0 = clock()
                     if item is _DONE:
                         assembler.finish_plane()
@@ -563,12 +564,9 @@ class TiledPredictor:
             t.start()
         try:
             while True:
-                try:
-                    item = q_in.get(timeout=0.1)
-                except queue.Empty:
-                    if stop.is_set():
-                        break
-                    continue
+                item = take(q_in)
+                if item is None:
+                    break
                 if item is _DONE:
                     put(q_out, _DONE)
                     break
