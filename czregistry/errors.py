@@ -27,6 +27,7 @@ __all__ = [
     "RunError",
     "SchemaError",
     "SignatureError",
+    "UnsafeGraphError",
     "UsageError",
     "as_disk_full",
     "first_line",
@@ -82,6 +83,16 @@ class BackendError(CzregError):
 
 class NoBackendError(BackendError):
     """No installed backend can run the package; the hint names the plugin to install."""
+
+
+class UnsafeGraphError(BackendError):
+    """The package's graph failed the static audit (``czregistry.audit``): it would execute an operation with
+    side effects (files, Python, other processes) or one the audit cannot vouch for, so nothing runs it
+    unless the caller trusts the graph (``--trust-graph``). ``audit`` is the audit as a dict."""
+
+    def __init__(self, message: str, *, hint: str | None = None, audit: dict[str, Any] | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.audit = audit
 
 
 class PackError(CzregError):

@@ -103,6 +103,8 @@ class Package:
     model_format: ModelFormat
     findings: list[Finding] = field(default_factory=list)
     limits: ReadLimits = field(default_factory=ReadLimits)
+    #: Facts computed once per opened package and shared by its readers (the graph audit).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -145,9 +145,18 @@ def select_backend(model_format: ModelFormat, name: str | None = None, device: D
     return candidates[0]
 
 
-def load_session(package: Package, backend: str | None = None, device: Device = "auto") -> Session:
+def load_session(package: Package, backend: str | None = None, device: Device = "auto", *,
+                 trust_graph: bool = False) -> Session:
     """Load the package's model once with the selected backend. Any failure is a ``BackendError``; one
-    caused by a bug in a backend plugin (not a ``CzregError``) names the plugin."""
+    caused by a bug in a backend plugin (not a ``CzregError``) names the plugin.
+
+    Every path that runs a package's model comes through here, so this is where the static graph audit is
+    enforced: a graph that fails it raises ``UnsafeGraphError`` before any backend sees it, unless the caller
+    trusts it (``--trust-graph``, for one's own models)."""
+    if not trust_graph:
+        from .audit import require_clean
+
+        require_clean(package)
     cls = select_backend(package.model_format, backend, device)
     plugin = available_backends()[cls.name][0]
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 from .checks import CheckContext, ValidateOptions
+from .checks.graph import GRAPH_AUDIT_CHECK
 from .errors import CzregError, PackageError, UsageError
 from .package import inspect_package, sha256_file
 from .report import Finding, Report, Severity
@@ -32,7 +34,8 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
     if package is None:
         return report
     report.format = package.kind
-    ctx = CheckContext(package=package, report=report, options=options, load_session=load_session)
+    ctx = CheckContext(package=package, report=report, options=options,
+                       load_session=functools.partial(load_session, trust_graph=options.trust_graph))
     timings: dict[str, float] = {}
     checks = registered_checks()
     try:
@@ -40,7 +43,9 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
             if check.needs_model:
                 if options.static:
                     continue
-                if report.errors:
+                blocking = [f for f in report.errors
+                            if not (options.trust_graph and f.check == GRAPH_AUDIT_CHECK)]
+                if blocking:
                     report.add(Finding.info(
                         "model.skipped", f"model check '{check.id}' skipped: fix the errors above first"))
                     continue

@@ -9,10 +9,35 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-__all__ = ["ONNX_BYTES", "czann_meta", "legacy_xml"]
+__all__ = ["ONNX_BYTES", "czann_meta", "fake_onnx", "legacy_xml"]
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (payloads here stay below 2**21 bytes per varint byte math)."""
+    length, out = len(payload), bytearray()
+    while True:
+        byte = length & 0x7F
+        length >>= 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([number << 3 | 2]) + bytes(out) + payload
+
+
+def fake_onnx(payload: bytes = b"\x00" * 64) -> bytes:
+    """A tiny well-formed ONNX ModelProto written by hand (no ``onnx`` import): ir_version 7, producer
+    tf2onnx, opset 11 (old enough for every host), a graph of one ``Identity`` node, and ``payload`` as its
+    doc_string (distinct bytes or a size). The reader sniffs "onnx" and the static graph audit reads it as
+    clean; it is not a model that meets its metadata, so packages built from it are only valid for
+    ``--static``."""
+    node = _len_field(1, b"x") + _len_field(2, b"y") + _len_field(4, b"Identity")
+    graph = _len_field(1, node) + _len_field(2, b"g")
+    return (b"\x08\x07" + _len_field(2, b"tf2onnx") + _len_field(8, b"\x10\x0b") + _len_field(7, graph)
+            + _len_field(6, payload))
+
 
 #: Starts like an ONNX ModelProto (field 1, ir_version), so the reader sniffs "onnx"; not a runnable model.
-ONNX_BYTES = b"\x08\x07\x12\x07tf2onnx" + b"\x00" * 64
+ONNX_BYTES = fake_onnx()
 
 
 def czann_meta(**overrides: Any) -> dict[str, Any]:

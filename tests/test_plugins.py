@@ -34,6 +34,7 @@ from czregistry.selection import (
     registered_checks,
     select_backend,
 )
+from tests.static_packages import fake_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugins.md"
@@ -58,7 +59,7 @@ def package(tmp_path: Path) -> Path:
     """A tiny ONNX-format package (the model bytes are never run by these tests)."""
     meta = {"FormatVersion": "2.1.0", "Id": "8ec0dbd1-7b6e-4e1b-8b55-4c6b0aaf1b0a", "Type": "Regression",
             "InputShape": [32, 32, 1], "OutputShape": [32, 32, 1], "ModelName": "t"}
-    return write_package(tmp_path / "t.czann", meta, b"\x08\x07" + b"\x00" * 64)
+    return write_package(tmp_path / "t.czann", meta, fake_onnx())
 
 
 def _fake_distribution(root: Path, dist: str, entry_name: str, module: str, source: str) -> None:

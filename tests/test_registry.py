@@ -24,6 +24,7 @@ from czregistry.errors import RegistryError, UsageError
 from czregistry.package import write_package
 from czregistry.registry import Registry, open_registry, resolve_location
 from tests.models import metadata_for
+from tests.static_packages import fake_onnx
 
 PG_URL = os.environ.get("CZREG_TEST_POSTGRES_URL")
 BACKENDS = [
@@ -85,7 +86,7 @@ def make_package(folder: Path, *, model_name: str = "Nuclei Seg", size: int = 20
     n = next(_counter) if seed is None else seed
     m = metadata_for(kind, classes=classes)
     m.update(ModelName=model_name, **meta)
-    body = b"\x08\x07" + n.to_bytes(8, "little") + bytes((n * 7 + i) % 251 for i in range(size))
+    body = fake_onnx(n.to_bytes(8, "little") + bytes((n * 7 + i) % 251 for i in range(size)))
     path = folder / f"pkg-{n}-{uuid.uuid4().hex[:6]}.czann"
     write_package(path, m, body)
     return path

@@ -34,6 +34,7 @@ from czregistry.registry.remote import RemoteRegistry
 from czregistry.registry.tokens import create_token, hash_token, revoke_token
 from czregistry.server.process import ServerProcess, free_port
 from tests.models import metadata_for
+from tests.static_packages import fake_onnx
 from tests.test_registry import PG_URL, fresh_postgres_database, make_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +311,7 @@ def _blob_path(srv: Srv, digest: str) -> Path:
 def test_tampered_blob_is_never_delivered(srv: Srv, pkgs: Callable[..., Path], tmp_path: Path) -> None:
     client = RemoteRegistry(srv.url, token=srv.tokens["publisher"])
     p = tmp_path / "big.czann"  # incompressible (a zip-bomb check refuses repetitive bodies), several 1 MiB chunks
-    write_package(p, {**metadata_for("unet"), "ModelName": "Tamper"}, b"\x08\x07" + os.urandom(3_000_000))
+    write_package(p, {**metadata_for("unet"), "ModelName": "Tamper"}, fake_onnx(os.urandom(3_000_000)))
     digest = client.publish(p, name="tamper", version="1.0.0", static=True).version["digest"]
     first = client.pull("tamper", tmp_path / "ok.czann")  # the server now holds it as verified
     assert first.path.read_bytes() == p.read_bytes()
@@ -427,7 +428,7 @@ def test_public_read_allows_anonymous_pull_but_not_writes(public_srv: Srv, pkgs:
 
 def test_upload_over_the_size_limit_is_refused(public_srv: Srv, tmp_path: Path) -> None:
     big = tmp_path / "big.czann"
-    write_package(big, {**metadata_for("unet"), "ModelName": "Too Big"}, b"\x08\x07" + os.urandom(1_500_000))
+    write_package(big, {**metadata_for("unet"), "ModelName": "Too Big"}, fake_onnx(os.urandom(1_500_000)))
     r = cli("publish", str(big), "--version", "1.0.0", "--static", registry=public_srv.url,
             token=public_srv.tokens["publisher"])
     assert r.exit_code == 11 and "over this server's upload limit" in r.output

@@ -33,6 +33,9 @@ class ValidateOptions:
     max_probe_size: int = 2048
     #: Soft limit in seconds for probing; checks stop adding probes once exceeded.
     time_budget: float = 60.0
+    #: Run the model checks even when the static graph audit refuses the graph (``--trust-graph``: for your
+    #: own models only). The audit's errors stay in the report: the package is still unsafe to share.
+    trust_graph: bool = False
 
 
 @runtime_checkable
@@ -116,6 +119,7 @@ MODEL_CHECKS = (
 def register_checks(register: Any) -> None:
     from . import metadata as metadata_checks
     from .compat import CompatibilityCheck
+    from .graph import GraphAuditCheck
 
-    for check in [*metadata_checks.CHECKS, CompatibilityCheck(), *MODEL_CHECKS]:
+    for check in [*metadata_checks.CHECKS, CompatibilityCheck(), GraphAuditCheck(), *MODEL_CHECKS]:
         register(check)

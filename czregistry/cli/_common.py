@@ -18,7 +18,7 @@ from ..errors import CzregError, UsageError, as_disk_full
 
 __all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
            "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt",
-           "warn_plugin_failures"]
+           "trust_graph_option", "warn_plugin_failures"]
 
 #: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
 _USER_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -161,6 +161,12 @@ def warn_plugin_failures() -> None:
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")
+
+#: The one way past the static graph audit (``czregistry.audit``), named so nobody types it by accident.
+trust_graph_option = click.option(
+    "--trust-graph", is_flag=True,
+    help="Run the model even if the static graph audit refuses it (file I/O, Python calls, custom ops). "
+         "Only for your own models.")
 
 
 def refuse_existing_output(path: Path, force: bool) -> None:

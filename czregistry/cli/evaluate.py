@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, json_option
+from ._common import echo_json, handle_errors, json_option, trust_graph_option
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -65,13 +65,14 @@ def _inference_opts(fn: Any) -> Any:
         click.option("--channels", default=None, metavar="I,J,...", help="Image channels to feed the model."),
         click.option("--axes", default=None, help="Image axes when the files do not say, e.g. ZYXC."),
         click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata."),
+        trust_graph_option,
     ]):
         fn = opt(fn)
     return fn
 
 
 def run_options(batch_size: int, device: str, backend: str | None, tile: tuple[int, ...] | None,
-                channels: str | None, axes: str | None, no_probe: bool) -> Any:
+                channels: str | None, axes: str | None, no_probe: bool, trust_graph: bool = False) -> Any:
     from ..run.runner import RunOptions
 
     try:
@@ -79,7 +80,8 @@ def run_options(batch_size: int, device: str, backend: str | None, tile: tuple[i
     except ValueError:
         raise UsageError("give channel numbers separated by commas, e.g. 0,2") from None
     return RunOptions(batch_size=batch_size, device=device, backend=backend,  # type: ignore[arg-type]
-                      tile=tuple(tile) if tile else None, channels=chans, axes=axes, probe=not no_probe)
+                      tile=tuple(tile) if tile else None, channels=chans, axes=axes, probe=not no_probe,
+                      trust_graph=trust_graph)
 
 
 def _progress(quiet: bool) -> Any:
@@ -138,7 +140,7 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
 @json_option
 def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, overlays: Path | None, worst: int,
                  record: bool, batch_size: int, device: str, backend: str | None, tile: tuple[int, ...] | None,
-                 channels: str | None, axes: str | None, no_probe: bool, registry_url: str | None,
+                 channels: str | None, axes: str | None, no_probe: bool, trust_graph: bool, registry_url: str | None,
                  blob_store: str | None, quiet: bool, as_json: bool) -> None:
     """Measure PACKAGE (a file, NAME==VERSION or NAME@ALIAS) on labelled images, through the tiled runner.
 
@@ -151,7 +153,7 @@ def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, 
     with handle_errors():
         if report is not None and report.exists():
             raise UsageError(f"{report} already exists", hint="choose another --report path or remove it")
-        opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe),
+        opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe, trust_graph),
                            keep_worst=worst if report is not None else 0, overlays=overlays)
         with _registry(registry_url, blob_store) as lazy:
             from ..evaluate.sources import looks_like_file
@@ -219,7 +221,7 @@ def _recorded_pair(reg: Registry, a: str, b: str) -> tuple[dict[str, Any], dict[
 def compare_cmd(a: str, b: str, images: Path | None, labels: Path | None, metric_names: tuple[str, ...],
                 resamples: int, seed: int, batch_size: int, device: str, backend: str | None,
                 tile: tuple[int, ...] | None, channels: str | None, axes: str | None, no_probe: bool,
-                registry_url: str | None, blob_store: str | None, as_json: bool) -> None:
+                trust_graph: bool, registry_url: str | None, blob_store: str | None, as_json: bool) -> None:
     """Compare A and B (files or registry references): B - A per metric with a 95% bootstrap interval.
 
     With --images/--labels both are evaluated now; without, their recorded evaluations on a common dataset
@@ -235,7 +237,8 @@ def compare_cmd(a: str, b: str, images: Path | None, labels: Path | None, metric
             if images is None or labels is None:
                 ea, eb = _recorded_pair(lazy.get(), a, b)
             else:
-                opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe))
+                opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe,
+                                                   trust_graph))
                 from ..evaluate.dataset import pair_dataset
 
                 pairs = pair_dataset(images, labels)

@@ -14,7 +14,7 @@ import click
 
 from ..errors import UsageError
 from ..metadata import MODEL_TYPES
-from ._common import echo_json, handle_errors, json_option, refuse_existing_output
+from ._common import echo_json, handle_errors, json_option, refuse_existing_output, trust_graph_option
 
 __all__ = ["register"]
 
@@ -154,13 +154,14 @@ def unpack(package: Path, directory: Path, force: bool, as_json: bool) -> None:
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--static", is_flag=True, help="Do not load the model (no signature).")
 @click.option("--backend", default=None, help="Backend used to read the model signature.")
+@trust_graph_option
 @json_option
-def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> None:
-    """Show PACKAGE's metadata and model signature at a glance."""
+def inspect(package: Path, static: bool, backend: str | None, trust_graph: bool, as_json: bool) -> None:
+    """Show PACKAGE's metadata, what its graph would execute (the static audit) and its model signature."""
     with handle_errors():
         from ..pack.unpack import inspect_summary
 
-        info = inspect_summary(package, load_model=not static, backend=backend)
+        info = inspect_summary(package, load_model=not static, backend=backend, trust_graph=trust_graph)
     if as_json:
         echo_json(info)
         return
@@ -171,6 +172,14 @@ def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> 
     click.echo("  metadata:")
     for key, value in (info["metadata"] or {}).items():
         click.echo(f"    {key}: {value}")
+    audit = info.get("audit")
+    if audit is not None:
+        click.echo(f"  graph audit: {_audit_line(audit)}")
+        for u in audit["unsafe"][:20]:
+            node = f", node '{u['node']}'" if u["node"] else ""
+            click.echo(f"    REFUSED {u['op']}: {u['reason']} ({u['where']}{node})")
+        if len(audit["unsafe"]) > 20:
+            click.echo(f"    ... and {len(audit['unsafe']) - 20} more (see --json)")
     sig = info.get("signature")
     if sig:
         click.echo(f"  signature ({info['backend']}):")
@@ -182,6 +191,15 @@ def inspect(package: Path, static: bool, backend: str | None, as_json: bool) -> 
         click.echo(f"  signature: not shown ({info['signature_note']})")
     for f in info["findings"]:
         click.echo(f"  {f['severity']}: {f['check']}: {f['message']}")
+
+
+def _audit_line(audit: dict[str, Any]) -> str:
+    if audit["problem"]:
+        return f"could not be audited: {audit['problem']}"
+    counts = audit["op_counts"]
+    kinds = ", ".join(sorted(counts, key=lambda k: -counts[k])[:8]) + (", ..." if len(counts) > 8 else "")
+    verdict = "clean" if audit["clean"] else f"{len(audit['unsafe'])} refused operation(s)"
+    return f"{verdict}; {audit['operations']:,} operations ({kinds})"
 
 
 def register(group: click.Group) -> None:

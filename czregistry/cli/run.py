@@ -23,6 +23,7 @@ from ._common import (
     refuse_existing_output,
     require_package_file,
     sigterm_as_interrupt,
+    trust_graph_option,
     warn_plugin_failures,
 )
 
@@ -88,6 +89,7 @@ class _Progress:
 @click.option("--channels", default=None, metavar="I,J,...", help="Image channels to feed the model (0-based).")
 @click.option("--axes", default=None, help="Image axes when the file does not say, e.g. ZYXC or TYX.")
 @click.option("--no-probe", is_flag=True, help="Do not measure stride/halo; trust the metadata.")
+@trust_graph_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @force_option
 @click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
@@ -101,8 +103,8 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
             batch_size: int | None, device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
-            quiet: bool, force: bool, dask_scheduler: str | None, resume: bool, block_size: int | None,
-            as_json: bool) -> None:
+            trust_graph: bool, quiet: bool, force: bool, dask_scheduler: str | None, resume: bool,
+            block_size: int | None, as_json: bool) -> None:
     """Run PACKAGE tiled over IMAGE (TIFF/OME-TIFF, PNG, JPEG, .npy, Zarr) and write OUTPUT.
 
     Memory stays bounded whatever the image size; nothing is left under OUTPUT if the run fails or is
@@ -133,7 +135,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                          tile=tuple(tile3 or tile or ()) or None, geometry=geometry,  # type: ignore[arg-type]
                          output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
                          compression=compression,  # type: ignore[arg-type]
-                         channels=chans, axes=axes, probe=not no_probe)
+                         channels=chans, axes=axes, probe=not no_probe, trust_graph=trust_graph)
     # the progress bar only on a terminal: a log file would get one stray "tiles" line
     progress = _Progress(quiet or as_json or not sys.stderr.isatty())
     if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.run.dask_run)
@@ -195,9 +197,10 @@ def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: An
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--backend", default=None, help="Inference backend (see 'czreg plugins').")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@trust_graph_option
 @json_option
 def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | None, batch_size: int,
-              as_json: bool) -> None:
+              trust_graph: bool, as_json: bool) -> None:
     """Run PACKAGE tiled on the best device here; check output and seams. Exit 0 pass, 1 fail."""
     from ..report import render_text
     from ..run.smoke import smoke_test
@@ -207,7 +210,7 @@ def smoke_cmd(package: Path, image: Path | None, device: str, backend: str | Non
         warn_plugin_failures()
     with handle_errors(), sigterm_as_interrupt(), _probe_errors():
         report = smoke_test(package, image=image, backend=backend, device=device,  # type: ignore[arg-type]
-                            batch_size=batch_size)
+                            batch_size=batch_size, trust_graph=trust_graph)
     if as_json:
         echo_json(report.to_dict())
     else:

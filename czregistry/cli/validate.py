@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, require_package_file, warn_plugin_failures
+from ._common import echo_json, handle_errors, require_package_file, trust_graph_option, warn_plugin_failures
 
 
 @click.command()
@@ -25,8 +25,9 @@ from ._common import echo_json, handle_errors, require_package_file, warn_plugin
               help="Largest window (pixels per axis) the halo probe grows to before it reports a lower bound.")
 @click.option("--time-budget", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Soft limit in seconds for model probing per package.")
+@trust_graph_option
 def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
-             backend: str | None, device: str, max_probe_size: int, time_budget: float) -> None:
+             backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool) -> None:
     """Validate packages. Exit 0 if all are valid, 1 if any is invalid, 2 on usage errors."""
     from ..checks import ValidateOptions
     from ..report import render_html, render_markdown, render_text
@@ -41,7 +42,7 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
             require_package_file(path)
         warn_plugin_failures()
     options = ValidateOptions(static=static, strict=strict, backend=backend, device=device,  # type: ignore[arg-type]
-                              max_probe_size=max_probe_size, time_budget=time_budget)
+                              max_probe_size=max_probe_size, time_budget=time_budget, trust_graph=trust_graph)
     all_valid = True
     reports = []
     with handle_errors():

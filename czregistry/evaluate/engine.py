@@ -246,7 +246,7 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     package_sha: Future[str] | None = None
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="czreg-evaluate")
     try:
-        with load_session(pkg, run_opts.backend, run_opts.device) as session:
+        with load_session(pkg, run_opts.backend, run_opts.device, trust_graph=run_opts.trust_graph) as session:
             in_ch, out_ch = _session_facts(session, info)
             nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             if task == "segmentation":

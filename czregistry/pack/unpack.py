@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ..audit import audit_package
 from ..errors import BackendError, PackageError, UsageError
 from ..package import inspect_package, open_package, require_package_file, sha256_file
 from ..selection import load_session
@@ -52,8 +53,10 @@ def unpack_package(package: Path, directory: Path, *, force: bool = False) -> li
     return written
 
 
-def inspect_summary(package: Path, *, load_model: bool = True, backend: str | None = None) -> dict[str, Any]:
-    """Metadata, archive facts and (when a backend can load it) the model's real signature."""
+def inspect_summary(package: Path, *, load_model: bool = True, backend: str | None = None,
+                    trust_graph: bool = False) -> dict[str, Any]:
+    """Metadata, archive facts, the static graph audit and (when a backend can load it and the audit passes,
+    or ``trust_graph``) the model's real signature."""
     require_package_file(package)
     pkg, findings = inspect_package(package)
     if pkg is None:
@@ -65,12 +68,13 @@ def inspect_summary(package: Path, *, load_model: bool = True, backend: str | No
         "model_member": pkg.model_member, "model_bytes": pkg.model_size, "license_member": pkg.license_member,
         "metadata": pkg.metadata, "findings": [f.to_dict() for f in findings],
         "signature": None, "backend": None, "signature_note": None,
+        "audit": audit_package(pkg).to_dict() if pkg.model_format != "unknown" else None,
     }
     if not load_model:
         out["signature_note"] = "--static"
         return out
     try:
-        with load_session(pkg, backend, "cpu") as session:
+        with load_session(pkg, backend, "cpu", trust_graph=trust_graph) as session:
             out["signature"] = session.signature.to_dict()
             out["backend"] = session.backend
     except BackendError as exc:

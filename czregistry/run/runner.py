@@ -73,6 +73,8 @@ class RunOptions:
     #: Measure stride and halo by probing the model (a second or so for small models).
     probe: bool = True
     probe_budget: float = 20.0
+    #: Run a graph the static audit refuses (``--trust-graph``: your own models only).
+    trust_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -867,7 +869,8 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
     src = open_image(image, options.axes)
     t_start = time.perf_counter()
     try:
-        with load_session(pkg, options.backend, options.device) as session, contextlib.ExitStack() as stack:
+        with load_session(pkg, options.backend, options.device, trust_graph=options.trust_graph) as session, \
+                contextlib.ExitStack() as stack:
             nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             lead_axes, lead_shape, spatial = src.layout(nd)
             notes: list[str] = []

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import Device
-from ..errors import CzregError
+from ..errors import CzregError, UnsafeGraphError
 from ..metadata import ModelInfo
 from ..report import Finding, Report
 from ..selection import load_session
@@ -90,10 +90,11 @@ def _semantics(report: Report, info: ModelInfo, out: np.ndarray) -> None:
 def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: str | None = None,
                device: Device = "auto", tile: tuple[int, ...] | None = None, batch_size: int = 4,
                tiles_per_axis: float = 2.5, seed: int = 0, max_whole_pixels: int = MAX_WHOLE_PIXELS,
-               probe_budget: float = 20.0) -> Report:
+               probe_budget: float = 20.0, trust_graph: bool = False) -> Report:
     """Run ``path`` tiled and report shape, finiteness, value semantics, seam error and throughput.
 
-    Never raises for problems of the package: they become error findings (``smoke.*``).
+    Never raises for problems of the package: they become error findings (``smoke.*``; a graph the static
+    audit refuses is ``model.graph.unsafe_ops`` and nothing runs, unless ``trust_graph``).
     """
     from ..package import open_package
     from .runner import RunOptions, model_geometry, plan_for_model, predict_image
@@ -114,7 +115,12 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
                                                    "to test"))
         return report
     try:
-        session = load_session(pkg, backend, device)
+        session = load_session(pkg, backend, device, trust_graph=trust_graph)
+    except UnsafeGraphError as exc:
+        report.add(Finding.error("model.graph.unsafe_ops", exc.message, hint=exc.hint))
+        if exc.audit is not None:
+            meas["graph_audit"] = exc.audit
+        return report
     except CzregError as exc:
         report.add(Finding.error("smoke.load", exc.message, hint=exc.hint))
         return report
@@ -122,7 +128,8 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
         meas["smoke.backend"], meas["smoke.device"] = session.backend, session.device
         try:
             geom = model_geometry(session, info, time_budget=probe_budget)
-            options = RunOptions(batch_size=batch_size, tile=tile, device=device, backend=backend)
+            options = RunOptions(batch_size=batch_size, tile=tile, device=device, backend=backend,
+                                 trust_graph=trust_graph)
             nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
             # plan once on a dummy size to learn tile and channels
             probe_grid, _, in_ch, out_ch = plan_for_model(session, info, (1,) * nd, options, [])
