@@ -831,7 +831,7 @@ def test_oci_manifest_bodies_are_read_bounded(tmp_path: Path) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server calls it by this name
             if self.path == "/v2/":
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
@@ -891,8 +891,7 @@ def test_a_model_name_from_the_package_passes_the_name_rules(case: str, tmp_path
     assert r.output.splitlines() == [
         f"Error: the package's ModelName {shown} is not a valid registry name ({_RULE}); not published",
         f"Hint: pass {hint}"]
-    assert "(0 versions)" in cli("list", "--registry", str(reg)).output or \
-        cli("list", "--registry", str(reg), "--json").output.strip() == "[]"
+    assert json.loads(cli("list", "--registry", str(reg), "--json").output) == []
     ok = cli("publish", str(pkg), "--name", "fine-name", "--version", "1.0.0", "--static", "--registry", str(reg))
     assert ok.exit_code == 0, ok.output
 
