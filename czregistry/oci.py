@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OciError, UsageError, first_line
-from .signing import BUNDLE_MEDIA_TYPE, MODEL_SIGNING_PREDICATE, REPORT_PREDICATE
+from .signing import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_BYTES, MODEL_SIGNING_PREDICATE, REPORT_PREDICATE
 
 __all__ = [
     "ARTIFACT_TYPE",
@@ -61,7 +61,13 @@ EMPTY_BLOB = b"{}"
 TITLE = "org.opencontainers.image.title"
 PREDICATE_ANNOTATION = "dev.sigstore.bundle.predicateType"
 ROLE_ANNOTATION = "czregistry.role"
-MAX_SMALL_BLOB = 64 << 20  # reports and signature bundles; the package layer itself is streamed
+#: Reports, signature bundles and manifests: the same bound as a bundle read from a file (4 MiB, the manifest
+#: size the OCI distribution spec asks registries to accept). The package layer itself is streamed, bounded
+#: by its declared size, which must be at most the package reader's ``ReadLimits().max_total_bytes``.
+MAX_SMALL_BLOB = MAX_BUNDLE_BYTES
+MAX_ERROR_BODY = 64 << 10  # an error document is a line or two of JSON
+CHUNK = 1 << 16  # small enough that one chunk, even inflated by a Content-Encoding, stays modest
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 TIMEOUT = (10.0, 300.0)  # connect, read (seconds): a dead registry is an error, never a silent wait
 
 _REF = re.compile(r"^oci://(?P<host>[A-Za-z0-9.-]+(?::\d+)?|\[[0-9a-fA-F:]+\](?::\d+)?)/"
@@ -186,8 +192,8 @@ class _Client:
 
     def _error(self, resp: Any, what: str) -> OciError:
         message = ""
-        with contextlib.suppress(Exception):
-            errors = resp.json().get("errors") or []
+        with contextlib.suppress(Exception):  # read no more than an error document can sensibly be
+            errors = json.loads(_read_body(resp, MAX_ERROR_BODY, "an error", truncate=True)).get("errors") or []
             message = "; ".join(str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict))
         detail = f": {message}" if message else ""
         if resp.status_code in (401, 403):
@@ -267,13 +273,15 @@ class _Client:
                             stream=True)
 
     def small_blob(self, desc: dict[str, Any]) -> bytes:
-        """A referrer's blob (report or bundle), size-capped and checked against its digest."""
-        if int(desc.get("size", 0)) > MAX_SMALL_BLOB:
-            raise OciError(f"attachment {desc.get('digest')} is larger than {MAX_SMALL_BLOB >> 20} MiB; refused")
-        with self.open_blob(desc["digest"]) as resp:
-            data = b"".join(resp.iter_content(1 << 20))
-        if _digest(data) != desc["digest"]:
-            raise OciError(f"blob {desc['digest'][:19]}... from {self.ref.host} does not match its digest")
+        """A referrer's blob (report or bundle): its declared size checked first (at most ``MAX_SMALL_BLOB``),
+        read no further than that size, and checked against its digest."""
+        digest = _descriptor_digest(desc, "attachment")
+        size = _declared_size(desc, MAX_SMALL_BLOB, f"attachment {digest[:19]}...")
+        with self.open_blob(digest) as resp:
+            data = _read_body(resp, size, f"attachment {digest[:19]}... from {self.ref.host}",
+                              declared=True)
+        if len(data) != size or _digest(data) != digest:
+            raise OciError(f"blob {digest[:19]}... from {self.ref.host} does not match its digest")
         return data
 
     def put_manifest(self, reference: str, body: bytes, media_type: str) -> tuple[str, Any]:
@@ -290,12 +298,12 @@ class _Client:
         resp = self.request("GET", self._url(f"{self.ref.repo}/manifests/{reference}"),
                             what=f"{self.ref.repo}:{reference}" if not reference.startswith("sha256:")
                             else f"{self.ref.repo}@{reference}",
-                            headers={"Accept": ", ".join(media_types)}, allow=(404,) if missing_ok else ())
-        if resp.status_code == 404:
-            return None
-        body = resp.content
-        if len(body) > MAX_SMALL_BLOB:
-            raise OciError(f"manifest {reference} is larger than {MAX_SMALL_BLOB >> 20} MiB; refused")
+                            headers={"Accept": ", ".join(media_types)}, allow=(404,) if missing_ok else (),
+                            stream=True)
+        with resp:
+            if resp.status_code == 404:
+                return None
+            body = _read_body(resp, MAX_SMALL_BLOB, f"manifest {reference} from {self.ref.host}")
         if reference.startswith("sha256:") and _digest(body) != reference:
             raise OciError(f"{self.ref.host} answered {reference[:19]}... with other bytes; refused")
         return body, _digest(body)
@@ -306,15 +314,17 @@ class _Client:
         """Descriptors of the manifests whose subject is ``subject``, and how they were found: ``"api"``
         (OCI 1.1 referrers API) or ``"tag"`` (the ``sha256-<hex>`` index of the tag schema)."""
         resp = self.request("GET", self._url(f"{self.ref.repo}/referrers/{subject}"), what="listing referrers",
-                            headers={"Accept": INDEX_MEDIA_TYPE}, allow=(404, 400, 405))
-        if resp.status_code == 200 and resp.headers.get("Content-Type", "").startswith(INDEX_MEDIA_TYPE):
-            self.referrers_api = True
-            return list(resp.json().get("manifests") or []), "api"
+                            headers={"Accept": INDEX_MEDIA_TYPE}, allow=(404, 400, 405), stream=True)
+        with resp:
+            if resp.status_code == 200 and resp.headers.get("Content-Type", "").startswith(INDEX_MEDIA_TYPE):
+                self.referrers_api = True
+                body = _read_body(resp, MAX_SMALL_BLOB, f"the referrers of {subject[:19]}... from {self.ref.host}")
+                return _manifest_list(body, "the referrers list"), "api"
         self.referrers_api = False
         got = self.get_manifest(fallback_tag(subject), media_types=(INDEX_MEDIA_TYPE,), missing_ok=True)
         if got is None:
             return [], "tag"
-        return list(json.loads(got[0]).get("manifests") or []), "tag"
+        return _manifest_list(got[0], "the referrers index"), "tag"
 
     def add_referrers_by_tag(self, subject: str, descriptors: list[dict[str, Any]]) -> bool:
         """Merge ``descriptors`` into the tag-schema index of ``subject`` (unchanged when all are there)."""
@@ -336,6 +346,60 @@ def _reason(exc: BaseException) -> str:
     if m:
         return m.group(1)
     return "timed out" if "timed out" in text.lower() else text[:160]
+
+
+def _read_body(resp: Any, limit: int, what: str, *, declared: bool = False, truncate: bool = False) -> bytes:
+    """At most ``limit`` bytes of a streamed response: reading stops as soon as more arrive (a hostile or
+    broken registry cannot fill memory). ``declared``: ``limit`` is the size a descriptor declared.
+    ``truncate``: return the first ``limit`` bytes instead of refusing."""
+    parts: list[bytes] = []
+    n = 0
+    for chunk in resp.iter_content(CHUNK):
+        n += len(chunk)
+        if n > limit:
+            if truncate:
+                parts.append(chunk[:len(chunk) - (n - limit)])
+                break
+            said = f"the {limit} bytes its descriptor declares" if declared else f"{_human(limit)}"
+            raise OciError(f"{what} is larger than {said}; refused after reading {n} bytes",
+                           hint="the registry sent more than it should; do not trust it")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _human(n: int) -> str:
+    from ._smallfile import human_limit
+
+    return human_limit(n)
+
+
+def _declared_size(desc: dict[str, Any], limit: int, what: str) -> int:
+    """A descriptor's ``size``: an integer from 0 to ``limit``, refused before any byte is fetched
+    (a size of 10**18, -5 or "big" is a broken or hostile manifest, not a digest mismatch to find later)."""
+    size = desc.get("size")
+    if type(size) is not int or not 0 <= size <= limit:
+        raise OciError(f"{what} declares a size of {size!r:.40}; it must be a whole number of bytes from 0 to "
+                       f"{_human(limit)}; nothing downloaded", hint="the manifest is broken or hostile; do not use it")
+    return size
+
+
+def _descriptor_digest(desc: Any, what: str) -> str:
+    """A descriptor's digest, only in the one shape we fetch (``sha256:`` and 64 hex digits): it goes into
+    a URL path, so nothing else (``../``, a query string) may pass."""
+    digest = desc.get("digest") if isinstance(desc, dict) else None
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise OciError(f"{what} has an invalid digest {digest!r:.80}; nothing downloaded",
+                       hint="the manifest is broken or hostile; do not use it")
+    return digest
+
+
+def _manifest_list(body: bytes, what: str) -> list[dict[str, Any]]:
+    try:
+        items = json.loads(body).get("manifests") or []
+        assert isinstance(items, list)
+    except Exception:
+        raise OciError(f"{what} is not an OCI image index", hint="the registry answered something else") from None
+    return [d for d in items if isinstance(d, dict)]
 
 
 def fallback_tag(digest: str) -> str:
@@ -490,10 +554,13 @@ def _by_role(client: _Client, descriptors: list[dict[str, Any]]) -> Iterator[tup
         role = (desc.get("annotations") or {}).get(ROLE_ANNOTATION)
         if role not in ("report", "signature", "attestation") or desc.get("mediaType") != MANIFEST_MEDIA_TYPE:
             continue
-        got = client.get_manifest(desc["digest"])
+        got = client.get_manifest(_descriptor_digest(desc, f"the {role} attachment"))
         assert got is not None
-        layers = json.loads(got[0]).get("layers") or []
-        if len(layers) == 1:
+        try:
+            layers = json.loads(got[0]).get("layers") or []
+        except Exception:
+            raise OciError(f"the {role} attachment is not an OCI manifest", hint="do not trust this registry") from None
+        if isinstance(layers, list) and len(layers) == 1:
             yield role, client.small_blob(layers[0])
 
 
@@ -526,11 +593,13 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
         (layer,) = layers
         kind = next(k for k, mt in LAYER_MEDIA_TYPES.items() if mt == layer["mediaType"])
         sha256 = layer["digest"].removeprefix("sha256:")
-        size = int(layer["size"])
         assert re.fullmatch(r"[0-9a-f]{64}", sha256)
     except Exception:
         raise OciError(f"{ref} is not a czregistry package (artifact type {ARTIFACT_TYPE})",
                        hint="push packages with czreg push") from None
+    from .package import ReadLimits
+
+    size = _declared_size(layer, ReadLimits().max_total_bytes, f"the package layer of {ref}")
     name = _safe_name((layer.get("annotations") or {}).get(TITLE), sha256, kind)
     out = out_dir / name
     if out.exists() and not force and (not out.is_file() or _sha256_file(out)[0] != sha256):
@@ -556,11 +625,18 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
         h = hashlib.sha256()
         n = 0
         with client.open_blob(layer["digest"]) as resp, tmp.open("wb") as fh:
-            for chunk in resp.iter_content(1 << 20):
-                h.update(chunk)
+            for chunk in resp.iter_content(CHUNK):
                 n += len(chunk)
+                if n > size:  # stop at once: never store (or hash) more than the manifest promised
+                    raise OciError(f"the package from {ref} is larger than the {size} bytes its manifest declares;"
+                                   f" stopped after {n} bytes, nothing written",
+                                   hint="the registry sent more than it should; do not trust it")
+                h.update(chunk)
                 fh.write(chunk)
-        if h.hexdigest() != sha256 or n != size:
+        if n != size:
+            raise OciError(f"the package from {ref} is shorter ({n} bytes) than the {size} bytes its manifest "
+                           "declares; nothing written", hint="the transfer was cut off (retry), or the manifest lies")
+        if h.hexdigest() != sha256:
             raise OciError(f"the package from {ref} does not match its digest (got sha256 {h.hexdigest()[:12]}..., "
                            f"{n} bytes); nothing written", hint="the registry or the network corrupted it; retry")
         if key is not None:

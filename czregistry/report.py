@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "human_size", "render_html", "render_markdown",
-           "render_text"]
+__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "human_size", "markdown_text", "printable",
+           "render_html", "render_markdown", "render_text"]
 
 #: Bumped only when a key of ``Report.to_dict`` changes meaning or disappears.
 REPORT_SCHEMA_VERSION = "1"
@@ -122,6 +123,46 @@ class Report:
         )
 
 
+# --- package text in reports ---------------------------------------------------------------------------
+# Findings quote what a package says (a field name, a class name, a ModelName): foreign text. Every renderer
+# passes it through ``printable`` (nothing that drives a terminal or reorders text survives), then through
+# its format's escaping: ``html.escape`` (quotes too, for attributes), ``markdown_text`` / ``_code_span``.
+
+#: C0 and C1 controls (ESC starts ANSI sequences, BEL ends OSC title sequences, CR rewrites a line), DEL,
+#: the line and paragraph separators, and the bidirectional marks, embeddings, overrides and isolates
+#: (U+202E turns ``gnp.exe`` around: "Trojan Source").
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: object) -> str:
+    """``text`` with every control, separator and bidi character written as an escape (``\\x1b``,
+    ``\\u202e``, ``\\n``), so it shows as one inert line in a terminal, a Markdown cell or a web page."""
+    return _UNPRINTABLE.sub(lambda m: _NAMED.get(m[0]) or (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                                         else f"\\u{ord(m[0]):04x}"), str(text))
+
+
+#: What makes inline Markdown inside a table cell: code, emphasis, links and images (``[``), strikethrough,
+#: cell breaks, and the backslash itself. Line-start syntax (``#``, ``-``, ``1.``) cannot occur mid-line.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as literal Markdown: printable, ``& < >`` as entities (no raw ``<img onerror>``, no
+    autolink), and the inline Markdown characters backslash-escaped (no emphasis, links, images, code or
+    extra table cells). Quotes stay: with ``<`` escaped, no attribute can open."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(printable(text), quote=False))
+
+
+def _code_span(text: object) -> str:
+    """``text`` as a Markdown code span: fenced by more backticks than any run inside it (CommonMark), with
+    ``|`` escaped (GFM tables split cells on it even inside code spans). Inside a code span nothing else is
+    interpreted, HTML included."""
+    body = printable(text).replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall("`+", body)), default=0) + 1)
+    return f"{fence} {body} {fence}" if body.startswith("`") or body.endswith("`") else f"{fence}{body}{fence}"
+
+
 _MARK = {Severity.ERROR: "ERROR  ", Severity.WARNING: "WARNING", Severity.INFO: "info   "}
 
 
@@ -133,18 +174,19 @@ def _verdict(report: Report) -> str:
 
 def render_text(report: Report, *, verbose: bool = True) -> str:
     """Terminal rendering: verdict first, then one line per finding, hints indented beneath."""
-    head = f"{report.path}: {_verdict(report)}"
+    p = printable  # findings quote package text: no escape sequence reaches the terminal
+    head = f"{p(report.path)}: {_verdict(report)}"
     details = [x for x in (report.format, report.schema_version and f"schema {report.schema_version}") if x]
     if details:
-        head += f"  [{', '.join(details)}]"
+        head += f"  [{p(', '.join(details))}]"
     lines = [head]
     for f in report.findings:
         if f.severity is Severity.INFO and not verbose:
             continue
-        loc = f" ({f.location})" if f.location else ""
-        lines.append(f"  {_MARK[f.severity]} {f.check}: {f.message}{loc}")
+        loc = f" ({p(f.location)})" if f.location else ""
+        lines.append(f"  {_MARK[f.severity]} {p(f.check)}: {p(f.message)}{loc}")
         if f.hint:
-            lines.append(f"           hint: {f.hint}")
+            lines.append(f"           hint: {p(f.hint)}")
     n_err, n_warn = len(report.errors), len(report.warnings)
     lines.append(f"  {n_err} error(s), {n_warn} warning(s)")
     return "\n".join(lines)
@@ -156,31 +198,31 @@ def _measurement_rows(report: Report) -> list[tuple[str, str]]:
 
 def render_markdown(report: Report) -> str:
     """A shareable report (attach it to the e-mail that sends the package)."""
+    md = markdown_text
     out = [
-        f"# Validation report: `{report.path}`",
+        f"# Validation report: {_code_span(report.path)}",
         "",
         f"- **Verdict:** {_verdict(report)}",
-        f"- **Format:** {report.format or 'unknown'}",
-        f"- **Schema version:** {report.schema_version or 'unknown'}",
-        f"- **SHA-256:** `{report.sha256 or 'n/a'}`",
+        f"- **Format:** {md(report.format or 'unknown')}",
+        f"- **Schema version:** {md(report.schema_version or 'unknown')}",
+        f"- **SHA-256:** {_code_span(report.sha256 or 'n/a')}",
         "",
         "| severity | check | message | location | hint |",
         "|---|---|---|---|---|",
     ]
-
-    def cell(s: str | None) -> str:
-        return (s or "").replace("|", "\\|").replace("\n", " ")
-
     for f in report.findings:
-        out.append(f"| {f.severity.value} | `{f.check}` | {cell(f.message)} | {cell(f.location)} | {cell(f.hint)} |")
+        out.append(f"| {f.severity.value} | {_code_span(f.check)} | {md(f.message)} | {md(f.location or '')} | "
+                   f"{md(f.hint or '')} |")
     if report.measurements:
         out += ["", "## Measurements", "", "| quantity | value |", "|---|---|"]
-        out += [f"| {k} | `{cell(v)}` |" for k, v in _measurement_rows(report)]
+        out += [f"| {md(k)} | {_code_span(v)} |" for k, v in _measurement_rows(report)]
     return "\n".join(out) + "\n"
 
 
 def render_html(report: Report) -> str:
-    e = html.escape
+    def e(text: str) -> str:  # quote=True: also safe inside attribute values
+        return html.escape(printable(text), quote=True)
+
     rows = "".join(
         f"<tr class='{f.severity.value}'><td>{e(f.severity.value)}</td><td><code>{e(f.check)}</code></td>"
         f"<td>{e(f.message)}</td><td>{e(f.location or '')}</td><td>{e(f.hint or '')}</td></tr>"

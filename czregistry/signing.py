@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__
+from ._smallfile import read_small_file
 from .errors import SignatureError, UsageError, first_line
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ATT_SUFFIX",
     "BUNDLE_MEDIA_TYPE",
+    "MAX_BUNDLE_BYTES",
+    "MAX_KEY_BYTES",
     "MODEL_SIGNING_PREDICATE",
     "REPORT_PREDICATE",
     "SIG_SUFFIX",
@@ -48,6 +51,7 @@ __all__ = [
     "attestation_path",
     "generate_keypair",
     "key_id",
+    "read_bundle",
     "require_extra",
     "sign_package",
     "signature_path",
@@ -63,6 +67,14 @@ MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
 #: Our predicate: ``{"report": <validation report>, "smoke": <smoke report or null>, "signed_at", "signer"}``.
 REPORT_PREDICATE = "https://czregistry/validation-report/v1"
 _CURVES = {"secp256r1", "secp384r1", "secp521r1"}  # what model-signing (and Sigstore's specs) accept
+#: Largest key file read: a PEM EC key is 200-400 bytes, an RSA-8192 one about 6.5 KB; 64 KiB is generous.
+MAX_KEY_BYTES: Final = 64 << 10
+#: Largest signature or attestation bundle read (a file beside a package, an OCI attachment, a manifest).
+#: A signature bundle is about 2 KB; an attestation carries the validation report (and smoke report),
+#: usually 5-50 KB, base64-encoded. 4 MiB leaves room for reports with thousands of findings, and is the
+#: manifest size the OCI distribution spec tells registries to accept, so one bound serves every small
+#: foreign blob.
+MAX_BUNDLE_BYTES: Final = 4 << 20
 
 
 def require_extra(*modules: str) -> None:
@@ -164,12 +176,13 @@ def _load_public_key(path: Path) -> Any:
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
+    """A key file's bytes, bounded (``MAX_KEY_BYTES``): ``--key /dev/urandom`` or a 20 GB file is refused
+    before it is read. A usage error (exit 2) like every other problem with the key path the user gave."""
     try:
-        return Path(path).read_bytes()
+        return read_small_file(path, limit=MAX_KEY_BYTES, what=f"{what} key file", why="a PEM key is a few KB",
+                               hint=f"give the {what} key's PEM file (czreg keygen makes a key pair)")
     except FileNotFoundError:
         raise UsageError(f"no such {what} key file: {path}", hint="check the path") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a folder, not a {what} key file", hint="check the path") from None
 
 
 def _public_pem(public_key: Any) -> bytes:
@@ -366,10 +379,19 @@ def _signed_sha256(bundle: Any) -> str:
 # --- verify ----------------------------------------------------------------------------------------------
 
 
+def read_bundle(path: Path | str, what: str) -> bytes:
+    """A signature or attestation bundle from a file, bounded (``MAX_BUNDLE_BYTES``). Bundles travel with
+    the package, so one that is not a regular file or is too large is a bad signature (``SignatureError``,
+    exit 10), like any other damage to it. ``FileNotFoundError`` is left to the caller."""
+    return read_small_file(path, limit=MAX_BUNDLE_BYTES, what=f"{what} file",
+                           why=f"a {what} bundle is a few KB", error=SignatureError,
+                           hint="do not use it; get the package and its .sig/.att again from the publisher")
+
+
 def _read_beside(path: Path, what: str, package: str) -> bytes:
     try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+        return read_bundle(path, what)
+    except FileNotFoundError:
         raise SignatureError(f"{package} has no {what} ({path.name} not found)",
                              hint=f"get {path.name} from the publisher, or sign the package with czreg sign") from None
 
@@ -404,8 +426,12 @@ def verify_package(path: Path | str, public_key: Path | str, *, signature: bytes
     with tempfile.TemporaryDirectory(prefix="czreg-verify-") as tmp:
         sig_file = Path(tmp) / "package.sig"
         sig_file.write_bytes(sig_bytes)
+        # model-signing reads its key from a file: give it the key we loaded (bounded), not the user's path,
+        # which it would read again without a bound (and which may have changed since).
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(_public_pem(key))
         try:
-            verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(path, sig_file)
+            verifying.Config().use_elliptic_key_verifier(public_key=key_file).verify(path, sig_file)
         except Exception as exc:
             why = "the package bytes differ from the signed ones" if "mismatch" in str(exc).lower() \
                 else "the signature is invalid"

@@ -598,3 +598,401 @@ def test_run_on_a_tiff_with_a_damaged_tile_is_one_line(dtype: str, world: World,
     assert "cannot read TIFF bad.tif: the file is damaged" in lines[0] and "tile/strip 12 of page 0" in lines[0]
     assert "Traceback" not in r.output
     assert list(out.iterdir()) == []
+
+
+# --- issue 22: foreign keys, bundles, OCI sizes, derived names, reports --------------------------------
+
+
+@dataclass
+class Signed:
+    pkg: Path  # a static package, signed (PKG.sig / PKG.att beside it)
+    pub: Path
+    key: Path
+    registry: str  # holds signed-seg 1.0.0 (the package, signed)
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Signed:
+    root = tmp_path_factory.mktemp("issue22")
+    pkg = make_package(root)
+    assert cli("keygen", "-o", str(root / "k")).exit_code == 0
+    r = cli("sign", str(pkg), "--key", str(root / "k.pem"), "--static")
+    assert r.exit_code == 0, r.output
+    (root / "reg").mkdir()
+    r = cli("publish", str(pkg), "--name", "signed-seg", "--version", "1.0.0", "--static", "--sign",
+            str(root / "k.pem"), "--registry", str(root / "reg"))
+    assert r.exit_code == 0, r.output
+    return Signed(pkg, root / "k.pub", root / "k.pem", str(root / "reg"))
+
+
+def _hostile_file(kind: str, folder: Path, limit: int) -> tuple[Path, str]:
+    """A path that is no key or bundle, and how the refusal describes it."""
+    if kind == "urandom":
+        return Path("/dev/urandom"), "is a character device, not a regular file"
+    path = folder / f"hostile-{kind}"
+    if kind == "fifo":  # opening a FIFO for reading blocks until a writer comes: it must never be opened
+        os.mkfifo(path)
+        return path, "is a named pipe (FIFO), not a regular file"
+    if kind == "folder":
+        path.mkdir()
+        return path, "is a folder, not a regular file"
+    with path.open("wb") as fh:  # sparse: one byte over the limit costs no disk
+        fh.truncate(limit + 1)
+    return path, f"is {limit + 1} bytes, too large to be one"
+
+
+KEY_COMMANDS = {
+    "verify-signature --key": ("public", lambda s, k, o: ["verify-signature", str(s.pkg), "--key", str(k)]),
+    "sign --key": ("private", lambda s, k, o: ["sign", str(s.pkg), "--key", str(k), "--static", "--force"]),
+    "pull --key": ("public", lambda s, k, o: ["pull", "signed-seg==1.0.0", "-o", str(o), "--key", str(k),
+                                              "--registry", s.registry]),
+    "publish --sign": ("private", lambda s, k, o: ["publish", str(s.pkg), "--name", "other", "--version", "2",
+                                                   "--static", "--sign", str(k), "--registry", s.registry]),
+}
+
+
+@pytest.mark.parametrize("kind", ["urandom", "fifo", "folder", "over-64-KiB"])
+@pytest.mark.parametrize("command", list(KEY_COMMANDS))
+def test_key_files_are_refused_unread_unless_small_regular_files(command: str, kind: str, signed: Signed,
+                                                                 tmp_path: Path) -> None:
+    """``--key /dev/urandom`` read 21 GB before the kernel killed it; a FIFO blocked forever. A key is a
+    few KB: anything but a regular file of at most 64 KiB is a usage error (exit 2, like every other
+    problem with the key path), named with the limit, and nothing is written."""
+    from czregistry.signing import MAX_KEY_BYTES
+
+    what, argv = KEY_COMMANDS[command]
+    key, why = _hostile_file(kind, tmp_path, MAX_KEY_BYTES)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = signed.pkg.with_name(signed.pkg.name + ".sig").read_bytes()
+    r = cli(*argv(signed, key, out))
+    assert r.exit_code == 2, r.output
+    _assert_one_line(r.output)
+    assert r.output.splitlines() == [
+        f"Error: {what} key file {key} {why}; not read (a PEM key is a few KB; the limit is 64 KiB)"
+        if kind != "over-64-KiB" else
+        f"Error: {what} key file {key} {why} (a PEM key is a few KB; the limit is 64 KiB); not read",
+        f"Hint: give the {what} key's PEM file (czreg keygen makes a key pair)"]
+    assert _files(out) == []
+    assert signed.pkg.with_name(signed.pkg.name + ".sig").read_bytes() == before
+    assert "other" not in cli("list", "--registry", signed.registry).output
+
+
+@pytest.mark.parametrize("kind", ["fifo", "urandom", "over-4-MiB"])
+@pytest.mark.parametrize("which", ["beside", "--signature", "--attestation"])
+def test_signature_bundles_are_read_bounded(which: str, kind: str, signed: Signed, tmp_path: Path) -> None:
+    """A ``.sig``/``.att`` comes with the package: one that is not a regular file of at most 4 MiB is a bad
+    signature (exit 10), refused before it is read."""
+    from czregistry.signing import MAX_BUNDLE_BYTES
+
+    pkg = tmp_path / "p.czann"
+    shutil.copy(signed.pkg, pkg)
+    for suffix in (".sig", ".att"):
+        shutil.copy(signed.pkg.with_name(signed.pkg.name + suffix), pkg.with_name(pkg.name + suffix))
+    bad, why = _hostile_file(kind, tmp_path, MAX_BUNDLE_BYTES)
+    argv = ["verify-signature", str(pkg), "--key", str(signed.pub)]
+    what = "attestation" if which == "--attestation" else "signature"
+    if which == "beside":
+        target = pkg.with_name(pkg.name + ".sig")
+        target.unlink()
+        target.symlink_to(bad)
+        shown = target
+    else:
+        argv += [which, str(bad)]
+        shown = bad
+    r = cli(*argv)
+    assert r.exit_code == 10, r.output
+    _assert_one_line(r.output)
+    bound = f"a {what} bundle is a few KB; the limit is 4 MiB"
+    assert r.output.splitlines() == [
+        f"Error: {what} file {shown} {why}; not read ({bound})" if kind != "over-4-MiB"
+        else f"Error: {what} file {shown} {why} ({bound}); not read",
+        "Hint: do not use it; get the package and its .sig/.att again from the publisher"]
+
+
+@dataclass
+class LyingRegistry:
+    host: str
+    manifest: dict[str, object]  # the honest package manifest pushed as abuse22/seg:1
+    size: int  # the package's real size
+
+
+@pytest.fixture(scope="module")
+def lying_registry(tmp_path_factory: pytest.TempPathFactory, signed: Signed) -> Iterator[LyingRegistry]:
+    """The real CNCF registry. It stores a manifest whose layer size lies (it checks only that the blob
+    exists), so the hostile manifests below are served by the real thing, not a stand-in."""
+    import urllib.request
+
+    from czregistry import oci
+    from tests.oci_registry import BINARY, run_registry
+
+    if BINARY is None:
+        pytest.skip("docker-registry is not installed (.ci/run installs it)")
+    with run_registry(tmp_path_factory.mktemp("issue22-oci")) as host:
+        r = cli("push", str(signed.pkg), f"oci://{host}/abuse22/seg:1", "--plain-http")
+        assert r.exit_code == 0, r.output
+        req = urllib.request.Request(f"http://{host}/v2/abuse22/seg/manifests/1",
+                                     headers={"Accept": oci.MANIFEST_MEDIA_TYPE})
+        manifest = json.loads(urllib.request.urlopen(req).read())
+        yield LyingRegistry(host, manifest, signed.pkg.stat().st_size)
+
+
+def _put_manifest(host: str, repo: str, reference: str, manifest: dict[str, object], media_type: str) -> str:
+    import urllib.request
+
+    from czregistry import oci
+
+    body = oci.canonical_json(manifest)
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{reference}", data=body, method="PUT",
+                                 headers={"Content-Type": media_type})
+    assert urllib.request.urlopen(req).status == 201
+    return "sha256:" + __import__("hashlib").sha256(body).hexdigest()
+
+
+# (a size of "12" or 1.5 is refused by the real registry itself, so it never reaches a client from it)
+@pytest.mark.parametrize("declared", ["more", "fewer", 10**18, -5])
+def test_oci_pull_holds_the_registry_to_the_declared_layer_size(declared: object, lying_registry: LyingRegistry,
+                                                                tmp_path: Path) -> None:
+    """The layer's declared size is checked before the download (an int from 0 to 8 GiB) and enforced
+    during it: the transfer stops as soon as more bytes arrive than declared. Exit 12, nothing left."""
+    from czregistry import oci
+
+    real = lying_registry.size
+    size = {"more": 20, "fewer": real + 1000}.get(declared, declared)  # type: ignore[call-overload]
+    manifest = json.loads(json.dumps(lying_registry.manifest))
+    manifest["layers"][0]["size"] = size
+    tag = f"lie-{abs(hash(repr(declared)))}"
+    _put_manifest(lying_registry.host, "abuse22/seg", tag, manifest, oci.MANIFEST_MEDIA_TYPE)
+    out = tmp_path / "out"
+    out.mkdir()
+    ref = f"oci://{lying_registry.host}/abuse22/seg:{tag}"
+    r = cli("pull", ref, "-o", str(out), "--plain-http")
+    assert r.exit_code == 12, r.output
+    _assert_one_line(r.output)
+    lines = r.output.splitlines()
+    if declared == "more":
+        assert lines == [f"Error: the package from {ref} is larger than the 20 bytes its manifest declares; "
+                         f"stopped after {real} bytes, nothing written",
+                         "Hint: the registry sent more than it should; do not trust it"]
+    elif declared == "fewer":
+        assert lines == [f"Error: the package from {ref} is shorter ({real} bytes) than the {real + 1000} bytes "
+                         "its manifest declares; nothing written",
+                         "Hint: the transfer was cut off (retry), or the manifest lies"]
+    else:
+        assert lines == [f"Error: the package layer of {ref} declares a size of {declared!r}; it must be a whole "
+                         "number of bytes from 0 to 8 GiB; nothing downloaded",
+                         "Hint: the manifest is broken or hostile; do not use it"]
+    assert _files(out) == []
+
+
+def test_oci_pull_holds_attachments_to_their_declared_size(lying_registry: LyingRegistry, signed: Signed,
+                                                           tmp_path: Path) -> None:
+    """A referrer (here the signature bundle) whose layer declares fewer bytes than the registry sends:
+    reading stops there, exit 12, and neither the package nor its .sig/.att are left."""
+    from czregistry import oci
+
+    host = lying_registry.host
+    r = cli("push", str(signed.pkg), f"oci://{host}/abuse22/att:1", "--plain-http", "--json")
+    assert r.exit_code == 0, r.output
+    pushed = json.loads(r.output)
+    subject = {"mediaType": oci.MANIFEST_MEDIA_TYPE, "digest": pushed["digest"],
+               "size": len(oci.canonical_json(lying_registry.manifest))}
+    sig = signed.pkg.with_name(signed.pkg.name + ".sig").read_bytes()
+    att = oci.attachments(signed.pkg.name, report=None, signature=sig, attestation=None)[0]
+    lying = json.loads(att.manifest(subject))
+    lying["layers"][0]["size"] = 10
+    digest = _put_manifest(host, "abuse22/att", "lying-sig", lying, oci.MANIFEST_MEDIA_TYPE)
+    index = {"schemaVersion": 2, "mediaType": oci.INDEX_MEDIA_TYPE, "manifests": [
+        {"mediaType": oci.MANIFEST_MEDIA_TYPE, "digest": digest, "size": len(oci.canonical_json(lying)),
+         "artifactType": oci.BUNDLE_MEDIA_TYPE, "annotations": lying["annotations"]}]}
+    _put_manifest(host, "abuse22/att", oci.fallback_tag(pushed["digest"]), index, oci.INDEX_MEDIA_TYPE)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("pull", f"oci://{host}/abuse22/att:1", "-o", str(out), "--plain-http")
+    assert r.exit_code == 12, r.output
+    _assert_one_line(r.output)
+    blob = lying["layers"][0]["digest"]
+    assert r.output.splitlines() == [
+        f"Error: attachment {blob[:19]}... from {host} is larger than the 10 bytes its descriptor declares; "
+        f"refused after reading {len(sig)} bytes", "Hint: the registry sent more than it should; do not trust it"]
+    assert _files(out) == []
+
+
+def test_oci_manifest_bodies_are_read_bounded(tmp_path: Path) -> None:
+    """A manifest larger than 4 MiB is refused after reading a little over 4 MiB, not read whole. The real
+    registry refuses to *store* manifests over 4 MiB, so a tiny loopback server plays the hostile registry:
+    it answers the API check and then offers a 1 GiB manifest."""
+    import http.server
+    import threading
+
+    sent = [0]
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # http.server calls it by this name
+            if self.path == "/v2/":
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            chunk = b" " * (1 << 16)
+            with contextlib.suppress(OSError):
+                while sent[0] < 1 << 30:
+                    self.wfile.write(chunk)
+                    sent[0] += len(chunk)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        out = tmp_path / "out"
+        out.mkdir()
+        r = cli("pull", f"oci://{host}/evil/pkg:1", "-o", str(out), "--plain-http")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.exit_code == 12, r.output
+    _assert_one_line(r.output)
+    first = r.output.splitlines()[0]
+    assert first.startswith(f"Error: manifest 1 from {host} is larger than 4 MiB; refused after reading "), first
+    assert int(first.rsplit(" ", 2)[-2]) <= (4 << 20) + (1 << 16)
+    assert sent[0] < 64 << 20  # what the socket buffers took, far from the 1 GiB offered
+    assert _files(out) == []
+
+
+HOSTILE_NAMES = {
+    "rtl-override": ("evil\u202egnp.exe", "'evil\\u202egnp.exe'", "--name, e.g. --name evil-gnp.exe"),
+    "nul": ("nuc\x00lei", "'nuc\\x00lei'", "--name, e.g. --name nuc-lei"),
+    "script": ("<script>alert(1)</script>", "'<script>alert(1)</script>'",
+               "--name, e.g. --name script-alert-1-script"),
+    "only-punctuation": ("<<<>>>", "'<<<>>>'", "--name NAME (letters, digits, '.', '_' and '-')"),
+    "dots": ("..", "'..'", "--name NAME (letters, digits, '.', '_' and '-')"),
+}
+_RULE = "a name has letters, digits, '.', '_', '-' and spaces, and starts and ends with a letter or digit"
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_NAMES))
+def test_a_model_name_from_the_package_passes_the_name_rules(case: str, tmp_path: Path) -> None:
+    """Without --name the package's ModelName became the registry name, past the rules --name enforces
+    (and ``<<<>>>`` and ``..`` both became ``model``). Now it meets the same rules (a space may stand for
+    '-'), or publishing is refused in one line that suggests a --name; the registry is unchanged."""
+    model_name, shown, hint = HOSTILE_NAMES[case]
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    pkg = make_package(tmp_path, model_name=model_name)
+    r = cli("publish", str(pkg), "--version", "1.0.0", "--static", "--registry", str(reg))
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines() == [
+        f"Error: the package's ModelName {shown} is not a valid registry name ({_RULE}); not published",
+        f"Hint: pass {hint}"]
+    assert json.loads(cli("list", "--registry", str(reg), "--json").output) == []
+    ok = cli("publish", str(pkg), "--name", "fine-name", "--version", "1.0.0", "--static", "--registry", str(reg))
+    assert ok.exit_code == 0, ok.output
+
+
+def test_the_server_applies_the_name_rules_to_a_model_name_from_the_package(tmp_path: Path) -> None:
+    """The server's upload path derives the name the same way (and checks a token's model pattern with it):
+    the same refusal comes back to the client, nothing is stored."""
+    from tests.test_serve import _start
+
+    gen = _start(tmp_path / "srv", "sqlite")
+    srv = next(gen)
+    try:
+        pkg = make_package(tmp_path, model_name="evil\u202egnp.exe")
+        env = {"CZREG_REGISTRY": srv.url, "CZREG_TOKEN": srv.tokens["publisher"]}
+        r = cli("publish", str(pkg), "--version", "1.0.0", "--static", env=env)
+        assert r.exit_code == 2, r.output
+        assert r.output.splitlines()[0] == (f"Error: the package's ModelName 'evil\\u202egnp.exe' is not a valid "
+                                            f"registry name ({_RULE}); not published")
+        assert "evil" not in cli("list", env=env).output
+    finally:
+        gen.close()
+
+
+#: Metadata text that tries HTML, Markdown table syntax, code spans, a newline, ANSI (clear screen), an OSC
+#: window title ended by BEL, and a right-to-left override.
+PAYLOAD = "<img src=x onerror=alert(1)>|`x`\n# h\x1b[2J\x1b]0;pwn\x07\u202eevil"
+PAYLOAD_SHOWN = "<img src=x onerror=alert(1)>|`x`\\n# h\\x1b[2J\\x1b]0;pwn\\x07\\u202eevil"
+
+
+@pytest.fixture(scope="module")
+def hostile_metadata_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A statically valid package whose model.json has a field named by the payload: the validator quotes
+    the name in its finding (``metadata.unknown_field``) and in the finding's location."""
+    from czregistry.package import write_package
+    from tests.static_packages import ONNX_BYTES, czann_meta
+
+    path = tmp_path_factory.mktemp("hostile-meta") / "hostile.czann"
+    write_package(path, czann_meta(**{PAYLOAD: 1}), ONNX_BYTES)
+    return path
+
+
+def _no_raw_payload(text: str) -> None:
+    for raw in ("\x1b", "\x07", "\u202e", "<img src=x"):
+        assert raw not in text, (raw, text)
+
+
+def test_the_terminal_report_neutralises_control_characters(hostile_metadata_pkg: Path) -> None:
+    r = cli("validate", str(hostile_metadata_pkg), "--static")
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\u202e" not in r.output
+    assert f"  WARNING metadata.unknown_field: unknown field '{PAYLOAD_SHOWN}' is not part of CZANN 2.1.0; " \
+           f"hosts ignore it (model.json#/{PAYLOAD_SHOWN})" in r.output.splitlines()
+
+
+def test_the_markdown_report_escapes_package_text(hostile_metadata_pkg: Path, tmp_path: Path) -> None:
+    """Rendered by a real CommonMark + GFM-tables renderer: no HTML tag, no extra cell, the payload shown
+    as the literal text it is."""
+    markdown_it = pytest.importorskip("markdown_it")
+    out = tmp_path / "r.md"
+    r = cli("validate", str(hostile_metadata_pkg), "--static", "--report", str(out))
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    _no_raw_payload(text)
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    assert "<img" not in page and "<h1>" in page and page.count("<h1>") == 1
+    row = next(tr for tr in page.split("<tr>") if "unknown_field" in tr)
+    assert row.count("<td>") == 5, row
+    import html
+
+    assert f"unknown field '{PAYLOAD_SHOWN}' is not part of CZANN 2.1.0" in html.unescape(row)
+
+
+def test_the_html_report_escapes_package_text(hostile_metadata_pkg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    r = cli("validate", str(hostile_metadata_pkg), "--static", "--report", str(out))
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    _no_raw_payload(text)
+    import html
+
+    assert html.escape(f"unknown field '{PAYLOAD_SHOWN}' is not part of CZANN 2.1.0", quote=True) in text
+
+
+def test_the_evaluation_report_escapes_package_text(world: World, tmp_path: Path) -> None:
+    """A runnable package whose ModelName and class names carry the payload, evaluated for real."""
+    from czregistry.package import write_package
+
+    unpacked = tmp_path / "u"
+    assert cli("unpack", str(world.pkg), str(unpacked)).exit_code == 0
+    meta = json.loads((unpacked / "model.json").read_text())
+    meta["ModelName"] = PAYLOAD
+    meta["Classes"] = [f"{PAYLOAD}{i}" for i in range(len(meta["Classes"]))]
+    pkg = tmp_path / "hostile.czann"
+    write_package(pkg, meta, (unpacked / "model.model").read_bytes())
+    out = tmp_path / "e.html"
+    r = cli("evaluate", str(pkg), "--images", str(world.eval_images), "--labels", str(world.eval_labels),
+            "--report", str(out), "--no-probe")
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    _no_raw_payload(text)
+    import html
+
+    assert f"<title>Evaluation of {html.escape(PAYLOAD_SHOWN, quote=True)}</title>" in text
+    assert f"{html.escape(PAYLOAD_SHOWN, quote=True)}1" in text

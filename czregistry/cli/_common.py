@@ -103,7 +103,9 @@ class CliError(click.ClickException):
     """A ``CzregError`` at the edge: prints ``Error: message`` (+ hint) and exits with its code."""
 
     def __init__(self, error: CzregError) -> None:
-        text = error.message + (f"\nHint: {error.hint}" if error.hint else "")
+        from ..report import printable  # messages quote package text: one inert line, no escape sequences
+
+        text = printable(error.message) + (f"\nHint: {printable(error.hint)}" if error.hint else "")
         super().__init__(text)
         self.exit_code = error.exit_code  # type: ignore[misc]
 

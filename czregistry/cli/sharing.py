@@ -127,16 +127,18 @@ def verify_signature_cmd(package: Path, key: Path, sig: Path | None, att: Path |
     """Check PACKAGE against its signature and attestation with PUBLIC.pem, offline (exit 10 if not)."""
     with handle_errors():
         require_package_file(package)
-        from ..signing import verify_package
+        from ..signing import read_bundle, verify_package
 
-        def read(p: Path | None) -> bytes | None:
+        def read(p: Path | None, what: str) -> bytes | None:
             if p is None:
                 return None
-            if not p.is_file():
-                raise UsageError(f"no such file: {p}", hint="check the path")
-            return p.read_bytes()
+            try:
+                return read_bundle(p, what)  # bounded: --signature /dev/zero is refused, not read
+            except FileNotFoundError:
+                raise UsageError(f"no such file: {p}", hint="check the path") from None
 
-        info = verify_package(package, key, signature=read(sig), attestation=read(att)).to_dict()
+        info = verify_package(package, key, signature=read(sig, "signature"),
+                              attestation=read(att, "attestation")).to_dict()
     if as_json:
         echo_json(info)
         return
@@ -191,11 +193,16 @@ def _file_attachments(path: Path, *, static: bool, allow_invalid: bool) -> dict[
     import json
 
     from ..errors import OciError
-    from ..signing import attestation_path, signature_path
+    from ..signing import attestation_path, read_bundle, signature_path
+
+    def beside(p: Path, what: str) -> bytes | None:
+        try:
+            return read_bundle(p, what)  # bounded, like every bundle read
+        except FileNotFoundError:
+            return None
 
     sig_p, att_p = signature_path(path), attestation_path(path)
-    signature = sig_p.read_bytes() if sig_p.is_file() else None
-    attestation = att_p.read_bytes() if att_p.is_file() else None
+    signature, attestation = beside(sig_p, "signature"), beside(att_p, "attestation")
     report = None
     if attestation is not None:
         try:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..report import printable
+
 if TYPE_CHECKING:
     from .engine import Evaluation, Preview
 
@@ -90,12 +92,19 @@ def write_overlay_png(path: Path, preview: Preview, task: str, n_classes: int) -
     return path
 
 
+def _e(text: Any) -> str:
+    """Text from the package or the data set (class names, the model name, file names), inert in HTML:
+    control and bidi characters written as escapes (``printable``), then HTML-escaped, quotes included
+    (``alt='...'`` is an attribute)."""
+    return html.escape(printable(text), quote=True)
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
-    return html.escape(str(v))
+    return _e(str(v))
 
 
 def _bar_chart(metrics: dict[str, Any], classes: list[str]) -> str:
@@ -112,7 +121,7 @@ def _bar_chart(metrics: dict[str, Any], classes: list[str]) -> str:
                  '<rect x="210" y="2" width="10" height="10" fill="#f0a030"/><text x="224" y="11">Dice</text>')
     for i, c in enumerate(classes):
         y = 24 + i * row_h
-        parts.append(f'<text x="{left - 8}" y="{y + 20}" text-anchor="end">{html.escape(c)}</text>')
+        parts.append(f'<text x="{left - 8}" y="{y + 20}" text-anchor="end">{_e(c)}</text>')
         for j, (key, colour) in enumerate((("iou", "#3b6fd8"), ("dice", "#f0a030"))):
             v = metrics[key].get(c)
             yy = y + j * 17
@@ -127,7 +136,7 @@ def _bar_chart(metrics: dict[str, Any], classes: list[str]) -> str:
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -145,13 +154,13 @@ def render_report(evaluation: Evaluation) -> str:
     d = evaluation.data
     m, pkg, ds = d["metrics"], d["package"], d["dataset"]
     title = f"Evaluation of {pkg.get('name') or pkg.get('file')}"
-    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-           f"<p class='meta'>package sha256:{html.escape(pkg['sha256'])} ({html.escape(str(pkg.get('type')))})<br>"
-           f"dataset {html.escape(ds['digest'])}: {ds['images']} image(s), {ds['planes']} plane(s) from "
-           f"<code>{html.escape(ds['images_dir'])}</code><br>definition <code>{html.escape(d['definition'])}</code>"
-           f" &middot; {html.escape(d['inference']['backend'])}/{html.escape(d['inference']['device'])} &middot; "
-           f"{html.escape(d['created_at'])} &middot; czregistry {html.escape(d['czregistry_version'])}</p>"]
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+           f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>",
+           f"<p class='meta'>package sha256:{_e(pkg['sha256'])} ({_e(str(pkg.get('type')))})<br>"
+           f"dataset {_e(ds['digest'])}: {ds['images']} image(s), {ds['planes']} plane(s) from "
+           f"<code>{_e(ds['images_dir'])}</code><br>definition <code>{_e(d['definition'])}</code>"
+           f" &middot; {_e(d['inference']['backend'])}/{_e(d['inference']['device'])} &middot; "
+           f"{_e(d['created_at'])} &middot; czregistry {_e(d['czregistry_version'])}</p>"]
     if d["task"] == "segmentation":
         classes = pkg["classes"]
         out.append("".join(f"<div class='kpi'>{k}<b>{_fmt(m[k])}</b></div>"
@@ -162,10 +171,10 @@ def render_report(evaluation: Evaluation) -> str:
         out.append(_table(["label \\ prediction", *classes],
                           [[c, *row] for c, row in zip(classes, m["confusion"])]))
         obj = m["objects"]
-        out.append(f"<h2>Objects</h2><p class='meta'>{html.escape(obj['matching'])}; connectivity "
-                   f"{html.escape(obj['connectivity'])}. accuracy = TP/(TP+FP+FN).</p>")
+        out.append(f"<h2>Objects</h2><p class='meta'>{_e(obj['matching'])}; connectivity "
+                   f"{_e(obj['connectivity'])}. accuracy = TP/(TP+FP+FN).</p>")
         for c, rows in obj["classes"].items():
-            out.append(f"<h3>{html.escape(c)} (mean accuracy over thresholds {obj['mean_accuracy'][c]:.3f})</h3>")
+            out.append(f"<h3>{_e(c)} (mean accuracy over thresholds {obj['mean_accuracy'][c]:.3f})</h3>")
             out.append(_table(["IoU thresh", "TP", "FP", "FN", "precision", "recall", "F1", "accuracy"],
                               [[r["thresh"], r["tp"], r["fp"], r["fn"], r["precision"], r["recall"], r["f1"],
                                 r["accuracy"]] for r in rows]))
@@ -173,7 +182,7 @@ def render_report(evaluation: Evaluation) -> str:
         fg = classes[1:]
         per_rows = [[r["image"], r["mean_iou"], r["pixel_accuracy"], *(r["f1@0.5"].get(c) for c in fg)] for r in per]
         per_head = ["image", "mean IoU", "pixel accuracy", *(f"F1@0.5 {c}" for c in fg)]
-        legend = ", ".join(f"<span style='color:rgb{_colour(i)}'>&#9632;</span> {html.escape(c)}"
+        legend = ", ".join(f"<span style='color:rgb{_colour(i)}'>&#9632;</span> {_e(c)}"
                            for i, c in enumerate(classes) if i)
         caption = f"input | label | prediction &middot; {legend}"
     else:
@@ -186,8 +195,8 @@ def render_report(evaluation: Evaluation) -> str:
         out.append(f"<h2>Worst {len(evaluation.previews)} image(s)</h2>")
         for pv in evaluation.previews:
             data = base64.b64encode(_png_bytes(overlay_panels(pv, d["task"]))).decode()
-            out.append(f"<figure><img alt='{html.escape(pv.stem)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption><b>{html.escape(pv.stem)}</b> (score {pv.score:.3f}): {caption}</figcaption>"
+            out.append(f"<figure><img alt='{_e(pv.stem)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption><b>{_e(pv.stem)}</b> (score {pv.score:.3f}): {caption}</figcaption>"
                        "</figure>")
     out.append("<h2>Per image (worst first)</h2>" + _table(per_head, per_rows))
     out.append("</body></html>")

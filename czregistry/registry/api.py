@@ -39,6 +39,7 @@ from .versions import (
     Requirement,
     bump,
     canonical_name,
+    derived_name,
     parse_requirement,
     parse_version,
     select_versions,
@@ -218,6 +219,8 @@ class Registry:
             raise RegistryError(f"registry {self.location.display()} requires signed packages; {path.name} not "
                                 "published", hint="publish with --sign PRIVATE.pem (czreg keygen makes a key pair)")
         new_version = parse_version(version) if version is not None else None
+        # the name first: a ModelName the name rules refuse is answered before validation, smoke and signing
+        display, cname, kind, model_type, classes = _identity(path, name)
         report = validate(path, ValidateOptions(static=static))
         smoke_report = _smoke(path) if smoke else None
         if not report.valid and not allow_invalid:
@@ -236,7 +239,6 @@ class Registry:
             from ..signing import sign_package
 
             signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
-        display, cname, kind, model_type, classes = _identity(path, name)
 
         def put() -> tuple[str, int]:
             with path.open("rb") as fh:
@@ -758,8 +760,11 @@ def _identity(path: Path, name: str | None) -> tuple[str, str, str, str | None, 
             info = ModelInfo.from_package(package)
             model_type, meta_name = info.type, info.name
             classes = list(info.classes) if info.classes else None
-    display = name or meta_name or path.stem
-    cname = canonical_name(display if name else _slug(display))
+    if name:
+        display, cname = name, canonical_name(name)
+    else:  # the same rules as --name: package text is never filed under a rewritten name
+        display = meta_name or path.stem
+        cname = derived_name(display, "the package's ModelName" if meta_name else "the file name")
     kind = package.kind if package is not None else path.suffix.lstrip(".").lower() or "czann"
     return display, cname, kind, model_type, classes
 

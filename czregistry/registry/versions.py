@@ -21,8 +21,8 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import UsageError
 
-__all__ = ["Bump", "Requirement", "bump", "canonical_name", "parse_requirement", "parse_version",
-           "select_versions", "sort_bounds", "sort_key", "version_key"]
+__all__ = ["Bump", "Requirement", "bump", "canonical_name", "derived_name", "parse_requirement", "parse_version",
+           "select_versions", "shown_name", "sort_bounds", "sort_key", "version_key"]
 
 Bump = Literal["major", "minor", "patch"]
 
@@ -42,9 +42,41 @@ def canonical_name(name: str) -> str:
         raise UsageError(f"the model name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed",
                          hint="choose a shorter --name")
     if not _NAME_RE.fullmatch(name):
-        raise UsageError(f"invalid model name '{name}'",
+        raise UsageError(f"invalid model name {shown_name(name)}",
                          hint="use letters, digits, '.', '_' and '-', starting and ending with a letter or digit")
     return canonicalize_name(name)
+
+
+def shown_name(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a one-line message: control characters, NUL and bidirectional overrides (U+202E)
+    escaped (``'\\u202e'``), so a hostile name can neither break the line nor reorder the terminal's text."""
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def derived_name(text: str, source: str) -> str:
+    """The canonical name of a model named by its package (``source``: "the package's ModelName" or "the
+    file name") rather than by ``--name``.
+
+    The name passes the very rules ``--name`` does (``canonical_name``); the only leniency is that a
+    ModelName is a display name, so a plain space stands for '-' (``Web Model`` is filed as ``web-model``
+    and shown as ``Web Model``). Anything else the rules refuse (a NUL, U+202E, ``<script>``, a name of
+    only punctuation such as ``<<<>>>`` or ``..``) is refused, never silently rewritten: two such names
+    could otherwise both become one registry name.
+    """
+    try:
+        return canonical_name(text.replace(" ", "-"))
+    except UsageError as exc:
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:MAX_NAME_LENGTH].strip("-._")
+        try:
+            canonical_name(suggestion)
+            hint = f"pass --name, e.g. --name {suggestion}"
+        except UsageError:
+            hint = "pass --name NAME (letters, digits, '.', '_' and '-')"
+        why = exc.message.removeprefix("the model name ")
+        if why == exc.message:  # the character rule
+            why = "a name has letters, digits, '.', '_', '-' and spaces, and starts and ends with a letter or digit"
+        raise UsageError(f"{source} {shown_name(text)} is not a valid registry name ({why}); not published",
+                         hint=hint) from None
 
 
 def parse_version(text: str) -> Version:
