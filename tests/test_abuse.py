@@ -818,3 +818,13 @@ def test_run_dask_resume_is_bound_to_the_image_content_and_the_package(world: Wo
         f"Error: cannot resume {out}: the input image slide.npy changed since that run (its content's SHA-256 "
         "differs)", "Hint: pass --force to replace it with a fresh run, or choose another -o path"]
     assert np.array_equal(read_output(out), before)
+
+    # --resume --force: what does not match is started afresh, said in a note
+    r = cli("run", str(pkg), str(img), "-o", str(out), "--dask", "local:1", "--block-size", "128", "--resume",
+            "--force", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["blocks_skipped"] == 0 and res["blocks_run"] == 64, res
+    assert res["notes"][-1] == ("out.zarr: not resumed (the input image slide.npy changed since that run (its "
+                                "content's SHA-256 differs)); --force: starting afresh")
+    assert not np.array_equal(read_output(out), before) and _parts(tmp_path) == []

@@ -671,6 +671,9 @@ def _check_output(final: Path, manifest: dict[str, Any], image: Path, resume: bo
             break  # our part folder with no finished block: nothing to keep, start it afresh
         if not found_part:
             notes.append(f"{final.name}: nothing to resume, starting afresh")
+    elif _read_manifest(part) is not None and (finished := len(_markers(part))):
+        notes.append(f"{final.name}: starting afresh; the {finished} block(s) an interrupted run finished are "
+                     "discarded (--resume keeps them)")
     if not force:
         if _exists(final):
             raise _refuse_existing(final)
@@ -838,6 +841,10 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     dashboard: str | None = None
     workers = 0
     started: list[_Target] = []
+    # blocks cancelled on our own LocalCluster stop with it; on a cluster we do not close, one may still be
+    # writing its chunks after we return, so its part folder is only removed if nothing was submitted
+    own_cluster = client is None and isinstance(parse_scheduler(scheduler), int)
+    submitted = False
     try:
         with contextlib.ExitStack() as stack:
             if todo:
@@ -852,12 +859,13 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
                     if target.fresh:
                         started.append(target)
                         _start_part(target, creators[i])
+                submitted = True
                 tiles_run = _schedule(client, jobs, todo, paths, progress, total_run,
                                       lambda i: _finish(targets[i].root, outs[i], force), remaining)
     except BaseException:
-        # (after the LocalCluster closed: no worker writes any more) a part folder we started that holds no
+        # (after our LocalCluster closed: no worker writes any more) a part folder we started that holds no
         # finished block has nothing for --resume; one with markers is kept (interrupt, a block failing twice)
-        for target in started:
+        for target in started if own_cluster or not submitted else ():
             if _exists(target.part) and not _markers(target.part):
                 _remove(target.part)
         raise
