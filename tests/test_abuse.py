@@ -996,3 +996,232 @@ def test_the_evaluation_report_escapes_package_text(world: World, tmp_path: Path
 
     assert f"<title>Evaluation of {html.escape(PAYLOAD_SHOWN, quote=True)}</title>" in text
     assert f"{html.escape(PAYLOAD_SHOWN, quote=True)}1" in text
+
+# --- issue 22: the Dask run (czreg run --dask) ---
+
+
+def _dask_lines(output: str) -> list[str]:
+    """The ``Error:``/``Hint:`` lines of a refused ``run --dask`` (Dask's own log lines left out)."""
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if line.startswith(("Error:", "Hint:"))]
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(".*.part"))
+
+
+def test_run_dask_refuses_an_existing_output_without_force(world: World, tmp_path: Path) -> None:
+    """As the single-process run: the same two lines and exit 2, the folder and its other files untouched;
+    a part folder we did not write is not deleted either; --force replaces the output."""
+    pytest.importorskip("distributed")
+    from czregistry.run.dask_run import read_output
+
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "mine.txt").write_bytes(b"precious")
+    want = [f"Error: {out} already exists", "Hint: pass --force to replace it, or choose another -o path"]
+    single = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q")
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q", "--dask", "local:1")
+    assert (single.exit_code, r.exit_code) == (2, 2), r.output
+    assert _dask_lines(r.output) == _dask_lines(single.output) == want
+    assert _files(out) == ["mine.txt"] and (out / "mine.txt").read_bytes() == b"precious"
+
+    # several images into a folder: the folder may hold other files, an image's own output may not exist
+    other = tmp_path / "other.png"
+    shutil.copy(world.image, other)
+    outs = tmp_path / "outs"
+    (outs / "cells.ome.zarr").mkdir(parents=True)
+    (outs / "cells.ome.zarr" / "mine.txt").write_bytes(b"precious")
+    (outs / "notes.txt").write_bytes(b"mine")
+    r = cli("run", str(world.pkg), str(world.image), str(other), "-o", str(outs), "-q", "--dask", "local:1")
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [f"Error: {outs / 'cells.ome.zarr'} already exists", want[1]]
+    assert _files(outs) == ["cells.ome.zarr", "cells.ome.zarr/mine.txt", "notes.txt"]
+
+    # a folder squatting on the part folder's name, without our manifest: not ours to delete
+    squat = tmp_path / ".new.zarr.dask.part"
+    squat.mkdir()
+    (squat / "mine.txt").write_bytes(b"precious")
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(tmp_path / "new.zarr"), "-q", "--dask", "local:1")
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [f"Error: {squat} exists but was not written by czreg run --dask",
+                                     "Hint: remove it, or pass --force to replace it"]
+    assert _files(squat) == ["mine.txt"] and not (tmp_path / "new.zarr").exists()
+
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q", "--dask", "local:1", "--force")
+    assert r.exit_code == 0, r.output
+    assert not (out / "mine.txt").exists() and read_output(out).shape == (96, 96, 2)
+    assert _parts(tmp_path) == [squat]
+
+
+@pytest.mark.parametrize("spec", ["local:0", "local:-1", "local:999", "local:100000000000", "local:abc", "local:",
+                                  "local:2.5", "local:4x2", "local:٣"])
+def test_run_dask_worker_count_is_bounded(spec: str, world: World, tmp_path: Path) -> None:
+    """A typo such as local:999 would fork hundreds of processes, each loading the model: a usage error
+    (exit 2) before anything is loaded or written, naming the bound."""
+    pytest.importorskip("distributed")
+    from czregistry.run.dask_run import max_local_workers
+
+    top = max_local_workers()
+    assert top == max(64, 4 * (os.cpu_count() or 1))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out / "m.zarr"), "-q", "--dask", spec)
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [
+        f"Error: --dask {spec}: give a worker count from 1 to {top}, e.g. local:4",
+        f"Hint: each worker is a process with its own copy of the model; {top} is max(64, 4 x "
+        f"{os.cpu_count() or 1} cores)"]
+    assert _files(out) == [] and _parts(tmp_path) == []
+
+
+def test_run_dask_failed_start_leaves_no_part(world: World, tmp_path: Path) -> None:
+    """A scheduler address nobody listens on: one line, exit 8, and no .NAME.dask.part (nor output) left;
+    an earlier interrupted run's part folder beside it is left as it was."""
+    pytest.importorskip("distributed")
+    import socket
+
+    import dask
+
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        r = cli("run", str(world.pkg), str(world.image), "-o", str(out / "m.zarr"), "-q", "--dask",
+                f"127.0.0.1:{port}")
+    assert r.exit_code == 8, r.output
+    lines = _dask_lines(r.output)
+    assert len(lines) == 2 and lines[0].startswith(f"Error: cannot reach the Dask scheduler at tcp://127.0.0.1:{port}:")
+    assert lines[1] == "Hint: is the scheduler running, and is its port open from here?"
+    assert _files(out) == []
+
+
+def test_run_dask_where_every_block_fails_leaves_no_part(world: World, tmp_path: Path) -> None:
+    """The cluster starts but no block is ever written (all but the first row of a Zarr input damaged):
+    the run stops naming a block (exit 8) and removes its part folder: it holds nothing to resume."""
+    pytest.importorskip("distributed")
+    import numpy as np
+    import zarr
+
+    src = tmp_path / "in.zarr"
+    arr = zarr.open_array(str(src), mode="w", shape=(256, 256), chunks=(1, 256), dtype=np.uint8)
+    arr[...] = np.random.default_rng(9).integers(0, 255, (256, 256), dtype=np.uint8)
+    for row in range(1, 256):
+        (src / "c" / str(row) / "0").write_bytes(b"not a zstd frame" * 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("run", str(world.pkg), str(src), "-o", str(out / "m.zarr"), "-q", "--dask", "local:1",
+            "--block-size", "128")
+    assert r.exit_code == 8, r.output
+    lines = _dask_lines(r.output)
+    assert len(lines) == 2 and "in.zarr plane 0 block [" in lines[0] and "failed twice" in lines[0], r.output
+    assert _files(out) == []
+
+
+def _interrupted_dask_run(world: World, pkg: Path, img: Path, out: Path) -> set[str]:
+    """Start ``run --dask local:1`` in a subprocess, Ctrl-C it once two blocks are finished; return the
+    finished blocks (the part folder is kept for --resume)."""
+    markers = out.parent / f".{out.name}.dask.part" / ".czreg" / "blocks"
+    proc = subprocess.Popen([sys.executable, "-m", "czregistry", "run", str(pkg), str(img), "-o", str(out),
+                             "--dask", "local:1", "--block-size", "128", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(world),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(markers.glob("*.done"))) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # the main process only: it closes its cluster itself
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and "Interrupted." in stderr, stderr
+    assert not out.exists()
+    done = {m.name for m in markers.glob("*.done")}
+    assert 2 <= len(done) < 64
+    return done
+
+
+def test_run_dask_resume_is_bound_to_the_image_content_and_the_package(world: World, tmp_path: Path) -> None:
+    """Same size, old mtime, other pixels (``cp`` + ``touch -r``): --resume refuses, saying what changed, and
+    so for a changed package; the unchanged image and package resume to the single-process result."""
+    pytest.importorskip("distributed")
+    import zipfile
+
+    import numpy as np
+    import zarr
+
+    from czregistry.run.dask_run import read_output
+
+    pkg = tmp_path / "seg.czann"
+    shutil.copy(world.pkg, pkg)
+    img = tmp_path / "slide.npy"
+    np.save(img, np.random.default_rng(10).integers(0, 255, (1024, 1024), dtype=np.uint8))
+    out = tmp_path / "out.zarr"
+    part = tmp_path / ".out.zarr.dask.part"
+    done = _interrupted_dask_run(world, pkg, img, out)
+    original, stamp = img.read_bytes(), img.stat()
+
+    def resume() -> Result:
+        return cli("run", str(pkg), str(img), "-o", str(out), "--dask", "local:1", "--block-size", "128",
+                   "--resume", "--json")
+
+    # the image replaced by other content of the same size, its old mtime put back
+    np.save(img, np.random.default_rng(11).integers(0, 255, (1024, 1024), dtype=np.uint8))
+    os.utime(img, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert img.stat().st_size == stamp.st_size and img.stat().st_mtime_ns == stamp.st_mtime_ns
+    assert img.read_bytes() != original
+    r = resume()
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [
+        f"Error: cannot resume {part}: the input image slide.npy changed since that run (its content's "
+        "SHA-256 differs)", "Hint: run without --resume to start afresh, or pass --force"]
+    assert {m.name for m in (part / ".czreg" / "blocks").glob("*.done")} == done and not out.exists()
+
+    # the image back, the package changed (a zip comment: same model, other bytes)
+    img.write_bytes(original)
+    os.utime(img, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    package = pkg.read_bytes()
+    with zipfile.ZipFile(pkg, "a") as z:
+        z.comment = b"rebuilt"
+    r = resume()
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [
+        f"Error: cannot resume {part}: the package changed since that run (its SHA-256 differs)",
+        "Hint: run without --resume to start afresh, or pass --force"]
+
+    # both unchanged: the finished blocks are skipped and the output is the single-process run's
+    pkg.write_bytes(package)
+    r = resume()
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["blocks_skipped"] == len(done) and res["blocks_run"] == 64 - len(done), res
+    assert cli("run", str(pkg), str(img), "-o", str(tmp_path / "ref.zarr"), "-q").exit_code == 0
+    assert np.array_equal(read_output(out), np.asarray(zarr.open_array(str(tmp_path / "ref.zarr"), mode="r")[...]))
+    assert _parts(tmp_path) == []
+
+    # a finished output, then the image replaced the same way: --resume refuses and keeps the output
+    before = read_output(out)
+    np.save(img, np.random.default_rng(12).integers(0, 255, (1024, 1024), dtype=np.uint8))
+    os.utime(img, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    r = resume()
+    assert r.exit_code == 2, r.output
+    assert _dask_lines(r.output) == [
+        f"Error: cannot resume {out}: the input image slide.npy changed since that run (its content's SHA-256 "
+        "differs)", "Hint: pass --force to replace it with a fresh run, or choose another -o path"]
+    assert np.array_equal(read_output(out), before)
+
+    # --resume --force: what does not match is started afresh, said in a note
+    r = cli("run", str(pkg), str(img), "-o", str(out), "--dask", "local:1", "--block-size", "128", "--resume",
+            "--force", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["blocks_skipped"] == 0 and res["blocks_run"] == 64, res
+    assert res["notes"][-1] == ("out.zarr: not resumed (the input image slide.npy changed since that run (its "
+                                "content's SHA-256 differs)); --force: starting afresh")
+    assert not np.array_equal(read_output(out), before) and _parts(tmp_path) == []

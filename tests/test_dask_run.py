@@ -191,3 +191,37 @@ def test_cli_refuses_dask_options_it_cannot_honour(model_cache: ModelCache, tmp_
         res = CliRunner().invoke(main, ["run", str(pkg), *args])
         assert res.exit_code == 2, (args, res.output)
         assert words in res.output and "Traceback" not in res.output
+
+
+def test_content_sha256_sees_content_not_size_or_mtime(tmp_path: Path) -> None:
+    """What --resume compares: a file's bytes; a folder's files in sorted order with their relative paths.
+    Same size and mtime with other bytes differ; a copy with other mtimes does not; a link loop ends."""
+    import shutil
+
+    from czregistry.run.dask_run import content_sha256
+
+    f = tmp_path / "a.npy"
+    f.write_bytes(b"x" * 3_000_000)
+    st = f.stat()
+    first = content_sha256(f)
+    f.write_bytes(b"x" * 2_999_999 + b"y")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert content_sha256(f) != first and f.stat().st_size == st.st_size
+
+    store = tmp_path / "in.zarr"
+    (store / "c" / "0").mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    (store / "c" / "0" / "0").write_bytes(b"chunk-a")
+    (store / "c" / "0" / "1").write_bytes(b"chunk-b")
+    (store / "c" / "loop").symlink_to(store)  # followed once, not forever
+    digest = content_sha256(store)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy, symlinks=True)
+    (copy / "c" / "loop").unlink()
+    (copy / "c" / "loop").symlink_to(copy)
+    assert content_sha256(copy) == digest
+    (copy / "c" / "0" / "1").write_bytes(b"chunk-c")  # same size, other bytes
+    assert content_sha256(copy) != digest
+    (copy / "c" / "0" / "1").write_bytes(b"chunk-b")
+    (copy / "c" / "0" / "1").rename(copy / "c" / "0" / "2")  # same bytes under another name
+    assert content_sha256(copy) != digest

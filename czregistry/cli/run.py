@@ -139,7 +139,8 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
     # the progress bar only on a terminal: a log file would get one stray "tiles" line
     progress = _Progress(quiet or as_json or not sys.stderr.isatty())
     if dask_scheduler is not None:  # its own .part folder, rename and --resume semantics (czregistry.run.dask_run)
-        _run_dask(package, images, output, options, dask_scheduler, resume, block_size, progress, quiet, as_json)
+        _run_dask(package, images, output, options, dask_scheduler, resume, block_size, progress, as_json,
+                  force)
         return
     with _running(progress):
         result = run_tiled(package, images[0], output, options, progress=progress, on_plan=progress.start)
@@ -172,7 +173,7 @@ def _report(result: Any, as_json: bool, lines: list[str]) -> None:
 
 
 def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: Any, scheduler: str, resume: bool,
-              block_size: int | None, progress: _Progress, quiet: bool, as_json: bool) -> None:
+              block_size: int | None, progress: _Progress, as_json: bool, force: bool) -> None:
     from ..run.dask_run import run_dask
 
     def dashboard(link: str) -> None:
@@ -181,7 +182,8 @@ def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: An
 
     with _running(progress):
         result = run_dask(package, images, output, options, scheduler=scheduler, resume=resume,
-                          block=block_size, progress=progress, on_plan=progress.start, on_dashboard=dashboard)
+                          block=block_size, progress=progress, on_plan=progress.start, on_dashboard=dashboard,
+                          force=force)
     _report(result, as_json, [
         *(f"wrote {out['output']} ({out['dtype']}, axes {out['axes']}, {'x'.join(map(str, out['shape']))})"
           for out in result.outputs),

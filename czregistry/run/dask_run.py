@@ -17,10 +17,12 @@ to the single-process run (``czregistry.run.runner.run``):
   read-modify-write, so workers write straight into the store on a shared file system.
 
 **Resume.** The output is built in ``.NAME.dask.part`` beside NAME with a manifest (``.czreg/run.json``:
-package digest, image identity, grid, options) and renamed into place when complete. Each finished block
+the package's SHA-256, the image's path and content SHA-256, grid, options) and renamed into place when
+complete; an existing NAME is refused without ``--force``, as in the single-process run. Each finished block
 leaves a marker (``.czreg/blocks/<block>.done``, written by rename after its chunks, which Zarr's local
 store also writes by rename), so a run killed at any point, even with SIGKILL, leaves only valid markers;
-``--resume`` checks the manifest against the new plan and skips marked blocks.
+``--resume`` checks the manifest against the new plan and skips marked blocks. A run that fails before its
+first block is written (the cluster does not start, every block fails) removes its part folder.
 
 **Workers** load the model once per process (a cache keyed by the package's SHA-256, checked against the
 file on first load) and keep image readers and output arrays open between blocks. Where a worker sees
@@ -32,10 +34,12 @@ retried once, and a second failure stops the run with a ``RunError`` naming the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -50,7 +54,8 @@ from ..errors import CzregError, RunError, UsageError
 from .tiling import Span, TileGrid
 
 __all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult", "ImageJob", "block_tasks",
-           "open_dask_client", "output_paths", "read_output", "run_dask", "worker_stats"]
+           "content_sha256", "max_local_workers", "open_dask_client", "output_paths", "parse_scheduler",
+           "read_output", "run_dask", "worker_stats"]
 
 #: Default block edge (pixels per spatial axis). 2D: 2048 px (8 x 8 chunks): a 256 px tile grid repeats
 #: about 11% of its tiles per axis on block seams. 3D: 256 voxels per axis keeps a float32 block of a few
@@ -263,14 +268,17 @@ def _ome_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[str, 
 
 def _create_output(root: Path, axes: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype[Any],
                    attrs: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Create the Zarr group in the empty folder ``root``. The manifest comes first, so a part folder without
+    one was not started by us (we never delete it without ``--force``), and a part with one but no block
+    markers holds nothing to resume (it is started afresh)."""
     import zarr
 
-    group = zarr.open_group(str(root), mode="w")
-    group.attrs.update(attrs)
-    group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
     meta = root / _META
     (meta / _MARKERS).mkdir(parents=True, exist_ok=True)
     _atomic_write_text(meta / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    group = zarr.open_group(str(root), mode="a")  # "w" would wipe the manifest written above
+    group.attrs.update(attrs)
+    group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -292,6 +300,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _markers(root: Path) -> set[str]:
+    return {p.name[:-5] for p in (root / _META / _MARKERS).glob("*.done")}
 
 
 def read_output(path: Path | str) -> np.ndarray:
@@ -431,34 +447,70 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
 # --- the client -------------------------------------------------------------------------------------
 
 
+def max_local_workers() -> int:
+    """The most worker processes ``--dask local:N`` starts: ``max(64, 4 x cores)``.
+
+    A bound against typos (``local:999``, ``local:10000``), not a tuning knob: every worker is a process
+    holding its own copy of the model, so hundreds of them exhaust memory and process slots long before they
+    add speed. Four per core still covers blocks that wait on slow storage, and the floor of 64 lets one
+    command line move between a laptop and a workstation.
+    """
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def parse_scheduler(scheduler: str) -> int | str:
+    """``local`` / ``local:N`` -> the worker count N; an address -> ``tcp://host:port``.
+
+    A ``UsageError`` (exit 2) for anything else, before a model is loaded or any output is written: a worker
+    count outside ``1..max_local_workers()``, garbage after ``local:``, an address without a port. Each
+    LocalCluster worker runs one thread (one model session, whose backend has its own thread pool), so
+    there is no threads field to give.
+    """
+    spec = scheduler.strip()
+    if spec == "local":
+        return min(os.cpu_count() or 1, max_local_workers())
+    if spec.startswith("local:"):
+        top = max_local_workers()
+        text = spec.split(":", 1)[1].strip()
+        n = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else 0
+        if not 1 <= n <= top:
+            raise UsageError(f"--dask {scheduler}: give a worker count from 1 to {top}, e.g. local:4",
+                             hint=f"each worker is a process with its own copy of the model; {top} is "
+                                  f"max(64, 4 x {os.cpu_count() or 1} cores)")
+        return n
+    if "://" not in spec and ":" not in spec:
+        raise UsageError(f"--dask {scheduler}: expected local:N or a scheduler address like tcp://host:8786")
+    return spec if "://" in spec else f"tcp://{spec}"
+
+
 @contextlib.contextmanager
-def open_dask_client(scheduler: str, *, timeout: float = 60.0) -> Iterator[Any]:
-    """``local`` / ``local:N`` (a LocalCluster of N single-threaded worker processes) or a scheduler address."""
+def open_dask_client(scheduler: str, *, timeout: float | None = None) -> Iterator[Any]:
+    """``local`` / ``local:N`` (a LocalCluster of N single-threaded worker processes) or a scheduler address.
+
+    ``timeout``: seconds to start the LocalCluster (default 60) or to reach the scheduler (default Dask's
+    ``distributed.comm.timeouts.connect``, 30 s; ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s`` shortens
+    it): an address nobody listens on is retried until then.
+    """
+    target = parse_scheduler(scheduler)
     try:
         import dask
         from distributed import Client, LocalCluster
     except ImportError as exc:
         raise UsageError("--dask needs Dask's distributed scheduler",
                          hint="pip install 'czregistry[dask]'") from exc
-    spec = scheduler.strip()
-    if spec == "local" or spec.startswith("local:"):
-        try:
-            n = int(spec.split(":", 1)[1]) if ":" in spec else (os.cpu_count() or 1)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise UsageError(f"--dask {scheduler}: give a worker count, e.g. local:4")
+    if isinstance(target, int):
+        local_timeout = 60.0 if timeout is None else timeout
         import importlib.util
 
         # the dashboard needs bokeh; without it the scheduler would only log a warning
         dashboard = "127.0.0.1:0" if importlib.util.find_spec("bokeh") is not None else None
         # a block that raises is retried once (submit(retries=1)); a task whose worker dies twice fails
         with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                              "distributed.comm.timeouts.connect": f"{int(timeout)}s"}):
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                              "distributed.comm.timeouts.connect": f"{int(local_timeout)}s"}):
+            cluster = LocalCluster(n_workers=target, threads_per_worker=1, processes=True, host="127.0.0.1",
                                    dashboard_address=dashboard, silence_logs=logging.CRITICAL)
             try:
-                client = Client(cluster, timeout=timeout)
+                client = Client(cluster, timeout=local_timeout)
             except BaseException:
                 cluster.close(timeout=30)
                 raise
@@ -470,13 +522,14 @@ def open_dask_client(scheduler: str, *, timeout: float = 60.0) -> Iterator[Any]:
             with contextlib.suppress(Exception):
                 cluster.close(timeout=30)
         return
-    if "://" not in spec and ":" not in spec:
-        raise UsageError(f"--dask {scheduler}: expected local:N or a scheduler address like tcp://host:8786")
-    address = spec if "://" in spec else f"tcp://{spec}"
+    if timeout is None:
+        from dask.utils import parse_timedelta
+
+        timeout = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s") or 30)
     try:
-        client = Client(address, timeout=timeout)
+        client = Client(target, timeout=timeout)
     except (OSError, TimeoutError) as exc:
-        raise RunError(f"cannot reach the Dask scheduler at {address}: {exc}",
+        raise RunError(f"cannot reach the Dask scheduler at {target}: {exc}",
                        hint="is the scheduler running, and is its port open from here?") from exc
     try:
         yield client
@@ -493,42 +546,159 @@ def _dashboard(client: Any) -> str | None:
         return None
 
 
+_HASH_CHUNK = 1 << 20
+
+
+def content_sha256(path: Path | str) -> str:
+    """SHA-256 of what a run reads from ``path``: a file's bytes; for a folder (a Zarr store), every regular
+    file under it in sorted order of its relative path, each entered as ``path NUL sha256``.
+
+    Streamed in 1 MiB reads (bounded memory whatever the size). ``--resume`` compares it, not size and mtime:
+    ``cp`` + ``touch -r`` or ``rsync -t`` give other content the old size and mtime. Folders are walked
+    following symbolic links (the reader follows them too), each folder once, so a link loop ends.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for rel, full in _tree_files(path):
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + _file_sha256(full).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with path.open("rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UsageError(f"{path} is not a regular file", hint="give an image file or a Zarr folder")
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """Regular files under ``root`` as (relative POSIX path, path), sorted; devices, FIFOs and broken links
+    are left out (no reader opens them)."""
+    files: list[tuple[str, Path]] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        st = Path(folder).stat()
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in names:
+            full = Path(folder, name)
+            try:
+                if stat.S_ISREG(full.stat().st_mode):
+                    files.append((full.relative_to(root).as_posix(), full))
+            except OSError:
+                continue
+    return sorted(files)
+
+
 def _image_identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(path.resolve()), "sha256": content_sha256(path)}
 
 
-def _prepare(final: Path, manifest: dict[str, Any], resume: bool, create: Callable[[Path], None],
-             notes: list[str]) -> tuple[Path, set[str]]:
-    """Where to write (the part folder, or a finished output) and which block markers already exist."""
+@dataclass
+class _Target:
+    """Where one image's output is written, decided before anything is written."""
+
+    final: Path
+    part: Path
+    root: Path  # where the blocks go: the part folder, or a finished output found by --resume
+    done: set[str]  # blocks an earlier run finished
+    fresh: bool  # the part folder is (re)created once the cluster is up
+
+
+def _why_not_resumable(found: dict[str, Any], manifest: dict[str, Any], image: Path) -> str | None:
+    """What differs between an earlier run's manifest and this run's plan, in words (None: nothing)."""
+    old, new = found.get("plan"), manifest["plan"]
+    if old == new:
+        return None
+    if found.get("format") != manifest["format"] or not isinstance(old, dict):
+        return "it was written by another version of czreg run --dask"
+    if old.get("package_sha256") != new["package_sha256"]:
+        return "the package changed since that run (its SHA-256 differs)"
+    was_image = old.get("image")
+    was: dict[str, Any] = was_image if isinstance(was_image, dict) else {}
+    if was.get("path") != new["image"]["path"]:
+        return f"that run read another image ({was.get('path')})"
+    if was.get("sha256") != new["image"]["sha256"]:
+        return f"the input image {image.name} changed since that run (its content's SHA-256 differs)"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f"the options differ ({', '.join(keys)})"
+
+
+def _refuse_existing(final: Path) -> UsageError:
+    """The single-process run's answer (``cli._common.refuse_existing_output``), word for word."""
+    return UsageError(f"{final} already exists", hint="pass --force to replace it, or choose another -o path")
+
+
+def _check_output(final: Path, manifest: dict[str, Any], image: Path, resume: bool, force: bool,
+                  notes: list[str]) -> _Target:
+    """Decide where to write without writing anything: an existing output is refused without ``--force``
+    (as the single-process run does); ``--resume`` continues a part folder or finished output whose manifest
+    matches this plan and refuses any other, saying what changed. A folder we did not write (no manifest)
+    is never chosen for deletion without ``--force``."""
     part = final.parent / f".{final.name}.dask.part"
+    fresh = _Target(final, part, part, set(), True)
+    found_part = False
     if resume:
         for cand in (part, final):
-            if not cand.exists():
+            if not _exists(cand):
                 continue
             found = _read_manifest(cand)
-            if found is None:
-                if cand == part:
-                    continue  # killed before its manifest existed: nothing to keep
-                raise UsageError(f"{final} exists but was not written by czreg run --dask; nothing to resume",
-                                 hint="run without --resume to replace it")
-            if found.get("plan") != manifest["plan"]:
-                raise UsageError(f"{cand.name} was written by a different run (package, image or options differ); "
-                                 "--resume cannot continue it", hint="run without --resume to start again")
-            done = {p.name[:-5] for p in (cand / _META / _MARKERS).glob("*.done")}
-            return cand, done
-        notes.append(f"{final.name}: nothing to resume, starting afresh")
-    if part.exists():
-        _remove(part)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    create(part)
-    return part, set()
+            why = ("it was not written by czreg run --dask" if found is None
+                   else _why_not_resumable(found, manifest, image))
+            if why is not None:
+                if force:
+                    notes.append(f"{final.name}: not resumed ({why}); --force: starting afresh")
+                    return fresh
+                hint = ("remove it, or pass --force to replace it" if found is None
+                        else "run without --resume to start afresh, or pass --force" if cand == part
+                        else "pass --force to replace it with a fresh run, or choose another -o path")
+                raise UsageError(f"cannot resume {cand}: {why}", hint=hint)
+            done = _markers(cand)
+            if cand == final:
+                return _Target(final, part, final, done, False)
+            found_part = True
+            if done:
+                if _exists(final) and not force:
+                    raise _refuse_existing(final)
+                return _Target(final, part, part, done, False)
+            break  # our part folder with no finished block: nothing to keep, start it afresh
+        if not found_part:
+            notes.append(f"{final.name}: nothing to resume, starting afresh")
+    elif _read_manifest(part) is not None and (finished := len(_markers(part))):
+        notes.append(f"{final.name}: starting afresh; the {finished} block(s) an interrupted run finished are "
+                     "discarded (--resume keeps them)")
+    if not force:
+        if _exists(final):
+            raise _refuse_existing(final)
+        if _exists(part) and _read_manifest(part) is None:
+            raise UsageError(f"{part} exists but was not written by czreg run --dask",
+                             hint="remove it, or pass --force to replace it")
+    return fresh
 
 
-def _finish(root: Path, final: Path) -> None:
+def _start_part(target: _Target, create: Callable[[Path], None]) -> None:
+    """(Re)create the part folder: ours (it has a manifest) or replaced under ``--force``."""
+    if _exists(target.part):
+        _remove(target.part)
+    target.part.mkdir(parents=True)
+    create(target.part)
+
+
+def _finish(root: Path, final: Path, force: bool) -> None:
     if root == final:
         return
-    if final.exists():
+    if _exists(final):
+        if not force:  # appeared during the run: keep both, the result stays resumable in the part folder
+            raise _refuse_existing(final)
         _remove(final)
     root.replace(final)
 
@@ -536,11 +706,14 @@ def _finish(root: Path, final: Path) -> None:
 def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | str, options: Any = None, *,
              scheduler: str = "local:2", client: Any = None, resume: bool = False, block: int | None = None,
              progress: Progress | None = None, on_plan: Callable[[int], None] | None = None,
-             on_dashboard: Callable[[str], None] | None = None) -> DaskRunResult:
+             on_dashboard: Callable[[str], None] | None = None, force: bool = False) -> DaskRunResult:
     """Run ``package`` over ``images`` on a Dask cluster; see the module docstring.
 
     ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
-    closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D).
+    closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D). An existing
+    output is refused (``UsageError``, as ``czreg run`` without ``--force``) unless ``force``; with
+    ``resume``, ``force`` also starts afresh where the earlier run's state does not match this one.
+    Nothing is left behind by a run that fails before its first block is written.
     """
     from ..package import sha256_file
     from ..selection import load_session
@@ -558,10 +731,14 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     for p in paths:
         if not p.exists():
             raise UsageError(f"image not found: {p}", hint="check the path")
+    if client is None:
+        parse_scheduler(scheduler)  # a bad --dask value is a usage error before any work
     outs = output_paths(paths, Path(output))
     for p, o in zip(paths, outs):
         if p.resolve() == o.resolve():
             raise UsageError("the output would overwrite the input image", hint="choose another -o path")
+        if not resume and not force and _exists(o):
+            raise _refuse_existing(o)  # before the model loads; --resume decides in _check_output
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
     legacy = pkg.metadata or {}
@@ -618,7 +795,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
                     "blend": options.blend, "block": edge, "channels": list(options.channels or []),
                     "axes": options.axes, "dtype": str(dtype), "array_axes": axes}
             manifest = {"plan": json.loads(json.dumps(plan)), "array_axes": axes, "lead_axes": lead_axes,
-                        "spatial": list(spatial), "format": "czregistry dask run 1"}
+                        "spatial": list(spatial), "format": "czregistry dask run 2"}
             attrs = {**_ome_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
                      "czregistry": {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
                                     "classes": list(info.classes or []), "axes": axes}}
@@ -640,16 +817,14 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             blocks.extend(block_tasks(grid, i, n_planes, edge, options.blend))
     assert geom is not None and grid0 is not None
 
-    # --- outputs: fresh part folders, or what an earlier run left ---
-    roots: list[Path] = []
+    # --- outputs: where to write, decided before anything is written ---
+    targets = [_check_output(final, manifests[i], paths[i], resume, force, notes) for i, final in enumerate(outs)]
     todo: list[Block] = []
     tiles_skipped = blocks_skipped = 0
-    for i, final in enumerate(outs):
-        root, done = _prepare(final, manifests[i], resume, creators[i], notes)
-        roots.append(root)
-        jobs[i] = replace(jobs[i], out_array=str(root / "0"), markers=str(root / _META / _MARKERS))
+    for i, target in enumerate(targets):
+        jobs[i] = replace(jobs[i], out_array=str(target.root / "0"), markers=str(target.root / _META / _MARKERS))
         for b in (b for b in blocks if b.image == i):
-            if b.key in done:
+            if b.key in target.done:
                 tiles_skipped += b.grid.n_tiles
                 blocks_skipped += 1
             else:
@@ -663,20 +838,39 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     remaining = {i: sum(1 for b in todo if b.image == i) for i in range(len(outs))}
     for i, n in remaining.items():
         if n == 0:
-            _finish(roots[i], outs[i])
+            _finish(targets[i].root, outs[i], force)
     tiles_run = 0
     dashboard: str | None = None
     workers = 0
-    with contextlib.ExitStack() as stack:
-        if todo:
-            if client is None:
-                client = stack.enter_context(open_dask_client(scheduler))
-            dashboard = _dashboard(client)
-            if dashboard and on_dashboard is not None:
-                on_dashboard(dashboard)
-            workers = len(client.scheduler_info().get("workers", {}))
-            tiles_run = _schedule(client, jobs, todo, paths, progress, total_run,
-                                  lambda i: _finish(roots[i], outs[i]), remaining)
+    started: list[_Target] = []
+    # blocks cancelled on our own LocalCluster stop with it; on a cluster we do not close, one may still be
+    # writing its chunks after we return, so its part folder is only removed if nothing was submitted
+    own_cluster = client is None and isinstance(parse_scheduler(scheduler), int)
+    submitted = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if todo:
+                if client is None:
+                    client = stack.enter_context(open_dask_client(scheduler))
+                dashboard = _dashboard(client)
+                if dashboard and on_dashboard is not None:
+                    on_dashboard(dashboard)
+                workers = len(client.scheduler_info().get("workers", {}))
+                # part folders only once the cluster is up: a failed start leaves nothing behind
+                for i, target in enumerate(targets):
+                    if target.fresh:
+                        started.append(target)
+                        _start_part(target, creators[i])
+                submitted = True
+                tiles_run = _schedule(client, jobs, todo, paths, progress, total_run,
+                                      lambda i: _finish(targets[i].root, outs[i], force), remaining)
+    except BaseException:
+        # (after our LocalCluster closed: no worker writes any more) a part folder we started that holds no
+        # finished block has nothing for --resume; one with markers is kept (interrupt, a block failing twice)
+        for target in started if own_cluster or not submitted else ():
+            if _exists(target.part) and not _markers(target.part):
+                _remove(target.part)
+        raise
     seconds = time.perf_counter() - t_start
     all_tiles = tiles_run + tiles_skipped
     return DaskRunResult(
