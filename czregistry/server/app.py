@@ -38,7 +38,7 @@ from ..registry.api import Registry, Validator, acting_as, check_package, packag
 from ..registry.location import resolve_location
 from ..registry.store import CHUNK
 from ..registry.tokens import SCOPES, TokenInfo, authenticate
-from ..registry.versions import parse_requirement
+from ..registry.versions import canonical_name, parse_requirement, parse_version
 from ..report import Finding, Report
 from .sandbox import SandboxLimits, sandboxed_validator
 from .settings import COOKIE, ServerSettings
@@ -427,6 +427,10 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
             if not sep or not k.strip():
                 raise UsageError(f"invalid tag '{item}'", hint="write --tag key=value")
             tags[k.strip()] = v.strip()
+        if version is not None:
+            parse_version(version)  # refused before the upload, not after
+        if name is not None:
+            canonical_name(name)
         validator = upload_validator(settings, static, smoke)
         tmpdir = Path(tempfile.mkdtemp(prefix="czreg-upload-", dir=settings.upload_dir))
         try:
