@@ -730,11 +730,12 @@ def test_a_model_that_runs_forever_is_stopped_by_the_sandbox(sandbox_server: Liv
 
 
 def test_the_sandbox_still_publishes_a_model_that_ends(sandbox_server: LiveServer, tmp_path: Path) -> None:
-    """The same graph with 3 iterations: model checks ran in the child and their report is stored."""
+    """The same graph with 3 iterations: model checks and the smoke test ran in the child, their reports are
+    stored."""
     pkg = _endless_package(tmp_path, trips=3)
-    status, body = sandbox_server.http("POST", "/api/v1/publish?version=1.0", pkg.read_bytes())
+    status, body = sandbox_server.http("POST", "/api/v1/publish?version=1.0&smoke=true", pkg.read_bytes())
     assert status == 200 and isinstance(body, dict), body
-    assert body["status"] == "published" and body["report"]["valid"]
+    assert body["status"] == "published" and body["report"]["valid"] and body["smoke"]["valid"], body
     assert "model.receptive_field.halo" in {f["check"] for f in body["report"]["findings"]}
     assert list(sandbox_server.upload_dir.iterdir()) == []
 

@@ -479,8 +479,6 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
                 return {"status": result.status, "version": result.version, "report": result.report.to_dict(),
                         "smoke": result.smoke.to_dict() if result.smoke else None}
 
-            if settings.upload_validation == "sandbox" and not (static and not smoke):
-                log.info("validating %s from %s in the sandbox", path.name, _client(request))
             return await run_in_threadpool(work)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
