@@ -8,9 +8,10 @@ token or database credentials; see ``_KEPT_ENV``), a new session (so the whole p
 killed), and - when ``unshare --user --net`` works here - in new user and network namespaces. It sends the job
 as JSON on stdin, waits at most ``limits.wall_s`` seconds (then kills the group), reads a bounded answer
 from stdout and removes the folder. The child lowers its own limits before it imports anything heavy
-(``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE``), sets umask 077 and
-``PR_SET_NO_NEW_PRIVS``, points file descriptor 1 at stderr (so nothing a plugin prints can garble the
-answer) and then calls the target: ``czregistry.registry.api:check_package`` for uploads.
+(``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE``), sets umask 077,
+``PR_SET_NO_NEW_PRIVS`` and ``PR_SET_PDEATHSIG`` (it dies with the server), points file descriptor 1 at
+stderr (so nothing a plugin prints can garble the answer) and then calls the target:
+``czregistry.registry.api:check_package`` for uploads.
 
 What this does not do (docs/serving.md, "Threat model"): no seccomp filter and no mount namespace, so the
 child can read whatever the server's user can read and write where that user may write (outside the
@@ -58,6 +59,7 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 8 * 1024**3
 MAX_OPEN_FILES = 1024
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ def sandboxed_validator(limits: SandboxLimits, *, parent_dir: str | None = None)
 # --- the child ------------------------------------------------------------------------------------------
 
 
-def _confine(limits: dict[str, Any]) -> None:
+def _confine(limits: dict[str, Any], parent: int) -> None:
     """Lower this process's limits (they bind everything it starts too) before any foreign bytes are read."""
     import resource
 
@@ -263,14 +265,19 @@ def _confine(limits: dict[str, Any]) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        # die with the server thread that waits for us (a server stopped mid-validation leaves no orphan)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)  # the server went away before the line above
 
 
 def _child() -> int:
+    parent = os.getppid()
     answer = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # whatever the model or a plugin prints goes to the log, never into the answer
     sys.stdout = sys.stderr
     job = json.loads(sys.stdin.read(1024 * 1024))
-    _confine(job.get("limits", {}))
+    _confine(job.get("limits", {}), parent)
     module_name, _, func_name = str(job["target"]).partition(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
