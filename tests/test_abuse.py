@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -1225,3 +1226,279 @@ def test_run_dask_resume_is_bound_to_the_image_content_and_the_package(world: Wo
     assert res["notes"][-1] == ("out.zarr: not resumed (the input image slide.npy changed since that run (its "
                                 "content's SHA-256 differs)); --force: starting afresh")
     assert not np.array_equal(read_output(out), before) and _parts(tmp_path) == []
+
+
+# --- issue 22: the registry server (sandboxed upload validation, HTTP answers) ----------------------------
+
+
+def _endless_onnx(trips: int) -> bytes:
+    """A valid graph whose output waits on a Loop of ``trips`` empty iterations: with 10**15 it never ends
+    (the static checks cannot tell; running it is what hurts)."""
+    from onnx import TensorProto, helper
+
+    scalar = [helper.make_tensor_value_info(n, t, []) for n, t in (("i", TensorProto.INT64),
+                                                                   ("cond_in", TensorProto.BOOL),
+                                                                   ("v_in", TensorProto.FLOAT))]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", scalar, [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    nodes = [helper.make_node("ReduceSum", ["input"], ["s"], keepdims=0),  # depends on the input: never folded
+             helper.make_node("Mul", ["s", "zero"], ["v0"]),
+             helper.make_node("Loop", ["trips", "true", "v0"], ["v_end"], body=body),
+             helper.make_node("Mul", ["input", "zero"], ["z"]), helper.make_node("Add", ["z", "half"], ["p"]),
+             helper.make_node("Mul", ["v_end", "zero"], ["vz"]), helper.make_node("Add", ["p", "vz"], ["q"]),
+             helper.make_node("Concat", ["q", "q"], ["output"], axis=3)]
+    inits = [helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+             helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])]
+    graph = helper.make_graph(nodes, "endless", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                               ["n", "h", "w", 1])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", "h", "w", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _endless_package(folder: Path, trips: int = 10**15) -> Path:
+    from czregistry.package import write_package
+    from tests.models import metadata_for
+
+    return write_package(folder / f"endless-{trips}.czann", {**metadata_for("unet"), "ModelName": "endless"},
+                         _endless_onnx(trips))
+
+
+@dataclass
+class LiveServer:
+    port: int
+    token: str
+    upload_dir: Path
+    log: Path
+    proc: Any
+
+    def http(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+             token: bool = True) -> tuple[int, dict[str, Any] | str]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        h = {**({"Authorization": f"Bearer {self.token}"} if token else {}), **(headers or {})}
+        try:
+            conn.request(method, path, body=body, headers=h)
+            resp = conn.getresponse()
+            raw = resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw
+
+
+def _live_server(tmp: Path, *extra: str) -> Iterator[LiveServer]:
+    from czregistry.registry import open_registry
+    from czregistry.registry.tokens import create_token
+    from czregistry.server.process import ServerProcess
+
+    url, blobs, uploads = f"sqlite:///{tmp / 'reg' / 'registry.db'}", str(tmp / "blobs"), tmp / "uploads"
+    uploads.mkdir()
+    with open_registry(url, blobs) as reg:
+        token = create_token(reg, "pub", "publish")[1]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "CZREG_HOME": str(tmp)}
+    with ServerProcess.start(url, blobs, extra_args=("--upload-dir", str(uploads), "--log-level", "info", *extra),
+                             env=env, log_path=tmp / "server.log") as proc:
+        yield LiveServer(proc.port, token, uploads, tmp / "server.log", proc)
+
+
+@pytest.fixture(scope="module")
+def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Uploads checked in the sandbox (the default), with a short wall-time limit."""
+    yield from _live_server(tmp_path_factory.mktemp("srv-sandbox"), "--sandbox-timeout", "8")
+
+
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    yield from _live_server(tmp_path_factory.mktemp("srv-static"), "--upload-validation", "static")
+
+
+def _error(status: int, body: Any) -> dict[str, Any]:
+    """The documented error shape, checked whole: ``{"error": {"type", "message", "hint", "exit_code"}}``."""
+    assert isinstance(body, dict) and list(body) == ["error"], (status, body)
+    assert set(body["error"]) == {"type", "message", "hint", "exit_code"}, body
+    return dict(body["error"])
+
+
+def test_a_model_that_runs_forever_is_stopped_by_the_sandbox(sandbox_server: LiveServer, tmp_path: Path) -> None:
+    """The static checks pass it; running it never ends. The server answers 422 within its limit, stays up,
+    stores nothing and leaves no upload or sandbox folder behind."""
+    pkg = _endless_package(tmp_path)
+    start = time.monotonic()
+    status, body = sandbox_server.http("POST", "/api/v1/publish?version=1.0", pkg.read_bytes(),
+                                       {"X-Czreg-Filename": pkg.name})
+    elapsed = time.monotonic() - start
+    assert status == 422 and 8 <= elapsed < 30, (status, body, elapsed)
+    assert _error(status, body) == {
+        "type": "InvalidPackageError", "exit_code": 7,
+        "message": f"validation of {pkg.name} did not finish within the server's limit of 8 s; it was stopped "
+                   "and nothing was stored",
+        "hint": "publish a model that runs faster, or ask the administrator to raise --sandbox-timeout"}
+    assert sandbox_server.http("GET", "/api/v1/health")[0] == 200
+    assert sandbox_server.http("GET", "/api/v1/models?all_versions=true&yanked=true") == (200, [])
+    assert list(sandbox_server.upload_dir.iterdir()) == []
+    # the CLI says it in one line, exit 7
+    r = subprocess.run([sys.executable, "-m", "czregistry", "publish", str(pkg), "--version", "1.0"],
+                       capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "CZREG_REGISTRY": f"http://127.0.0.1:{sandbox_server.port}",
+                            "CZREG_TOKEN": sandbox_server.token})
+    assert r.returncode == 7 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[0] == (f"Error: validation of {pkg.name} did not finish within the server's limit "
+                                        "of 8 s; it was stopped and nothing was stored")
+
+
+def test_the_sandbox_still_publishes_a_model_that_ends(sandbox_server: LiveServer, tmp_path: Path) -> None:
+    """The same graph with 3 iterations: model checks and the smoke test ran in the child, their reports are
+    stored."""
+    pkg = _endless_package(tmp_path, trips=3)
+    status, body = sandbox_server.http("POST", "/api/v1/publish?version=1.0&smoke=true", pkg.read_bytes())
+    assert status == 200 and isinstance(body, dict), body
+    assert body["status"] == "published" and body["report"]["valid"] and body["smoke"]["valid"], body
+    assert "model.receptive_field.halo" in {f["check"] for f in body["report"]["findings"]}
+    assert list(sandbox_server.upload_dir.iterdir()) == []
+
+
+def test_the_sandbox_child_gets_a_private_folder_no_secrets_and_limits(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """cwd, HOME and TMPDIR are one private folder, removed afterwards with what the child wrote there; the
+    registry URL, token and server settings stay behind; limits, umask and no-new-privs are set; with user
+    namespaces the child cannot reach even loopback."""
+    import socket
+
+    from czregistry.server.sandbox import SandboxLimits, namespaces_available, run_sandboxed
+
+    for secret in ("CZREG_REGISTRY", "CZREG_TOKEN", "CZREG_SERVE_SETTINGS", "PGPASSWORD"):
+        monkeypatch.setenv(secret, "secret")
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        facts = run_sandboxed("tests.sandbox_probe:facts", [listener.getsockname()[1]],
+                              SandboxLimits(wall_s=60, memory_mb=2048), parent_dir=str(parent))
+    work = Path(facts["cwd"])
+    assert facts["home"] == facts["tmpdir"] == str(work) and work.parent.parent == parent
+    assert list(parent.iterdir()) == [] and not work.exists()
+    assert not {"CZREG_REGISTRY", "CZREG_TOKEN", "CZREG_SERVE_SETTINGS", "PGPASSWORD"} & set(facts["env"])
+    assert (facts["rlimit_as"], facts["rlimit_core"], facts["rlimit_cpu"]) == (2048 * 1024**2, 0, 130)
+    assert facts["rlimit_fsize"] == 8 * 1024**3 and facts["rlimit_nofile"] == 1024
+    assert facts["umask"] == 0o077 and facts["no_new_privs"] is True
+    assert max(facts["fds"]) <= 5, facts["fds"]  # stdin, stdout, stderr, the answer, the listing: nothing inherited
+    if namespaces_available():
+        assert facts["network"].startswith("refused"), facts["network"]
+
+
+def test_the_sandbox_names_the_memory_limit(tmp_path: Path) -> None:
+    from czregistry.errors import InvalidPackageError
+    from czregistry.server.sandbox import SandboxLimits, run_sandboxed
+
+    with pytest.raises(InvalidPackageError) as caught:
+        run_sandboxed("builtins:bytearray", [16 * 1024**3], SandboxLimits(wall_s=60, memory_mb=1024),
+                      label="huge.czann", parent_dir=str(tmp_path))
+    assert caught.value.message == "validation of huge.czann ran out of memory (limit: 1024 MiB); nothing was stored"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_static_only_upload_validation_never_loads_the_model(static_server: LiveServer, tmp_path: Path) -> None:
+    """``--upload-validation static``: the endless model is published at once (it never ran), the report says
+    the model was not loaded, and a smoke test is refused."""
+    pkg = _endless_package(tmp_path)
+    start = time.monotonic()
+    status, body = static_server.http("POST", "/api/v1/publish?version=1.0", pkg.read_bytes())
+    assert status == 200 and time.monotonic() - start < 10, body
+    assert isinstance(body, dict) and body["status"] == "published"
+    report = body["report"]
+    assert "timings_s" not in report["measurements"]  # no model check ran
+    assert [f["check"] for f in report["findings"] if f["severity"] == "info"] == ["server.static_only"]
+    status, body = static_server.http("POST", "/api/v1/publish?version=2.0&smoke=true", pkg.read_bytes())
+    assert (status, _error(status, body)) == (400, {
+        "type": "UsageError", "exit_code": 2, "hint": "publish without --smoke",
+        "message": "this server checks uploads statically and runs no smoke tests "
+                   "(czreg serve --upload-validation static)"})
+
+
+_REQUEST_HINT = "see /openapi.json (or /docs) for what this endpoint takes"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error"), [
+    ("POST", f"/api/v1/publish?version={'1' * 4300}", b"PK", 400,
+     {"type": "UsageError", "exit_code": 2, "message": "the version is 4300 characters long; at most 100 are allowed",
+      "hint": "use a PEP 440 version such as 1.2.0"}),
+    ("GET", f"/api/v1/resolve?requirement=x=={'1' * 4301}", None, 400,
+     {"type": "UsageError", "exit_code": 2, "hint": "use a PEP 440 specifier such as '>=1.2,<2'",
+      "message": "the version specifier in the requirement is 4303 characters long; at most 500 are allowed"}),
+    ("GET", "/api/v1/models?limit=1e23", None, 422,
+     {"type": "UsageError", "exit_code": 2, "hint": _REQUEST_HINT,
+      "message": "query parameter 'limit': Input should be a valid integer, unable to parse string as an integer"}),
+    ("GET", f"/api/v1/history?limit={10**23}", None, 422,
+     {"type": "UsageError", "exit_code": 2, "hint": _REQUEST_HINT,
+      "message": "query parameter 'limit': Input should be less than or equal to 1000000"}),
+    ("POST", "/api/v1/tags?requirement=endless==1.0", b"{not json", 422,
+     {"type": "UsageError", "exit_code": 2, "hint": _REQUEST_HINT,
+      "message": "the request body is not valid JSON (Expecting property name enclosed in double quotes)"}),
+    ("PUT", "/api/v1/models/endless/aliases/prod", b"{}", 422,
+     {"type": "UsageError", "exit_code": 2, "hint": _REQUEST_HINT,
+      "message": "the request body field 'version': Field required"}),
+    ("POST", "/api/v1/tags?requirement=endless==1.0", b'{"set": {" ": "x"}}', 400,
+     {"type": "UsageError", "exit_code": 2, "message": "invalid tag ' =x'",
+      "hint": "write --tag key=value (a key is not empty)"}),
+    ("GET", "/api/v1/no-such-thing", None, 404,
+     {"type": "RemoteError", "exit_code": 11, "message": "no such page or endpoint: /api/v1/no-such-thing",
+      "hint": "see /docs for the endpoints of this server"}),
+    ("DELETE", "/api/v1/health", None, 405,
+     {"type": "RemoteError", "exit_code": 11, "message": "DELETE is not allowed on /api/v1/health",
+      "hint": "see /docs for the methods it takes"}),
+    ("GET", "/redoc", None, 404,
+     {"type": "RemoteError", "exit_code": 11, "message": "no such page or endpoint: /redoc",
+      "hint": "see /docs for the endpoints of this server"}),
+], ids=["version-4300-digits", "requirement-4301-digits", "limit-1e23", "limit-10**23", "malformed-json",
+        "missing-field", "blank-tag-key", "404", "405", "no-redoc"])
+def test_bad_requests_get_the_documented_error_shape(sandbox_server: LiveServer, method: str, path: str,
+                                                     body: bytes | None, status: int, error: dict[str, Any]) -> None:
+    got, answer = sandbox_server.http(method, path, body, {"Content-Type": "application/json"})
+    assert (got, _error(got, answer)) == (status, error)
+    assert "Traceback" not in sandbox_server.log.read_text(errors="replace")
+
+
+def test_a_client_that_disconnects_mid_upload_is_one_log_line(sandbox_server: LiveServer) -> None:
+    import socket
+
+    log_before = sandbox_server.log.read_text(errors="replace")
+    with socket.create_connection(("127.0.0.1", sandbox_server.port)) as s:
+        s.sendall(b"POST /api/v1/publish?version=9.0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + sandbox_server.token.encode() + b"\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 5000)
+        time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while "cut off by the client" not in (new := sandbox_server.log.read_text(errors="replace")[len(log_before):]):
+        assert time.monotonic() < deadline, new
+        time.sleep(0.2)
+    time.sleep(0.5)
+    new = sandbox_server.log.read_text(errors="replace")[len(log_before):]
+    assert [line for line in new.splitlines() if "publish" not in line or "cut off" in line] == [
+        "upload from 127.0.0.1 cut off by the client after 5000 bytes; nothing stored"], new
+    assert "Traceback" not in new
+    assert list(sandbox_server.upload_dir.iterdir()) == []
+    status, rows = sandbox_server.http("GET", "/api/v1/models?name=endless&all_versions=true")
+    assert status == 200 and isinstance(rows, list) and "9.0" not in {r["version"] for r in rows}
+
+
+def test_api_docs_load_nothing_from_other_hosts(sandbox_server: LiveServer) -> None:
+    """``/docs`` is our own page (FastAPI's loads Swagger UI from a CDN: blank on an offline lab network)."""
+    import re
+
+    status, page = sandbox_server.http("GET", "/docs", token=False)
+    assert status == 200 and isinstance(page, str) and "/api/v1/publish" in page and "/api/v1/health" in page
+    assert "<script" not in page.lower()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.IGNORECASE)
+    assert refs and all(r.startswith("/") and not r.startswith("//") for r in refs), refs
+    assert not re.search(r"https?://|@import|url\(", page, flags=re.IGNORECASE)
+    assert sandbox_server.http("GET", "/openapi.json", token=False)[0] == 200

@@ -47,11 +47,18 @@ def _check_port(host: str, port: int) -> None:
               "(default: the system temp folder).")
 @click.option("--forwarded-allow-ips", metavar="IPS",
               help="Proxies trusted for X-Forwarded-For/-Proto (comma list; default 127.0.0.1).")
+@click.option("--upload-validation", default="sandbox", show_default=True, type=click.Choice(["sandbox", "static"]),
+              help="sandbox: model checks and smoke tests of uploads run in a confined child process; static: "
+                   "static checks only, the model is never loaded.")
+@click.option("--sandbox-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Wall time one sandboxed validation may take before it is killed (the upload is refused).")
+@click.option("--sandbox-memory-mb", default=8192, show_default=True, type=click.IntRange(min=0),
+              help="Address space of the sandboxed validation, in MiB (0: unbounded; GPU validation needs more).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve_cmd(host: str, port: int, registry_url: str | None, blob_store: str | None, public_read: bool,
               workers: int, max_upload_mb: int, upload_dir: str | None, forwarded_allow_ips: str | None,
-              log_level: str) -> None:
+              upload_validation: str, sandbox_timeout: float, sandbox_memory_mb: int, log_level: str) -> None:
     """Serve the registry over HTTP: the API under /api/v1 (OpenAPI at /openapi.json) and a web page at /.
 
     Clients use the same commands with CZREG_REGISTRY=http://HOST:PORT and CZREG_TOKEN."""
@@ -78,7 +85,9 @@ def serve_cmd(host: str, port: int, registry_url: str | None, blob_store: str | 
             location = reg.location
         _check_port(host, port)
         settings = ServerSettings(registry=location.url, blob_store=location.blob_store, public_read=public_read,
-                                  max_upload_bytes=max_upload_mb * 1024 * 1024, upload_dir=upload_dir)
+                                  max_upload_bytes=max_upload_mb * 1024 * 1024, upload_dir=upload_dir,
+                                  upload_validation=upload_validation, sandbox_timeout_s=sandbox_timeout,
+                                  sandbox_memory_mb=sandbox_memory_mb)
     if not is_loopback(host):
         click.secho(f"Warning: serving plain HTTP on {host}: tokens and packages travel unencrypted. Put a TLS "
                     "reverse proxy in front (docs/serving.md) and give clients its https:// URL.", fg="yellow",
@@ -86,6 +95,13 @@ def serve_cmd(host: str, port: int, registry_url: str | None, blob_store: str | 
     if workers > 1 and location.is_sqlite:
         click.secho("Warning: several workers on SQLite take turns writing; use PostgreSQL for many writers.",
                     fg="yellow", err=True)
+    if upload_validation == "sandbox":
+        from ..server.sandbox import namespaces_available
+
+        if not namespaces_available():
+            click.secho("Warning: unprivileged user namespaces are not available here: the validation sandbox "
+                        "cannot cut uploads' models off the network (docs/serving.md, threat model).",
+                        fg="yellow", err=True)
     os.environ["CZREG_SERVE_SETTINGS"] = settings.to_env()
     click.echo(f"Serving {location.display()} on http://{host}:{port} "
                f"({workers} worker(s), {'public read' if public_read else 'token required'}); Ctrl+C stops",

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .. import __version__
+from ..audit import GRAPH_AUDIT_CHECK
 from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
 from ..report import Report
 from . import db
@@ -48,8 +49,8 @@ from .versions import (
     version_key,
 )
 
-__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "acting_as", "open_registry", "package_model_name",
-           "search_statement"]
+__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "Validator", "acting_as", "check_package",
+           "check_tags", "open_registry", "package_model_name", "search_statement"]
 
 T = TypeVar("T")
 
@@ -81,6 +82,33 @@ def open_registry(registry: str | None = None, blob_store: str | None = None, *,
     if not create and given:
         require_existing(location, given)
     return Registry(location)
+
+
+#: How ``publish`` checks a package: ``(path, static, smoke) -> (validation report, smoke report or None)``.
+#: The default, ``check_package``, runs in this process; the server passes one that runs it in a sandbox.
+Validator = Callable[[Path, bool, bool], "tuple[Report, Report | None]"]
+
+
+def check_package(path: Path, static: bool = False, smoke: bool = False) -> tuple[Report, Report | None]:
+    """Validate ``path`` (model checks unless ``static``) and smoke-test it when asked: what ``publish``
+    stores. One function, so the CLI's in-process publish and the server's sandboxed child do the same."""
+    from ..checks import ValidateOptions
+    from ..validate import validate
+
+    report = validate(path, ValidateOptions(static=static))
+    return report, (_smoke(path) if smoke else None)
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as ``publish --tag``/``czreg tag`` accept them, for every caller (the CLI, the server's API): a
+    key is not empty and holds no '='; keys and values lose surrounding blanks."""
+    out: dict[str, str] = {}
+    for key, value in tags.items():
+        k = str(key).strip()
+        if not k or "=" in k:
+            raise UsageError(f"invalid tag '{key}={value}'", hint="write --tag key=value (a key is not empty)")
+        out[k] = str(value).strip()
+    return out
 
 
 class _BlobGone(Exception):
@@ -204,13 +232,13 @@ class Registry:
     def publish(self, path: Path | str, *, name: str | None = None, version: str | None = None,
                 bump_part: Bump | None = None, static: bool = False, allow_invalid: bool = False,
                 note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False,
-                sign_key: Path | str | None = None) -> PublishResult:
-        """Validate, sign (``sign_key``), store the blob, then record the version and its signature (the rows
-        are committed last)."""
-        from ..checks import ValidateOptions
-        from ..validate import validate
-
+                sign_key: Path | str | None = None, validator: Validator | None = None) -> PublishResult:
+        """Validate (with ``validator``, by default ``check_package`` in this process), sign (``sign_key``),
+        store the blob, then record the version and its signature (the rows are committed last). The blob is
+        stored only if its bytes hash to the report's ``sha256``, so a report made by another process always
+        describes the bytes stored."""
         path = Path(path)
+        tags = check_tags(tags or {})
         if name is not None:
             canonical_name(name)  # an empty or overlong --name is refused before any work
         if (version is None) == (bump_part is None):
@@ -221,14 +249,22 @@ class Registry:
         new_version = parse_version(version) if version is not None else None
         # the name first: a ModelName the name rules refuse is answered before validation, smoke and signing
         display, cname, kind, model_type, classes = _identity(path, name)
-        report = validate(path, ValidateOptions(static=static))
-        smoke_report = _smoke(path) if smoke else None
+        report, smoke_report = (validator or check_package)(path, static, smoke)
+        if report.sha256 is None:
+            raise RegistryError(f"the validation of {path.name} gave no digest; not published",
+                                hint="report this as a bug in the validator")
         if not report.valid and not allow_invalid:
             first = report.errors[0] if report.errors else report.warnings[0]
             raise InvalidPackageError(
                 f"{path.name} is invalid ({len(report.errors)} error(s); first: {first.check}: {first.message}); "
                 "not published", hint="fix it (czreg validate shows every finding) or pass --allow-invalid",
                 report=report.to_dict())
+        unsafe = [f for f in report.errors if f.check == GRAPH_AUDIT_CHECK]
+        if unsafe:  # not even --allow-invalid: a registry must never hand out a graph nothing may run
+            raise InvalidPackageError(
+                f"{path.name}'s graph failed the static audit ({unsafe[0].message}); not published, not even with "
+                "--allow-invalid", hint="re-export the model without these operations (czreg validate --static "
+                "lists them)", report=report.to_dict())
         if smoke_report is not None and not smoke_report.valid and not allow_invalid:
             why = f" ({smoke_report.errors[0].check}: {smoke_report.errors[0].message})" if smoke_report.errors else ""
             raise RegistryError(f"{path.name} failed its smoke test{why}; not published",
@@ -605,6 +641,7 @@ class Registry:
     def tag(self, requirement: str, set_tags: dict[str, str], remove: list[str] | None = None) -> dict[str, str]:
         """Tags are labels on a version (mutable, audited); the version itself stays immutable."""
         req = parse_requirement(requirement)
+        set_tags = check_tags(set_tags)
 
         def txn(s: Session) -> dict[str, str]:
             row, _ = self._find(s, req, None)

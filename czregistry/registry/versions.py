@@ -21,8 +21,8 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import UsageError
 
-__all__ = ["Bump", "Requirement", "bump", "canonical_name", "derived_name", "parse_requirement", "parse_version",
-           "select_versions", "shown_name", "sort_bounds", "sort_key", "version_key"]
+__all__ = ["MAX_VERSION_LENGTH", "Bump", "Requirement", "bump", "canonical_name", "derived_name", "parse_requirement",
+           "parse_version", "select_versions", "shown_name", "sort_bounds", "sort_key", "version_key"]
 
 Bump = Literal["major", "minor", "patch"]
 
@@ -32,6 +32,11 @@ _DIGEST_RE = re.compile(r"^sha256:([0-9a-fA-F]{8,64})$")
 
 #: Longest model name: fits a file name (``NAME-VERSION.czann``), a terminal column and an OCI repository.
 MAX_NAME_LENGTH = 100
+#: Longest version string: far above any real one (``2024.12.31.post3.dev1+lab.gpu``), and short enough that
+#: no number in it reaches Python's 4,300-digit limit for int() (a ValueError deep inside ``packaging``).
+MAX_VERSION_LENGTH = 100
+#: Longest version specifier in a requirement (several clauses of ``MAX_VERSION_LENGTH`` each).
+MAX_SPECIFIER_LENGTH = 500
 
 
 def canonical_name(name: str) -> str:
@@ -80,9 +85,12 @@ def derived_name(text: str, source: str) -> str:
 
 
 def parse_version(text: str) -> Version:
+    if len(text) > MAX_VERSION_LENGTH:
+        raise UsageError(f"the version is {len(text)} characters long; at most {MAX_VERSION_LENGTH} are allowed",
+                         hint="use a PEP 440 version such as 1.2.0")
     try:
         return Version(text)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):
         raise UsageError(f"invalid version '{text}'", hint="use a PEP 440 version such as 1.2.0") from None
 
 
@@ -208,9 +216,12 @@ def parse_requirement(text: str) -> Requirement:
         return Requirement(name, alias=target.lower())
     if rest[0].isdigit():  # "name 1.2.0" or "name1.2"? only the spaced form is unambiguous
         rest = f"=={rest}"
+    if len(rest) > MAX_SPECIFIER_LENGTH:
+        raise UsageError(f"the version specifier in the requirement is {len(rest)} characters long; at most "
+                         f"{MAX_SPECIFIER_LENGTH} are allowed", hint="use a PEP 440 specifier such as '>=1.2,<2'")
     try:
         return Requirement(name, specifier=SpecifierSet(rest))
-    except InvalidSpecifier:
+    except (InvalidSpecifier, ValueError):
         raise UsageError(f"invalid version specifier '{rest}' in '{text}'",
                          hint="use a PEP 440 specifier such as '>=1.2,<2' or '==1.2.0'") from None
 

@@ -26,23 +26,31 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import AuthError, CzregError, InvalidPackageError, RegistryError, RemoteError, UsageError
-from ..registry.api import Registry, acting_as, package_model_name
+from ..registry.api import Registry, Validator, acting_as, check_package, package_model_name
 from ..registry.location import resolve_location
 from ..registry.store import CHUNK
 from ..registry.tokens import SCOPES, TokenInfo, authenticate
-from ..registry.versions import parse_requirement
+from ..registry.versions import canonical_name, parse_requirement, parse_version
+from ..report import Finding, Report
+from .sandbox import SandboxLimits, sandboxed_validator
 from .settings import COOKIE, ServerSettings
 
-__all__ = ["COOKIE", "Auth", "app_from_env", "create_app", "error_body", "http_status"]
+__all__ = ["COOKIE", "MAX_LIMIT", "Auth", "app_from_env", "create_app", "error_body", "http_status",
+           "upload_validator"]
 
 log = logging.getLogger("czregistry.server")
 
 API = "/api/v1"
+#: Largest ``limit`` a listing accepts (SQLite's integers end at 2**63; nobody pages a million rows).
+MAX_LIMIT = 1_000_000
 
 
 class TokenForbidden(AuthError):
@@ -73,6 +81,51 @@ def error_body(exc: CzregError, location: str | None = None) -> dict[str, Any]:
     if isinstance(exc, InvalidPackageError) and exc.report is not None:
         body["report"] = exc.report
     return body
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line for a request FastAPI could not read: where (query parameter, body field) and what is wrong.
+    The input itself is not echoed (it may be megabytes)."""
+    errors = exc.errors()
+    if not errors:
+        return "the request is malformed"
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ())]
+    if first.get("type") == "json_invalid":
+        why = (first.get("ctx") or {}).get("error")
+        return "the request body is not valid JSON" + (f" ({why})" if why else "")
+    where, field = (loc[0], ".".join(loc[1:])) if loc else ("request", "")
+    place = {"query": f"query parameter '{field}'", "path": f"path parameter '{field}'",
+             "header": f"header '{field}'", "cookie": f"cookie '{field}'"}.get(where)
+    if place is None:
+        place = "the request body" + (f" field '{field}'" if field and field != "0" else "")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{place}: {str(first.get('msg', 'invalid'))[:300]}{more}"
+
+
+def upload_validator(settings: ServerSettings, static: bool, smoke: bool) -> Validator:
+    """How an upload is checked under ``settings.upload_validation``. ``static``: static checks here, and
+    never the model (a client's request for model checks gets an info finding saying so; one for a smoke
+    test is refused). ``sandbox``: a request for static checks only runs here too (the model is not
+    loaded); model checks and smoke tests run in ``czregistry.server.sandbox``."""
+    if settings.upload_validation == "static":
+        if smoke:
+            raise UsageError("this server checks uploads statically and runs no smoke tests "
+                             "(czreg serve --upload-validation static)", hint="publish without --smoke")
+
+        def static_only(path: Path, _static: bool, _smoke: bool) -> tuple[Report, Report | None]:
+            report, _ = check_package(path, True, False)
+            if not _static:
+                report.add(Finding.info("server.static_only", "the server ran the static checks only; the model "
+                                        "was not loaded (czreg serve --upload-validation static)",
+                                        hint="run 'czreg validate' on the package for the model checks"))
+            return report, None
+
+        return static_only
+    if static and not smoke:
+        return check_package
+    return sandboxed_validator(SandboxLimits(wall_s=settings.sandbox_timeout_s, memory_mb=settings.sandbox_memory_mb),
+                               parent_dir=settings.upload_dir)
 
 
 def _with_status(exc: CzregError, status: int) -> CzregError:
@@ -187,7 +240,7 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
     verified = _VerifiedCache()
 
     app = FastAPI(
-        title="czregistry", version=__version__,
+        title="czregistry", version=__version__, docs_url=None, redoc_url=None,  # /docs: our page, no CDN
         description="A registry of CZANN/CZMODEL model packages: publish, pull, aliases, yanks, audit trail. "
                     "Send `Authorization: Bearer <token>` (tokens: `czreg token create` on the server). "
                     "Errors are JSON: `{\"error\": {\"type\", \"message\", \"hint\", \"exit_code\"}}`.")
@@ -196,7 +249,9 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
 
     @app.exception_handler(CzregError)
     async def _czreg_error(request: Request, exc: CzregError) -> Response:
-        status = http_status(exc, request.method)
+        return _error_response(request, exc, http_status(exc, request.method))
+
+    def _error_response(request: Request, exc: CzregError, status: int) -> Response:
         headers = {"WWW-Authenticate": 'Bearer realm="czregistry"'} if status == 401 else None
         if request.url.path.startswith(API) or "text/html" not in request.headers.get("accept", ""):
             return JSONResponse({"error": error_body(exc, registry.location.display())}, status_code=status,
@@ -205,9 +260,28 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
 
         return error_page(exc, status, settings.public_read)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(request, UsageError(_validation_message(exc), hint="see /openapi.json (or /docs) "
+                                                   "for what this endpoint takes"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        path = request.url.path[:200]
+        if exc.status_code == 404:
+            message, hint = f"no such page or endpoint: {path}", "see /docs for the endpoints of this server"
+        elif exc.status_code == 405:
+            message, hint = f"{request.method[:10]} is not allowed on {path}", "see /docs for the methods it takes"
+        else:
+            message, hint = f"{path}: {str(exc.detail)[:300]}", "see /docs"
+        response = _error_response(request, RemoteError(message, hint=hint), exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        # uvicorn logs the traceback once (the exception goes on to it); here only the line that names the request
+        log.error("unexpected error in %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse({"error": {"type": "ServerError", "message": f"internal server error: {type(exc).__name__}",
                                        "hint": "see the server's log", "exit_code": RemoteError.exit_code}},
                             status_code=500)
@@ -230,7 +304,7 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
     def list_models(request: Request, name: str | None = None, type: str | None = None,
                     class_name: str | None = Query(None, alias="class"), tag: str | None = None,
                     alias: str | None = None, all_versions: bool = False, yanked: bool = False,
-                    limit: int | None = Query(None, ge=1)) -> list[dict[str, Any]]:
+                    limit: int | None = Query(None, ge=1, le=MAX_LIMIT)) -> list[dict[str, Any]]:
         """Like ``czreg list``: the newest version of each model (or every version), filtered."""
         token = auth.require(request, "read")
         rows = registry.search(name=name, model_type=type, class_name=class_name, tag=tag, alias=alias,
@@ -254,7 +328,7 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
         return {"version": resolved.version, "warnings": resolved.warnings}
 
     @app.get(f"{API}/history", tags=["read"])
-    def history(request: Request, name: str | None = None, limit: int | None = Query(None, ge=1)
+    def history(request: Request, name: str | None = None, limit: int | None = Query(None, ge=1, le=MAX_LIMIT)
                 ) -> list[dict[str, Any]]:
         """The audit trail, newest first."""
         token = auth.require(request, "read", name)
@@ -353,19 +427,30 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
             if not sep or not k.strip():
                 raise UsageError(f"invalid tag '{item}'", hint="write --tag key=value")
             tags[k.strip()] = v.strip()
+        if version is not None:
+            parse_version(version)  # refused before the upload, not after
+        if name is not None:
+            canonical_name(name)
+        validator = upload_validator(settings, static, smoke)
         tmpdir = Path(tempfile.mkdtemp(prefix="czreg-upload-", dir=settings.upload_dir))
         try:
             path = tmpdir / _safe_filename(request.headers.get("x-czreg-filename"))
             h, size = hashlib.sha256(), 0
-            with path.open("xb") as out:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise _with_status(RemoteError(f"the package is over this server's upload limit of {limit}"
-                                                       " bytes", hint="ask the administrator to raise "
-                                                       "--max-upload-mb"), 413)
-                    h.update(chunk)
-                    out.write(chunk)
+            try:
+                with path.open("xb") as out:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise _with_status(RemoteError(f"the package is over this server's upload limit of "
+                                                           f"{limit} bytes", hint="ask the administrator to raise "
+                                                           "--max-upload-mb"), 413)
+                        h.update(chunk)
+                        out.write(chunk)
+            except ClientDisconnect:
+                log.warning("upload from %s cut off by the client after %d bytes; nothing stored",
+                            _client(request), size)
+                raise UsageError("the client disconnected during the upload; nothing stored",  # nobody reads it
+                                 hint="publish again") from None
             expected = request.headers.get("x-czreg-sha256")
             if expected and expected.lower() != h.hexdigest():
                 raise _with_status(RemoteError(f"the upload arrived damaged (sha256 {h.hexdigest()[:12]}... != "
@@ -373,13 +458,24 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
             if size == 0:
                 raise UsageError("the upload is empty", hint="send the package's bytes as the request body")
 
+            digest = h.hexdigest()
+
+            def checked(p: Path, st: bool, sm: bool) -> tuple[Report, Report | None]:
+                # stored bytes must be the uploaded ones: a report (from the sandbox) about other bytes is refused,
+                # and the blob store checks the bytes it stores against the report's digest
+                report, smoke_report = validator(p, st, sm)
+                if report.sha256 != digest:
+                    raise _with_status(RemoteError(f"the validation report of {p.name} does not describe the uploaded "
+                                                   "bytes; nothing stored", hint="see the server's log"), 500)
+                return report, smoke_report
+
             def work() -> dict[str, Any]:
                 if token is not None:
                     auth.require(request, "publish", package_model_name(path, name))
                 with _acting(token, request):
                     result = registry.publish(path, name=name, version=version, bump_part=bump,  # type: ignore[arg-type]
                                               static=static, allow_invalid=allow_invalid, note=note, tags=tags,
-                                              smoke=smoke)
+                                              smoke=smoke, validator=checked)
                 return {"status": result.status, "version": result.version, "report": result.report.to_dict(),
                         "smoke": result.smoke.to_dict() if result.smoke else None}
 
@@ -419,7 +515,10 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
         with _acting(token, request):
             return registry.unyank(name, version)
 
+    from .apidocs import add_docs_route
     from .web import add_web_routes
+
+    add_docs_route(app)
 
     add_web_routes(app, registry, auth)
     return app
