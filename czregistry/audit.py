@@ -37,16 +37,18 @@ from .errors import UnsafeGraphError
 if TYPE_CHECKING:
     from .package import Package
 
-__all__ = ["STANDARD_ONNX_DOMAINS", "TF_SAFE_STATEFUL", "GraphAudit", "UnsafeOp", "audit_onnx", "audit_package",
-           "audit_savedmodel", "audit_savedmodel_zip", "require_clean", "tf_danger"]
+__all__ = ["GRAPH_AUDIT_CHECK", "STANDARD_ONNX_DOMAINS", "TF_SAFE_STATEFUL", "GraphAudit", "UnsafeOp", "audit_onnx",
+           "audit_package", "audit_savedmodel", "audit_savedmodel_zip", "require_clean", "tf_danger"]
 
+#: The check id under which reports carry the audit's refusals (``checks/graph.py``).
+GRAPH_AUDIT_CHECK = "model.graph.unsafe_ops"
 #: ONNX domains whose operators are defined by the ONNX standard (pure tensor functions by definition).
 STANDARD_ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 #: A graph file larger than this is not a real network's graph (weights of a SavedModel live in
 #: ``variables/``; an ONNX model stops at protobuf's 2 GiB anyway).
 MAX_GRAPH_BYTES = 2 * 1024 ** 3
 #: If/Loop/Scan bodies nest; real models nest a few levels. Deeper is refused, not recursed into.
-MAX_SUBGRAPH_DEPTH = 32
+MAX_SUBGRAPH_DEPTH = 16
 #: How many unsafe operations a report lists one by one before summarising the rest.
 MAX_LISTED = 20
 
@@ -69,8 +71,7 @@ _TF_DANGER: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), why)
      r"GetSessionHandleV2|GetSessionTensor|DeleteSessionTensor)$|^Collective|^Nccl|AllToAll|CrossReplica|Infeed|"
      r"Outfeed|TPU|^_?Xla|^FileSystemSetConfiguration$|^RecordInput$", "talks to other processes or devices"),
     (r"Sleep", "sleeps"),
-    (r"^(Decode|Encode|Parse|Serialize|Deserialize)|^(Substr|StringFormat|AsString|ReduceJoin)$",
-     "parses or formats encoded data (no image network needs it)"),
+    (r"^(Decode|Encode|Parse|Serialize|Deserialize)", "parses encoded data (no image network needs it)"),
     (r"^Print$|^PrintV2$", "prints to a file"),
 ))
 
@@ -416,7 +417,7 @@ class _OnnxWalk:
         if location is not None:
             name = string_field(self.buf, 8, a, b)
             self.audit.unsafe.append(UnsafeOp("external data", f"reads the file '{location}' outside the package",
-                                              where, name))
+                                              f"tensor '{name}' of {where}"))
 
     def node(self, a: int, b: int, where: str, depth: int) -> None:
         buf = self.buf

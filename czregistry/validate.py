@@ -6,8 +6,8 @@ import functools
 import time
 from pathlib import Path
 
+from .audit import GRAPH_AUDIT_CHECK
 from .checks import CheckContext, ValidateOptions
-from .checks.graph import GRAPH_AUDIT_CHECK
 from .errors import CzregError, PackageError, UsageError
 from .package import inspect_package, sha256_file
 from .report import Finding, Report, Severity

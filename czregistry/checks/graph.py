@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..audit import MAX_LISTED, audit_package
+from ..audit import GRAPH_AUDIT_CHECK, MAX_LISTED, audit_package
 from ..report import Finding
 from . import CheckContext
 
 __all__ = ["GRAPH_AUDIT_CHECK", "GraphAuditCheck"]
-
-GRAPH_AUDIT_CHECK = "model.graph.unsafe_ops"
 
 
 @dataclass(frozen=True)
