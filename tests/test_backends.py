@@ -16,7 +16,7 @@ from czregistry_onnx import OnnxRuntimeBackend
 from czregistry_tensorflow import TensorFlowBackend
 from czregistry_tensorflow.backend import extract_savedmodel
 
-from czregistry.errors import BackendError, NoBackendError, UsageError
+from czregistry.errors import BackendError, NoBackendError, UnsafeGraphError, UsageError
 from czregistry.package import ReadLimits, open_package, write_package, zip_directory
 from czregistry.plugins import reset_host
 from czregistry.selection import load_session, select_backend
@@ -239,8 +239,12 @@ def _onnx_with_external_weights(location: str) -> bytes:
 def test_onnx_external_data_is_refused(tmp_path: Path) -> None:
     (tmp_path / "secret.bin").write_bytes(np.float32(42).tobytes())
     path = write_package(tmp_path / "ext.czann", metadata_for("unet"), _onnx_with_external_weights("../secret.bin"))
-    with pytest.raises(BackendError, match=r"ONNX tensor 'w' stores its data outside the model, in '\.\./secret\.bin'"):
+    # the static audit refuses it before any backend sees it ...
+    with pytest.raises(UnsafeGraphError, match=r"external data reads the file '\.\./secret\.bin' outside the package"):
         load_session(open_package(path))
+    # ... and the backend's own check still stands behind it for a caller who trusts the graph
+    with pytest.raises(BackendError, match=r"ONNX tensor 'w' stores its data outside the model, in '\.\./secret\.bin'"):
+        load_session(open_package(path), trust_graph=True)
 
 
 def test_onnx_garbage_is_a_backend_error(tmp_path: Path) -> None:

@@ -319,3 +319,17 @@ def test_encoder_decoder_packs_with_a_tile_reset_and_validates_without_an_output
     packed = validate(out, ValidateOptions())
     assert packed.valid and "model.invariance.output_size" not in {f.check for f in packed.findings}
     assert packed.measurements["tile"] == [128, 128]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if CORPUS[n].slow or n in HEAVY else n
+                                  for n in CORPUS if n != "care-unet-1024-batch1"])
+def test_every_corpus_network_passes_the_static_graph_audit(name: str, corpus: Callable[[str], Path]) -> None:
+    """No false alarm on the networks people ship (packed from torch modules by czregistry.pack, or exported
+    by tf2onnx): the audit must stay silent on real graphs, and see them (ops it counts, standard only)."""
+    from czregistry.audit import audit_package
+    from czregistry.package import open_package
+
+    audit = audit_package(open_package(corpus(name)))
+    assert audit.clean, audit.summary()
+    assert sum(audit.ops.values()) >= 10 and "Conv" in audit.ops, dict(audit.ops)
+    assert not [op for op in audit.ops if "::" in op], dict(audit.ops)  # standard domains only

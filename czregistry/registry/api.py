@@ -248,6 +248,10 @@ class Registry:
                                 "published", hint="publish with --sign PRIVATE.pem (czreg keygen makes a key pair)")
         new_version = parse_version(version) if version is not None else None
         # the name first: a ModelName the name rules refuse is answered before validation, smoke and signing
+        # (after the file itself: a missing package is a usage error, exit 2, as in every command)
+        from ..package import require_package_file
+
+        require_package_file(path)
         display, cname, kind, model_type, classes = _identity(path, name)
         report, smoke_report = (validator or check_package)(path, static, smoke)
         if report.sha256 is None:
