@@ -1502,3 +1502,48 @@ def test_api_docs_load_nothing_from_other_hosts(sandbox_server: LiveServer) -> N
     assert refs and all(r.startswith("/") and not r.startswith("//") for r in refs), refs
     assert not re.search(r"https?://|@import|url\(", page, flags=re.IGNORECASE)
     assert sandbox_server.http("GET", "/openapi.json", token=False)[0] == 200
+
+
+# --- issue 25: README commands, no silent overwrite, yanked aliases, demo's registry, help texts ---
+
+
+def test_postgres_env_file_is_read_when_the_variable_is_unset(tmp_path: Path) -> None:
+    """`bash .ci/postgres.sh && pytest -m postgres` (the README) runs the PostgreSQL tests: the root conftest
+    reads the server from .ci/postgres.env; each reason to skip names what is missing."""
+    import socket
+
+    from tests.postgres_env import VAR, load_postgres_env
+
+    env_file = tmp_path / "postgres.env"
+    environ: dict[str, str] = {}
+    assert load_postgres_env(env_file, environ) == (
+        f"{VAR} is not set and {env_file} does not exist: run 'bash .ci/postgres.sh' first")
+    env_file.write_text("OTHER=1\n")
+    assert load_postgres_env(env_file, environ) == (
+        f"{VAR} is not set and {env_file} has no {VAR}= line: rerun 'bash .ci/postgres.sh'")
+    with socket.socket() as listener:  # a real server socket stands in for PostgreSQL's port
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/czreg_test"
+        env_file.write_text(f"{VAR}={url}\n")
+        assert load_postgres_env(env_file, environ) is None and environ == {VAR: url}
+    environ.clear()
+    assert load_postgres_env(env_file, environ) == (  # the listener is closed: a server from an earlier boot
+        f"the PostgreSQL server named in {env_file} (postgres@127.0.0.1:{port}) is not running: "
+        "rerun 'bash .ci/postgres.sh'")
+    assert environ == {}
+    environ[VAR] = "postgresql+psycopg://set-by-the-caller/db"  # an exported variable always wins
+    assert load_postgres_env(env_file, environ) is None and environ[VAR].endswith("set-by-the-caller/db")
+
+
+def test_conftest_loads_the_env_file_in_a_fresh_process() -> None:
+    """The root conftest itself (not only the function) reads .ci/postgres.env with the variable unset."""
+    from tests.postgres_env import ENV_FILE, VAR, read_env_file, server_reachable
+
+    env = {k: v for k, v in os.environ.items() if k != VAR}
+    code = f"import conftest, os; print(os.environ.get({VAR!r}, ''))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                       check=True, timeout=120)
+    expected = read_env_file(ENV_FILE) if ENV_FILE.is_file() else None
+    assert p.stdout.strip() == (expected if expected and server_reachable(expected) else "")

@@ -1,8 +1,8 @@
 """Registry behaviour, the same tests on SQLite and on a real PostgreSQL server.
 
-PostgreSQL runs when ``CZREG_TEST_POSTGRES_URL`` names a server (``.ci/postgres.sh`` starts one and
-``.ci/run`` exports it); each test gets a fresh database. Packages are small static dummies (valid under
-``--static``) unless a test needs a real model.
+PostgreSQL runs when ``CZREG_TEST_POSTGRES_URL`` names a server, or else when ``.ci/postgres.env`` (written
+by ``bash .ci/postgres.sh``) does (``tests/postgres_env.py``); each test gets a fresh database. Packages are
+small static dummies (valid under ``--static``) unless a test needs a real model.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from czregistry.errors import RegistryError, UsageError
 from czregistry.package import write_package
 from czregistry.registry import Registry, open_registry, resolve_location
 from tests.models import metadata_for
+from tests.postgres_env import skip_reason as postgres_skip_reason
 from tests.static_packages import fake_onnx
 
 PG_URL = os.environ.get("CZREG_TEST_POSTGRES_URL")
@@ -31,7 +32,7 @@ BACKENDS = [
     "sqlite",
     pytest.param("postgres", marks=[
         pytest.mark.postgres,
-        pytest.mark.skipif(not PG_URL, reason="CZREG_TEST_POSTGRES_URL is not set (run .ci/postgres.sh)"),
+        pytest.mark.skipif(not PG_URL, reason=postgres_skip_reason()),
     ]),
 ]
 

@@ -34,6 +34,7 @@ from czregistry.registry.remote import RemoteRegistry
 from czregistry.registry.tokens import create_token, hash_token, revoke_token
 from czregistry.server.process import ServerProcess, free_port
 from tests.models import metadata_for
+from tests.postgres_env import skip_reason as postgres_skip_reason
 from tests.static_packages import fake_onnx
 from tests.test_registry import PG_URL, fresh_postgres_database, make_package
 
@@ -91,7 +92,7 @@ BACKENDS = [
     "sqlite",
     pytest.param("postgres", marks=[
         pytest.mark.postgres,
-        pytest.mark.skipif(not PG_URL, reason="CZREG_TEST_POSTGRES_URL is not set (run .ci/postgres.sh)"),
+        pytest.mark.skipif(not PG_URL, reason=postgres_skip_reason()),
     ]),
 ]
 
