@@ -111,8 +111,7 @@ def _missing(w: World, missing: bool, path: Path) -> str:
 
 COMMANDS: list[Command] = [
     Command("validate --report", lambda w, o, m: ["validate", "--static", _missing(w, m, w.pkg), "--report",
-                                                  str(o / "r.html")], lambda o: o / "r.html",
-            refuses_existing=False),  # a report is regenerated on purpose (CI overwrites it every run)
+                                                  str(o / "r.html")], lambda o: o / "r.html"),
     Command("pack", lambda w, o, m: ["pack", _missing(w, m, w.onnx).replace(".czann", ".onnx"), "-o",
                                      str(o / "p.czann"), "--type", "SingleClassSemanticSegmentation",
                                      "--classes", "background,cells", "--tile", "64", "64"],
@@ -139,6 +138,10 @@ COMMANDS: list[Command] = [
     Command("evaluate --report", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images", str(w.eval_images),
                                                   "--labels", str(w.eval_labels), "--report", str(o / "e.html"),
                                                   "-q", "--no-probe"], lambda o: o / "e.html"),
+    Command("evaluate --overlays", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images",
+                                                    str(w.eval_images), "--labels", str(w.eval_labels), "--overlays",
+                                                    str(o / "ov"), "-q", "--no-probe"], lambda o: o / "ov",
+            occupy=lambda o: o / "ov" / "mine.png"),
     Command("compare", lambda w, o, m: ["compare", _missing(w, m, w.pkg), str(w.pkg), "--images",
                                         str(w.eval_images), "--labels", str(w.eval_labels), "--no-probe"]),
     # the demo regenerates its own files in its workdir on purpose (a second `czreg demo` works); a user's
@@ -195,7 +198,7 @@ def test_existing_output_is_refused_without_force(cmd: Command, world: World, tm
     _assert_one_line(r.output)
     assert "already exists" in r.output or "not empty" in r.output
     assert target.read_bytes() == b"precious"
-    assert _files(out) == [str(target.relative_to(out))] or cmd.name == "unpack"
+    assert _files(out) == [str(target.relative_to(out))] or cmd.occupy is not None  # a folder: it and the file
     assert not list(out.rglob("*.part"))
 
 
@@ -1547,3 +1550,44 @@ def test_conftest_loads_the_env_file_in_a_fresh_process() -> None:
                        check=True, timeout=120)
     expected = read_env_file(ENV_FILE) if ENV_FILE.is_file() else None
     assert p.stdout.strip() == (expected if expected and server_reachable(expected) else "")
+
+
+@pytest.mark.parametrize("suffix", [".html", ".md"])
+def test_a_second_validate_report_needs_force(suffix: str, world: World, tmp_path: Path) -> None:
+    report = tmp_path / f"r{suffix}"
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report))
+    assert r.exit_code == 0, r.output
+    first = report.read_bytes()
+    report.write_bytes(first + b"<!-- the user's own note -->")  # so a rewrite would be visible
+    mine = report.read_bytes()
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report))
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines() == [f"Error: {report} already exists",
+                                     "Hint: pass --force to replace it, or choose another --report path"]
+    assert report.read_bytes() == mine and _files(tmp_path) == [report.name]
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report), "--force")
+    assert r.exit_code == 0, r.output
+    assert report.read_bytes() == first and _files(tmp_path) == [report.name]
+
+
+def test_evaluate_report_and_overlays_are_replaced_only_with_force(world: World, tmp_path: Path) -> None:
+    report, overlays = tmp_path / "e.html", tmp_path / "ov"
+    args = ["evaluate", str(world.pkg), "--images", str(world.eval_images), "--labels", str(world.eval_labels),
+            "-q", "--no-probe"]
+    report.write_bytes(b"mine")
+    r = cli(*args, "--report", str(report))
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"Error: {report} already exists", "Hint: pass --force to replace it, or choose another --report path"]
+    overlays.mkdir()
+    (overlays / "cells.png").write_bytes(b"mine")
+    r = cli(*args, "--overlays", str(overlays))
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"Error: {overlays} already exists and is not empty",
+        "Hint: pass --force to write into it (files of the same name are replaced), or choose another --overlays "
+        "folder"]
+    assert report.read_bytes() == b"mine" and (overlays / "cells.png").read_bytes() == b"mine"
+    r = cli(*args, "--report", str(report), "--overlays", str(overlays), "--force")
+    assert r.exit_code == 0, r.output
+    assert report.read_bytes().startswith(b"<!DOCTYPE html") or b"<html" in report.read_bytes()[:200]
+    assert (overlays / "cells.png").read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.rglob("*.part"))
