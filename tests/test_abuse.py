@@ -1591,3 +1591,35 @@ def test_evaluate_report_and_overlays_are_replaced_only_with_force(world: World,
     assert report.read_bytes().startswith(b"<!DOCTYPE html") or b"<html" in report.read_bytes()[:200]
     assert (overlays / "cells.png").read_bytes().startswith(b"\x89PNG")
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_an_alias_to_a_yanked_version_is_refused_by_pull_show_and_evaluate(world: World, tmp_path: Path) -> None:
+    """`alias set m production 1.0.0; yank m 1.0.0; pull m@production` pulled the yanked version with a
+    warning, against the README's rule (a yanked version only by an exact pin)."""
+    for v in ("1.0.0", "1.1.0"):
+        assert cli("publish", str(world.static_pkg), "--name", "m", "--version", v, "--static").exit_code == 0
+    assert cli("alias", "set", "m", "production", "1.0.0").exit_code == 0
+    r = cli("yank", "m", "1.0.0", "--reason", "wrong normalisation")
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        "Yanked m 1.0.0: wrong normalisation",
+        "Warning: m@production points at 1.0.0: resolving it is refused until you move it (czreg alias set m "
+        "production VERSION) or unyank 1.0.0"]
+    refused = ["Error: m@production points at 1.0.0, which is yanked: wrong normalisation",
+               "Hint: pin it exactly (m==1.0.0) to use it anyway, or move the alias: czreg alias set m production "
+               "VERSION"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["pull", "m@production", "-o", str(out / "m.czann")], ["show", "m@production"],
+                 ["evaluate", "m@production", "--images", str(world.eval_images), "--labels",
+                  str(world.eval_labels), "--report", str(out / "e.html"), "-q"]):
+        r = cli(*argv)
+        assert (r.exit_code, r.output.splitlines()) == (7, refused), argv
+    r = cli("pull", "m<1.1", "-o", str(out / "m.czann"))
+    assert (r.exit_code, r.output.splitlines()) == (7, [
+        "Error: no version of m matches '<1.1' (1.0.0 is yanked: wrong normalisation)",
+        "Hint: a yanked version is pulled only by an exact pin (m==1.0.0); czreg show m lists its versions"])
+    assert _files(out) == []
+    r = cli("pull", "m==1.0.0", "-o", str(out / "m.czann"))  # the exact pin still works, with the warning
+    assert r.exit_code == 0 and "Warning: m 1.0.0 is yanked: wrong normalisation" in r.output
+    assert cli("alias", "set", "m", "production", "1.1.0").exit_code == 0  # moving the alias is the way out
+    assert json.loads(cli("show", "m@production", "--json").output)["version"] == "1.1.0"

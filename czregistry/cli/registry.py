@@ -391,10 +391,17 @@ def tag_cmd(reg: Registry, requirement: str, tags: tuple[str, ...], remove: tupl
 @json_option
 @_registry_options
 def yank_cmd(reg: Registry, name: str, version: str, reason: str, as_json: bool) -> None:
-    """Hide a version from specifiers and listings; an exact pin still gets it, with a warning."""
+    """Hide a version from specifiers and listings; an exact pin still gets it, with a warning. Aliases
+    that point at it stay, but resolving them is refused until they are moved (the command names them)."""
     with handle_errors():
         out = reg.yank(name, version, reason)
-    echo_json(out) if as_json else click.echo(f"Yanked {out['name']} {out['version']}: {reason}")
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(f"Yanked {out['name']} {out['version']}: {reason}")
+    for alias in out.get("aliases") or []:  # a server from before this rule answers without the key
+        _warn([f"{out['name']}@{alias} points at {out['version']}: resolving it is refused until you move it "
+               f"(czreg alias set {out['name']} {alias} VERSION) or unyank {out['version']}"])
 
 
 @click.command("unyank")
