@@ -1623,3 +1623,63 @@ def test_an_alias_to_a_yanked_version_is_refused_by_pull_show_and_evaluate(world
     assert r.exit_code == 0 and "Warning: m 1.0.0 is yanked: wrong normalisation" in r.output
     assert cli("alias", "set", "m", "production", "1.1.0").exit_code == 0  # moving the alias is the way out
     assert json.loads(cli("show", "m@production", "--json").output)["version"] == "1.1.0"
+
+
+@pytest.mark.parametrize("location", ["nowhere", "sqlite:///missing-dir/x.db"])
+def test_demo_refuses_a_registry_that_does_not_exist(location: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`czreg demo --registry nowhere` created a registry that every other command refuses; now it gives
+    their answer, before packing anything."""
+    monkeypatch.chdir(tmp_path)
+    for argv, env in ((["demo", "--size", "64", "--registry", location], None),
+                      (["demo", "--size", "64"], {"CZREG_REGISTRY": location})):
+        r = cli(*argv, env=env)
+        assert r.exit_code == 7, r.output
+        _assert_one_line(r.output)
+        assert r.output.startswith(f"Error: no registry at '{location}' (") and "czreg init LOCATION" in r.output
+        assert _files(tmp_path) == []  # no workdir, no registry
+
+
+def _help(*argv: str) -> str:
+    r = CliRunner().invoke(main, [*argv, "--help"], terminal_width=100)
+    assert r.exit_code == 0, r.output
+    return " ".join(r.output.split())  # words only: the wrapping depends on the width
+
+
+def test_help_texts_say_what_the_commands_do() -> None:
+    for admin in ("verify", "gc", "purge"):  # these need the database: a server URL is refused
+        assert "not a server URL (run it where the database is)" in _help(admin), admin
+        assert "https://host" not in _help(admin), admin
+    assert "not a server URL" in _help("setting")
+    for remote in ("pull", "list", "show", "publish", "yank"):  # these work through a server too
+        assert "or a server https://host (token: CZREG_TOKEN)" in _help(remote), remote
+    demo = _help("demo")
+    assert "run it tiled and evaluate the prediction against the generated image's ground truth" in demo
+    assert "it must exist (czreg init LOCATION creates one)" in demo
+    assert "an existing file is replaced only with --force" in _help("validate")
+
+
+def test_every_command_summary_is_whole() -> None:
+    """click cuts a summary at the first '.' (``e.g.``) or at its width with '...': each built-in command
+    has a short help that fits."""
+    r = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert r.exit_code == 0, r.output
+    rows = r.output.split("Commands:\n", 1)[1].splitlines()
+    assert len(rows) >= 30
+    for row in rows:
+        assert not row.rstrip().endswith(("...", "e.g.", "i.e.")), row
+    assert "  setting           Show or change registry-wide settings." in rows
+
+
+def test_readme_names_every_extra_of_requirements_all() -> None:
+    import re
+
+    found = re.search(r"-e \.\[([^\]]+)\]", (ROOT / "requirements" / "all.txt").read_text())
+    assert found is not None
+    extras = found.group(1)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    sentence = readme.split("Install what the main job needs", 1)[1].split(")", 1)[0]
+    names = {"postgres": "PostgreSQL", "czi": "CZI", "sharing": "sharing", "serve": "server", "dask": "Dask"}
+    assert {e.strip() for e in extras.split(",")} <= set(names), extras
+    for extra in extras.split(","):
+        assert names[extra.strip()] in sentence, (extra, sentence)

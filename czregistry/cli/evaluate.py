@@ -129,7 +129,7 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Measure a package on labelled images.")
 @click.argument("package")
 @click.option("--images", type=click.Path(path_type=Path), required=True, help="Folder of input images.")
 @click.option("--labels", type=click.Path(path_type=Path), required=True,
@@ -217,7 +217,7 @@ def _recorded_pair(reg: Registry, a: str, b: str) -> tuple[dict[str, Any], dict[
     return common[0]
 
 
-@click.command("compare")
+@click.command("compare", short_help="Compare two packages' metrics (95% intervals).")
 @click.argument("a")
 @click.argument("b")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of input images.")
