@@ -15,6 +15,12 @@ os.environ["CZREG_PLUGINS"] = BUILTIN_PLUGINS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# `bash .ci/postgres.sh && pytest -m postgres` (the README's command) runs the PostgreSQL tests: the server
+# the script started is read from .ci/postgres.env unless CZREG_TEST_POSTGRES_URL is set already.
+from tests.postgres_env import load_postgres_env  # noqa: E402
+
+load_postgres_env()
+
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:

@@ -7,6 +7,7 @@ with no data and no network. Each step uses the same public library call a user 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +64,18 @@ def side_by_side_png(image: Any, labels: Any, path: Path, max_side: int = 384) -
 
 
 def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 2048,
-             echo: Callable[[str], None] = print, quiet: bool = True) -> DemoResult:
+             echo: Callable[[str], None] = print, quiet: bool = True, create: bool = True) -> DemoResult:
+    """The six steps. ``create=False`` (the CLI): a registry named by ``registry`` or ``CZREG_REGISTRY`` must
+    exist, as for every other command (only the per-user default is created); checked before anything is
+    written, so a typo costs nothing."""
     import numpy as np
     import tifffile
+
+    given = registry or os.environ.get("CZREG_REGISTRY")
+    if not create and given:  # the rule of every other command (registry.api.open_registry), before any work
+        from .registry.location import require_existing, resolve_location
+
+        require_existing(resolve_location(registry), given)
 
     from .examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
     from .pack.core import pack
@@ -90,7 +100,7 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
     echo("    " + render_text(report, verbose=False).replace("\n", "\n    "))
 
     echo(f"3/6 publish {DEMO_MODEL_NAME} {DEMO_VERSION} to the registry")
-    with open_registry(registry) as reg:
+    with open_registry(registry, create=create) as reg:
         published = reg.publish(package, name=DEMO_MODEL_NAME, version=DEMO_VERSION)
         pub = published.to_dict()
         echo(f"    {published.status}: {pub.get('name', DEMO_MODEL_NAME)} {pub.get('version', DEMO_VERSION)} "

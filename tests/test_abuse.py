@@ -111,8 +111,7 @@ def _missing(w: World, missing: bool, path: Path) -> str:
 
 COMMANDS: list[Command] = [
     Command("validate --report", lambda w, o, m: ["validate", "--static", _missing(w, m, w.pkg), "--report",
-                                                  str(o / "r.html")], lambda o: o / "r.html",
-            refuses_existing=False),  # a report is regenerated on purpose (CI overwrites it every run)
+                                                  str(o / "r.html")], lambda o: o / "r.html"),
     Command("pack", lambda w, o, m: ["pack", _missing(w, m, w.onnx).replace(".czann", ".onnx"), "-o",
                                      str(o / "p.czann"), "--type", "SingleClassSemanticSegmentation",
                                      "--classes", "background,cells", "--tile", "64", "64"],
@@ -139,6 +138,10 @@ COMMANDS: list[Command] = [
     Command("evaluate --report", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images", str(w.eval_images),
                                                   "--labels", str(w.eval_labels), "--report", str(o / "e.html"),
                                                   "-q", "--no-probe"], lambda o: o / "e.html"),
+    Command("evaluate --overlays", lambda w, o, m: ["evaluate", _missing(w, m, w.pkg), "--images",
+                                                    str(w.eval_images), "--labels", str(w.eval_labels), "--overlays",
+                                                    str(o / "ov"), "-q", "--no-probe"], lambda o: o / "ov",
+            occupy=lambda o: o / "ov" / "mine.png"),
     Command("compare", lambda w, o, m: ["compare", _missing(w, m, w.pkg), str(w.pkg), "--images",
                                         str(w.eval_images), "--labels", str(w.eval_labels), "--no-probe"]),
     # the demo regenerates its own files in its workdir on purpose (a second `czreg demo` works); a user's
@@ -195,7 +198,7 @@ def test_existing_output_is_refused_without_force(cmd: Command, world: World, tm
     _assert_one_line(r.output)
     assert "already exists" in r.output or "not empty" in r.output
     assert target.read_bytes() == b"precious"
-    assert _files(out) == [str(target.relative_to(out))] or cmd.name == "unpack"
+    assert _files(out) == [str(target.relative_to(out))] or cmd.occupy is not None  # a folder: it and the file
     assert not list(out.rglob("*.part"))
 
 
@@ -1502,3 +1505,181 @@ def test_api_docs_load_nothing_from_other_hosts(sandbox_server: LiveServer) -> N
     assert refs and all(r.startswith("/") and not r.startswith("//") for r in refs), refs
     assert not re.search(r"https?://|@import|url\(", page, flags=re.IGNORECASE)
     assert sandbox_server.http("GET", "/openapi.json", token=False)[0] == 200
+
+
+# --- issue 25: README commands, no silent overwrite, yanked aliases, demo's registry, help texts ---
+
+
+def test_postgres_env_file_is_read_when_the_variable_is_unset(tmp_path: Path) -> None:
+    """`bash .ci/postgres.sh && pytest -m postgres` (the README) runs the PostgreSQL tests: the root conftest
+    reads the server from .ci/postgres.env; each reason to skip names what is missing."""
+    import socket
+
+    from tests.postgres_env import VAR, load_postgres_env
+
+    env_file = tmp_path / "postgres.env"
+    environ: dict[str, str] = {}
+    assert load_postgres_env(env_file, environ) == (
+        f"{VAR} is not set and {env_file} does not exist: run 'bash .ci/postgres.sh' first")
+    env_file.write_text("OTHER=1\n")
+    assert load_postgres_env(env_file, environ) == (
+        f"{VAR} is not set and {env_file} has no {VAR}= line: rerun 'bash .ci/postgres.sh'")
+    with socket.socket() as listener:  # a real server socket stands in for PostgreSQL's port
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/czreg_test"
+        env_file.write_text(f"{VAR}={url}\n")
+        assert load_postgres_env(env_file, environ) is None and environ == {VAR: url}
+    environ.clear()
+    assert load_postgres_env(env_file, environ) == (  # the listener is closed: a server from an earlier boot
+        f"the PostgreSQL server named in {env_file} (postgres@127.0.0.1:{port}) is not running: "
+        "rerun 'bash .ci/postgres.sh'")
+    assert environ == {}
+    environ[VAR] = "postgresql+psycopg://set-by-the-caller/db"  # an exported variable always wins
+    assert load_postgres_env(env_file, environ) is None and environ[VAR].endswith("set-by-the-caller/db")
+
+
+def test_conftest_loads_the_env_file_in_a_fresh_process() -> None:
+    """The root conftest itself (not only the function) reads .ci/postgres.env with the variable unset."""
+    from tests.postgres_env import ENV_FILE, VAR, read_env_file, server_reachable
+
+    env = {k: v for k, v in os.environ.items() if k != VAR}
+    code = f"import conftest, os; print(os.environ.get({VAR!r}, ''))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                       check=True, timeout=120)
+    expected = read_env_file(ENV_FILE) if ENV_FILE.is_file() else None
+    assert p.stdout.strip() == (expected if expected and server_reachable(expected) else "")
+
+
+@pytest.mark.parametrize("suffix", [".html", ".md"])
+def test_a_second_validate_report_needs_force(suffix: str, world: World, tmp_path: Path) -> None:
+    report = tmp_path / f"r{suffix}"
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report))
+    assert r.exit_code == 0, r.output
+    first = report.read_bytes()
+    report.write_bytes(first + b"<!-- the user's own note -->")  # so a rewrite would be visible
+    mine = report.read_bytes()
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report))
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines() == [f"Error: {report} already exists",
+                                     "Hint: pass --force to replace it, or choose another --report path"]
+    assert report.read_bytes() == mine and _files(tmp_path) == [report.name]
+    r = cli("validate", "--static", str(world.static_pkg), "--report", str(report), "--force")
+    assert r.exit_code == 0, r.output
+    assert report.read_bytes() == first and _files(tmp_path) == [report.name]
+
+
+def test_evaluate_report_and_overlays_are_replaced_only_with_force(world: World, tmp_path: Path) -> None:
+    report, overlays = tmp_path / "e.html", tmp_path / "ov"
+    args = ["evaluate", str(world.pkg), "--images", str(world.eval_images), "--labels", str(world.eval_labels),
+            "-q", "--no-probe"]
+    report.write_bytes(b"mine")
+    r = cli(*args, "--report", str(report))
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"Error: {report} already exists", "Hint: pass --force to replace it, or choose another --report path"]
+    overlays.mkdir()
+    (overlays / "cells.png").write_bytes(b"mine")
+    r = cli(*args, "--overlays", str(overlays))
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"Error: {overlays} already exists and is not empty",
+        "Hint: pass --force to write into it (files of the same name are replaced), or choose another --overlays "
+        "folder"]
+    assert report.read_bytes() == b"mine" and (overlays / "cells.png").read_bytes() == b"mine"
+    r = cli(*args, "--report", str(report), "--overlays", str(overlays), "--force")
+    assert r.exit_code == 0, r.output
+    assert report.read_bytes().startswith(b"<!DOCTYPE html") or b"<html" in report.read_bytes()[:200]
+    assert (overlays / "cells.png").read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_an_alias_to_a_yanked_version_is_refused_by_pull_show_and_evaluate(world: World, tmp_path: Path) -> None:
+    """`alias set m production 1.0.0; yank m 1.0.0; pull m@production` pulled the yanked version with a
+    warning, against the README's rule (a yanked version only by an exact pin)."""
+    for v in ("1.0.0", "1.1.0"):
+        assert cli("publish", str(world.static_pkg), "--name", "m", "--version", v, "--static").exit_code == 0
+    assert cli("alias", "set", "m", "production", "1.0.0").exit_code == 0
+    r = cli("yank", "m", "1.0.0", "--reason", "wrong normalisation")
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        "Yanked m 1.0.0: wrong normalisation",
+        "Warning: m@production points at 1.0.0: resolving it is refused until you move it (czreg alias set m "
+        "production VERSION) or unyank 1.0.0"]
+    refused = ["Error: m@production points at 1.0.0, which is yanked: wrong normalisation",
+               "Hint: pin it exactly (m==1.0.0) to use it anyway, or move the alias: czreg alias set m production "
+               "VERSION"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["pull", "m@production", "-o", str(out / "m.czann")], ["show", "m@production"],
+                 ["evaluate", "m@production", "--images", str(world.eval_images), "--labels",
+                  str(world.eval_labels), "--report", str(out / "e.html"), "-q"]):
+        r = cli(*argv)
+        assert (r.exit_code, r.output.splitlines()) == (7, refused), argv
+    r = cli("pull", "m<1.1", "-o", str(out / "m.czann"))
+    assert (r.exit_code, r.output.splitlines()) == (7, [
+        "Error: no version of m matches '<1.1' (1.0.0 is yanked: wrong normalisation)",
+        "Hint: a yanked version is pulled only by an exact pin (m==1.0.0); czreg show m lists its versions"])
+    assert _files(out) == []
+    r = cli("pull", "m==1.0.0", "-o", str(out / "m.czann"))  # the exact pin still works, with the warning
+    assert r.exit_code == 0 and "Warning: m 1.0.0 is yanked: wrong normalisation" in r.output
+    assert cli("alias", "set", "m", "production", "1.1.0").exit_code == 0  # moving the alias is the way out
+    assert json.loads(cli("show", "m@production", "--json").output)["version"] == "1.1.0"
+
+
+@pytest.mark.parametrize("location", ["nowhere", "sqlite:///missing-dir/x.db"])
+def test_demo_refuses_a_registry_that_does_not_exist(location: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`czreg demo --registry nowhere` created a registry that every other command refuses; now it gives
+    their answer, before packing anything."""
+    monkeypatch.chdir(tmp_path)
+    for argv, env in ((["demo", "--size", "64", "--registry", location], None),
+                      (["demo", "--size", "64"], {"CZREG_REGISTRY": location})):
+        r = cli(*argv, env=env)
+        assert r.exit_code == 7, r.output
+        _assert_one_line(r.output)
+        assert r.output.startswith(f"Error: no registry at '{location}' (") and "czreg init LOCATION" in r.output
+        assert _files(tmp_path) == []  # no workdir, no registry
+
+
+def _help(*argv: str) -> str:
+    r = CliRunner().invoke(main, [*argv, "--help"], terminal_width=100)
+    assert r.exit_code == 0, r.output
+    return " ".join(r.output.split())  # words only: the wrapping depends on the width
+
+
+def test_help_texts_say_what_the_commands_do() -> None:
+    for admin in ("verify", "gc", "purge"):  # these need the database: a server URL is refused
+        assert "not a server URL (run it where the database is)" in _help(admin), admin
+        assert "https://host" not in _help(admin), admin
+    assert "not a server URL" in _help("setting")
+    for remote in ("pull", "list", "show", "publish", "yank"):  # these work through a server too
+        assert "or a server https://host (token: CZREG_TOKEN)" in _help(remote), remote
+    demo = _help("demo")
+    assert "run it tiled and evaluate the prediction against the generated image's ground truth" in demo
+    assert "it must exist (czreg init LOCATION creates one)" in demo
+    assert "an existing file is replaced only with --force" in _help("validate")
+
+
+def test_every_command_summary_is_whole() -> None:
+    """click cuts a summary at the first '.' (``e.g.``) or at its width with '...': each built-in command
+    has a short help that fits."""
+    r = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert r.exit_code == 0, r.output
+    rows = r.output.split("Commands:\n", 1)[1].splitlines()
+    assert len(rows) >= 30
+    for row in rows:
+        assert not row.rstrip().endswith(("...", "e.g.", "i.e.")), row
+    assert "  setting           Show or change registry-wide settings." in rows
+
+
+def test_readme_names_every_extra_of_requirements_all() -> None:
+    import re
+
+    found = re.search(r"-e \.\[([^\]]+)\]", (ROOT / "requirements" / "all.txt").read_text())
+    assert found is not None
+    extras = found.group(1)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    sentence = readme.split("Install what the main job needs", 1)[1].split(")", 1)[0]
+    names = {"postgres": "PostgreSQL", "czi": "CZI", "sharing": "sharing", "serve": "server", "dask": "Dask"}
+    assert {e.strip() for e in extras.split(",")} <= set(names), extras
+    for extra in extras.split(","):
+        assert names[extra.strip()] in sentence, (extra, sentence)

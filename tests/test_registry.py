@@ -1,8 +1,8 @@
 """Registry behaviour, the same tests on SQLite and on a real PostgreSQL server.
 
-PostgreSQL runs when ``CZREG_TEST_POSTGRES_URL`` names a server (``.ci/postgres.sh`` starts one and
-``.ci/run`` exports it); each test gets a fresh database. Packages are small static dummies (valid under
-``--static``) unless a test needs a real model.
+PostgreSQL runs when ``CZREG_TEST_POSTGRES_URL`` names a server, or else when ``.ci/postgres.env`` (written
+by ``bash .ci/postgres.sh``) does (``tests/postgres_env.py``); each test gets a fresh database. Packages are
+small static dummies (valid under ``--static``) unless a test needs a real model.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from czregistry.errors import RegistryError, UsageError
 from czregistry.package import write_package
 from czregistry.registry import Registry, open_registry, resolve_location
 from tests.models import metadata_for
+from tests.postgres_env import skip_reason as postgres_skip_reason
 from tests.static_packages import fake_onnx
 
 PG_URL = os.environ.get("CZREG_TEST_POSTGRES_URL")
@@ -31,7 +32,7 @@ BACKENDS = [
     "sqlite",
     pytest.param("postgres", marks=[
         pytest.mark.postgres,
-        pytest.mark.skipif(not PG_URL, reason="CZREG_TEST_POSTGRES_URL is not set (run .ci/postgres.sh)"),
+        pytest.mark.skipif(not PG_URL, reason=postgres_skip_reason()),
     ]),
 ]
 
@@ -248,6 +249,53 @@ def test_yanked_versions_only_by_exact_pin_with_a_warning(reg: Registry, pkg: Ca
     assert reg.resolve("m").version["version"] == "1.1.0"
     with pytest.raises(UsageError, match="a yank needs a reason"):
         reg.yank("m", "1.1.0", " ")
+
+
+def test_an_alias_to_a_yanked_version_is_refused_and_every_path_says_so(reg: Registry, pkg: Callable[..., Path],
+                                                                         tmp_path: Path) -> None:
+    """The README's rule: a yanked version is pulled only by an exact pin. An alias that points at one is
+    refused (naming alias, version, reason, and the two ways out); yank names the aliases it strands; "no
+    version matches" names the yanked versions that would have matched."""
+    reg.publish(pkg(), name="m", version="1.0.0", static=True)
+    reg.publish(pkg(), name="m", version="1.1.0", static=True)
+    reg.alias_set("m", "production", "1.0.0")
+    out = reg.yank("m", "1.0.0", "wrong normalisation")
+    assert out["aliases"] == ["production"]
+    refused = ("m@production points at 1.0.0, which is yanked: wrong normalisation",
+               "pin it exactly (m==1.0.0) to use it anyway, or move the alias: czreg alias set m production VERSION")
+    for call in (lambda: reg.resolve("m@production"), lambda: reg.show("m@production"),
+                 lambda: reg.pull("m@production", tmp_path / "x.czann")):
+        with pytest.raises(RegistryError) as info:
+            call()
+        assert (info.value.message, info.value.hint) == refused
+    assert not (tmp_path / "x.czann").exists()
+    with pytest.raises(RegistryError) as info:
+        reg.resolve("m<1.1")
+    assert (info.value.message, info.value.hint) == (
+        "no version of m matches '<1.1' (1.0.0 is yanked: wrong normalisation)",
+        "a yanked version is pulled only by an exact pin (m==1.0.0); czreg show m lists its versions")
+    with pytest.raises(RegistryError) as info:
+        reg.resolve("m>=2")
+    assert info.value.message == "no version of m matches '>=2'"  # nothing yanked matches: nothing to add
+    pinned = reg.resolve("m==1.0.0")
+    assert pinned.version["version"] == "1.0.0" and pinned.warnings == ["m 1.0.0 is yanked: wrong normalisation"]
+    with pytest.raises(RegistryError) as info:
+        reg.alias_set("m", "staging", "1.0.0")
+    assert (info.value.message, info.value.hint) == (
+        "m 1.0.0 is yanked (wrong normalisation); @staging would not resolve",
+        "point @staging at another version, or unyank it first: czreg unyank m 1.0.0")
+    reg.alias_set("m", "production", "1.1.0")  # moving the alias is the way out
+    assert reg.resolve("m@production").version["version"] == "1.1.0"
+    assert reg.yank("m", "1.1.0", "worse")["aliases"] == ["production"]
+    with pytest.raises(RegistryError) as info:
+        reg.resolve("m")
+    assert info.value.message == ("no version of m is available: 1.1.0 is yanked: worse; 1.0.0 is yanked: "
+                                  "wrong normalisation")
+    reg.unyank("m", "1.1.0")
+    assert reg.resolve("m@production").version["version"] == "1.1.0"
+    assert reg.yank("m", "1.1.0", "again")["aliases"] == ["production"]
+    reg.alias_remove("m", "production")
+    assert reg.yank("m", "1.1.0", "again")["aliases"] == []
 
 
 def test_aliases_move_and_every_move_is_audited(reg: Registry, pkg: Callable[..., Path]) -> None:

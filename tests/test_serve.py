@@ -34,6 +34,7 @@ from czregistry.registry.remote import RemoteRegistry
 from czregistry.registry.tokens import create_token, hash_token, revoke_token
 from czregistry.server.process import ServerProcess, free_port
 from tests.models import metadata_for
+from tests.postgres_env import skip_reason as postgres_skip_reason
 from tests.static_packages import fake_onnx
 from tests.test_registry import PG_URL, fresh_postgres_database, make_package
 
@@ -91,7 +92,7 @@ BACKENDS = [
     "sqlite",
     pytest.param("postgres", marks=[
         pytest.mark.postgres,
-        pytest.mark.skipif(not PG_URL, reason="CZREG_TEST_POSTGRES_URL is not set (run .ci/postgres.sh)"),
+        pytest.mark.skipif(not PG_URL, reason=postgres_skip_reason()),
     ]),
 ]
 
@@ -235,12 +236,15 @@ def test_same_output_and_exit_codes_locally_and_remotely(srv: Srv, pkgs: Callabl
         ("list", "twin"), ("list", "twin", "--all-versions"), ("show", "twin"), ("show", "twin==1.0.0"),
         ("alias", "set", "twin", "production", "1.0.0"), ("alias", "set", "twin", "production", "1.0.0"),
         ("alias", "list", "twin"), ("alias", "set", "twin", "latest", "1.0.0"),
-        ("tag", "twin==1.1.0", "reviewed=yes"),
-        ("yank", "twin", "1.1.0", "--reason", "wrong normalisation"),
+        ("tag", "twin==1.1.0", "reviewed=yes"), ("alias", "set", "twin", "qa", "1.1.0"),
+        ("yank", "twin", "1.1.0", "--reason", "wrong normalisation"),  # names @qa, which now points at it
         ("pull", "twin", "-o", "OUT/"), ("pull", "twin==1.1.0", "-o", "OUT/"), ("pull", "twin>=5", "-o", "OUT/"),
+        ("pull", "twin@qa", "-o", "OUT/"), ("show", "twin@qa"), ("pull", "twin>=1.1", "-o", "OUT/"),
+        ("alias", "set", "twin", "staging", "1.1.0"),
         ("pull", "nosuchmodel", "-o", "OUT/"), ("show", "twin@staging"), ("history", "twin"),
         ("alias", "rm", "twin", "production"), ("unyank", "twin", "1.1.0"), ("list", "twin", "--json"),
     ]
+    seen: dict[tuple[str, ...], tuple[int, str, str]] = {}
     for step in steps:
         outs = []
         for where, url in (("local", local), ("remote", srv.url)):
@@ -248,7 +252,22 @@ def test_same_output_and_exit_codes_locally_and_remotely(srv: Srv, pkgs: Callabl
             r = cli(*args, registry=url, token=tok)
             outs.append((r.exit_code, _norm(r.stdout), _norm(r.output)))
         assert outs[0] == outs[1], f"czreg {' '.join(step)}: local {outs[0]} != remote {outs[1]}"
+        seen[step] = outs[1]
     assert outs[0][0] == 0
+    # the server answers the yanked-alias rule word for word (issue 25)
+    assert seen[("yank", "twin", "1.1.0", "--reason", "wrong normalisation")][2].splitlines() == [
+        "Yanked Twin 1.1.0: wrong normalisation",
+        "Warning: Twin@qa points at 1.1.0: resolving it is refused until you move it (czreg alias set Twin qa "
+        "VERSION) or unyank 1.1.0"]
+    for step in (("pull", "twin@qa", "-o", "OUT/"), ("show", "twin@qa")):
+        assert seen[step][0] == 7 and seen[step][2].splitlines() == [
+            "Error: Twin@qa points at 1.1.0, which is yanked: wrong normalisation",
+            "Hint: pin it exactly (Twin==1.1.0) to use it anyway, or move the alias: czreg alias set Twin qa VERSION"]
+    assert seen[("pull", "twin>=1.1", "-o", "OUT/")][2].splitlines() == [
+        "Error: no version of Twin matches '>=1.1' (1.1.0 is yanked: wrong normalisation)",
+        "Hint: a yanked version is pulled only by an exact pin (Twin==1.1.0); czreg show Twin lists its versions"]
+    assert seen[("alias", "set", "twin", "staging", "1.1.0")][2].splitlines()[0] == (
+        "Error: Twin 1.1.0 is yanked (wrong normalisation); @staging would not resolve")
     for f in ("twin-1.1.0.czann",):
         assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "remote" / f).read_bytes() == c.read_bytes()
 

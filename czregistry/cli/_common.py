@@ -17,7 +17,8 @@ import click
 from ..errors import CzregError, UsageError, as_disk_full
 
 __all__ = ["CliError", "Group", "Terminated", "announce_lock_waits", "echo_json", "force_option", "handle_errors",
-           "json_option", "os_error", "refuse_existing_output", "require_package_file", "sigterm_as_interrupt",
+           "json_option", "os_error", "refuse_existing_output",
+           "refuse_nonempty_folder", "require_package_file", "sigterm_as_interrupt",
            "trust_graph_option", "warn_plugin_failures"]
 
 #: OS errors that are the user's environment, not our bug: answered in one line (exit 2), never a traceback.
@@ -171,10 +172,24 @@ trust_graph_option = click.option(
          "Only for your own models.")
 
 
-def refuse_existing_output(path: Path, force: bool) -> None:
-    """No silent overwrite: an existing output is replaced only with ``--force`` (exit 2 otherwise)."""
+def refuse_existing_output(path: Path, force: bool, option: str = "-o") -> None:
+    """No silent overwrite: an existing output is replaced only with ``--force`` (exit 2 otherwise).
+    ``option`` names the flag that chose the path, for the hint (``--report``)."""
     if not force and (path.exists() or path.is_symlink()):
-        raise UsageError(f"{path} already exists", hint="pass --force to replace it, or choose another -o path")
+        raise UsageError(f"{path} already exists", hint=f"pass --force to replace it, or choose another {option} path")
+
+
+def refuse_nonempty_folder(folder: Path, force: bool, option: str) -> None:
+    """An output folder that already holds files would get ours mixed in or overwritten: only with ``--force``
+    (an empty or new folder is fine)."""
+    if force or not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise UsageError(f"{folder} already exists and is not a folder", hint=f"choose another {option} folder")
+    if any(folder.iterdir()):
+        raise UsageError(f"{folder} already exists and is not empty",
+                         hint=f"pass --force to write into it (files of the same name are replaced), or choose "
+                              f"another {option} folder")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, json_option, trust_graph_option
+from ._common import (
+    echo_json,
+    handle_errors,
+    json_option,
+    refuse_existing_output,
+    refuse_nonempty_folder,
+    trust_graph_option,
+)
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -122,7 +129,7 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Measure a package on labelled images.")
 @click.argument("package")
 @click.option("--images", type=click.Path(path_type=Path), required=True, help="Folder of input images.")
 @click.option("--labels", type=click.Path(path_type=Path), required=True,
@@ -137,11 +144,13 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
 @_inference_opts
 @_registry_opts
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+@click.option("--force", is_flag=True, help="Replace an existing --report file; write into a non-empty --overlays "
+                                           "folder.")
 @json_option
 def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, overlays: Path | None, worst: int,
                  record: bool, batch_size: int, device: str, backend: str | None, tile: tuple[int, ...] | None,
                  channels: str | None, axes: str | None, no_probe: bool, trust_graph: bool, registry_url: str | None,
-                 blob_store: str | None, quiet: bool, as_json: bool) -> None:
+                 blob_store: str | None, quiet: bool, force: bool, as_json: bool) -> None:
     """Measure PACKAGE (a file, NAME==VERSION or NAME@ALIAS) on labelled images, through the tiled runner.
 
     Segmentation: IoU/Dice per class, mean IoU, pixel accuracy, confusion matrix, and object precision /
@@ -151,8 +160,10 @@ def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, 
     from ..evaluate.sources import package_file
 
     with handle_errors():
-        if report is not None and report.exists():
-            raise UsageError(f"{report} already exists", hint="choose another --report path or remove it")
+        if report is not None:
+            refuse_existing_output(report, force, "--report")
+        if overlays is not None:
+            refuse_nonempty_folder(overlays, force, "--overlays")
         opts = EvalOptions(run=run_options(batch_size, device, backend, tile, channels, axes, no_probe, trust_graph),
                            keep_worst=worst if report is not None else 0, overlays=overlays)
         with _registry(registry_url, blob_store) as lazy:
@@ -206,7 +217,7 @@ def _recorded_pair(reg: Registry, a: str, b: str) -> tuple[dict[str, Any], dict[
     return common[0]
 
 
-@click.command("compare")
+@click.command("compare", short_help="Compare two packages' metrics (95% intervals).")
 @click.argument("a")
 @click.argument("b")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of input images.")

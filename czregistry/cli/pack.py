@@ -32,7 +32,7 @@ def _split_list(value: str | None) -> list[str] | None:
 _PACKAGE_SUFFIXES = (".czann", ".czmodel", ".czseg")
 
 
-@click.command()
+@click.command(short_help="Pack a model file into a .czann/.czmodel package.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Package to write (.czann, or .czmodel for the legacy format).")
@@ -132,7 +132,7 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
     sys.exit(1 if result.kept_invalid else 0)
 
 
-@click.command()
+@click.command(short_help="Extract a package's members into a folder safely.")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Extract into a folder that is not empty (files are overwritten).")
@@ -150,7 +150,7 @@ def unpack(package: Path, directory: Path, force: bool, as_json: bool) -> None:
             click.echo(str(p))
 
 
-@click.command()
+@click.command(short_help="Show a package's metadata and what its graph runs.")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--static", is_flag=True, help="Do not load the model (no signature).")
 @click.option("--backend", default=None, help="Backend used to read the model signature.")

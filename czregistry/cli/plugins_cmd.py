@@ -19,7 +19,7 @@ def _layer_usage(spec: object) -> str:
     return f"{spec.name}:{params}" if params else spec.name
 
 
-@click.command()
+@click.command(short_help="List loaded plugins and what each provides.")
 @json_option
 def plugins(as_json: bool) -> None:
     """List loaded plugins, their versions, what each registers, and any load errors (exit 4 if a plugin

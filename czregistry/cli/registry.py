@@ -37,14 +37,20 @@ def human_size(n: int) -> str:
     return size(n)
 
 
-def _location_options(fn: F) -> F:
+#: ``--registry`` help for commands that work locally and through a registry server alike
+REGISTRY_HELP = ("Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server https://host "
+                 "(token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]")
+#: ... and for the administration commands, which need the database itself (``RemoteRegistry`` refuses them)
+LOCAL_REGISTRY_HELP = ("Registry: a folder, sqlite:///file.db or postgresql+psycopg://...; not a server URL (run "
+                       "it where the database is) [env CZREG_REGISTRY; default: per-user data folder]")
+
+
+def _location_options(fn: F, *, local_only: bool = False) -> F:
     """``--registry`` and ``--blob-store`` on a command (passed as ``registry_url`` and ``blob_store``)."""
     fn = click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
                       help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")(fn)
     return click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-                        help="Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server "
-                             "https://host (token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]"
-                        )(fn)
+                        help=LOCAL_REGISTRY_HELP if local_only else REGISTRY_HELP)(fn)
 
 
 def _call_with_registry(fn: Callable[..., Any], registry_url: str | None, blob_store: str | None,
@@ -59,15 +65,19 @@ def _call_with_registry(fn: Callable[..., Any], registry_url: str | None, blob_s
             return fn(*args, reg=reg, **kwargs)
 
 
-def _registry_options(fn: F) -> F:
-    """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily)."""
+def _registry_options(fn: F, *, local_only: bool = False) -> F:
+    """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily).
+    ``local_only``: the command needs the database (verify, gc, purge), and its help says so."""
 
-    @_location_options
     @functools.wraps(fn)
     def wrapper(*args: Any, registry_url: str | None, blob_store: str | None, **kwargs: Any) -> Any:
         return _call_with_registry(fn, registry_url, blob_store, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return _location_options(wrapper, local_only=local_only)  # type: ignore[return-value]
+
+
+def _local_registry_options(fn: F) -> F:
+    return _registry_options(fn, local_only=True)
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -100,7 +110,7 @@ def _warn(lines: list[str]) -> None:
         click.secho(f"Warning: {line}", fg="yellow", err=True)
 
 
-@click.command("publish")
+@click.command("publish", short_help="Validate a package and store it in the registry.")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--name", help="Model name (default: the package's ModelName, else the file name).")
 @click.option("--version", "version", help="Version to publish (PEP 440; e.g. 1.2.0).")
@@ -162,7 +172,7 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
                    f"{signed})")
 
 
-@click.command("pull")
+@click.command("pull", short_help="Fetch a version (registry, server or oci://).")
 @click.argument("requirement")
 @click.option("-o", "--output", type=click.Path(),
               help="File or folder to write to (default: NAME-VERSION.czann here; a folder for oci://).")
@@ -172,9 +182,7 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
 @click.option("--force", is_flag=True, help="Replace an existing output file (identical bytes never count).")
 @oci_options
 @json_option
-@click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-              help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://... "
-                   "[env CZREG_REGISTRY; default: per-user data folder]")
+@click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY", help=REGISTRY_HELP)
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
 def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
@@ -201,7 +209,7 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
     click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({human_size(v['size'])}, sha256 verified{signed})")
 
 
-@click.command("list")
+@click.command("list", short_help="List models (newest version each) or versions.")
 @click.argument("name", required=False)
 @click.option("--type", "model_type", help="Only this model type (e.g. SingleClassSemanticSegmentation).")
 @click.option("--class", "class_name", help="Only models with this class name.")
@@ -240,7 +248,7 @@ def list_cmd(registry_url: str | None, blob_store: str | None, name: str | None,
                    f"  {r['created_at']}{flags}{extra}")
 
 
-@click.command("show")
+@click.command("show", short_help="Show a model's versions, or one version in full.")
 @click.argument("requirement")
 @json_option
 @_registry_options
@@ -294,7 +302,7 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-@click.command("history")
+@click.command("history", short_help="Show the audit trail, newest first.")
 @click.argument("name", required=False)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @json_option
@@ -313,7 +321,7 @@ def history_cmd(reg: Registry, name: str | None, limit: int, as_json: bool) -> N
         click.echo(f"{e['at']}  {e['actor']}@{e['host']}  {e['action']:<12} {e['model']} {what}")
 
 
-@click.group("alias")
+@click.group("alias", short_help="Set, move, remove or list aliases (@production).")
 def alias_group() -> None:
     """Named pointers to versions (@production, @staging); every move is audited. '@latest' is reserved."""
 
@@ -366,7 +374,7 @@ def alias_list_cmd(reg: Registry, name: str, as_json: bool) -> None:
             click.echo(f"@{a} -> {v}")
 
 
-@click.command("tag")
+@click.command("tag", short_help="Set or remove tags on a version.")
 @click.argument("requirement")
 @click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
 @click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
@@ -384,17 +392,24 @@ def tag_cmd(reg: Registry, requirement: str, tags: tuple[str, ...], remove: tupl
         click.echo(", ".join(f"{k}={v}" for k, v in out.items()) or "(no tags)")
 
 
-@click.command("yank")
+@click.command("yank", short_help="Hide a version; only an exact pin still gets it.")
 @click.argument("name")
 @click.argument("version")
 @click.option("--reason", required=True, help="Why (shown to everyone who pins it).")
 @json_option
 @_registry_options
 def yank_cmd(reg: Registry, name: str, version: str, reason: str, as_json: bool) -> None:
-    """Hide a version from specifiers and listings; an exact pin still gets it, with a warning."""
+    """Hide a version from specifiers and listings; an exact pin still gets it, with a warning. Aliases
+    that point at it stay, but resolving them is refused until they are moved (the command names them)."""
     with handle_errors():
         out = reg.yank(name, version, reason)
-    echo_json(out) if as_json else click.echo(f"Yanked {out['name']} {out['version']}: {reason}")
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(f"Yanked {out['name']} {out['version']}: {reason}")
+    for alias in out.get("aliases") or []:  # a server from before this rule answers without the key
+        _warn([f"{out['name']}@{alias} points at {out['version']}: resolving it is refused until you move it "
+               f"(czreg alias set {out['name']} {alias} VERSION) or unyank {out['version']}"])
 
 
 @click.command("unyank")
@@ -409,9 +424,9 @@ def unyank_cmd(reg: Registry, name: str, version: str, as_json: bool) -> None:
     echo_json(out) if as_json else click.echo(f"Unyanked {out['name']} {out['version']}")
 
 
-@click.command("verify")
+@click.command("verify", short_help="Re-hash every blob; name the versions it breaks.")
 @json_option
-@_registry_options
+@_local_registry_options
 def verify_cmd(reg: Registry, as_json: bool) -> None:
     """Re-hash every blob; report missing or changed ones with the versions they break (exit 7 if any)."""
     with handle_errors():
@@ -428,10 +443,10 @@ def verify_cmd(reg: Registry, as_json: bool) -> None:
                                 hint="restore them from a backup, or purge the versions")
 
 
-@click.command("gc")
+@click.command("gc", short_help="Remove blobs that no version references.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @json_option
-@_registry_options
+@_local_registry_options
 def gc_cmd(reg: Registry, dry_run: bool, as_json: bool) -> None:
     """Remove blobs no version references (left by purges or killed publishers)."""
     with handle_errors():
@@ -444,13 +459,13 @@ def gc_cmd(reg: Registry, dry_run: bool, as_json: bool) -> None:
                    f"{out['temp_files']} stale temp file(s)")
 
 
-@click.command("purge")
+@click.command("purge", short_help="Delete a version for good (prefer yank).")
 @click.argument("name")
 @click.argument("version")
 @click.option("--purge", "confirm", is_flag=True, help="Really delete (required: published versions are immutable).")
 @click.option("--reason", help="Recorded in the audit trail.")
 @json_option
-@_registry_options
+@_local_registry_options
 def purge_cmd(reg: Registry, name: str, version: str, confirm: bool, reason: str | None, as_json: bool) -> None:
     """Delete NAME VERSION for good; its number is never reused. Prefer 'czreg yank'."""
     with handle_errors():
@@ -464,7 +479,7 @@ def purge_cmd(reg: Registry, name: str, version: str, confirm: bool, reason: str
         click.echo(f"Purged {out['name']} {out['version']}" + (" and its blob" if out["blob_removed"] else ""))
 
 
-@click.command("init")
+@click.command("init", short_help="Create or upgrade a registry at LOCATION.")
 @click.argument("location", required=False)
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")

@@ -62,7 +62,7 @@ class _Progress:
             self.bar = None
 
 
-@click.command("run")
+@click.command("run", short_help="Run a package tiled over images.")
 @click.argument("package", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -192,7 +192,7 @@ def _run_dask(package: Path, images: tuple[Path, ...], output: Path, options: An
         f"({result.tiles_per_second:.1f} tiles/s) on {result.device} via {result.backend}"])
 
 
-@click.command("smoke")
+@click.command("smoke", short_help="Smoke-test a package on the best device here.")
 @click.argument("package", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="Test on this image (default: a synthetic one covering several tiles per axis).")

@@ -7,7 +7,7 @@ import click
 from ._common import echo_json, handle_errors, json_option
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, short_help="List or print the bundled JSON schemas.")
 @json_option
 @click.pass_context
 def schemas(ctx: click.Context, as_json: bool) -> None:

@@ -30,7 +30,7 @@ def _check_port(host: str, port: int) -> None:
                              hint="choose another --port, or stop what is using it") from None
 
 
-@click.command("serve")
+@click.command("serve", short_help="Serve the registry over HTTP (API and web pages).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; put a TLS proxy in front).")
 @click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535))
@@ -114,7 +114,7 @@ def serve_cmd(host: str, port: int, registry_url: str | None, blob_store: str | 
                 **kwargs)
 
 
-@click.group("token")
+@click.group("token", short_help="Create, list or revoke the server's API tokens.")
 def token_group() -> None:
     """API tokens of the registry server (run where the registry database is: tokens live in it)."""
 

@@ -7,6 +7,7 @@ inside the commands).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,7 @@ def _attested(info: dict[str, Any]) -> str:
 # --- keys and signatures ---------------------------------------------------------------------------------
 
 
-@click.command("keygen")
+@click.command("keygen", short_help="Make an EC P-256 signing key pair.")
 @click.option("-o", "--output", "prefix", type=click.Path(path_type=Path), default=Path("czreg-key"),
               show_default=True, help="Writes PREFIX.pem (private, mode 0600) and PREFIX.pub (public).")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
@@ -72,7 +73,7 @@ def keygen_cmd(prefix: Path, force: bool, as_json: bool) -> None:
                f"Key id:      {kid}")
 
 
-@click.command("sign")
+@click.command("sign", short_help="Validate a package, then sign and attest it.")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--key", "key", required=True, type=click.Path(path_type=Path), metavar="PRIVATE.pem",
               help="EC private key (PEM; czreg keygen or openssl).")
@@ -115,7 +116,7 @@ def sign_cmd(package: Path, key: Path, static: bool, smoke: bool, allow_invalid:
                f" (validation report: {'valid' if report.valid else 'INVALID'})")
 
 
-@click.command("verify-signature")
+@click.command("verify-signature", short_help="Check a package against its signature.")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--key", "key", required=True, type=click.Path(path_type=Path), metavar="PUBLIC.pem",
               help="The signer's public key (PEM).")
@@ -149,7 +150,7 @@ def verify_signature_cmd(package: Path, key: Path, sig: Path | None, att: Path |
 # --- OCI -------------------------------------------------------------------------------------------------
 
 
-@click.command("push")
+@click.command("push", short_help="Push a package to an OCI registry.")
 @click.argument("package")
 @click.argument("target", metavar="oci://HOST[:PORT]/REPO:TAG")
 @oci_options
@@ -262,11 +263,12 @@ def pull_oci(source: str, output: str | None, key: Path | None, oci_auth: dict[s
 # --- registry settings -----------------------------------------------------------------------------------
 
 
-@click.command("setting")
+@click.command("setting", short_help="Show or change registry-wide settings.")
 @click.argument("name", required=False)
 @click.argument("value", required=False)
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-              help="Registry URL or folder [env CZREG_REGISTRY]")
+              help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://...; not a server URL (run it "
+                   "where the database is) [env CZREG_REGISTRY]")
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE", help="Blob folder [env CZREG_BLOB_STORE]")
 @json_option
 def setting_cmd(name: str | None, value: str | None, registry_url: str | None, blob_store: str | None,
@@ -274,8 +276,12 @@ def setting_cmd(name: str | None, value: str | None, registry_url: str | None, b
     """Show or change registry-wide settings, e.g. `czreg setting require-signatures on` (audited)."""
     with handle_errors():
         from ..registry import open_registry
+        from ..registry.location import is_remote
         from ..registry.signatures import SETTINGS
 
+        if is_remote(registry_url or os.environ.get("CZREG_REGISTRY")):
+            raise UsageError("'czreg setting' works on the registry database, not through a server",
+                             hint="run it on the server, with --registry pointing at its database")
         with open_registry(registry_url, blob_store, create=False) as reg:
             if value is not None and name is not None:
                 out: dict[str, Any] = reg.set_setting(name, value)

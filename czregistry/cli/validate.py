@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ._common import echo_json, handle_errors, require_package_file, trust_graph_option, warn_plugin_failures
+from ._common import (
+    echo_json,
+    force_option,
+    handle_errors,
+    refuse_existing_output,
+    require_package_file,
+    trust_graph_option,
+    warn_plugin_failures,
+)
 
 
 @click.command()
@@ -18,7 +26,8 @@ from ._common import echo_json, handle_errors, require_package_file, trust_graph
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON array with one report object per package (an array for one package too).")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), default=None,
-              help="Also write a shareable report (.html or .md) including the package's SHA-256.")
+              help="Also write a shareable report (.html or .md) including the package's SHA-256 (an existing "
+                   "file is replaced only with --force).")
 @click.option("--backend", default=None, help="Inference backend for model checks (see 'czreg plugins').")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--max-probe-size", type=click.IntRange(min=8), default=2048, show_default=True,
@@ -26,8 +35,10 @@ from ._common import echo_json, handle_errors, require_package_file, trust_graph
 @click.option("--time-budget", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Soft limit in seconds for model probing per package.")
 @trust_graph_option
+@force_option
 def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
-             backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool) -> None:
+             backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool,
+             force: bool) -> None:
     """Validate packages. Exit 0 if all are valid, 1 if any is invalid, 2 on usage errors."""
     from ..checks import ValidateOptions
     from ..report import render_html, render_markdown, render_text
@@ -38,6 +49,8 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
     if report_file is not None and len(paths) > 1:
         raise click.BadParameter("--report takes one package at a time", param_hint="--report")
     with handle_errors():
+        if report_file is not None:  # before the (possibly long) validation, not after it
+            refuse_existing_output(report_file, force, "--report")
         for path in paths:
             require_package_file(path)
         warn_plugin_failures()

@@ -426,7 +426,10 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
                                 f"to {output}", hint="fix the model or metadata; --force keeps it with its report")
             result.kept_invalid = True
             report_path = output.with_name(output.name + ".report.json")
-            report_path.write_text(report.to_json() + "\n", encoding="utf-8")
+            from ..package import atomic_output
+
+            with atomic_output(report_path) as report_tmp:  # never a half-written report beside the package
+                report_tmp.write_text(report.to_json() + "\n", encoding="utf-8")
             result.report_path = report_path
             msg = f"kept INVALID package {output} because of --force ({reason}); report in {report_path}"
             result.warnings.append(msg)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version as PV
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -399,7 +400,13 @@ class Registry:
                                     hint=f"czreg alias list {model.display_name} shows its aliases")
             row = s.get(Version, alias.version_id)
             assert row is not None
-            return row, [f"{model.display_name} {row.version} is yanked: {row.yanked_reason}"] if row.yanked else []
+            if row.yanked:  # the README's rule: a yanked version only by an exact pin, never through an alias
+                name = model.display_name
+                raise RegistryError(f"{name}@{req.alias} points at {row.version}, which is yanked: "
+                                    f"{row.yanked_reason}",
+                                    hint=f"pin it exactly ({name}=={row.version}) to use it anyway, or move the "
+                                         f"alias: czreg alias set {name} {req.alias} VERSION")
+            return row, []
         exact = req.exact
         if exact is not None:
             row = s.scalars(select(Version).where(Version.model_id == model.id,
@@ -414,7 +421,11 @@ class Registry:
             row = s.scalars(select(Version).where(Version.model_id == model.id, Version.yanked.is_(False))
                             .order_by(*order).limit(1)).first()
             if row is None:
-                raise RegistryError(f"no version of {model.display_name} is available (all yanked?)",
+                yanked = self._yanked_matches(s, model, None, True)
+                if yanked:
+                    raise RegistryError(f"no version of {model.display_name} is available: {yanked}",
+                                        hint=self._pin_hint(model, s))
+                raise RegistryError(f"no version of {model.display_name} is available",
                                     hint=f"czreg show {model.display_name} lists its versions")
             return row, []
         cand = select(Version.version, Version.id).where(Version.model_id == model.id, Version.yanked.is_(False))
@@ -427,11 +438,37 @@ class Registry:
         by_version = {PV(v): i for v, i in pairs}
         matches = select_versions(by_version, req.specifier, prereleases)
         if not matches:
-            raise RegistryError(f"no version of {model.display_name} matches '{req.specifier}'",
-                                hint=f"czreg show {model.display_name} lists its versions")
+            yanked = self._yanked_matches(s, model, req.specifier, prereleases)
+            raise RegistryError(f"no version of {model.display_name} matches '{req.specifier}'"
+                                + (f" ({yanked})" if yanked else ""),
+                                hint=self._pin_hint(model, s, req.specifier, prereleases) if yanked
+                                else f"czreg show {model.display_name} lists its versions")
         row = s.get(Version, by_version[matches[0]])
         assert row is not None
         return row, []
+
+    @staticmethod
+    def _yanked_versions(s: Session, model: Model, specifier: SpecifierSet | None,
+                         prereleases: bool | None) -> list[Version]:
+        """The yanked versions a specifier would have matched (all of them for None), newest first."""
+        rows = {PV(r.version): r for r in s.scalars(select(Version).where(Version.model_id == model.id,
+                                                                           Version.yanked.is_(True)))}
+        return [rows[v] for v in select_versions(rows, specifier, prereleases)] if specifier is not None \
+            else [rows[v] for v in sorted(rows, reverse=True)]
+
+    def _yanked_matches(self, s: Session, model: Model, specifier: SpecifierSet | None,
+                        prereleases: bool | None) -> str:
+        """``"1.0.0 is yanked: REASON"`` for the (newest three) yanked versions that would have matched, so
+        "no version matches" never hides that the version the user wants exists but was withdrawn."""
+        rows = self._yanked_versions(s, model, specifier, prereleases)
+        said = "; ".join(f"{r.version} is yanked: {r.yanked_reason}" for r in rows[:3])
+        return said + (f"; and {len(rows) - 3} more yanked" if len(rows) > 3 else "")
+
+    def _pin_hint(self, model: Model, s: Session, specifier: SpecifierSet | None = None,
+                  prereleases: bool | None = None) -> str:
+        rows = self._yanked_versions(s, model, specifier, prereleases if specifier is not None else True)
+        return (f"a yanked version is pulled only by an exact pin ({model.display_name}=={rows[0].version}); "
+                f"czreg show {model.display_name} lists its versions")
 
     def resolve(self, requirement: str | Requirement, *, prereleases: bool | None = None) -> Resolved:
         req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
@@ -604,6 +641,10 @@ class Registry:
             row = s.scalars(select(Version).where(Version.model_id == model.id, Version.version_key == key)).first()
             if row is None:
                 raise RegistryError(f"{model.display_name} has no version {version}")
+            if row.yanked:
+                raise RegistryError(f"{model.display_name} {row.version} is yanked ({row.yanked_reason}); "
+                                    f"@{alias} would not resolve", hint=f"point @{alias} at another version, or "
+                                    f"unyank it first: czreg unyank {model.display_name} {row.version}")
             current = s.get(Alias, (model.id, alias))
             old = s.get(Version, current.version_id).version if current else None  # type: ignore[union-attr]
             if current is None:
@@ -674,7 +715,8 @@ class Registry:
         return model, row
 
     def yank(self, name: str, version: str, reason: str) -> dict[str, Any]:
-        """Hide a version from specifiers and aliases-by-latest; exact pins still get it, with a warning."""
+        """Hide a version from specifiers and the newest release; aliases that point at it are refused when
+        resolved (``aliases`` in the answer names them); exact pins still get it, with a warning."""
         if not reason.strip():
             raise UsageError("a yank needs a reason", hint="--reason 'wrong normalisation'")
 
@@ -682,7 +724,11 @@ class Registry:
             model, row = self._exact(s, name, version)
             row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = True, reason, utc_now(), acting_user()
             self._event(s, "yank", model.name, version=row.version, reason=reason)
-            return {"name": model.display_name, "version": row.version, "yanked": True, "reason": reason}
+            # aliases keep pointing here (an alias is the team's decision), but resolving them is refused
+            # from now on: say which, so nobody learns it from a failed pull
+            aliases = sorted(s.scalars(select(Alias.name).where(Alias.version_id == row.id)))
+            return {"name": model.display_name, "version": row.version, "yanked": True, "reason": reason,
+                    "aliases": aliases}
 
         return self._write(txn)
 
