@@ -17,6 +17,7 @@ import click
 
 from ..errors import RegistryError, UsageError
 from ._common import announce_lock_waits, echo_json, handle_errors, json_option
+from ._progress import quiet_option, show_progress
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
@@ -120,15 +121,16 @@ def _warn(lines: list[str]) -> None:
               help='Refuse to publish unless the evaluation meets this bound, e.g. "mean_iou>=0.8" (repeatable).')
 @click.option("--no-regression-from", "baseline", metavar="NAME@ALIAS",
               help="Refuse to publish if significantly worse than this version on the same images.")
+@quiet_option
 @json_option
 @_registry_options
 def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | None, bump_part: Any,
                 static: bool, allow_invalid: bool, smoke: bool, note: str | None, tags: tuple[str, ...],
                 images: Path | None, labels: Path | None, gates: tuple[str, ...], baseline: str | None,
-                sign_key: Path | None, as_json: bool) -> None:
+                sign_key: Path | None, quiet: bool, as_json: bool) -> None:
     """Validate PACKAGE and store it in the registry as NAME VERSION (immutable once published)."""
     evaluation: dict[str, Any] | None = None
-    with handle_errors():
+    with handle_errors(), show_progress(quiet):
         if (images is None) != (labels is None) or ((gates or baseline) and images is None):
             raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
                              hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')

@@ -9,6 +9,7 @@ import click
 
 from ..errors import UsageError
 from ._common import echo_json, handle_errors, require_package_file, trust_graph_option, warn_plugin_failures
+from ._progress import quiet_option, show_progress
 
 
 @click.command()
@@ -26,8 +27,10 @@ from ._common import echo_json, handle_errors, require_package_file, trust_graph
 @click.option("--time-budget", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Soft limit in seconds for model probing per package.")
 @trust_graph_option
+@quiet_option
 def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
-             backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool) -> None:
+             backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool,
+             quiet: bool) -> None:
     """Validate packages. Exit 0 if all are valid, 1 if any is invalid, 2 on usage errors."""
     from ..checks import ValidateOptions
     from ..report import render_html, render_markdown, render_text
@@ -47,7 +50,8 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
     reports = []
     with handle_errors():
         for path in paths:
-            report = run_validate(path, options)
+            with show_progress(quiet):
+                report = run_validate(path, options)
             all_valid &= report.valid
             reports.append(report)
             if as_json:
