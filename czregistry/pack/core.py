@@ -262,6 +262,16 @@ def pack(
         if not spatial or any(s < 1 for s in spatial):
             raise UsageError(f"tile size {_fmt(spatial)} must be positive integers")
     declared = meta.get("InputShape")
+    if (spatial is not None and isinstance(declared, list) and len(declared) == len(spatial) + 1
+            and [*map(str, declared[:-1])] != [*map(str, spatial)]):
+        # an explicit tile is the user's latest word: the declared shape (typically a conversion spec's
+        # required InputShape) follows it instead of contradicting it; the tile check below still applies
+        where = f"the conversion spec {src.spec_path.name}" if src.spec_path is not None \
+            and "InputShape" in src.spec_metadata else "the metadata"
+        note(f"the tile {_fmt(spatial)} replaces InputShape {_fmt(declared)} from {where}; the package's "
+             f"InputShape is {_fmt([*spatial, declared[-1]])} and its OutputShape follows the model")
+        declared = [*spatial, declared[-1]]
+        meta["InputShape"] = declared
 
     # -- the model to convert, and the reference session for parity ------------------------------------
     with step("pack: loading the model"):
