@@ -71,19 +71,11 @@ def _registry_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key=value`` items of a measurements dict, nested dicts as ``key.sub=value`` (timings left out)."""
-    out: list[str] = []
-    for k, v in values.items():
-        if k == "timings_s":
-            continue
-        if isinstance(v, dict):
-            out += _flat(v, f"{prefix}{k}.")
-        elif isinstance(v, list | tuple):
-            out.append(f"{prefix}{k}={'x'.join(map(str, v))}")
-        else:
-            out.append(f"{prefix}{k}={v}")
-    return out
+def measurement_lines(measurements: dict[str, Any]) -> list[tuple[str, str]]:
+    """``report.measurement_lines``, imported on use (start-up time, as ``human_size``)."""
+    from ..report import measurement_lines as lines
+
+    return lines(measurements)
 
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -276,8 +268,11 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
         + f", {sum(f['severity'] == 'error' for f in rep['findings'])} error(s),"
           f" {sum(f['severity'] == 'warning' for f in rep['findings'])} warning(s)",
     ]
-    if rep.get("measurements"):
-        lines.append("  measured:   " + ", ".join(_flat(rep["measurements"])))
+    rows = measurement_lines(rep.get("measurements") or {})
+    if rows:
+        width = max(len(label) for label, _ in rows)
+        lines.append("  measured:")
+        lines += [f"    {label + ':':<{width + 1}} {value}" for label, value in rows]
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
     if info.get("signed_by"):
