@@ -135,9 +135,9 @@ def _report_html(info: dict[str, Any]) -> str:
                if rep.get("format") else "") + "</p>")
     if info.get("smoke"):
         head += f'<p>Smoke test: {_valid_badge(bool(info["smoke"].get("valid")))}</p>'
-    rows = measurement_lines(rep.get("measurements") or {})
-    if rows:
-        body = "".join(f"<tr><td>{_e(label)}</td><td>{_e(value)}</td></tr>" for label, value in rows)
+    measured = measurement_lines(rep.get("measurements") or {})
+    if measured:
+        body = "".join(f"<tr><td>{_e(label)}</td><td>{_e(value)}</td></tr>" for label, value in measured)
         head += ('<table class="measured"><thead><tr><th colspan="2">Measured</th></tr></thead>'
                  f"<tbody>{body}</tbody></table>")
     if not findings:
