@@ -30,6 +30,9 @@ def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("CZREG_HOME", str(home))
     monkeypatch.delenv("CZREG_REGISTRY", raising=False)
     monkeypatch.setenv("CZREG_PLUGINS", BUILTIN_PLUGINS)
+    # step progress on stderr (czregistry.cli._progress) would land in CliRunner's output whenever a busy
+    # machine makes a step slow; tests/test_progress.py turns it on where it is the subject
+    monkeypatch.setenv("CZREG_PROGRESS", "off")
     reset_host()
     yield
     reset_host()

@@ -373,12 +373,19 @@ def _human(n: int) -> str:
     return human_limit(n)
 
 
+def _shown(value: Any, limit: int) -> str:
+    """A foreign JSON value quoted for a message, cut to ``limit`` characters with "..." (cutting a repr
+    instead left a stray opening quote); JSON's spelling, so never a Python repr such as ``None``."""
+    text = json.dumps(value, default=str, ensure_ascii=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _declared_size(desc: dict[str, Any], limit: int, what: str) -> int:
     """A descriptor's ``size``: an integer from 0 to ``limit``, refused before any byte is fetched
     (a size of 10**18, -5 or "big" is a broken or hostile manifest, not a digest mismatch to find later)."""
     size = desc.get("size")
     if type(size) is not int or not 0 <= size <= limit:
-        raise OciError(f"{what} declares a size of {size!r:.40}; it must be a whole number of bytes from 0 to "
+        raise OciError(f"{what} declares a size of {_shown(size, 40)}; it must be a whole number of bytes from 0 to "
                        f"{_human(limit)}; nothing downloaded", hint="the manifest is broken or hostile; do not use it")
     return size
 
@@ -388,7 +395,7 @@ def _descriptor_digest(desc: Any, what: str) -> str:
     a URL path, so nothing else (``../``, a query string) may pass."""
     digest = desc.get("digest") if isinstance(desc, dict) else None
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise OciError(f"{what} has an invalid digest {digest!r:.80}; nothing downloaded",
+        raise OciError(f"{what} has an invalid digest {_shown(digest, 80)}; nothing downloaded",
                        hint="the manifest is broken or hostile; do not use it")
     return digest
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "human_size", "markdown_text", "printable",
-           "render_html", "render_markdown", "render_text"]
+__all__ = ["REPORT_SCHEMA_VERSION", "Finding", "Report", "Severity", "dims", "human_size", "markdown_text",
+           "measurement_lines", "printable", "render_html", "render_markdown", "render_text"]
 
 #: Bumped only when a key of ``Report.to_dict`` changes meaning or disappears.
 REPORT_SCHEMA_VERSION = "1"
@@ -254,3 +254,79 @@ def human_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{n} B"
+
+
+def dims(values: Any, unknown: str = "?") -> str:
+    """``64x64`` for a shape or per-axis list; an axis not known (``None``) reads ``unknown``, never ``None``."""
+    if values is None:
+        return "n/a"
+    if not isinstance(values, list | tuple):
+        return str(values)
+    return "x".join(unknown if v is None else str(v) for v in values)
+
+
+def _number(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "0" if v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def measurement_lines(measurements: dict[str, Any]) -> list[tuple[str, str]]:
+    """The measurements worth reading, as ``(label, value)`` rows in plain words: what ``czreg show``, the
+    web page and ``validate``'s text use, so no caller prints a Python dict, ``None`` or ``NonexNone``.
+    The full record stays in ``--json`` and the report's JSON; keys absent from ``measurements`` give no row."""
+    m = measurements
+    rows: list[tuple[str, str]] = []
+    if "backend" in m:
+        load = f", loaded in {_number(m['model_load_s'])} s" if m.get("model_load_s") is not None else ""
+        rows.append(("model", f"{m['backend']} on {m.get('device', 'n/a')}{load}"))
+    compat = m.get("compatibility")
+    if isinstance(compat, dict) and compat.get("format"):
+        opset = f", ONNX opset {compat['onnx_opset']}" if compat.get("onnx_opset") is not None else ""
+        rows.append(("format", f"{compat['format']}{opset}"))
+        if compat.get("min_host"):
+            rows.append(("needs", str(compat["min_host"])))
+    audit = m.get("graph_audit")
+    if isinstance(audit, dict):
+        if audit.get("problem"):
+            rows.append(("graph audit", f"could not audit: {audit['problem']}"))
+        else:
+            verdict = "clean" if audit.get("clean") else f"{len(audit.get('unsafe') or [])} refused operation(s)"
+            rows.append(("graph audit", f"{verdict}, {audit.get('operations', 'n/a')} operations"))
+    if "tile" in m:
+        if m.get("accepts_other_sizes") is False:
+            sizes = "fixed size"
+        elif m.get("accepts_other_sizes"):
+            sizes = f"other sizes on a step of {dims(m.get('step'), '1')}"
+        else:
+            sizes = "other sizes not measured"
+        rows.append(("tile", f"{dims(m['tile'])} ({sizes})"))
+    if "halo" in m or "stride" in m:
+        halo = m.get("halo")
+        halo_text = f"{dims(halo)} px" if isinstance(halo, list) and all(h is not None for h in halo) else (
+            f"at least {dims(m.get('halo_bound'))} px" if isinstance(m.get("halo_bound"), list)
+            and any(h is not None for h in m["halo_bound"]) else "not measured")
+        rows.append(("stride, halo", f"{dims(m.get('stride'))}, {halo_text}"))
+    if "global_context" in m:
+        rows.append(("global context", _number(m["global_context"])))
+    if "equivariance_error" in m:
+        rows.append(("equivariance error", _number(m["equivariance_error"])))
+    if "min_overlap_exact" in m:
+        rows.append(("exact tiling needs", f"MinOverlap >= {dims(m['min_overlap_exact'])}"))
+    if "seam_error" in m:
+        where = f" at overlap {dims(m['seam_overlap'])}" if m.get("seam_overlap") is not None else ""
+        rows.append(("seam error", f"{_number(m['seam_error'])}{where}"))
+    out = m.get("output")
+    if isinstance(out, dict) and out.get("shape") is not None:
+        rows.append(("output", f"{dims(out['shape'])}, values {_number(out.get('min'))} .. "
+                               f"{_number(out.get('max'))}"))
+    if m.get("pack_parity_max_abs_diff") is not None:
+        rows.append(("pack parity", f"max |packaged - source| = {_number(m['pack_parity_max_abs_diff'])}"))
+    timings = m.get("timings_s")
+    if isinstance(timings, dict) and timings:
+        rows.append(("model checks took", f"{_number(sum(float(t) for t in timings.values()))} s"))
+    return rows

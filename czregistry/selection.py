@@ -209,8 +209,27 @@ def select_source(source: Any) -> tuple[str, type[Source]]:
         return plugin, cls
     listing = "; ".join(f"{name} ({cls.description or plugin})" for name, (plugin, cls) in sorted(installed.items()))
     raise UsageError(f"cannot pack {_describe(source)}: no installed model source recognises it "
-                     f"(installed: {listing or 'none'})",
-                     hint="PyTorch needs czregistry-torch, Keras/SavedModel czregistry-tensorflow; see 'czreg plugins'")
+                     f"(installed: {listing or 'none'})", hint=_install_hint(source))
+
+
+#: The commands that install a missing model source, run in a clone of czregistry (README, "Plugins").
+TORCH_INSTALL = "pip install -r requirements/torch.txt"
+TORCH_CPU_INSTALL = "pip install -r requirements/torch-cpu.txt"
+TENSORFLOW_INSTALL = "pip install -e plugins/czregistry-tensorflow"
+_TORCH_SUFFIXES = (".pt", ".pt2", ".pth", ".ptl")
+
+
+def _install_hint(source: Any) -> str:
+    """Name the exact command for the plugin the input most likely needs: a hint without a command leaves a
+    new user to guess the package name and the pairing of torch and torchvision."""
+    torch_cmd = (f"PyTorch models need the czregistry-torch plugin: in the czregistry clone run '{TORCH_INSTALL}' "
+                 f"(CPU-only PyTorch, much smaller: '{TORCH_CPU_INSTALL}')")
+    tf_cmd = f"Keras/SavedModel models need czregistry-tensorflow: '{TENSORFLOW_INSTALL}'"
+    is_path = isinstance(source, str | os.PathLike)
+    from_torch = not is_path and any(c.__module__.split(".")[0] == "torch" for c in type(source).__mro__)
+    if from_torch or (is_path and Path(source).suffix.lower() in _TORCH_SUFFIXES):
+        return torch_cmd
+    return f"{torch_cmd}; {tf_cmd}; 'czreg plugins' lists what is installed"
 
 
 def layer_builder() -> Source:

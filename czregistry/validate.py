@@ -10,6 +10,7 @@ from .audit import GRAPH_AUDIT_CHECK
 from .checks import CheckContext, ValidateOptions
 from .errors import CzregError, PackageError, UsageError
 from .package import inspect_package, sha256_file
+from .progress import step
 from .report import Finding, Report, Severity
 from .selection import load_session, registered_checks
 
@@ -25,8 +26,10 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
         raise UsageError(f"no such package file: {path}", hint="check the path")
     report = Report(path=str(path), strict=options.strict)
     try:
-        report.sha256 = sha256_file(path)
-        package, findings = inspect_package(path, options.limits)
+        with step("validate: hashing the package"):
+            report.sha256 = sha256_file(path)
+        with step("validate: reading the package"):
+            package, findings = inspect_package(path, options.limits)
     except (OSError, PackageError) as exc:  # unreadable (permissions, vanished): the user's to fix, not a finding
         message = exc.message if isinstance(exc, PackageError) else f"cannot read {path}: {exc.strerror or exc}"
         raise UsageError(message, hint="check the path and its permissions") from exc
@@ -51,7 +54,8 @@ def validate(path: Path | str, options: ValidateOptions | None = None) -> Report
                     continue
             start = time.perf_counter()
             try:
-                report.add(*check.run(ctx))
+                with step(f"validate: {check.id}"):
+                    report.add(*check.run(ctx))
             except CzregError as exc:
                 report.add(Finding(check.id, Severity.ERROR, exc.message, hint=exc.hint))
             except Exception as exc:  # a crashing (plugin) check is a finding, never a traceback

@@ -17,6 +17,7 @@ from ..backends import Device, Session
 from ..hookspecs import hookimpl
 from ..metadata import ModelInfo
 from ..package import Package, ReadLimits
+from ..progress import step
 from ..report import Finding, Report
 
 __all__ = ["Check", "CheckContext", "SessionLoader", "ValidateOptions", "validate_check"]
@@ -75,7 +76,8 @@ class CheckContext:
     def session(self) -> Session:
         """The package's model, loaded on first use by the selected backend."""
         if self._session is None:
-            self._session = self.load_session(self.package, self.options.backend, self.options.device)
+            with step("validate: loading the model"):
+                self._session = self.load_session(self.package, self.options.backend, self.options.device)
             self.report.measurements.setdefault("backend", self._session.backend)
             self.report.measurements.setdefault("device", self._session.device)
         return self._session

@@ -15,6 +15,7 @@ import click
 from ..errors import UsageError
 from ..metadata import MODEL_TYPES
 from ._common import echo_json, handle_errors, json_option, refuse_existing_output, trust_graph_option
+from ._progress import quiet_option, show_progress
 
 __all__ = ["register"]
 
@@ -63,12 +64,13 @@ _PACKAGE_SUFFIXES = (".czann", ".czmodel", ".czseg")
 @click.option("--border-size", type=click.IntRange(min=0), default=None, help="Legacy: BorderSize in pixels.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT, and keep the package even if it fails "
                                            "verification (with its report).")
+@quiet_option
 @json_option
 def pack(source: Path, output: Path, model_type: str | None, classes: str | None, min_overlap: str | None,
          model_name: str | None, model_id: str | None, scaling: str | None, pre: tuple[str, ...],
          post: tuple[str, ...], tile: tuple[int, int] | None, target: str | None, model_format: str,
          opset: int | None, license_file: Path | None, pixel_types: tuple[str, ...], color_handling: str | None,
-         border_size: int | None, force: bool, as_json: bool) -> None:
+         border_size: int | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Pack SOURCE (.onnx, TorchScript .pt, torch.export .pt2, SavedModel folder, .keras or conversion-spec .json;
     each read by an installed model-source plugin) into a verified package.
 
@@ -106,7 +108,7 @@ def pack(source: Path, output: Path, model_type: str | None, classes: str | None
                 if metadata.pop(key) is not None:
                     raise UsageError(f"{option} applies to legacy .czmodel output only",
                                      hint="drop it, or write a .czmodel (--format czmodel)")
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, show_progress(quiet):
             warnings.simplefilter("always", PackWarning)
             result = run_pack(source, metadata, output, preprocessing=list(pre), postprocessing=list(post),
                               spatial_dims=tile, target=target,  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import click
 
 from ..errors import RegistryError, UsageError
 from ._common import announce_lock_waits, echo_json, handle_errors, json_option
+from ._progress import quiet_option, show_progress
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
@@ -80,19 +81,11 @@ def _local_registry_options(fn: F) -> F:
     return _registry_options(fn, local_only=True)
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key=value`` items of a measurements dict, nested dicts as ``key.sub=value`` (timings left out)."""
-    out: list[str] = []
-    for k, v in values.items():
-        if k == "timings_s":
-            continue
-        if isinstance(v, dict):
-            out += _flat(v, f"{prefix}{k}.")
-        elif isinstance(v, list | tuple):
-            out.append(f"{prefix}{k}={'x'.join(map(str, v))}")
-        else:
-            out.append(f"{prefix}{k}={v}")
-    return out
+def measurement_lines(measurements: dict[str, Any]) -> list[tuple[str, str]]:
+    """``report.measurement_lines``, imported on use (start-up time, as ``human_size``)."""
+    from ..report import measurement_lines as lines
+
+    return lines(measurements)
 
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -130,15 +123,16 @@ def _warn(lines: list[str]) -> None:
               help='Refuse to publish unless the evaluation meets this bound, e.g. "mean_iou>=0.8" (repeatable).')
 @click.option("--no-regression-from", "baseline", metavar="NAME@ALIAS",
               help="Refuse to publish if significantly worse than this version on the same images.")
+@quiet_option
 @json_option
 @_registry_options
 def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | None, bump_part: Any,
                 static: bool, allow_invalid: bool, smoke: bool, note: str | None, tags: tuple[str, ...],
                 images: Path | None, labels: Path | None, gates: tuple[str, ...], baseline: str | None,
-                sign_key: Path | None, as_json: bool) -> None:
+                sign_key: Path | None, quiet: bool, as_json: bool) -> None:
     """Validate PACKAGE and store it in the registry as NAME VERSION (immutable once published)."""
     evaluation: dict[str, Any] | None = None
-    with handle_errors():
+    with handle_errors(), show_progress(quiet):
         if (images is None) != (labels is None) or ((gates or baseline) and images is None):
             raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
                              hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')
@@ -282,8 +276,11 @@ def show_cmd(reg: Registry, requirement: str, as_json: bool) -> None:
         + f", {sum(f['severity'] == 'error' for f in rep['findings'])} error(s),"
           f" {sum(f['severity'] == 'warning' for f in rep['findings'])} warning(s)",
     ]
-    if rep.get("measurements"):
-        lines.append("  measured:   " + ", ".join(_flat(rep["measurements"])))
+    rows = measurement_lines(rep.get("measurements") or {})
+    if rows:
+        width = max(len(label) for label, _ in rows)
+        lines.append("  measured:")
+        lines += [f"    {label + ':':<{width + 1}} {value}" for label, value in rows]
     if info["smoke"]:
         lines.append(f"  smoke test: {'passed' if info['smoke'].get('valid') else 'FAILED'}")
     if info.get("signed_by"):

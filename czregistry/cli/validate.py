@@ -17,6 +17,7 @@ from ._common import (
     trust_graph_option,
     warn_plugin_failures,
 )
+from ._progress import quiet_option, show_progress
 
 
 @click.command()
@@ -36,9 +37,10 @@ from ._common import (
               help="Soft limit in seconds for model probing per package.")
 @trust_graph_option
 @force_option
+@quiet_option
 def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool, report_file: Path | None,
              backend: str | None, device: str, max_probe_size: int, time_budget: float, trust_graph: bool,
-             force: bool) -> None:
+             force: bool, quiet: bool) -> None:
     """Validate packages. Exit 0 if all are valid, 1 if any is invalid, 2 on usage errors."""
     from ..checks import ValidateOptions
     from ..report import render_html, render_markdown, render_text
@@ -60,7 +62,8 @@ def validate(paths: tuple[Path, ...], static: bool, strict: bool, as_json: bool,
     reports = []
     with handle_errors():
         for path in paths:
-            report = run_validate(path, options)
+            with show_progress(quiet):
+                report = run_validate(path, options)
             all_valid &= report.valid
             reports.append(report)
             if as_json:

@@ -41,6 +41,7 @@ import numpy as np
 from ..backends import Session
 from ..errors import BackendError, PackError, UsageError, first_line
 from ..layers import LayerSpec
+from ..progress import step
 from ..report import Finding, Report, Severity
 from ..sources import LayerStack, LoadOptions
 from .metadata import (
@@ -261,22 +262,35 @@ def pack(
         if not spatial or any(s < 1 for s in spatial):
             raise UsageError(f"tile size {_fmt(spatial)} must be positive integers")
     declared = meta.get("InputShape")
+    if (spatial is not None and isinstance(declared, list) and len(declared) == len(spatial) + 1
+            and [*map(str, declared[:-1])] != [*map(str, spatial)]):
+        # an explicit tile is the user's latest word: the declared shape (typically a conversion spec's
+        # required InputShape) follows it instead of contradicting it; the tile check below still applies
+        where = f"the conversion spec {src.spec_path.name}" if src.spec_path is not None \
+            and "InputShape" in src.spec_metadata else "the metadata"
+        note(f"the tile {_fmt(spatial)} replaces InputShape {_fmt(declared)} from {where}; the package's "
+             f"InputShape is {_fmt([*spatial, declared[-1]])} and its OutputShape follows the model")
+        declared = [*spatial, declared[-1]]
+        meta["InputShape"] = declared
 
     # -- the model to convert, and the reference session for parity ------------------------------------
-    loaded = _load_source(src, LoadOptions(
-        opset=use_opset, tile=spatial, target=kind,
-        input_shape=tuple(int(d) for d in declared) if isinstance(declared, list) else None))
+    with step("pack: loading the model"):
+        loaded = _load_source(src, LoadOptions(
+            opset=use_opset, tile=spatial, target=kind,
+            input_shape=tuple(int(d) for d in declared) if isinstance(declared, list) else None))
     for n in loaded.notes:
         note(n)
     reference: Session = loaded.reference
     base_shape = tuple(reference.signature.inputs[0].shape)
     spatial = _resolve_tile(base_shape, spatial, declared, kind)
     if spatial is not None:
-        infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
+        with step(f"pack: checking that the model takes {_fmt(spatial)} tiles"):
+            infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
     if loaded.onnx_bytes is None:
         # the source composes the layers in its own framework and exports the result
         if pre or post or (spatial is not None and spatial != tuple(base_shape[1:-1])):
-            loaded = loaded.compose(pre, post, spatial)
+            with step("pack: composing the model"):
+                loaded = loaded.compose(pre, post, spatial)
             reference = loaded.reference
     else:
         if model_format == "savedmodel":
@@ -314,30 +328,35 @@ def pack(
         current = onnx_opset(data)
         if current is not None and ((opset is not None and current != opset)
                                     or (kind == "czmodel" and current > LEGACY_OPSET)):
-            converted = convert_onnx_opset(data, use_opset)
-            infos.append(_check_conversion(data, converted, current, use_opset, inputs))
+            with step(f"pack: converting to ONNX opset {use_opset}"):
+                converted = convert_onnx_opset(data, use_opset)
+                infos.append(_check_conversion(data, converted, current, use_opset, inputs))
             data = converted
-        if pre or post:
-            assert isinstance(reference, _ChainSession)
-            data = _merge_onnx_layers(data, reference.pre, reference.post)
-        if spatial is not None:
-            data = fix_onnx_spatial(data, spatial)
-        model_bytes = canonicalize_onnx(data)
-        used_opset = onnx_opset(model_bytes)
+        with step("pack: preparing the ONNX graph"):
+            if pre or post:
+                assert isinstance(reference, _ChainSession)
+                data = _merge_onnx_layers(data, reference.pre, reference.post)
+            if spatial is not None:
+                data = fix_onnx_spatial(data, spatial)
+            model_bytes = canonicalize_onnx(data)
+            used_opset = onnx_opset(model_bytes)
     else:
         if fmt == "onnx":
             try:
-                model_bytes = canonicalize_onnx(loaded.export("onnx", use_opset))
+                with step("pack: exporting to ONNX"):
+                    model_bytes = canonicalize_onnx(loaded.export("onnx", use_opset))
                 used_opset = use_opset
             except PackError as exc:
                 note(f"ONNX conversion failed ({exc.message}); packing a zipped SavedModel instead")
                 fmt = "savedmodel"
         if fmt == "savedmodel":
-            model_bytes = loaded.export("savedmodel", use_opset)
+            with step("pack: exporting a SavedModel"):
+                model_bytes = loaded.export("savedmodel", use_opset)
             note("SavedModel packages are not byte-reproducible (TensorFlow embeds per-export ids)")
 
     # -- run the reference once to learn the output shape ----------------------------------------------
-    expected = [reference.predict(x) for x in inputs]
+    with step("pack: running the source model"):
+        expected = [reference.predict(x) for x in inputs]
     out_shape = [int(d) for d in expected[0].shape[1:]]
 
     # -- metadata --------------------------------------------------------------------------------------
@@ -381,14 +400,15 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_package(tmp, meta_arg, model_bytes, kind=kind,
-                      license_text=lic.read_bytes() if lic else None,
-                      license_name=(lic.name if lic and is_license_name(lic.name) else "license.txt"))
+        with step("pack: writing the package"):
+            write_package(tmp, meta_arg, model_bytes, kind=kind,
+                          license_text=lic.read_bytes() if lic else None,
+                          license_name=(lic.name if lic and is_license_name(lic.name) else "license.txt"))
         parity_diff: float | None = None
         parity_finding: Finding | None = None
         try:
             package = open_package(tmp)
-            with load_session(package, device="cpu") as session:
+            with step("pack: comparing the package with the source"), load_session(package, device="cpu") as session:
                 diffs = []
                 for x, want in zip(inputs, expected):
                     got = session.predict(x)
@@ -405,7 +425,8 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
         except (PackError, BackendError) as exc:
             parity_finding = Finding.error("pack.parity", f"the packaged model could not be compared with the "
                                            f"source: {exc.message}", hint=exc.hint)
-        report = validate(tmp, validate_options)
+        with step("pack: validating the package"):
+            report = validate(tmp, validate_options)
         report.path = str(output)
         if parity_finding is not None:
             report.add(parity_finding)

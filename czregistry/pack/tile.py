@@ -50,9 +50,12 @@ def _check_tile(session: Session, input_shape: tuple[int | None, ...], spatial: 
 def _interpret_invariance(result: Any, spatial: tuple[int, ...]) -> list[str]:
     """Turn an ``InvarianceResult`` into a refusal (``PackError`` quoting the measurement) or notes."""
     step = tuple(result.step)
-    measured = (f"invariance check: accepts other sizes={result.accepts_other_sizes}, step={_fmt(step)}, "
-                f"halo={_fmt(result.halo)}, global context={result.global_context}, equivariance error="
-                f"{_num(result.equivariance_error)}")
+    halo = tuple(result.halo)
+    measured = ("invariance check: " + ("runs at other sizes" if result.accepts_other_sizes else "fixed size")
+                + (f", size step {_fmt(step, '1')}" if result.accepts_other_sizes else "")
+                + (f", halo {_fmt(halo)} px" if halo and all(h is not None for h in halo) else ", halo not measured")
+                + (", global context" if result.global_context else ", no global context")
+                + f", equivariance error {_num(result.equivariance_error)}")
     if not result.accepts_other_sizes:
         only = _fmt(result.fixed_size) if result.fixed_size else "its own size"
         raise PackError(f"cannot reset the tile to {_fmt(spatial)}: the model runs only at {only} ({measured})",
@@ -77,8 +80,9 @@ def _num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
-def _fmt(dims: Iterable[Any]) -> str:
-    return "x".join(str(d) for d in dims)
+def _fmt(dims: Iterable[Any], unknown: str = "?") -> str:
+    """``64x64``; an axis the model leaves free (``None``) reads ``unknown``, never ``NonexNone``."""
+    return "x".join(unknown if d is None else str(d) for d in dims)
 
 
 def _resolve_tile(base_shape: tuple[int | None, ...], spatial: tuple[int, ...] | None, declared: Any,

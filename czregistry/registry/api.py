@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from .. import __version__
 from ..audit import GRAPH_AUDIT_CHECK
 from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
+from ..progress import step
 from ..report import Report
 from . import db
 from . import signatures as sigs
@@ -279,13 +280,15 @@ class Registry:
         if sign_key is not None:
             from ..signing import sign_package
 
-            signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
+            with step("publish: signing"):
+                signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
 
         def put() -> tuple[str, int]:
             with path.open("rb") as fh:
                 return self.store.put(fh, expected=report.sha256)
 
-        digest, size = put()
+        with step("publish: storing the package"):
+            digest, size = put()
         source, who, host = path.name, acting_user(), acting_host()
 
         def txn(s: Session) -> tuple[str, Version]:

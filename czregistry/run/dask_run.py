@@ -132,8 +132,8 @@ class DaskRunResult:
     blocks_skipped: int
     block_shape: list[int]
     redundancy: float  # block tile predictions / grid tiles (1.0 = no seam tile predicted twice)
-    seconds: float
-    tiles_per_second: float
+    seconds: float  # wall time, including starting the workers and loading the model
+    tiles_per_second: float  # tiles_run / seconds
     backend: str
     device: str
     grid: dict[str, Any]

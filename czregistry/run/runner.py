@@ -101,7 +101,7 @@ class RunResult:
     seconds: float  # wall time, including loading and probing the model
     pipeline_seconds: float  # reading, predicting and writing the tiles
     predict_seconds: float  # time inside the backend's predict
-    tiles_per_second: float
+    tiles_per_second: float  # tiles / pipeline_seconds (the CLI summary names the time beside each rate)
     backend: str
     device: str
     grid: dict[str, Any]

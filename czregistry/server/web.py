@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from .. import __version__
 from ..errors import CzregError, UsageError
 from ..registry.tokens import authenticate, model_key
-from ..report import human_size
+from ..report import human_size, measurement_lines
 from .settings import COOKIE
 
 if TYPE_CHECKING:
@@ -135,9 +135,11 @@ def _report_html(info: dict[str, Any]) -> str:
                if rep.get("format") else "") + "</p>")
     if info.get("smoke"):
         head += f'<p>Smoke test: {_valid_badge(bool(info["smoke"].get("valid")))}</p>'
-    if rep.get("measurements"):
-        items = ", ".join(f"{_e(k)}={_e(v)}" for k, v in rep["measurements"].items() if k != "timings_s")
-        head += f'<p class="muted">Measured: {items}</p>'
+    measured = measurement_lines(rep.get("measurements") or {})
+    if measured:
+        body = "".join(f"<tr><td>{_e(label)}</td><td>{_e(value)}</td></tr>" for label, value in measured)
+        head += ('<table class="measured"><thead><tr><th colspan="2">Measured</th></tr></thead>'
+                 f"<tbody>{body}</tbody></table>")
     if not findings:
         return head
     rows = "".join(f'<tr><td><span class="badge {"bad" if f["severity"] == "error" else "warn"}">'
