@@ -49,6 +49,9 @@ STANDARD_ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 MAX_GRAPH_BYTES = 2 * 1024 ** 3
 #: If/Loop/Scan bodies nest; real models nest a few levels. Deeper is refused, not recursed into.
 MAX_SUBGRAPH_DEPTH = 16
+#: More operations than any real network holds (SwinUNETR: ~10k ONNX nodes; Keras SavedModels: tens of
+#: thousands over all functions): the audit stops there instead of walking a hostile file for minutes.
+MAX_OPERATIONS = 500_000
 #: How many unsafe operations a report lists one by one before summarising the rest.
 MAX_LISTED = 20
 
@@ -141,10 +144,23 @@ class GraphAudit:
     unsafe: list[UnsafeOp] = field(default_factory=list)
     #: Set when the graph could not be audited at all (unreadable, ambiguous, a text SavedModel).
     problem: str | None = None
+    _seen: int = field(default=0, repr=False, compare=False)
 
     @property
     def clean(self) -> bool:
         return not self.unsafe and self.problem is None
+
+    def count(self, op: str) -> None:
+        self.ops[op] += 1
+        self.tick()
+
+    def tick(self) -> None:
+        """One more operation read; past ``MAX_OPERATIONS`` the graph is not a network but a denial of service
+        on the reader (a few hundred MB of empty nodes would keep the audit busy for minutes)."""
+        self._seen += 1
+        if self._seen > MAX_OPERATIONS:
+            raise WireError(f"the graph holds more than {MAX_OPERATIONS:,} operations; real networks hold "
+                            "tens of thousands")
 
     def summary(self) -> str:
         """One line: the verdict, then the first refused operation or the problem."""
@@ -201,7 +217,8 @@ def _name_attr_list(buf: memoryview, a: int, b: int, out: set[str], depth: int) 
             _attr_funcs(buf, vs, ve, out, depth + 1)
 
 
-def _tf_node(buf: memoryview, a: int, b: int) -> _TfNode:
+def _tf_node(buf: memoryview, a: int, b: int, audit: GraphAudit) -> _TfNode:
+    audit.tick()
     name = op = ""
     inputs: list[str] = []
     calls: set[str] = set()
@@ -311,7 +328,7 @@ def _audit_meta_graph(buf: memoryview, a: int, b: int, audit: GraphAudit, index:
                 if gw != LEN:
                     continue
                 if gn == 1:
-                    node = _tf_node(buf, gs, ge)
+                    node = _tf_node(buf, gs, ge, audit)
                     nodes[node.name] = node
                 elif gn == 2:  # library: FunctionDefLibrary.function = 1
                     for fs, fe in messages(buf, 1, gs, ge):
@@ -320,7 +337,7 @@ def _audit_meta_graph(buf: memoryview, a: int, b: int, audit: GraphAudit, index:
                             if fw == LEN and fnum == 1:  # signature: OpDef.name = 1
                                 name = string_field(buf, 1, xs, xe)
                             elif fw == LEN and fnum == 3:
-                                body.append(_tf_node(buf, xs, xe))
+                                body.append(_tf_node(buf, xs, xe, audit))
                         library[name] = body
         elif n == 3:  # saver_def
             save_root += [_node_name(x) for x in strings(buf, 2, s, e)]
@@ -421,11 +438,21 @@ class _OnnxWalk:
 
     def node(self, a: int, b: int, where: str, depth: int) -> None:
         buf = self.buf
-        op = string_field(buf, 4, a, b)
-        domain = string_field(buf, 7, a, b)
-        name = string_field(buf, 3, a, b)
+        op = domain = name = ""
+        attributes: list[tuple[int, int]] = []
+        for n, wire, s, e in fields(buf, a, b):  # one pass: NodeProto name = 3, op_type = 4, attribute = 5, domain = 7
+            if wire != LEN:
+                continue
+            if n == 4:
+                op = bytes(buf[s:e]).decode("utf-8", "replace")
+            elif n == 7:
+                domain = bytes(buf[s:e]).decode("utf-8", "replace")
+            elif n == 3:
+                name = bytes(buf[s:e]).decode("utf-8", "replace")
+            elif n == 5:
+                attributes.append((s, e))
         label = op if domain in ("", "ai.onnx") else f"{domain}::{op}"
-        self.audit.ops[label] += 1
+        self.audit.count(label)
         if domain not in STANDARD_ONNX_DOMAINS:
             if (domain, op) in self.functions:
                 self.used_functions.add((domain, op))
@@ -434,7 +461,7 @@ class _OnnxWalk:
                        if domain.startswith("com.microsoft") else
                        f"comes from the custom domain '{domain}', not standard ONNX")
                 self.audit.unsafe.append(UnsafeOp(label, why, where, name))
-        for attr_s, attr_e in messages(buf, 5, a, b):
+        for attr_s, attr_e in attributes:
             for n, wire, s, e in fields(buf, attr_s, attr_e):
                 if wire != LEN:
                     continue

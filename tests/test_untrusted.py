@@ -300,6 +300,22 @@ def test_deeply_nested_subgraphs_are_refused_not_recursed(tmp_path: Path) -> Non
     assert r.exit_code == 1 and "could not be audited" in r.output
 
 
+def test_a_graph_of_absurdly_many_operations_is_refused_not_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few hundred MB of empty nodes would keep the audit (and a server validating an upload) busy for
+    minutes; past MAX_OPERATIONS the graph is refused. The bound is lowered here to keep the test small."""
+    import czregistry.audit as audit_module
+    from tests.static_packages import _len_field
+
+    monkeypatch.setattr(audit_module, "MAX_OPERATIONS", 1000)
+    onnx_node = _len_field(1, _len_field(1, b"x") + _len_field(2, b"y") + _len_field(4, b"Relu"))
+    tf_node = _len_field(1, _len_field(1, b"n") + _len_field(2, b"Relu"))
+    for n, verdict in ((1000, None), (1001, "more than 1,000 operations")):
+        onnx_audit = audit_onnx(b"\x08\x07" + _len_field(7, onnx_node * n))
+        tf_audit = audit_savedmodel(_len_field(2, _len_field(2, tf_node * n)))
+        for audit in (onnx_audit, tf_audit):
+            assert (audit.problem is None) if verdict is None else (verdict in (audit.problem or "")), audit.problem
+
+
 def test_a_savedmodel_zip_with_two_graphs_or_a_text_graph_is_refused(tmp_path: Path) -> None:
     import io
     import zipfile
