@@ -18,7 +18,7 @@ from czregistry.cli import main
 
 SEG = ["--type", "SingleClassSemanticSegmentation", "--classes", "background,cell", "--min-overlap", "8"]
 #: Python's spellings that must never reach a human-readable output.
-REPR = re.compile(r"None|\{'|\[\{|dict\(|NonexNone")
+REPR = re.compile(r"None|\{'|\['|\[\{|dict\(|NonexNone")
 
 
 def _conv_onnx() -> bytes:

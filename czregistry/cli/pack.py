@@ -173,7 +173,7 @@ def inspect(package: Path, static: bool, backend: str | None, trust_graph: bool,
         click.echo(f"  license: {info['license_member']}")
     click.echo("  metadata:")
     for key, value in (info["metadata"] or {}).items():
-        click.echo(f"    {key}: {value}")
+        click.echo(f"    {key}: {_shown(value)}")
     audit = info.get("audit")
     if audit is not None:
         click.echo(f"  graph audit: {_audit_line(audit)}")
@@ -193,6 +193,18 @@ def inspect(package: Path, static: bool, backend: str | None, trust_graph: bool,
         click.echo(f"  signature: not shown ({info['signature_note']})")
     for f in info["findings"]:
         click.echo(f"  {f['severity']}: {f['check']}: {f['message']}")
+
+
+def _shown(value: Any) -> str:
+    """A metadata value for people: lists of scalars as ``64, 64, 3``, anything nested as JSON (never a
+    Python repr with quotes and brackets), text as is."""
+    import json
+
+    if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _audit_line(audit: dict[str, Any]) -> str:
