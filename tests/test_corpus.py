@@ -379,3 +379,32 @@ def test_fixed_tile_with_a_halo_wider_than_it_warns_at_the_border_with_a_tile_hi
     assert "max-probe-size" not in text
     assert report.measurements["seam_method"] == "tiles-vs-centre-window"
     assert report.measurements["seam_error_rel"] > 0.05
+
+
+def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass(
+        tmp_path: Path, corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """The fixed-size dilated network (halo 32 in a 128 tile, MinOverlap 16): validate's hint names the overlap that
+    removes the seams; declared, it validates without a border warning and smoke passes."""
+    import json
+    import re
+    import zipfile
+
+    from czregistry.package import open_package, write_package
+    from czregistry.run.smoke import smoke_test
+
+    report = reports("dilated-context-fixed")
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    assert border.hint is not None
+    match = re.match(r"set MinOverlap to \[(\d+), (\d+)\]", border.hint)
+    assert match, border.hint
+    need = [int(match.group(1)), int(match.group(2))]
+    assert report.measurements["min_overlap_exact"] == need and 50 <= need[0] <= 68
+    src = open_package(corpus("dilated-context-fixed"))
+    meta = json.loads(zipfile.ZipFile(src.path).read("model.json"))
+    meta["MinOverlap"] = need
+    fixed = write_package(tmp_path / "fixed.czann", meta, src.read_model_bytes())
+    again = validate(fixed, ValidateOptions(time_budget=600))
+    assert again.valid and not again.warnings, again.to_json()
+    smoke = smoke_test(fixed, device="cpu")
+    assert smoke.valid, smoke.to_json()
+    assert smoke.measurements["smoke.seam_error"] <= TOL
