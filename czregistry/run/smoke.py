@@ -50,8 +50,10 @@ def synthetic_image(shape: tuple[int, ...], channels: int, seed: int = 0) -> np.
     return out
 
 
-def _load_given(image: Path | str, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
-    from .images import open_image, scale_to_unit, to_model_channels
+def _load_given(image: Path | str, info: ModelInfo, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
+    """A corner of the given image as model input, through the same ``InputAdapter`` as ``czreg run`` (legacy BGR
+    order, ``ColorHandling``, 8/16-bit scaling), so the smoke test checks the input the package will be run on."""
+    from .images import InputAdapter, open_image
 
     src = open_image(image)
     try:
@@ -60,7 +62,7 @@ def _load_given(image: Path | str, spatial_ndim: int, channels: int, max_pixels:
         side = int(max_pixels ** (1 / spatial_ndim))
         region = [slice(0, min(n, side)) for n in spatial]
         raw = src.read((0,) * len(lead_shape), region)
-        return to_model_channels(scale_to_unit(raw), channels).astype(np.float32)
+        return InputAdapter.for_model(info, channels)(raw)
     finally:
         src.close()
 
@@ -137,7 +139,7 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
             probe_grid, _, in_ch, out_ch = plan_for_model(session, info, (1,) * nd, options, [])
             t = probe_grid.tile
             if image is not None:
-                img = _load_given(image, nd, in_ch, max_whole_pixels)
+                img = _load_given(image, info, nd, in_ch, max_whole_pixels)
                 meas["smoke.image"] = str(image)
             else:
                 # tiles that meet at exactly the declared overlap (on the stride grid), the worst case the host
