@@ -53,6 +53,11 @@ class ModelInfo:
     name: str | None
     id: str | None
     format_version: str | None
+    #: Input facts, derived here once so every path that feeds pixels (run, Dask, smoke, evaluate, validate)
+    #: agrees: legacy ``Bgr*`` pixel types take colour in BGR order; ``ColorHandling`` (``SplitRgb`` keeps RGB
+    #: channels apart instead of converting to monochrome). See ``czregistry.run.images.InputAdapter``.
+    bgr: bool = False
+    color_handling: str | None = None
 
     @property
     def spatial_ndim(self) -> int | None:
@@ -87,10 +92,12 @@ class ModelInfo:
             names = tuple(str(c.get("Name")) for c in meta.get("TrainingClasses") or [] if isinstance(c, dict))
             border = meta.get("BorderSize")
             b = (border, border) if isinstance(border, int) else None
+            bgr = any(str(c.get("PixelType", "")).startswith("Bgr") for c in channels if isinstance(c, dict))
+            color = meta.get("ColorHandling") if isinstance(meta.get("ColorHandling"), str) else None
             return cls(kind, "MultiClassSemanticSegmentation" if len(names) > 2 else
                        "SingleClassSemanticSegmentation", None, None, names or None,
                        tuple(2 * v for v in b) if b else None, b, n_ch, None,
-                       meta.get("ModelName"), meta.get("Id"), meta.get("Version"))
+                       meta.get("ModelName"), meta.get("Id"), meta.get("Version"), bgr, color)
         inp, out = _ints(meta.get("InputShape")), _ints(meta.get("OutputShape"))
         overlap = _ints(meta.get("MinOverlap"))
         classes_raw = meta.get("Classes")
@@ -102,7 +109,8 @@ class ModelInfo:
         return cls(kind, meta.get("Type") if isinstance(meta.get("Type"), str) else None, inp, out, classes,
                    overlap, tuple(v // 2 for v in overlap) if overlap else None,
                    inp[-1] if inp else None, scaling, meta.get("ModelName"), meta.get("Id"),
-                   meta.get("FormatVersion"))
+                   meta.get("FormatVersion"), False,
+                   meta.get("ColorHandling") if isinstance(meta.get("ColorHandling"), str) else None)
 
     @classmethod
     def from_package(cls, package: Package) -> ModelInfo:

@@ -66,8 +66,11 @@ __all__ = [
     "InvarianceResult",
     "Prober",
     "TilingResult",
+    "centred_origin",
     "measure_invariance",
     "measure_tiling",
+    "probe_image",
+    "seam_band",
 ]
 
 #: Agreement tolerance, relative to ``max(1, output range)``; see the module docstring.
@@ -89,6 +92,8 @@ FAR_FALL = 2.0
 #: The halo probe starts from windows of at most this many pixels per axis (the halo does not depend on the
 #: tile; a 1024-pixel denoiser tile need not be probed whole to find it).
 BASE_WINDOW = 256
+#: Largest half-width of the band compared across a cut between fixed-size tiles (``seam_band``).
+SEAM_BAND = 16
 #: Largest window (pixels or voxels) a growing halo probe may feed the network.
 MAX_PROBE_PIXELS = 1 << 20
 
@@ -174,6 +179,21 @@ class TilingResult:
         return asdict(self)
 
 
+def centred_origin(cut: int, tile: int, grid: int, anchor: int = 0) -> int:
+    """Origin of a ``tile``-long window centred on pixel ``cut``, on the model's stride grid (multiples of ``grid``
+    from ``anchor``, the origin of a tile already on the grid). Near its centre a fixed-size graph sees what the
+    whole image would show there, so it is the reference for seams at ``cut`` (``Prober.measure_tiling`` on the
+    probe image and ``czreg smoke`` on its image both use it)."""
+    return anchor + (cut - tile // 2 - anchor) // max(1, grid) * max(1, grid)
+
+
+def seam_band(border: int, tile: int) -> int:
+    """Half-width of the band compared across a cut. The stitched pixels nearest their tile's edge sit at the
+    cut (``border`` px in), so a narrow band catches the worst seam, while the centred reference keeps about half
+    a tile of context around every compared pixel: at most ``SEAM_BAND`` px and an eighth of the tile."""
+    return max(1, min(int(border), tile // 8, SEAM_BAND))
+
+
 def _prime_factors(n: int) -> list[int]:
     """Distinct prime factors of ``n``, ascending."""
     out, p = [], 2
@@ -201,6 +221,13 @@ def _hash_image(coords: Sequence[np.ndarray], channels: int, seed: int) -> np.nd
         z = np.bitwise_xor(z, np.right_shift(z, np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = np.bitwise_xor(z, np.right_shift(z, np.uint64(31)))
     return np.right_shift(z, np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+
+
+def probe_image(shape: Sequence[int], channels: int, seed: int = SEED) -> np.ndarray:
+    """The probe image's window at the origin, ``[*shape, channels]`` float32 in [0, 1): the pixels validate's
+    model checks feed, so ``czreg smoke`` (by default) measures seams on the same image."""
+    grids = np.ix_(*(np.arange(n, dtype=np.int64) for n in shape))
+    return _hash_image(grids, channels, seed)
 
 
 @dataclass
@@ -537,6 +564,23 @@ class Prober:
                 return out
             out.append(tuple(w if i == axis else v for i, v in enumerate(base)))
 
+    def _estimate_stride(self, axis: int, window: tuple[int, ...], step: int | None) -> int | None:
+        """A window that cannot grow (fixed-size graph) and is narrower than the receptive field shows neither an
+        exact nor a decaying profile at any shift. A pooling network still tells its stride there: shifts on its
+        grid leave a much smaller interior error than off-grid shifts (which change the pooling phase). The
+        smallest shift within twice the least interior error, when that is at least ``DECAY_RATIO / 2`` times
+        below a one-step shift's; None when no shift stands out (then tiles need no grid)."""
+        cands = self._candidates(window[axis], step)
+        errs = {s: self._deep_error(axis, s, window) for s in cands if not self.over_budget}
+        finite = {s: e for s, e in errs.items() if math.isfinite(e)}
+        if len(finite) < 2:
+            return None
+        least = min(finite.values())
+        first = finite[min(finite)]
+        if least * DECAY_RATIO / 2 > first:
+            return None
+        return min(s for s, e in finite.items() if e <= 2 * least)
+
     def _probe_axis(self, axis: int, base: tuple[int, ...], step: int | None, growable: bool,
                     tol: float, notes: list[str]) -> _Axis:
         """Stride, halo (or its lower bound) and global-context evidence along one axis."""
@@ -617,6 +661,10 @@ class Prober:
                                     f"{base[axis] // 2 + base[axis] // 8} px away by {pair[0]:.3g} (next to it: "
                                     f"{pair[1]:.3g}): the change does not fall with distance")
                 res.strength, res.stride = pair[0], None
+        if not growable and res.stride is None and res.halo is None and not res.evidence and not self.over_budget:
+            res.stride = self._estimate_stride(axis, base, step)
+            if res.stride is not None:
+                res.bound = max(0, (base[axis] - 1 - res.stride) // 2)
         if res.stride is not None and res.stride > 1 and not self.over_budget and not res.evidence:
             win = tuple(res.window if i == axis else v for i, v in enumerate(base))
             prof = self.shift_profile(axis, 1, win)
@@ -660,7 +708,11 @@ class Prober:
                 for axis in range(nd)]
         evidence = [e for a in axes for e in a.evidence]
         for axis, a in enumerate(axes):
-            if a.halo is None and not a.evidence and not self.over_budget:
+            if a.halo is None and not a.evidence and not self.over_budget and fixed is not None:
+                # nothing to raise: the graph runs on one size, so the probe window cannot grow
+                notes.append(f"axis {axis}: the halo is at least {a.bound if a.bound is not None else a.window // 4} "
+                             f"px: wider than the fixed {a.window}-pixel tile lets the probe see")
+            elif a.halo is None and not a.evidence and not self.over_budget:
                 if a.bound is not None:
                     notes.append(f"axis {axis}: the halo is at least {a.bound} px: the error still falls with "
                                  f"distance at the largest probe window ({a.window} px; raise --max-probe-size "
@@ -747,11 +799,14 @@ class Prober:
 
     def _seam_against_centre(self, axis: int, pos: int, used: int, window: tuple[int, ...],
                              grid: int) -> float | None:
-        """Fixed-size graphs: stitch two tiles (at 0 and ``pos``) along one axis and compare their overlap
-        with a third window centred on it, whose pixels there lie about ``pos / 2`` from its edges (exact
-        whenever ``pos / 2`` >= halo): the seam error a whole prediction would show."""
+        """Fixed-size graphs: stitch two tiles (at 0 and ``pos``) along one axis, as ZEN does, and compare a band
+        across the cut with a third tile centred on the cut (``centred_origin``/``seam_band``, the geometry
+        ``czreg smoke`` uses on its image): the best reference a graph that runs only on this tile allows."""
         nd = len(window)
-        centre = (pos // 2) // grid * grid
+        w = window[axis]
+        cut = pos + used // 2
+        centre = centred_origin(cut, w, grid)
+        half = seam_band(used // 2, w)
         zero = (0,) * nd
         try:
             first = self.predict(zero, window)
@@ -759,17 +814,16 @@ class Prober:
             ref = self.predict(tuple(centre if i == axis else 0 for i in range(nd)), window)
         except ProbeRejected:
             return None
-        w = window[axis]
-        cut = pos + used // 2
-        xs = np.arange(pos, w)  # image coordinates of the overlap
-        if xs.size == 0:  # tiles only abut (no overlap): nothing to compare in this probe
+        band = np.arange(max(pos, cut - half), min(w, cut + half))  # image coordinates across the cut
+        if band.size == 0 or self._spatial_out(first) != window:
             return None
-        stitched = np.concatenate([np.take(first, xs[xs < cut], axis=axis),
-                                   np.take(second, xs[xs >= cut] - pos, axis=axis)], axis=axis)
-        reference = np.take(ref, xs - centre, axis=axis)
+        stitched = np.concatenate([np.take(first, band[band < cut], axis=axis),
+                                   np.take(second, band[band >= cut] - pos, axis=axis)], axis=axis)
+        reference = np.take(ref, band - centre, axis=axis)
         if stitched.shape != reference.shape:
             return None
-        return float(np.abs(stitched.astype(np.float64) - reference.astype(np.float64)).max())
+        diff = np.abs(stitched.astype(np.float64) - reference.astype(np.float64))
+        return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
     def measure_tiling(self, overlap: Sequence[int]) -> TilingResult | None:
         """Tile a two-tiles-per-axis image at ``overlap`` and compare with predicting it whole.

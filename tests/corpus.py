@@ -35,6 +35,9 @@ class Entry:
     post: str = "softmax"
     #: Fixed batch of 1 in the exported graph (ZEISS's LiveDenoise models are exported that way).
     fixed_batch: bool = False
+    #: Export with the spatial dims fixed at ``tile`` (czmodel 6.2's PyTorch export, ZEISS's workshop models): the
+    #: graph then runs only on its tile, and ``validate`` and ``smoke`` must measure its seams as ZEN tiles.
+    fixed_size: bool = False
     slow: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +192,13 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
     Entry("resnet18-classifier", _classifier_torch, "torch", mtype="MultiClassClassification",
           tile=(224, 224), min_overlap=(0, 0)),
     Entry("unet3d", _unet3d_torch, "torch", tile=(32, 64, 64), channels=1, min_overlap=(8, 8, 8)),
+    # fixed-size exports (issue 23): the README's PyTorch example, a CARE U-Net and the dilated network
+    Entry("smp-unet-resnet18-fixed128", _smp("Unet"), "torch", tile=(128, 128), min_overlap=(64, 64),
+          fixed_size=True),
+    Entry("care-unet-fixed", _care_unet, "keras", mtype="Regression", tile=(256, 256), channels=1, classes=1,
+          min_overlap=(64, 64), fixed_size=True),
+    Entry("dilated-context-fixed", _dilated_torch, "torch", tile=(128, 128), channels=1, min_overlap=(16, 16),
+          fixed_size=True),
 ]}
 
 
@@ -220,14 +230,15 @@ def _export_torch(entry: Entry) -> bytes:
     wrapped = ChannelsLast(module).eval()
     example = torch.zeros((1, *entry.tile, entry.channels))
     axes: dict[int, str] = {} if entry.fixed_batch else {0: "batch"}
-    if dense:
+    spatial = dense and not entry.fixed_size
+    if spatial:
         axes.update({i + 1: f"s{i}" for i in range(nd)})
     buf = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=["output"],
                           opset_version=18, dynamo=False,
                           dynamic_axes={"input": axes, "output": ({} if entry.fixed_batch else {0: "batch"})
-                                        | ({i + 1: f"s{i}" for i in range(nd)} if dense else {})})
+                                        | ({i + 1: f"s{i}" for i in range(nd)} if spatial else {})})
     return buf.getvalue()
 
 
@@ -239,7 +250,8 @@ def _export_keras(entry: Entry) -> bytes:
     model = entry.build()
     nd = entry.spatial_ndim
     batch = 1 if entry.fixed_batch else None
-    spec = (tf.TensorSpec((batch, *(None,) * nd, entry.channels), tf.float32, name="input"),)
+    dims = tuple(entry.tile) if entry.fixed_size else (None,) * nd
+    spec = (tf.TensorSpec((batch, *dims, entry.channels), tf.float32, name="input"),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=18)
     data: bytes = proto.SerializeToString()
     onnx.checker.check_model(onnx.load_from_string(data))

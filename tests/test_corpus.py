@@ -50,7 +50,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
         if name not in cache:
             entry = CORPUS[name]
             path = root / f"{name}.czann"
-            if entry.framework == "torch":
+            if entry.framework == "torch" and not entry.fixed_size:
                 result = czregistry.pack(entry.build(), metadata(entry), path,
                                          postprocessing=["softmax"] if entry.post == "softmax" else [],
                                          validate_options=ValidateOptions(static=True))
@@ -333,3 +333,78 @@ def test_every_corpus_network_passes_the_static_graph_audit(name: str, corpus: C
     assert audit.clean, audit.summary()
     assert sum(audit.ops.values()) >= 10 and "Conv" in audit.ops, dict(audit.ops)
     assert not [op for op in audit.ops if "::" in op], dict(audit.ops)  # standard domains only
+
+
+# --- issue 23: validate and smoke agree on seams, fixed-size graphs measured as ZEN tiles ---
+
+#: Corpus entries cheap enough to validate *and* smoke here, dynamic and fixed-size: seams expected or not.
+AGREE = {"keras-encoder-decoder": False, "care-unet": False, "dilated-context": True,
+         "care-unet-fixed": False, "dilated-context-fixed": True, "smp-unet-resnet18-fixed128": True}
+_SEAM_FINDINGS = {"model.receptive_field.border", "model.receptive_field.seams"}
+
+
+@pytest.mark.parametrize("name", list(AGREE))
+def test_validate_and_smoke_agree_on_seams(name: str, corpus: Callable[[str], Path],
+                                           reports: Callable[[str], Report]) -> None:
+    """The two never disagree on the same package: validate warns about seams exactly when smoke fails on them,
+    and the seam errors they measure (on different images, at the declared overlap) are within 2x."""
+    from czregistry.run.smoke import smoke_test
+
+    report = reports(name)
+    smoke = smoke_test(corpus(name), device="cpu")
+    v_seams = bool(_SEAM_FINDINGS & _findings(report, Severity.WARNING))
+    s_seams = "smoke.seams" in _findings(smoke, Severity.ERROR)
+    assert (v_seams, s_seams) == (AGREE[name], AGREE[name]), (report.to_json(), smoke.to_json())
+    assert report.measurements["seam_error"] is not None and smoke.measurements["smoke.seam_error"] is not None
+    if AGREE[name]:
+        v, s = report.measurements["seam_error"], smoke.measurements["smoke.seam_error"]
+        assert 0.5 <= v / s <= 2, (v, s)
+
+
+def test_fixed_tile_with_a_halo_wider_than_it_warns_at_the_border_with_a_tile_hint(
+        reports: Callable[[str], Report]) -> None:
+    """The README's PyTorch example (smp U-Net fixed at 128, MinOverlap 64): seams measured with real fixed-size
+    tiles, the halo as a lower bound, a warning (not info) for an effect of a third of the output range, and
+    only hints that can help a fixed graph (a larger tile, never --max-probe-size)."""
+    report = reports("smp-unet-resnet18-fixed128")
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    assert border.severity is Severity.WARNING
+    assert border.message.startswith("fixed tile [128, 128]: at the declared overlap [64, 64]")
+    assert "tiles will show seams; the halo is at least [64, 64] px (a lower bound" in border.message
+    assert border.hint is not None and "re-pack from the source with a larger tile (czreg pack --tile" in border.hint
+    eq = next(f for f in report.findings if f.check == "model.invariance.equivariance")
+    assert eq.severity is Severity.WARNING and "not shown translation-equivariant" in eq.message
+    text = " ".join(f"{f.message} {f.hint or ''}" for f in report.findings) + " ".join(
+        report.measurements["probe"]["notes"])
+    assert "max-probe-size" not in text
+    assert report.measurements["seam_method"] == "tiles-vs-centre-window"
+    assert report.measurements["seam_error_rel"] > 0.05
+
+
+def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass(
+        tmp_path: Path, corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """The fixed-size dilated network (halo 32 in a 128 tile, MinOverlap 16): validate's hint names the overlap that
+    removes the seams; declared, it validates without a border warning and smoke passes."""
+    import json
+    import re
+    import zipfile
+
+    from czregistry.package import open_package, write_package
+    from czregistry.run.smoke import smoke_test
+
+    report = reports("dilated-context-fixed")
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    assert border.hint is not None
+    match = re.match(r"set MinOverlap to \[(\d+), (\d+)\]", border.hint)
+    assert match, border.hint
+    need = [int(match.group(1)), int(match.group(2))]
+    assert report.measurements["min_overlap_exact"] == need and 50 <= need[0] <= 68
+    src = open_package(corpus("dilated-context-fixed"))
+    meta = json.loads(zipfile.ZipFile(src.path).read("model.json"))
+    meta["MinOverlap"] = need
+    fixed = write_package(tmp_path / "fixed.czann", meta, src.read_model_bytes())
+    again = validate(fixed, ValidateOptions(time_budget=600))
+    assert again.valid and not again.warnings, again.to_json()
+    smoke = smoke_test(fixed, device="cpu")
+    assert smoke.valid, smoke.to_json()
+    assert smoke.measurements["smoke.seam_error"] <= TOL

@@ -21,9 +21,13 @@ def _by_check(report: object) -> dict[str, Severity]:
     return {f.check: f.severity for f in report.findings}  # type: ignore[attr-defined]
 
 
+#: MinOverlap covering each test model's halo (docs/model-checks.md): smoke tiles at the declared overlap, as ZEN.
+SEAMLESS_OVERLAP = {"unet": 20, "dilated": 32, "regression": 20, "unet3d": 8}
+
+
 @pytest.mark.parametrize("kind", ["unet", "dilated", "regression", "unet3d"])
 def test_seamless_models_pass(model_cache: ModelCache, kind: str) -> None:
-    report = smoke_test(model_cache(kind))
+    report = smoke_test(model_cache(kind, overlap=SEAMLESS_OVERLAP[kind]))
     assert report.valid, report.findings
     m = report.measurements
     assert m["smoke.seam_error"] <= 1e-5
@@ -53,7 +57,7 @@ def test_logits_fail_value_semantics(model_cache: ModelCache) -> None:
 def test_given_image(model_cache: ModelCache, tmp_path: Path) -> None:
     img = (synthetic_image((150, 170), 1, seed=3)[..., 0] * 255).astype(np.uint8)
     np.save(tmp_path / "img.npy", img)
-    report = smoke_test(model_cache("unet"), image=tmp_path / "img.npy")
+    report = smoke_test(model_cache("unet", overlap=20), image=tmp_path / "img.npy")
     assert report.valid
     assert report.measurements["smoke.image_shape"] == [150, 170, 1]
 
@@ -69,7 +73,7 @@ def test_classification_is_not_tiled_and_broken_packages_are_reported(model_cach
 
 def test_cli_smoke(model_cache: ModelCache) -> None:
     cli = CliRunner()
-    res = cli.invoke(main, ["smoke", str(model_cache("unet")), "--json"])
+    res = cli.invoke(main, ["smoke", str(model_cache("unet", overlap=20)), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["valid"] and data["measurements"]["smoke.seam_error"] <= 1e-5
@@ -85,7 +89,7 @@ def test_savedmodel_package_through_its_backend(model_cache: ModelCache) -> None
 
     if "tensorflow" not in available_backends():
         pytest.skip("the TensorFlow backend plugin is not installed")
-    report = smoke_test(model_cache("unet", fmt="savedmodel"))
+    report = smoke_test(model_cache("unet", fmt="savedmodel", overlap=20))
     assert report.valid, report.findings
     assert report.measurements["smoke.backend"] == "tensorflow"
     assert report.measurements["smoke.seam_error"] <= 1e-5
@@ -111,8 +115,8 @@ def _fixed_size(src_path: Path, dest: Path, size: int) -> Path:
 def test_fixed_size_model_reports_a_measured_seam_error(model_cache: ModelCache, tmp_path: Path) -> None:
     """A fixed-size copy of the U-Net gives the same verdict and seam error as the dynamic one, which is
     checked against whole-image inference: both tile without seams."""
-    dynamic = smoke_test(model_cache("unet"))
-    fixed = smoke_test(_fixed_size(model_cache("unet"), tmp_path / "fixed.czann", 64))
+    dynamic = smoke_test(model_cache("unet", overlap=20))
+    fixed = smoke_test(_fixed_size(model_cache("unet", overlap=20), tmp_path / "fixed.czann", 64))
     assert dynamic.valid and fixed.valid, fixed.findings
     assert dynamic.measurements["smoke.seam_error"] <= 1e-5  # tiled == whole image
     assert fixed.measurements["smoke.seam_error"] <= 1e-5
@@ -137,8 +141,8 @@ def test_fixed_size_seams_are_found_when_the_border_is_too_small(model_cache: Mo
 
     img = synthetic_image((200, 200), 1, seed=5)
     errors = {}
-    for label, path in (("dynamic", model_cache("unet")),
-                        ("fixed", _fixed_size(model_cache("unet"), tmp_path / "fixed.czann", 64))):
+    for label, path in (("dynamic", model_cache("unet", overlap=20)),
+                        ("fixed", _fixed_size(model_cache("unet", overlap=20), tmp_path / "fixed.czann", 64))):
         pkg = open_package(path)
         info = ModelInfo.from_package(pkg)
         with load_session(pkg, None, "cpu") as session:
@@ -155,3 +159,20 @@ def test_fixed_size_seams_are_found_when_the_border_is_too_small(model_cache: Mo
         errors[label] = report.measurements["smoke.seam_error"]
     assert errors["fixed"] > 1e-3
     assert errors["dynamic"] / 3 <= errors["fixed"] <= errors["dynamic"] * 1.0001  # same seams, seen locally
+
+
+def test_a_border_below_the_halo_fails_as_validate_warns(model_cache: ModelCache) -> None:
+    """Smoke tiles at the declared overlap, as the host does (it no longer widens the border to the halo it
+    measured, which hid the seams ZEN shows): the test U-Net (halo 10) at MinOverlap 16 fails smoke exactly where
+    validate warns, with seam errors within 2x of each other."""
+    from czregistry.checks import ValidateOptions
+    from czregistry.validate import validate
+
+    path = model_cache("unet", overlap=16)
+    report = smoke_test(path)
+    assert _by_check(report)["smoke.seams"] is Severity.ERROR
+    assert report.measurements["smoke.border"] == [8, 8]
+    checked = validate(path, ValidateOptions())
+    assert "model.receptive_field.border" in {f.check for f in checked.warnings}
+    ratio = checked.measurements["seam_error"] / report.measurements["smoke.seam_error"]
+    assert 0.5 <= ratio <= 2, ratio

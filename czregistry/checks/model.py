@@ -22,6 +22,7 @@ All predictions come from one ``Prober`` kept in ``ctx.cache`` (see ``probing``)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..metadata import CLASSIFICATION_TYPES, ModelInfo
-from ..probing import TOLERANCE, InvarianceResult, Prober, ProbeRejected
+from ..probing import EQ_FACTOR, TOLERANCE, InvarianceResult, Prober, ProbeRejected, TilingResult, seam_band
 from ..report import Finding
 
 if TYPE_CHECKING:
@@ -329,6 +330,21 @@ class InvarianceCheck(_SpatialCheck):
                 yield Finding.warning(f"{cid}.equivariance", message,
                                       hint="tiles will differ slightly from whole-image inference whatever the "
                                       "overlap; check the seams on real images (czreg smoke --image)")
+        elif inv.equivariance_error is not None and inv.equivariance_error > EQ_FACTOR * inv.tolerance:
+            # Not evidence of global context (nothing said the halo is finite here), but not "equivariant" either:
+            # the words and the severity follow the size of what was measured.
+            rel = inv.equivariance_error_rel or 0.0
+            where = ("shifted copies of the fixed tile differ" if inv.fixed_size is not None else
+                     "a crop's prediction differs from the whole prediction")
+            message = (f"not shown translation-equivariant: {where} by up to {inv.equivariance_error:.3g} "
+                       f"({100 * rel:.3g}% of the output range) even far from their edges: the receptive field is "
+                       "wider than the probe could see (see model.receptive_field)")
+            if rel >= GLOBAL_ERROR_FRACTION:
+                yield Finding.warning(f"{cid}.equivariance", message,
+                                      hint="tiles of this model will differ from whole-image inference unless their "
+                                      "border covers the receptive field (see model.receptive_field.border)")
+            else:
+                yield Finding.info(f"{cid}.equivariance", message)
         elif inv.equivariance_error is not None:
             yield Finding.info(f"{cid}.equivariance", f"translation-equivariant by value: a crop's prediction "
                                f"matches the whole prediction within {inv.equivariance_error:.3g} beyond the halo")
@@ -414,6 +430,74 @@ class ReceptiveFieldCheck(_SpatialCheck):
                                "only on that grid")
 
 
+    def _fixed_tile_seams(self, ctx: CheckContext, info: ModelInfo, prober: Prober,
+                          inv: InvarianceResult) -> Iterator[Finding]:
+        """A graph that runs only on its declared tile, with a halo the tile cannot pin: measure the seams the way
+        ZEN tiles it (real fixed-size tiles at the declared MinOverlap, stitched at the middle of the overlap)
+        against a tile centred on each cut, the best reference such a graph allows (``Prober.measure_tiling``,
+        the same geometry as ``czreg smoke``), then at growing overlaps until the seams go or the tile is full."""
+        cid = self.id
+        nd = inv.spatial_ndim
+        tile = tuple(int(v) for v in (inv.fixed_size or prober.tile))
+        declared_name = "BorderSize" if info.kind == "czmodel" else "MinOverlap"
+        if info.kind == "czmodel" and info.border is not None and len(info.border) == nd:
+            overlap = [2 * int(b) for b in info.border]
+        elif info.min_overlap is not None and len(info.min_overlap) == nd:
+            overlap = [int(v) for v in info.min_overlap]
+        else:
+            overlap = [0] * nd
+        bound = [b if b is not None else (h if h is not None else w // 4)
+                 for b, h, w in zip(inv.halo_bound or (None,) * nd, inv.halo, tile)]
+        seam = prober.measure_tiling(overlap)
+        ctx.measure("min_overlap_exact", None)
+        ctx.measure("seam_error", seam.seam_error if seam else None)
+        if seam is None:
+            yield Finding.info(f"{cid}.seams", f"fixed tile {_fmt(tile)}: the declared {declared_name} "
+                               f"{_fmt(overlap)} leaves no room for a second tile; no seams to measure")
+            return
+        ctx.measure("seam_error_rel", seam.seam_error_rel)
+        ctx.measure("seam_overlap", list(seam.overlap))
+        ctx.measure("seam_method", seam.method)
+        if seam.exact:
+            yield Finding.info(f"{cid}.seams", f"fixed tile {_fmt(tile)}: tiles at the declared overlap "
+                               f"{_fmt(seam.overlap)} equal a tile centred on each cut (max difference "
+                               f"{seam.seam_error:.2g})")
+            yield from self._offgrid(cid, inv)
+            return
+        grid = [math.lcm(s or 1, q or 1) for s, q in zip(inv.stride, inv.step)]
+        fixed_at: TilingResult | None = None
+        worst_tried: TilingResult = seam
+        for cand in _fixed_overlaps(list(seam.overlap), tile, grid):
+            if prober.over_budget:
+                break
+            res = prober.measure_tiling(cand)
+            if res is None:
+                continue
+            if res.exact:
+                fixed_at = res
+                break
+            worst_tried = res
+        bound = [max(b, (o + 1) // 2) for b, o in zip(bound, worst_tried.overlap)]
+        ctx.measure("halo_bound", bound)
+        ctx.measure("min_overlap_needed", list(fixed_at.overlap) if fixed_at else None)
+        ctx.measure("recommended_overlap_seam_error", fixed_at.seam_error if fixed_at else worst_tried.seam_error)
+        rel = 100 * (seam.seam_error_rel or 0)
+        where = ("MinOverlap/2" if info.kind == "czann" else "BorderSize")
+        message = (f"fixed tile {_fmt(tile)}: at the declared overlap {_fmt(seam.overlap)} ({where} "
+                   f"{_fmt(o // 2 for o in seam.overlap)} px) tiles differ from a tile centred on the cut by up to "
+                   f"{seam.seam_error:.3g} ({rel:.3g}% of the output range): tiles will show seams; the halo is "
+                   f"at least {_fmt(bound)} px (a lower bound: the fixed tile is too small to see all of it)")
+        if fixed_at is not None:
+            want = (_fmt(fixed_at.overlap) if info.kind == "czann" else str(max(fixed_at.overlap) // 2))
+            hint = f"set {declared_name} to {want}: the tiles then equal the centred tile within the tolerance"
+        else:
+            min_tile = [-(-(2 * b + 2 * seam_band(b, 8 * b) + g) // g) * g for b, g in zip(bound, grid)]
+            hint = (f"no overlap that fits the {_fmt(tile)} tile removes them (at {_fmt(worst_tried.overlap)}: "
+                    f"{worst_tried.seam_error:.3g}); re-pack from the source with a larger tile (czreg pack --tile, "
+                    f"at least {_fmt(min_tile)}) and validate again for the overlap it needs, or accept the seams")
+        yield Finding.warning(f"{cid}.border", message, hint=hint)
+        yield from self._offgrid(cid, inv)
+
     def _unpinned(self, ctx: CheckContext, info: ModelInfo, prober: Prober,
                   inv: InvarianceResult) -> Iterator[Finding]:
         """The halo is wider than the largest probe window (a lower bound), or the error stops falling at a
@@ -422,9 +506,13 @@ class ReceptiveFieldCheck(_SpatialCheck):
         nd = inv.spatial_ndim
         known = [h if h is not None else (b if b is not None else e)
                  for h, b, e in zip(inv.halo, inv.halo_bound, inv.effective_halo)]
+        if inv.fixed_size is not None and not inv.partial:
+            yield from self._fixed_tile_seams(ctx, info, prober, inv)
+            return
         if any(k is None for k in known):
             yield Finding.info(f"{cid}.halo", f"halo not measured on every axis: {_fmt(inv.halo)}; "
-                               + "; ".join(inv.notes), hint="raise --max-probe-size or --time-budget")
+                               + "; ".join(inv.notes), hint="raise --time-budget" if inv.partial else
+                               "raise --max-probe-size or --time-budget")
             return
         halo = [int(k) for k in known if k is not None]
         bound = any(b is not None for b in inv.halo_bound)
@@ -451,6 +539,20 @@ class ReceptiveFieldCheck(_SpatialCheck):
                                   f"halo, which is {what}{_fmt(halo)} px: tiles will show seams{seam_txt}",
                                   hint=_overlap_hint(info, inv, halo, prober.tile, bound=bound))
         yield from self._offgrid(cid, inv)
+
+
+def _fixed_overlaps(declared: list[int], tile: tuple[int, ...], grid: list[int]) -> list[list[int]]:
+    """Overlaps to try on a fixed tile, above the declared one: eighths of the tile on the stride grid, up to the
+    largest overlap that still moves the next tile by one grid step."""
+    steps = []
+    for k in range(1, 8):
+        cand = [max(d, -(-(k * t // 8) // g) * g) for d, t, g in zip(declared, tile, grid)]
+        if all(c <= t - g for c, t, g in zip(cand, tile, grid)) and cand != declared and cand not in steps:
+            steps.append(cand)
+    last = [t - g for t, g in zip(tile, grid)]
+    if last != declared and last not in steps and all(v >= d for v, d in zip(last, declared)):
+        steps.append(last)
+    return steps
 
 
 def _overlap_hint(info: ModelInfo, inv: InvarianceResult, halo: list[int], tile: tuple[int, ...], *,

@@ -21,13 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
 from . import metrics as M
 from .dataset import Pair, dataset_digest, pair_dataset, with_digests
+
+if TYPE_CHECKING:
+    from ..metadata import ModelInfo
 
 __all__ = ["EvalOptions", "Evaluation", "Preview", "evaluate", "summarize"]
 
@@ -118,16 +121,16 @@ class _RowFeed:
         self.encoder.add(start, _class_rows(rows, self.out_ch))
 
 
-def _model_input(raw: np.ndarray, in_ch: int, select: tuple[int, ...] | None, color: str | None,
-                 bgr: bool) -> np.ndarray:
-    """The plane as ``predict_image`` takes it. When only scaling is needed it is passed as read, and the
-    runner scales each band as it cuts tiles (as ``czreg run`` does): no float copy of the whole plane."""
-    from ..run.images import scale_to_unit, to_model_channels
+def _model_input(raw: np.ndarray, info: ModelInfo, in_ch: int, select: tuple[int, ...] | None) -> np.ndarray:
+    """The plane as ``predict_image`` takes it, through the one ``InputAdapter``. When only scaling is needed it
+    is passed as read, and the runner scales each band as it cuts tiles (as ``czreg run`` does): no float copy of
+    the whole plane."""
+    from ..run.images import InputAdapter
 
-    if select is None and raw.shape[-1] == in_ch and not (bgr and in_ch >= 3):
-        return raw
-    return np.asarray(to_model_channels(scale_to_unit(raw), in_ch, select=select, color_handling=color, bgr=bgr),
-                      dtype=np.float32)
+    adapter = InputAdapter.for_model(info, in_ch, select)
+    if select is None and raw.shape[-1] == in_ch and not (adapter.bgr and in_ch >= 3):
+        return raw  # only scaling needed: predict_image scales as it cuts tiles, like the adapter
+    return adapter(raw)
 
 
 def _preview_slice(a: np.ndarray, nd: int) -> np.ndarray:
@@ -233,10 +236,6 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     pkg = open_package(package)
     info = ModelInfo.from_package(pkg)
     task = _task(info)
-    legacy = pkg.metadata or {}
-    bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")
-                                        for c in legacy.get("Channels") or [] if isinstance(c, dict))
-    color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
     if options.overlays is not None:
         options.overlays.mkdir(parents=True, exist_ok=True)
     per_image: list[dict[str, Any]] = []
@@ -283,7 +282,7 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
                             if package_sha is None:
                                 package_sha = worker.submit(sha256_file, pkg.path)
                         t0 = time.perf_counter()
-                        x = _model_input(_read_plane(src, lead, spatial), in_ch, run_opts.channels, color, bgr)
+                        x = _model_input(_read_plane(src, lead, spatial), info, in_ch, run_opts.channels)
                         t1 = time.perf_counter()
                         read_s += t1 - t0
                         if task == "segmentation":

@@ -97,6 +97,12 @@ class ImageJob:
     out_array: str  # path of the Zarr array "0" inside the output group
     markers: str  # folder of the block markers
 
+    def adapter(self) -> Any:
+        """The package's ``InputAdapter`` (the same one ``czreg run`` uses in one process)."""
+        from .images import InputAdapter
+
+        return InputAdapter(self.in_channels, self.bgr, self.color_handling, self.select)
+
 
 @dataclass(frozen=True)
 class Block:
@@ -409,7 +415,6 @@ def _out_array(job: ImageJob) -> Any:
 def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block with the runner's ``TiledPredictor``, write its chunks, then its marker."""
     global _BLOCKS_DONE
-    from .images import scale_to_unit, to_model_channels
     from .runner import ArrayWriter, TiledPredictor, _convert
 
     t0 = time.perf_counter()
@@ -420,8 +425,7 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     # one read for the whole block: the union of its tiles, reflected past the far end like the runner's
     raw = src.read_padded(lead, block.offset, [o + n for o, n in zip(block.offset, grid.padded_shape)],
                           job.spatial)
-    x = np.asarray(to_model_channels(scale_to_unit(raw), job.in_channels, select=job.select,
-                                     color_handling=job.color_handling, bgr=job.bgr), dtype=np.float32)
+    x = job.adapter()(raw)
 
     def read(_plane: int, tile: Any) -> np.ndarray:
         return x[tile.read_slices]
@@ -717,7 +721,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     """
     from ..package import sha256_file
     from ..selection import load_session
-    from .images import open_image, scale_to_unit, to_model_channels
+    from .images import InputAdapter, open_image
     from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
     from .tiling import plan_tiles
 
@@ -741,10 +745,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             raise _refuse_existing(o)  # before the model loads; --resume decides in _check_output
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
-    legacy = pkg.metadata or {}
-    bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")
-                                        for c in legacy.get("Channels") or [] if isinstance(c, dict))
-    color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
+    bgr, color = info.bgr, info.color_handling  # the input facts, derived once (ModelInfo / InputAdapter)
     notes: list[str] = []
 
     # --- plan on the client, once: the same grid as the single-process run ---
@@ -774,8 +775,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
                                       geometry=options.geometry)
                 # fail early on channel problems, before any output exists
                 lead0 = (0,) * len(lead_shape)
-                to_model_channels(scale_to_unit(src.read(lead0, [slice(0, 1)] * nd)), in_ch,
-                                  select=options.channels, color_handling=color, bgr=bgr)
+                InputAdapter.for_model(info, in_ch, options.channels)(src.read(lead0, [slice(0, 1)] * nd))
                 pixel_size = dict(src.pixel_size)
             finally:
                 src.close()

@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import RunError, UsageError, as_disk_full
 from .source import ImageSource, guess_axes
 
-__all__ = ["TIFF_SUFFIXES", "ImageSource", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
+__all__ = ["TIFF_SUFFIXES", "ImageSource", "InputAdapter", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
            "guess_axes", "open_image", "open_writer", "output_format", "scale_to_unit", "to_model_channels"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
@@ -491,6 +491,35 @@ def to_model_channels(block: np.ndarray, model_channels: int, *, select: Sequenc
         return block[..., :3]
     raise UsageError(f"the model takes {model_channels} channel(s) but the image has {n}",
                      hint="choose channels with --channels, e.g. --channels 0")
+
+
+@dataclass(frozen=True)
+class InputAdapter:
+    """The one way pixels become model input: scale to [0, 1] as the host does, pick channels, reverse colour
+    for legacy BGR types, convert or split RGB per ``ColorHandling``. Built from ``ModelInfo`` by
+    ``for_model``; ``czreg run`` (one process and Dask), ``smoke`` and ``evaluate`` all feed pixels through it,
+    so a package is checked on the input it will be run on."""
+
+    channels: int
+    bgr: bool = False
+    color_handling: str | None = None
+    select: tuple[int, ...] | None = None
+
+    @classmethod
+    def for_model(cls, info: Any, channels: int, select: Sequence[int] | None = None) -> InputAdapter:
+        return cls(int(channels), bool(getattr(info, "bgr", False)), getattr(info, "color_handling", None),
+                   tuple(int(c) for c in select) if select is not None else None)
+
+    def passes_raw(self, dtype: Any, image_channels: int) -> bool:
+        """Whether the pixels need only scaling (8/16-bit, same channels, no colour reversal): callers may then
+        hand them on raw and let the predictor scale as it fills the batch (the same float32 division)."""
+        return (np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16)) and self.select is None
+                and image_channels == self.channels and not (self.bgr and self.channels >= 3))
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """``raw`` (channels last, any supported dtype) as float32 model input."""
+        return np.asarray(to_model_channels(scale_to_unit(raw), self.channels, select=self.select,
+                                            color_handling=self.color_handling, bgr=self.bgr), dtype=np.float32)
 
 
 # --- writers ----------------------------------------------------------------------------------------

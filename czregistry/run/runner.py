@@ -858,7 +858,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
 
     ``on_plan(total_tiles)`` is called once the grid is known (to size a progress bar).
     """
-    from .images import OutputSpec, open_image, open_writer, output_format, scale_to_unit, to_model_channels
+    from .images import InputAdapter, OutputSpec, open_image, open_writer, output_format
 
     options = options or RunOptions()
     output = Path(output)
@@ -876,16 +876,12 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
             notes: list[str] = []
             grid, geom, in_ch, out_ch = plan_for_model(session, info, spatial, options, notes)
             n_planes = int(np.prod(lead_shape)) if lead_shape else 1
-            legacy = pkg.metadata or {}
-            bgr = pkg.kind == "czmodel" and any(str(c.get("PixelType", "")).startswith("Bgr")
-                                                for c in legacy.get("Channels") or [] if isinstance(c, dict))
-            color = legacy.get("ColorHandling") if isinstance(legacy.get("ColorHandling"), str) else None
+            adapter = InputAdapter.for_model(info, in_ch, options.channels)
 
             # 8/16-bit pixels whose channels pass unchanged are scaled by the predictor as it fills the
             # batch (the same float32 division), not here: a float32 band would be written and read again
             scale: float | None = None
-            if (src.dtype in (np.uint8, np.uint16) and options.channels is None and src.channels == in_ch
-                    and not (bgr and in_ch >= 3)):
+            if adapter.passes_raw(src.dtype, src.channels):
                 scale = float(np.iinfo(src.dtype).max)
 
             def prepare(plane: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
@@ -893,9 +889,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 raw = src.read_padded(lead, starts, stops, spatial)
                 if scale is not None:
                     return raw
-                x = to_model_channels(scale_to_unit(raw), in_ch, select=options.channels,
-                                      color_handling=color, bgr=bgr)
-                return np.asarray(x, dtype=np.float32)
+                return adapter(raw)
 
             # Read a whole tile row (one band) at once when it is small: one call into the reader per row
             # instead of per tile, and each pixel is scaled once.

@@ -1,9 +1,10 @@
 """The smoke test: does a package run tiled, on the best device here, without seams?
 
-It runs the real tiled pipeline (``czregistry.run.runner``) on an image covering several tiles in each
-direction (a seeded synthetic one, or one the user gives), checks the output's shape, finiteness and value
-semantics (segmentation: probabilities summing to 1), and, where the model accepts the whole image at
-once, compares tiled with whole-image prediction: the largest difference is the **seam error**. Timing of
+It runs the real tiled pipeline (``czregistry.run.runner``), at the declared border as the host tiles, on an
+image covering several tiles in each direction (validate's seeded probe image, or one the user gives), checks
+the output's shape, finiteness and value semantics (segmentation: probabilities summing to 1), and compares the
+tiled output with whole-image prediction where the model accepts the whole image (fixed-size graphs: with tiles
+centred on the cuts, as validate does): the largest difference is the **seam error**. Timing of
 the tiled run gives the throughput. The verdict is a ``Report`` like every other check's, so the registry
 stores it next to the version (``publish --smoke``).
 """
@@ -20,6 +21,7 @@ import numpy as np
 from ..backends import Device
 from ..errors import CzregError, UnsafeGraphError
 from ..metadata import ModelInfo
+from ..probing import SEED, centred_origin, probe_image, seam_band
 from ..report import Finding, Report
 from ..selection import load_session
 
@@ -48,8 +50,10 @@ def synthetic_image(shape: tuple[int, ...], channels: int, seed: int = 0) -> np.
     return out
 
 
-def _load_given(image: Path | str, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
-    from .images import open_image, scale_to_unit, to_model_channels
+def _load_given(image: Path | str, info: ModelInfo, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
+    """A corner of the given image as model input, through the same ``InputAdapter`` as ``czreg run`` (legacy BGR
+    order, ``ColorHandling``, 8/16-bit scaling), so the smoke test checks the input the package will be run on."""
+    from .images import InputAdapter, open_image
 
     src = open_image(image)
     try:
@@ -58,7 +62,7 @@ def _load_given(image: Path | str, spatial_ndim: int, channels: int, max_pixels:
         side = int(max_pixels ** (1 / spatial_ndim))
         region = [slice(0, min(n, side)) for n in spatial]
         raw = src.read((0,) * len(lead_shape), region)
-        return to_model_channels(scale_to_unit(raw), channels).astype(np.float32)
+        return InputAdapter.for_model(info, channels)(raw)
     finally:
         src.close()
 
@@ -97,7 +101,7 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
     audit refuses is ``model.graph.unsafe_ops`` and nothing runs, unless ``trust_graph``).
     """
     from ..package import open_package
-    from .runner import RunOptions, model_geometry, plan_for_model, predict_image
+    from .runner import ModelGeometry, RunOptions, model_geometry, plan_for_model, predict_image
 
     report = Report(path=str(path))
     meas = report.measurements
@@ -135,14 +139,27 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
             probe_grid, _, in_ch, out_ch = plan_for_model(session, info, (1,) * nd, options, [])
             t = probe_grid.tile
             if image is not None:
-                img = _load_given(image, nd, in_ch, max_whole_pixels)
+                img = _load_given(image, info, nd, in_ch, max_whole_pixels)
                 meas["smoke.image"] = str(image)
             else:
-                shape = tuple(max(t_ * 2, math.ceil(t_ * tiles_per_axis / s) * s) for t_, s in zip(t, geom.stride))
-                img = synthetic_image(shape, in_ch, seed)
-                meas["smoke.image"] = f"synthetic {list(shape)} (seed {seed})"
+                # tiles that meet at exactly the declared overlap (on the stride grid), the worst case the host
+                # can cut and the overlap validate measures at; a larger one where the overlap leaves no step
+                n = max(2, math.ceil(tiles_per_axis))
+                borders = info.border if info.border and len(info.border) == len(t) else (0,) * len(t)
+                declared = [2 * b for b in borders]
+                shape = tuple(t_ + (n - 1) * ((t_ - o) // s * s) if (t_ - o) // s * s > 0
+                              else max(t_ * 2, math.ceil(t_ * tiles_per_axis / s) * s)
+                              for t_, o, s in zip(t, declared, geom.stride))
+                # validate's probe image (seed 0: the very pixels its seam measurement saw), so the two agree
+                img = probe_image(shape, in_ch, SEED + seed)
+                meas["smoke.image"] = f"probe image {list(shape)} (seed {seed})"
+            # Tile as the host does: at the declared border (MinOverlap / 2, BorderSize) on the stride grid. The
+            # runner would widen the border to the measured halo, hiding the seams ZEN shows; validate measures
+            # at the declared overlap too, so the two agree on the same package.
+            host = ModelGeometry(geom.stride, (None,) * len(geom.stride), "declared border (as the host tiles)",
+                                 geom.global_context, geom.notes)
             t0 = time.perf_counter()
-            out, grid = predict_image(session, info, img, options, geometry=geom)
+            out, grid = predict_image(session, info, img, options, geometry=host)
             seconds = time.perf_counter() - t0
         except CzregError as exc:
             report.add(Finding.error("smoke.run", f"tiled run failed: {exc.message}", hint=exc.hint))
@@ -151,6 +168,7 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
         meas.update({
             "smoke.image_shape": list(img.shape), "smoke.grid": grid.to_dict(),
             "smoke.stride": list(geom.stride), "smoke.halo": list(geom.halo), "smoke.tiles": grid.n_tiles,
+            "smoke.border": list(grid.border),
             "smoke.seconds": round(seconds, 4),
             "smoke.tiles_per_second": round(grid.n_tiles / seconds, 2) if seconds else None,
             "smoke.megapixels_per_second": round(math.prod(spatial) / seconds / 1e6, 3) if seconds else None,
@@ -180,7 +198,8 @@ def _compare_fixed_tiles(report: Report, session: Any, img: np.ndarray, out: np.
     is predicted, centred on the cut and on the model's stride grid: near its centre it sees what the whole
     image would show there, so across the cut the stitched output must equal it. The largest difference
     is the seam error: zero when the border covers the model's context, the size of the seam otherwise.
-    (The probe is exact where the model's halo is under a quarter of the tile.)"""
+    ``czregistry.probing`` (validate) measures seams of such graphs with the same geometry (``centred_origin``,
+    ``seam_band``), so the two agree."""
     meas = report.measurements
     tile, border = tuple(grid.tile), tuple(grid.border)
     spatial = out.shape[:-1]
@@ -193,7 +212,7 @@ def _compare_fixed_tiles(report: Report, session: Any, img: np.ndarray, out: np.
         s = max(1, stride[k] if k < len(stride) else 1)
         for left in [sp for sp in spans[:-1] if sp.keep_stop < spatial[k]][:max_cuts]:
             cut = left.keep_stop
-            origin = left.origin + (cut - tile[k] // 2 - left.origin) // s * s  # on the stride grid
+            origin = centred_origin(cut, tile[k], s, left.origin)  # on the stride grid, as validate's probe
             origin = min(max(origin, 0), (spatial[k] - tile[k]) // s * s)
             if not origin + tile[k] // 4 <= cut <= origin + tile[k] - tile[k] // 4:
                 continue  # the cut is too near the probe's edge (the image is too small around it)
@@ -201,10 +220,10 @@ def _compare_fixed_tiles(report: Report, session: Any, img: np.ndarray, out: np.
             probe_origin[k] = origin
             window = img[tuple(slice(o, o + t) for o, t in zip(probe_origin, tile))]
             probe = np.asarray(session.predict(np.ascontiguousarray(window)[None]))[0]
-            # compared: a band across the cut, deep inside the probe (at least 3/4 tile of context around
-            # it) and, along the other axes, the half tile next to the image edge that the probe and the
-            # first row of tiles see alike
-            half = max(1, min(border[k], tile[k] // 4))
+            # compared: a narrow band across the cut (where stitched pixels are nearest their tile's edge),
+            # deep inside the probe and, along the other axes, the half tile next to the image edge that the
+            # probe and the first row of tiles see alike
+            half = seam_band(border[k], tile[k])
             local = [slice(0, t // 2) for t in tile]
             local[k] = slice(cut - half - origin, cut + half - origin)
             image = tuple(slice(o + sl.start, o + sl.stop) for o, sl in zip(probe_origin, local))
@@ -232,8 +251,8 @@ def _compare_fixed_tiles(report: Report, session: Any, img: np.ndarray, out: np.
         return
     hint = ("the model uses global context (global pooling, dense layers, per-image normalisation); it cannot "
             "be tiled without seams" if global_context else
-            "the model sees further than the border: raise MinOverlap (and keep the tile a multiple of its "
-            "stride)")
+            "the model sees further than the border: raise MinOverlap; where no overlap that fits the tile removes "
+            "the seams, re-pack with a larger tile (czreg pack --tile). 'czreg validate' measures which")
     report.add(Finding.error("smoke.seams", f"fixed tile size {list(tile)}, overlap {overlap}: the stitched output "
                                             f"differs from a tile centred on the cut by up to {worst:.3g} (at pixel "
                                             f"{worst_at}); it has seams", hint=hint))
