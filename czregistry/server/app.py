@@ -269,7 +269,7 @@ def _signed_framing(request: Request) -> tuple[int, int, int, int] | None:
 
 
 def _upload_signature(tail: bytes, framing: tuple[int, int, int, int], digest: str,
-                      folder: Path) -> tuple[SignedPackage, Path]:
+                      folder: Path) -> "tuple[SignedPackage, Path]":
     """The signature that came with an upload, and its public key as a file (``admit`` verifies both)."""
     from ..signing import SignedPackage
 
