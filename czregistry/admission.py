@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .audit import GRAPH_AUDIT_CHECK
 from .errors import CzregError, InvalidPackageError, RegistryError, SignatureError, UsageError
@@ -26,11 +26,11 @@ from .registry.records import Evidence, Identity
 if TYPE_CHECKING:
     from .evaluate.engine import EvalOptions
     from .evaluate.gate import Gate
-    from .registry.records import RegistryClient
+    from .registry.records import PublishResult, RecordedEvaluation, RegistryClient
     from .report import Report
     from .signing import SignedPackage
 
-__all__ = ["Evidence", "Identity", "Validator", "admit", "check_package", "identify"]
+__all__ = ["Evidence", "Identity", "Validator", "admit", "check_package", "gated_publish", "identify"]
 
 #: How a package is checked: ``(path, static, smoke) -> (validation report, smoke report or None)``. The
 #: default, ``check_package``, runs in this process; the server passes one that runs it in a sandbox.
@@ -159,3 +159,23 @@ def _check_signature(path: Path, sha256: str, signed: SignedPackage, public_key:
         raise SignatureError(f"the signature of {path.name} is about other bytes or another key; not published",
                              hint="sign this exact file and publish again")
     return signed
+
+
+def gated_publish(reg: RegistryClient, path: Path | str, *, images: Path, labels: Path, gates: list[Gate],
+                  baseline: str | None, eval_options: EvalOptions | None = None, name: str | None = None,
+                  static: bool = False, smoke: bool = False, allow_invalid: bool = False,
+                  sign_key: Path | str | None = None,
+                  **publish: Any) -> tuple[PublishResult, dict[str, Any], RecordedEvaluation]:
+    """Admit ``path`` here (validate, smoke, evaluate, check ``gates`` and ``baseline``, sign), and only then
+    publish it and record the evaluation, in any registry (a database or a server).
+
+    Returns ``(PublishResult, evaluation, record)``. A failed gate raises ``RegistryError`` (exit 7) before
+    anything is stored."""
+    evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid, sign_key=sign_key,
+                     images=images, labels=labels, gates=gates, baseline=baseline, reg=reg,
+                     eval_options=eval_options)
+    assert evidence.evaluation is not None
+    result = reg.publish(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
+                         evidence=evidence, **publish)
+    record = reg.record_evaluation(evidence.evaluation)
+    return result, evidence.evaluation, record

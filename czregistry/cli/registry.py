@@ -134,7 +134,8 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
             raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
                              hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')
         if images is not None and labels is not None:
-            from ..evaluate.gate import gated_publish, parse_gate
+            from ..admission import gated_publish
+            from ..evaluate.gate import parse_gate
 
             result, evaluation, _ = gated_publish(
                 reg, package, images=images, labels=labels, gates=[parse_gate(g) for g in gates],

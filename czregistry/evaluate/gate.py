@@ -20,10 +20,10 @@ from ..errors import RegistryError, UsageError
 from .compare import LOWER_IS_BETTER, compare_evaluations, flat_metrics, headline_metric
 
 if TYPE_CHECKING:
-    from ..registry.records import PublishResult, RecordedEvaluation, RegistryClient
+    from ..registry.records import RegistryClient
     from .engine import EvalOptions
 
-__all__ = ["Gate", "check_gates", "check_no_regression", "evaluation_failures", "gated_publish", "parse_gate", "refuse"]
+__all__ = ["Gate", "check_gates", "check_no_regression", "evaluation_failures", "parse_gate", "refuse"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                    "<": operator.lt}
@@ -88,28 +88,6 @@ def check_no_regression(candidate: dict[str, Any], baseline: dict[str, Any], gat
 def refuse(path_name: str, failures: list[str]) -> RegistryError:
     return RegistryError(f"{path_name} failed its gate: " + "; ".join(failures) + "; not published",
                          hint="improve the model, or change the gate")
-
-
-def gated_publish(reg: RegistryClient, path: Path | str, *, images: Path, labels: Path, gates: list[Gate],
-                  baseline: str | None, eval_options: EvalOptions | None = None, name: str | None = None,
-                  static: bool = False, smoke: bool = False, allow_invalid: bool = False,
-                  sign_key: Path | str | None = None,
-                  **publish: Any) -> tuple[PublishResult, dict[str, Any], RecordedEvaluation]:
-    """Admit ``path`` here (validate, smoke, evaluate, check ``gates`` and ``baseline``, sign), and only then
-    publish it and record the evaluation, in any registry (a database or a server).
-
-    Returns ``(PublishResult, evaluation, record)``. A failed gate raises ``RegistryError`` (exit 7) before
-    anything is stored."""
-    from ..admission import admit
-
-    evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid, sign_key=sign_key,
-                     images=images, labels=labels, gates=gates, baseline=baseline, reg=reg,
-                     eval_options=eval_options)
-    assert evidence.evaluation is not None
-    result = reg.publish(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
-                         evidence=evidence, **publish)
-    record = reg.record_evaluation(evidence.evaluation)
-    return result, evidence.evaluation, record
 
 
 def evaluation_failures(reg: RegistryClient | None, data: dict[str, Any], gates: list[Gate], baseline: str | None,
