@@ -12,6 +12,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "czregistry"
 PLUGIN_PACKAGES = sorted(p.name for p in (ROOT / "plugins").glob("*/czregistry_*") if p.is_dir())
@@ -135,21 +137,17 @@ def test_the_wings_are_subpackages() -> None:
     assert not list(PKG.glob("_pack_*.py")), "packing modules belong in czregistry/pack/"
 
 
-def test_old_import_paths_named_in_the_docs_still_work() -> None:
-    import czregistry
-    import czregistry.checks.probing
-    import czregistry.dask_run
-    import czregistry.packing
-    import czregistry.probing
-    import czregistry.run.dask_run
-    import czregistry.run.runner
-    import czregistry.run.smoke
-    import czregistry.runner
-    import czregistry.smoke
+def test_the_compatibility_shims_are_gone() -> None:
+    """The five alias modules of the move to subpackages were removed (issue 24): one name per module."""
+    import importlib
 
-    assert czregistry.runner is czregistry.run.runner and czregistry.smoke is czregistry.run.smoke
-    assert czregistry.dask_run is czregistry.run.dask_run and czregistry.checks.probing is czregistry.probing
-    assert czregistry.packing.pack is czregistry.pack.pack and callable(czregistry.pack)
+    for old in ("czregistry.runner", "czregistry.smoke", "czregistry.dask_run", "czregistry.packing",
+                "czregistry.checks.probing"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+    import czregistry
+
+    assert callable(czregistry.pack)
 
 
 def test_cli_modules_hold_no_library_logic() -> None:
