@@ -46,9 +46,10 @@ from ..errors import (
 from ..registry.api import Registry, acting_as, package_model_name
 from ..registry.location import resolve_location
 from ..registry.store import CHUNK
-from ..registry.tokens import SCOPES, TokenInfo, authenticate
+from ..registry.tokens import TokenInfo
 from ..registry.versions import canonical_name, parse_requirement, parse_version
 from ..report import Finding, Report
+from .auth import Auth, TokenForbidden
 from .sandbox import SandboxLimits, sandboxed_validator
 from .settings import COOKIE, ServerSettings
 
@@ -63,10 +64,6 @@ log = logging.getLogger("czregistry.server")
 API = "/api/v1"
 #: Largest ``limit`` a listing accepts (SQLite's integers end at 2**63; nobody pages a million rows).
 MAX_LIMIT = 1_000_000
-
-
-class TokenForbidden(AuthError):
-    """The token is valid but may not do this (scope or model pattern): HTTP 403."""
 
 
 def http_status(exc: CzregError, method: str = "GET") -> int:
@@ -143,52 +140,6 @@ def upload_validator(settings: ServerSettings, static: bool, smoke: bool) -> Val
 def _with_status(exc: CzregError, status: int) -> CzregError:
     exc.http_status = status  # type: ignore[attr-defined]
     return exc
-
-
-class Auth:
-    """Who a request is. A bearer token in ``Authorization``; for GET and HEAD (the web page, download
-    links) also the ``czreg_token`` cookie set by the login form. Writes never accept the cookie, so a
-    page elsewhere cannot make a logged-in browser publish or yank (no CSRF)."""
-
-    def __init__(self, reg: Registry, settings: ServerSettings) -> None:
-        self.reg = reg
-        self.settings = settings
-
-    def identify(self, request: Request) -> TokenInfo | None:
-        header = request.headers.get("authorization")
-        secret: str | None = None
-        if header:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise AuthError("the Authorization header is not 'Bearer <token>'", hint="set CZREG_TOKEN")
-            secret = value.strip()
-        elif request.method in ("GET", "HEAD"):
-            secret = request.cookies.get(COOKIE)
-        return authenticate(self.reg, secret) if secret else None
-
-    def require(self, request: Request, scope: str, model: str | None = None) -> TokenInfo | None:
-        """The token, checked for ``scope`` (and ``model`` when given); ``None`` for an anonymous reader
-        of a ``--public-read`` server. Raises ``AuthError`` (401) or ``TokenForbidden`` (403)."""
-        assert scope in SCOPES
-        token = self.identify(request)
-        if token is None:
-            if scope == "read" and self.settings.public_read:
-                return None
-            raise AuthError("this registry server needs a token" + (" to write" if self.settings.public_read else ""),
-                            hint="set CZREG_TOKEN to a token from the registry's administrator (czreg token create)")
-        if not token.allows(scope, model):
-            try:
-                token.require(scope, model)
-            except AuthError as exc:
-                raise TokenForbidden(exc.message, hint=exc.hint) from None
-        return token
-
-    @staticmethod
-    def check_model(token: TokenInfo | None, model: str) -> None:
-        """For reads resolved first (a digest, a search row): 403 unless the token covers ``model``."""
-        if token is not None and not token.allows("read", model):
-            raise TokenForbidden(f"token '{token.name}' is limited to models '{token.model_pattern}'",
-                                 hint="use a token for this model")
 
 
 def _client(request: Request) -> str:

@@ -22,7 +22,7 @@ from .settings import COOKIE
 
 if TYPE_CHECKING:
     from ..registry.api import Registry
-    from .app import Auth
+    from .auth import Auth
 
 __all__ = ["add_web_routes", "error_page"]
 
