@@ -573,7 +573,8 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
         body = await _bounded_json(request, 16 << 20)
 
         def work() -> dict[str, Any]:
-            digest = str((body.get("package") or {}).get("sha256", "")) if isinstance(body, dict) else ""
+            package = body.get("package") if isinstance(body, dict) else None
+            digest = str(package.get("sha256", "")) if isinstance(package, dict) else ""
             if token is not None and token.model_pattern is not None and re.fullmatch(r"[0-9a-f]{64}", digest):
                 auth.require(request, "publish", registry.resolve(f"sha256:{digest}").version["canonical_name"])
             with _acting(token, request):
