@@ -66,7 +66,9 @@ def identify(path: Path, name: str | None = None) -> Identity:
     model_type: str | None = None
     classes: list[str] | None = None
     meta_name: str | None = None
-    package, _ = inspect_package(path)
+    # the metadata only: validation reads and CRC-checks every member anyway (a full pass here would be a
+    # third decompression of the model for publish --smoke)
+    package, _ = inspect_package(path, verify_crc=False)
     if package is not None and package.metadata is not None:
         from .metadata import ModelInfo
 
