@@ -1,6 +1,9 @@
-"""The registry over HTTP: ``RemoteRegistry`` has the methods of ``Registry`` the CLI uses, so ``czreg
-publish/pull/list/show/history/alias/tag/yank`` print the same output and exit with the same codes against
-a server (``czreg serve``) as against a local database.
+"""The registry over HTTP: ``RemoteRegistry`` implements ``records.RegistryClient`` like the local
+``Registry``, so every ``czreg`` command that takes ``--registry`` prints the same output and exits with the
+same codes against a server (``czreg serve``) as against a local database (``tests/test_registry_contract.py``).
+Signatures travel with the version: ``publish --sign`` signs here and sends the bundles and the public key
+after the package bytes; ``pull --key`` fetches the stored bundles and verifies them against the downloaded
+bytes before the file appears.
 
 Standard library only (``http.client``): a partner needs no extra package to pull. Uploads stream from the
 file (hashed first, the digest sent along and checked by the server); downloads stream to a temp file
