@@ -49,6 +49,7 @@ __all__ = [
     "SignedPackage",
     "Verified",
     "attestation_path",
+    "bundles_bind",
     "generate_keypair",
     "key_id",
     "read_bundle",
@@ -105,6 +106,7 @@ class SignedPackage:
     key_id: str
     signature: bytes
     attestation: bytes
+    public_key: bytes = b""  # the signer's public key (PEM), sent with an upload so the server can verify
 
 
 @dataclass(frozen=True)
@@ -348,7 +350,7 @@ def sign_package(path: Path | str, private_key: Path | str, *, report: Report | 
     if write:
         _write_atomic(sig_out, signature)
         _write_atomic(att_out, attestation)
-    return SignedPackage(sha256, kid, signature, attestation)
+    return SignedPackage(sha256, kid, signature, attestation, _public_pem(key.public_key()))
 
 
 def _private_key_file(key: Any, folder: Path) -> Path:
@@ -374,6 +376,21 @@ def _signed_sha256(bundle: Any) -> str:
     except Exception:
         raise SignatureError("the signature does not cover a single file hashed with SHA-256",
                              hint="sign the package file itself with czreg sign") from None
+
+
+def bundles_bind(signature: bytes, attestation: bytes, sha256: str, kid: str) -> bool:
+    """Whether a stored signature and attestation are about ``sha256`` and name key ``kid``: what a server
+    can check without the signer's public key (the web page shows it; ``verify_package`` with the key is
+    the cryptographic check). Unparseable or altered bundles are not bound."""
+    try:
+        sig, att = _parse_bundle(signature, "signature"), _parse_bundle(attestation, "attestation")
+        hints = {b.verification_material.public_key.hint if b.verification_material.public_key else None
+                 for b in (sig, att)}
+        subjects = json.loads(att.dsse_envelope.payload).get("subject") or []
+        return (hints == {kid} and _signed_sha256(sig) == sha256
+                and [x.get("digest", {}).get("sha256") for x in subjects] == [sha256])
+    except Exception:  # a damaged bundle, or model-signing not installed: nothing is shown as bound
+        return False
 
 
 # --- verify ----------------------------------------------------------------------------------------------

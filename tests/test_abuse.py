@@ -1647,10 +1647,9 @@ def _help(*argv: str) -> str:
 
 
 def test_help_texts_say_what_the_commands_do() -> None:
-    for admin in ("verify", "gc", "purge"):  # these need the database: a server URL is refused
-        assert "not a server URL (run it where the database is)" in _help(admin), admin
-        assert "https://host" not in _help(admin), admin
-    assert "not a server URL" in _help("setting")
+    for admin in ("verify", "gc", "purge"):  # through a server these need an admin token (issue 24)
+        assert "or a server https://host (needs an admin token: CZREG_TOKEN)" in _help(admin), admin
+    assert "changing a setting there needs an admin token" in _help("setting")
     for remote in ("pull", "list", "show", "publish", "yank"):  # these work through a server too
         assert "or a server https://host (token: CZREG_TOKEN)" in _help(remote), remote
     demo = _help("demo")
@@ -1683,3 +1682,81 @@ def test_readme_names_every_extra_of_requirements_all() -> None:
     assert {e.strip() for e in extras.split(",")} <= set(names), extras
     for extra in extras.split(","):
         assert names[extra.strip()] in sentence, (extra, sentence)
+
+
+# --- issue 24: one registry contract (signatures, evaluations and settings over HTTP) ---
+
+
+@pytest.fixture(scope="module")
+def contract_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.test_serve import _start
+
+    gen = _start(tmp_path_factory.mktemp("contract-srv"), "sqlite")
+    yield next(gen)
+    gen.close()
+
+
+def _signed_upload(srv: Any, package: bytes, sig: bytes, att: bytes, pem: bytes, *, name: str,
+                   lengths: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    import hashlib
+
+    headers = {"Content-Type": "application/octet-stream", "X-Czreg-Filename": "p.czann",
+               "X-Czreg-Sha256": hashlib.sha256(package).hexdigest(),
+               "X-Czreg-Package-Length": str(len(package)), "X-Czreg-Signature-Length": str(len(sig)),
+               "X-Czreg-Attestation-Length": str(len(att)), "X-Czreg-Public-Key-Length": str(len(pem))}
+    if lengths is not None:
+        headers = {k: v for k, v in headers.items() if "Length" not in k} | lengths
+    status, body, _ = srv.http("POST", f"/api/v1/publish?name={name}&version=1.0.0&static=true",
+                               token=srv.tokens["publisher"], body=package + sig + att + pem, headers=headers)
+    return status, json.loads(body)["error"] if status >= 400 else json.loads(body)
+
+
+def test_a_signature_for_other_bytes_is_refused_by_the_server(contract_srv: Any, tmp_path: Path) -> None:
+    """A client (or a proxy) that sends package B with the signature of package A: the server verifies the
+    bundles against the uploaded bytes with the uploaded key, refuses with exit 10, stores nothing."""
+    from czregistry.signing import generate_keypair, sign_package
+    from czregistry.validate import validate
+
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    a, b = make_package(tmp_path, model_name="swap"), make_package(tmp_path, model_name="swap")
+    signed = sign_package(a, tmp_path / "k.pem", report=validate(a), write=False)
+    status, err = _signed_upload(contract_srv, b.read_bytes(), signed.signature, signed.attestation,
+                                 signed.public_key, name="swap")
+    assert status == 400 and err["exit_code"] == 10, err
+    assert err["message"] == "signature check failed for p.czann: the package bytes differ from the signed ones"
+    assert "swap" not in cli("list", env={"CZREG_REGISTRY": contract_srv.url,
+                                          "CZREG_TOKEN": contract_srv.tokens["reader"]}).output
+
+
+def test_a_signed_upload_with_bad_framing_is_refused(contract_srv: Any, tmp_path: Path) -> None:
+    """Length headers missing, or bundles over their bound: one error, nothing read past the bound."""
+    pkg = make_package(tmp_path, model_name="framed").read_bytes()
+    status, err = _signed_upload(contract_srv, pkg, b"s", b"a", b"k", name="framed",
+                                 lengths={"X-Czreg-Package-Length": str(len(pkg))})
+    assert (status, err["exit_code"]) == (400, 2)
+    assert err["message"] == "a signed upload needs all four X-Czreg-*-Length headers (decimal)"
+    status, err = _signed_upload(contract_srv, pkg, b"s", b"a", b"k", name="framed", lengths={
+        "X-Czreg-Package-Length": str(len(pkg)), "X-Czreg-Signature-Length": str(5 << 20),
+        "X-Czreg-Attestation-Length": "1", "X-Czreg-Public-Key-Length": "1"})
+    assert err["exit_code"] == 10 and err["message"].startswith(
+        "the signature, attestation or public key of the upload is too large; nothing stored"), err
+
+
+def test_recording_something_that_is_not_an_evaluation(contract_srv: Any) -> None:
+    status, body, _ = contract_srv.http("POST", "/api/v1/evaluations", token=contract_srv.tokens["publisher"],
+                                        body=b'{"package": 1}', headers={"Content-Type": "application/json"})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["exit_code"] == 2
+    assert err["message"] == "this is not an evaluation (czreg evaluate --json writes one); nothing recorded"
+
+
+def test_database_commands_name_the_reason_in_user_terms(contract_srv: Any) -> None:
+    """`init` and `token` need the database itself: one line that says so, no Python hint."""
+    r = cli("init", contract_srv.url)
+    assert r.exit_code == 7
+    assert r.output.splitlines()[0] == (f"Error: {contract_srv.url} is a registry server; this works on a registry "
+                                        "database")
+    assert "connect()" not in r.output
+    r = cli("token", "list", "--registry", contract_srv.url)
+    assert r.exit_code == 2
+    assert r.output.splitlines()[0] == "Error: tokens are managed on the server, in its registry database"

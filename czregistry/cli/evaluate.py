@@ -22,7 +22,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..registry import Registry
+    from ..registry import RegistryClient
 
 __all__ = ["register"]
 
@@ -32,13 +32,16 @@ class _LazyRegistry:
 
     def __init__(self, url: str | None, blob_store: str | None) -> None:
         self.url, self.blob_store = url, blob_store
-        self.reg: Registry | None = None
+        self.reg: RegistryClient | None = None
 
-    def get(self) -> Registry:
+    def get(self) -> RegistryClient:
+        """The registry (a database, or a server: ``connect``), opened on first use; its warnings said."""
         if self.reg is None:
-            from ..registry import open_registry
+            from ..registry.remote import connect
 
-            self.reg = open_registry(self.url, self.blob_store, create=False)
+            self.reg = connect(self.url, self.blob_store, create=False)
+            for line in getattr(self.reg, "warnings", []):
+                click.secho(f"Warning: {line}", fg="yellow", err=True)
         return self.reg
 
     def close(self) -> None:
@@ -176,9 +179,7 @@ def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, 
                 ev.data["package"]["registry"] = {"name": version["name"], "version": version["version"]}
             recorded = None
             if record:
-                from ..registry.evaluations import record_evaluation
-
-                recorded = record_evaluation(lazy.get(), ev.data)
+                recorded = lazy.get().record_evaluation(ev.data)
         if report is not None:
             from ..evaluate.report_html import write_report
 
@@ -196,18 +197,16 @@ def evaluate_cmd(package: str, images: Path, labels: Path, report: Path | None, 
         click.echo(f"overlays: {overlays}/")
 
 
-def _recorded_pair(reg: Registry, a: str, b: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _recorded_pair(reg: RegistryClient, a: str, b: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Recorded evaluations of A and B on one dataset and definition (the newest common one)."""
     from ..evaluate.sources import looks_like_file
-    from ..registry.evaluations import find_evaluation
-
     digests = []
     for ref in (a, b):
         if looks_like_file(ref):
             raise UsageError(f"'{ref}' is a file: recorded results are looked up by registry reference",
                              hint="give --images/--labels to evaluate files, or NAME==VERSION references")
         digests.append(reg.resolve(ref).version["digest"].removeprefix("sha256:"))
-    ea, eb = find_evaluation(reg, digests[0]), find_evaluation(reg, digests[1])
+    ea, eb = reg.find_evaluations(digests[0]), reg.find_evaluations(digests[1])
     keys_b = {(e["dataset"]["digest"], e["definition"]): e for e in eb}
     common = [(e, keys_b[(e["dataset"]["digest"], e["definition"])]) for e in reversed(ea)
               if (e["dataset"]["digest"], e["definition"]) in keys_b]

@@ -21,10 +21,7 @@ from ._progress import quiet_option, show_progress
 from .sharing import oci_options, pull_oci
 
 if TYPE_CHECKING:
-    from ..registry import Registry as LocalRegistry
-    from ..registry.remote import RemoteRegistry
-
-    Registry = LocalRegistry | RemoteRegistry
+    from ..registry.records import RegistryClient as Registry
 
 __all__ = ["register"]
 
@@ -41,9 +38,9 @@ def human_size(n: int) -> str:
 #: ``--registry`` help for commands that work locally and through a registry server alike
 REGISTRY_HELP = ("Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server https://host "
                  "(token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]")
-#: ... and for the administration commands, which need the database itself (``RemoteRegistry`` refuses them)
-LOCAL_REGISTRY_HELP = ("Registry: a folder, sqlite:///file.db or postgresql+psycopg://...; not a server URL (run "
-                       "it where the database is) [env CZREG_REGISTRY; default: per-user data folder]")
+#: ... and for the administration commands (verify, gc, purge): through a server they need an admin token
+ADMIN_REGISTRY_HELP = ("Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server https://host "
+                       "(needs an admin token: CZREG_TOKEN) [env CZREG_REGISTRY; default: per-user data folder]")
 
 
 def _location_options(fn: F, *, local_only: bool = False) -> F:
@@ -51,7 +48,7 @@ def _location_options(fn: F, *, local_only: bool = False) -> F:
     fn = click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
                       help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")(fn)
     return click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-                        help=LOCAL_REGISTRY_HELP if local_only else REGISTRY_HELP)(fn)
+                        help=ADMIN_REGISTRY_HELP if local_only else REGISTRY_HELP)(fn)
 
 
 def _call_with_registry(fn: Callable[..., Any], registry_url: str | None, blob_store: str | None,
@@ -68,7 +65,7 @@ def _call_with_registry(fn: Callable[..., Any], registry_url: str | None, blob_s
 
 def _registry_options(fn: F, *, local_only: bool = False) -> F:
     """``--registry`` and ``--blob-store`` on a command; the command receives ``reg`` (opened lazily).
-    ``local_only``: the command needs the database (verify, gc, purge), and its help says so."""
+    ``local_only``: an administration command (verify, gc, purge), whose help names the admin token."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, registry_url: str | None, blob_store: str | None, **kwargs: Any) -> Any:
@@ -137,7 +134,8 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
             raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
                              hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')
         if images is not None and labels is not None:
-            from ..evaluate.gate import gated_publish, parse_gate
+            from ..admission import gated_publish
+            from ..evaluate.gate import parse_gate
 
             result, evaluation, _ = gated_publish(
                 reg, package, images=images, labels=labels, gates=[parse_gate(g) for g in gates],

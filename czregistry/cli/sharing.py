@@ -7,7 +7,6 @@ inside the commands).
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -230,9 +229,9 @@ def _file_attachments(path: Path, *, static: bool, allow_invalid: bool) -> dict[
 def _registry_attachments(requirement: str, folder: Path, registry_url: str | None,
                           blob_store: str | None) -> tuple[Path, dict[str, Any]]:
     """A registry version: its bytes, stored report and (first) stored signature."""
-    from ..registry import open_registry
+    from ..registry.remote import connect
 
-    with open_registry(registry_url, blob_store, create=False) as reg:
+    with connect(registry_url, blob_store, create=False) as reg:
         pulled = reg.pull(requirement, folder / "")
         v = pulled.version
         exact = f"{v['canonical_name']}=={v['version']}"
@@ -267,22 +266,20 @@ def pull_oci(source: str, output: str | None, key: Path | None, oci_auth: dict[s
 @click.argument("name", required=False)
 @click.argument("value", required=False)
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY",
-              help="Registry: a folder, sqlite:///file.db or postgresql+psycopg://...; not a server URL (run it "
-                   "where the database is) [env CZREG_REGISTRY]")
+              help="Registry: a folder, sqlite:///file.db, postgresql+psycopg://... or a server https://host "
+                   "(changing a setting there needs an admin token: CZREG_TOKEN) [env CZREG_REGISTRY]")
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE", help="Blob folder [env CZREG_BLOB_STORE]")
 @json_option
 def setting_cmd(name: str | None, value: str | None, registry_url: str | None, blob_store: str | None,
                 as_json: bool) -> None:
     """Show or change registry-wide settings, e.g. `czreg setting require-signatures on` (audited)."""
     with handle_errors():
-        from ..registry import open_registry
-        from ..registry.location import is_remote
+        from ..registry.remote import connect
         from ..registry.signatures import SETTINGS
 
-        if is_remote(registry_url or os.environ.get("CZREG_REGISTRY")):
-            raise UsageError("'czreg setting' works on the registry database, not through a server",
-                             hint="run it on the server, with --registry pointing at its database")
-        with open_registry(registry_url, blob_store, create=False) as reg:
+        with connect(registry_url, blob_store, create=False) as reg:
+            for line in getattr(reg, "warnings", []):
+                click.secho(f"Warning: {line}", fg="yellow", err=True)
             if value is not None and name is not None:
                 out: dict[str, Any] = reg.set_setting(name, value)
             elif name is not None:

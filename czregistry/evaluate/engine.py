@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import UsageError
 from . import metrics as M
 from .dataset import Pair, dataset_digest, pair_dataset, with_digests
+from .result import Evaluation, Preview
 
 if TYPE_CHECKING:
     from ..metadata import ModelInfo
@@ -48,26 +49,6 @@ class EvalOptions:
     #: Write one overlay PNG per image here (input | label | prediction).
     overlays: Path | None = None
     preview_side: int = 384
-
-
-@dataclass
-class Preview:
-    """Downsampled input (uint8 grey/RGB), label and prediction of one image (first plane / middle slice)."""
-
-    stem: str
-    score: float
-    image: np.ndarray
-    label: np.ndarray
-    pred: np.ndarray
-
-
-@dataclass
-class Evaluation:
-    data: dict[str, Any]
-    previews: list[Preview] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.data
 
 
 def _task(info: Any) -> str:

@@ -13,12 +13,17 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RegistryError, UsageError
 from .compare import LOWER_IS_BETTER, compare_evaluations, flat_metrics, headline_metric
 
-__all__ = ["Gate", "check_gates", "check_no_regression", "parse_gate"]
+if TYPE_CHECKING:
+    from ..registry.records import RegistryClient
+    from .engine import EvalOptions
+
+__all__ = ["Gate", "check_gates", "check_no_regression", "evaluation_failures", "parse_gate", "refuse"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                    "<": operator.lt}
@@ -85,35 +90,24 @@ def refuse(path_name: str, failures: list[str]) -> RegistryError:
                          hint="improve the model, or change the gate")
 
 
-def gated_publish(reg: Any, path: Any, *, images: Any, labels: Any, gates: list[Gate], baseline: str | None,
-                  eval_options: Any = None, **publish: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Evaluate ``path``, check ``gates`` and ``baseline``, and only then publish it and record the evaluation.
-
-    Returns ``(PublishResult, evaluation, record)``. A failed gate raises ``RegistryError`` (exit 7) before
-    anything is stored."""
-    from pathlib import Path
-
-    from ..registry.evaluations import find_evaluation, record_evaluation
+def evaluation_failures(reg: RegistryClient | None, data: dict[str, Any], gates: list[Gate], baseline: str | None,
+                        images: Path, labels: Path, eval_options: EvalOptions | None = None) -> list[str]:
+    """The failed gates of evaluation ``data``, and its significant regressions from ``baseline`` (its
+    recorded evaluation on the same dataset, else evaluated now)."""
     from .engine import evaluate
     from .sources import package_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such package file: {path}", hint="check the path")
-    ev = evaluate(path, images, labels, eval_options)
-    failures = check_gates(ev.data, gates)
+    failures = check_gates(data, gates)
     if baseline is not None:
+        if reg is None:
+            raise UsageError("--no-regression-from needs a registry", hint="give --registry")
         version = reg.resolve(baseline).version
         digest = version["digest"].removeprefix("sha256:")
-        recorded = find_evaluation(reg, digest, ev.data["dataset"]["digest"], ev.data["definition"])
+        recorded = reg.find_evaluations(digest, data["dataset"]["digest"], data["definition"])
         if recorded:
             base = recorded[-1]
         else:
             with package_file(baseline, reg) as (base_path, _):
                 base = evaluate(base_path, images, labels, eval_options).data
-        failures += check_no_regression(ev.data, base, gates, f"{version['name']} {version['version']}")
-    if failures:
-        raise refuse(path.name, failures)
-    result = reg.publish(path, **publish)
-    record = record_evaluation(reg, ev.data)
-    return result, ev.data, record
+        failures += check_no_regression(data, base, gates, f"{version['name']} {version['version']}")
+    return failures

@@ -17,7 +17,7 @@ import numpy as np
 from ..report import printable
 
 if TYPE_CHECKING:
-    from .engine import Evaluation, Preview
+    from .result import Evaluation, Preview
 
 __all__ = ["overlay_panels", "render_report", "write_overlay_png", "write_report"]
 

@@ -6,12 +6,12 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from ..registry import Registry
+    from ..registry.records import RegistryClient, VersionRecord
 
 __all__ = ["looks_like_file", "package_file"]
 
@@ -22,7 +22,7 @@ def looks_like_file(ref: str) -> bool:
 
 
 @contextlib.contextmanager
-def package_file(ref: str, reg: Registry | None) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+def package_file(ref: str, reg: RegistryClient | None) -> Iterator[tuple[Path, VersionRecord | None]]:
     """``(local path, registry version or None)``; a registry reference is pulled (digest-checked) to a
     temp folder that is removed afterwards."""
     if looks_like_file(ref):

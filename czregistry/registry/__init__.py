@@ -10,14 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import PublishResult, PullResult, Registry, Resolved, open_registry
+    from .api import Registry, open_registry
     from .location import RegistryLocation, resolve_location
+    from .records import PublishResult, PullResult, RegistryClient, Resolved
+    from .remote import RemoteRegistry, connect
 
-__all__ = ["PublishResult", "PullResult", "Registry", "RegistryLocation", "Resolved", "open_registry",
-           "resolve_location"]
+__all__ = ["PublishResult", "PullResult", "Registry", "RegistryClient", "RegistryLocation", "RemoteRegistry",
+           "Resolved", "connect", "open_registry", "resolve_location"]
 
-_LAZY = {"PublishResult": "api", "PullResult": "api", "Registry": "api", "Resolved": "api", "open_registry": "api",
-         "RegistryLocation": "location", "resolve_location": "location"}
+_LAZY = {"PublishResult": "records", "PullResult": "records", "RegistryClient": "records", "Resolved": "records",
+         "Registry": "api", "open_registry": "api", "RegistryLocation": "location", "resolve_location": "location",
+         "RemoteRegistry": "remote", "connect": "remote"}
 
 
 def __getattr__(name: str) -> Any:

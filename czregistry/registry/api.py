@@ -15,9 +15,8 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version as PV
@@ -26,23 +25,25 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .. import __version__
-from ..audit import GRAPH_AUDIT_CHECK
-from ..errors import CzregError, InvalidPackageError, RegistryError, UsageError
+from ..errors import RegistryError, UsageError
 from ..progress import step
-from ..report import Report
 from . import db
 from . import signatures as sigs
 from .audit import _ACTING, acting_as, acting_host, acting_user, iso_time, utc_now
 from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .names import like_pattern
+from .records import PublishResult, PullResult, RecordedEvaluation, Resolved, StoredSignature, VersionRecord
 from .store import CHUNK, BlobStore, open_blob_store
+
+if TYPE_CHECKING:
+    from ..admission import Evidence, Validator
+    from ..signing import SignedPackage
 from .versions import (
     Bump,
     Requirement,
     bump,
     canonical_name,
-    derived_name,
     parse_requirement,
     parse_version,
     select_versions,
@@ -51,8 +52,8 @@ from .versions import (
     version_key,
 )
 
-__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "Validator", "acting_as", "check_package",
-           "check_tags", "open_registry", "package_model_name", "search_statement"]
+__all__ = ["PublishResult", "PullResult", "Registry", "Resolved", "acting_as", "check_tags", "open_registry",
+           "package_model_name", "search_statement"]
 
 T = TypeVar("T")
 
@@ -61,7 +62,7 @@ MAX_ATTEMPTS = 12
 _GC_LOCK_KEY = 0x637A7267  # advisory lock: publishers take it shared, gc/purge exclusive (PostgreSQL)
 
 
-def pull_target(v: dict[str, Any], dest: Path | str | None) -> tuple[str, Path, str]:
+def pull_target(v: VersionRecord, dest: Path | str | None) -> tuple[str, Path, str]:
     """(hex digest, output path, label) of a pull: ``dest`` is a folder (existing, or written with a trailing
     slash) that gets ``NAME-VERSION.KIND``, or the file itself; none means the current folder. Shared by the
     local registry and the server client so both name pulled files alike."""
@@ -86,21 +87,6 @@ def open_registry(registry: str | None = None, blob_store: str | None = None, *,
     return Registry(location)
 
 
-#: How ``publish`` checks a package: ``(path, static, smoke) -> (validation report, smoke report or None)``.
-#: The default, ``check_package``, runs in this process; the server passes one that runs it in a sandbox.
-Validator = Callable[[Path, bool, bool], "tuple[Report, Report | None]"]
-
-
-def check_package(path: Path, static: bool = False, smoke: bool = False) -> tuple[Report, Report | None]:
-    """Validate ``path`` (model checks unless ``static``) and smoke-test it when asked: what ``publish``
-    stores. One function, so the CLI's in-process publish and the server's sandboxed child do the same."""
-    from ..checks import ValidateOptions
-    from ..validate import validate
-
-    report = validate(path, ValidateOptions(static=static))
-    return report, (_smoke(path) if smoke else None)
-
-
 def check_tags(tags: dict[str, str]) -> dict[str, str]:
     """Tags as ``publish --tag``/``czreg tag`` accept them, for every caller (the CLI, the server's API): a
     key is not empty and holds no '='; keys and values lose surrounding blanks."""
@@ -115,37 +101,6 @@ def check_tags(tags: dict[str, str]) -> dict[str, str]:
 
 class _BlobGone(Exception):
     """The blob vanished between put and commit (a concurrent gc): put it again and retry."""
-
-
-@dataclass
-class Resolved:
-    version: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PublishResult:
-    status: str  # "published" | "exists"
-    version: dict[str, Any]
-    report: Report
-    smoke: Report | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, **self.version, "verdict": "valid" if self.report.valid else "invalid"}
-
-
-@dataclass
-class PullResult:
-    version: dict[str, Any]
-    path: Path
-    warnings: list[str]
-    verified: dict[str, Any] | None = None  # pull --key: what the signature proved
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {**self.version, "path": str(self.path), "warnings": self.warnings}
-        if self.verified is not None:
-            out["verified"] = self.verified
-        return out
 
 
 class Registry:
@@ -178,16 +133,18 @@ class Registry:
     # --- transactions --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Session]:
+    def reading(self) -> Iterator[Session]:
+        """One read transaction (a database error becomes ``RegistryError``)."""
         try:
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
         except DBAPIError as exc:
             raise RegistryError(f"registry {self.location.display()}: {_short(exc)}") from None
 
-    def _write(self, fn: Callable[[Session], T], *, on_blob_gone: Callable[[], object] | None = None) -> T:
-        """Run ``fn`` in one write transaction; retry lock timeouts, serialisation failures and unique races
-        with jittered back-off. Trigger refusals (``czreg-...``) are never retried."""
+    def transaction(self, fn: Callable[[Session], T], *, on_blob_gone: Callable[[], object] | None = None) -> T:
+        """The public transaction helper (``evaluations``, ``tokens`` and the methods here use it): run
+        ``fn`` in one write transaction; retry lock timeouts, serialisation failures and unique races with
+        jittered back-off. Trigger refusals (``czreg-...``) are never retried."""
         delay = 0.02
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
@@ -220,8 +177,10 @@ class Registry:
             s.execute(ins)
         return s.scalars(select(Model).where(Model.name == name).with_for_update()).first()
 
-    def _event(self, s: Session, action: str, model: str, *, version: str | None = None, alias: str | None = None,
-               from_version: str | None = None, to_version: str | None = None, **detail: Any) -> None:
+    def record_event(self, s: Session, action: str, model: str, *, version: str | None = None,
+                     alias: str | None = None, from_version: str | None = None, to_version: str | None = None,
+                     **detail: Any) -> None:
+        """Add an audit-trail event (who: ``acting_as``, else the OS user) inside transaction ``s``."""
         acting = _ACTING.get()
         if acting is not None:
             detail = {**acting[2], **detail}
@@ -234,54 +193,35 @@ class Registry:
     def publish(self, path: Path | str, *, name: str | None = None, version: str | None = None,
                 bump_part: Bump | None = None, static: bool = False, allow_invalid: bool = False,
                 note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False,
-                sign_key: Path | str | None = None, validator: Validator | None = None) -> PublishResult:
-        """Validate (with ``validator``, by default ``check_package`` in this process), sign (``sign_key``),
-        store the blob, then record the version and its signature (the rows are committed last). The blob is
-        stored only if its bytes hash to the report's ``sha256``, so a report made by another process always
-        describes the bytes stored."""
+                sign_key: Path | str | None = None, validator: Validator | None = None,
+                evidence: Evidence | None = None, signed: SignedPackage | None = None,
+                signer_public_key: Path | None = None) -> PublishResult:
+        """Admit the package (``admission.admit``: validate with ``validator``, smoke, sign with
+        ``sign_key`` or check ``signed``), unless ``evidence`` from an earlier ``admit`` is given; then store
+        the blob and record the version with its evidence (the rows are committed last). The blob is stored
+        only if its bytes hash to the evidence's ``sha256``, so the evidence always describes the bytes
+        stored."""
+        from ..admission import admit
+
         path = Path(path)
         tags = check_tags(tags or {})
         if name is not None:
             canonical_name(name)  # an empty or overlong --name is refused before any work
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
-        if sign_key is None and self.setting("require_signatures"):
+        unsigned = sign_key is None and signed is None and (evidence is None or evidence.signed is None)
+        if unsigned and self.setting("require_signatures"):
             raise RegistryError(f"registry {self.location.display()} requires signed packages; {path.name} not "
                                 "published", hint="publish with --sign PRIVATE.pem (czreg keygen makes a key pair)")
         new_version = parse_version(version) if version is not None else None
-        # the name first: a ModelName the name rules refuse is answered before validation, smoke and signing
-        # (after the file itself: a missing package is a usage error, exit 2, as in every command)
-        from ..package import require_package_file
-
-        require_package_file(path)
-        display, cname, kind, model_type, classes = _identity(path, name)
-        report, smoke_report = (validator or check_package)(path, static, smoke)
-        if report.sha256 is None:
-            raise RegistryError(f"the validation of {path.name} gave no digest; not published",
-                                hint="report this as a bug in the validator")
-        if not report.valid and not allow_invalid:
-            first = report.errors[0] if report.errors else report.warnings[0]
-            raise InvalidPackageError(
-                f"{path.name} is invalid ({len(report.errors)} error(s); first: {first.check}: {first.message}); "
-                "not published", hint="fix it (czreg validate shows every finding) or pass --allow-invalid",
-                report=report.to_dict())
-        unsafe = [f for f in report.errors if f.check == GRAPH_AUDIT_CHECK]
-        if unsafe:  # not even --allow-invalid: a registry must never hand out a graph nothing may run
-            raise InvalidPackageError(
-                f"{path.name}'s graph failed the static audit ({unsafe[0].message}); not published, not even with "
-                "--allow-invalid", hint="re-export the model without these operations (czreg validate --static "
-                "lists them)", report=report.to_dict())
-        if smoke_report is not None and not smoke_report.valid and not allow_invalid:
-            why = f" ({smoke_report.errors[0].check}: {smoke_report.errors[0].message})" if smoke_report.errors else ""
-            raise RegistryError(f"{path.name} failed its smoke test{why}; not published",
-                                hint="fix the model, or pass --allow-invalid")
-        forced = allow_invalid and not (report.valid and (smoke_report is None or smoke_report.valid))
-        signed = None
-        if sign_key is not None:
-            from ..signing import sign_package
-
-            with step("publish: signing"):
-                signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
+        if evidence is None:
+            evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
+                             sign_key=sign_key, signed=signed, signer_public_key=signer_public_key,
+                             validator=validator)
+        ident = evidence.identity
+        display, cname, kind, model_type, classes = (ident.display, ident.canonical, ident.kind, ident.model_type,
+                                                     ident.classes)
+        report, smoke_report, forced, signed = evidence.report, evidence.smoke, evidence.forced, evidence.signed
 
         def put() -> tuple[str, int]:
             with path.open("rb") as fh:
@@ -331,28 +271,28 @@ class Registry:
             s.flush()
             for k, v in (tags or {}).items():
                 s.add(Tag(version_id=row.id, key=k, value=v))
-            self._event(s, "publish", cname, version=str(target), digest=digest, source=source,
+            self.record_event(s, "publish", cname, version=str(target), digest=digest, source=source,
                         valid=report.valid, allow_invalid=forced, note=note)
             return "published", row
 
         def txn_signed(s: Session) -> tuple[str, Version]:
             status, row = txn(s)
             if signed is not None and sigs.attach(s, row.id, signed, who):
-                self._event(s, "sign", cname, version=row.version, key_id=signed.key_id)
+                self.record_event(s, "sign", cname, version=row.version, key_id=signed.key_id)
             return status, row
 
-        status, row = self._write(txn_signed, on_blob_gone=put)
+        status, row = self.transaction(txn_signed, on_blob_gone=put)
         return PublishResult(status, self._describe(row), report, smoke_report)
 
     # --- reading -------------------------------------------------------------------------------------
 
-    def _describe(self, row: Version, *, full: bool = False) -> dict[str, Any]:
-        with self._read() as s:
+    def _describe(self, row: Version, *, full: bool = False) -> VersionRecord:
+        with self.reading() as s:
             model = s.get(Model, row.model_id)
             tags = {t.key: t.value for t in s.scalars(select(Tag).where(Tag.version_id == row.id))}
             aliases = sorted(s.scalars(select(Alias.name).where(Alias.version_id == row.id)))
-            signed_by = list(s.scalars(select(Signature.key_id).where(Signature.version_id == row.id)
-                                       .order_by(Signature.id)))
+            stored = sigs.signatures_of(s, row.id)
+        signed_by = [x.key_id for x in stored]
         assert model is not None
         out: dict[str, Any] = {
             "name": model.display_name, "canonical_name": model.name, "version": row.version,
@@ -370,7 +310,9 @@ class Registry:
             out["report"] = json.loads(row.report)
             out["smoke"] = json.loads(row.smoke) if row.smoke else None
             out["yanked_at"], out["yanked_by"] = iso_time(row.yanked_at), row.yanked_by
-        return out
+            out["signatures"] = [{"key_id": x.key_id, "created_at": iso_time(x.created_at),
+                                  "created_by": x.created_by, "bound": sigs.bound_to(x, row.digest)} for x in stored]
+        return cast(VersionRecord, out)
 
     def _model(self, s: Session, name: str) -> Model:
         model = s.scalars(select(Model).where(Model.name == canonical_name(name))).first()
@@ -475,7 +417,7 @@ class Registry:
 
     def resolve(self, requirement: str | Requirement, *, prereleases: bool | None = None) -> Resolved:
         req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
-        with self._read() as s:
+        with self.reading() as s:
             row, warnings = self._find(s, req, prereleases)
             if not row.valid:
                 warnings = [*warnings, f"{self._display(s, row)} {row.version} failed validation and was published "
@@ -492,7 +434,7 @@ class Registry:
         """One version in full (report, provenance), or a model with its versions when only a name is given."""
         req = parse_requirement(requirement)
         if req.name and req.specifier is None and req.alias is None and req.digest is None:
-            with self._read() as s:
+            with self.reading() as s:
                 model = self._model(s, req.name)
                 rows = s.execute(select(Version.version, Version.digest, Version.size, Version.created_at,
                                         Version.yanked, Version.valid, Version.is_pre)
@@ -511,10 +453,10 @@ class Registry:
                              for r in versions],
                 "purged": sorted(purged, key=PV),
             }
-        with self._read() as s:
+        with self.reading() as s:
             row, _ = self._find(s, req, prereleases)
             s.expunge(row)
-        return self._describe(row, full=True)
+        return dict(self._describe(row, full=True))
 
     def search(self, *, name: str | None = None, model_type: str | None = None, class_name: str | None = None,
                tag: str | None = None, alias: str | None = None, all_versions: bool = False,
@@ -523,7 +465,7 @@ class Registry:
         q = search_statement(name_pattern=like_pattern(name) if name else None, model_type=model_type,
                              class_name=class_name, tag=tag, alias=alias, all_versions=all_versions,
                              include_yanked=include_yanked, limit=limit)
-        with self._read() as s:
+        with self.reading() as s:
             rows = s.execute(q).all()
         return [{"name": r.display_name, "version": r.version, "digest": f"sha256:{r.digest}", "size": r.size,
                  "type": r.model_type, "classes": json.loads(r.classes) if r.classes else None,
@@ -536,7 +478,7 @@ class Registry:
             q = q.where(Event.model_name == canonical_name(name))
         if limit:
             q = q.limit(limit)
-        with self._read() as s:
+        with self.reading() as s:
             events = list(s.scalars(q))
         return [{"id": e.id, "at": iso_time(e.at), "actor": e.actor, "host": e.host, "action": e.action,
                  "model": e.model_name, "version": e.version, "alias": e.alias, "from": e.from_version,
@@ -585,16 +527,31 @@ class Registry:
                         t.write_bytes(data)
         return PullResult(v, out, resolved.warnings, verified)
 
-    def signatures(self, requirement: str, *, prereleases: bool | None = None) -> list[dict[str, Any]]:
+    def signatures(self, requirement: str, *, prereleases: bool | None = None) -> list[StoredSignature]:
         """The stored signatures of one version: key id, who stored it when, and both bundles (text)."""
         req = parse_requirement(requirement)
-        with self._read() as s:
+        with self.reading() as s:
             row, _ = self._find(s, req, prereleases)
             stored = sigs.signatures_of(s, row.id)
         return [{"key_id": x.key_id, "created_at": iso_time(x.created_at), "created_by": x.created_by,
                  "signature": x.signature, "attestation": x.attestation} for x in stored]
 
-    def _signature_for(self, v: dict[str, Any], key: Path | str, label: str) -> tuple[bytes, bytes]:
+    # --- evaluations ---------------------------------------------------------------------------------
+
+    def record_evaluation(self, data: dict[str, Any]) -> RecordedEvaluation:
+        """Store an evaluation (``czreg evaluate --json``) with every version of its package's bytes."""
+        from .evaluations import record_evaluation
+
+        return record_evaluation(self, data)
+
+    def find_evaluations(self, package_digest: str, dataset_digest: str | None = None,
+                         definition: str | None = None) -> list[dict[str, Any]]:
+        """Full evaluation JSONs of a package (optionally on one dataset / definition), oldest first."""
+        from .evaluations import find_evaluation
+
+        return find_evaluation(self, package_digest, dataset_digest, definition)
+
+    def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
         """The stored (signature, attestation) of version ``v`` made with ``key``."""
         from ..errors import SignatureError
         from ..signing import key_id
@@ -614,11 +571,11 @@ class Registry:
     # --- settings ------------------------------------------------------------------------------------
 
     def setting(self, name: str) -> Any:
-        with self._read() as s:
+        with self.reading() as s:
             return sigs.get_setting(s, name)
 
     def settings(self) -> dict[str, Any]:
-        with self._read() as s:
+        with self.reading() as s:
             return {k: sigs.get_setting(s, k) for k in sigs.SETTINGS}
 
     def set_setting(self, name: str, value: str) -> dict[str, Any]:
@@ -627,10 +584,10 @@ class Registry:
 
         def txn(s: Session) -> dict[str, Any]:
             old, new = sigs.set_setting(s, key, parsed, acting_user())
-            self._event(s, "setting", "(registry)", setting=key, old=old, new=new)
+            self.record_event(s, "setting", "(registry)", setting=key, old=old, new=new)
             return {"setting": key, "from": old, "to": new}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -657,11 +614,11 @@ class Registry:
                 current.version_id, current.updated_at, current.updated_by = row.id, utc_now(), acting_user()
             else:
                 return {"name": model.display_name, "alias": alias, "from": old, "to": row.version, "changed": False}
-            self._event(s, "alias_set" if old is None else "alias_move", model.name, alias=alias,
+            self.record_event(s, "alias_set" if old is None else "alias_move", model.name, alias=alias,
                         from_version=old, to_version=row.version)
             return {"name": model.display_name, "alias": alias, "from": old, "to": row.version, "changed": True}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def alias_remove(self, name: str, alias: str) -> dict[str, Any]:
         alias = _check_alias(alias)
@@ -674,13 +631,13 @@ class Registry:
                 raise RegistryError(f"{model.display_name} has no alias '@{alias}'")
             old = s.get(Version, current.version_id)
             s.delete(current)
-            self._event(s, "alias_remove", model.name, alias=alias, from_version=old.version if old else None)
+            self.record_event(s, "alias_remove", model.name, alias=alias, from_version=old.version if old else None)
             return {"name": model.display_name, "alias": alias, "from": old.version if old else None, "to": None}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def aliases(self, name: str) -> dict[str, str]:
-        with self._read() as s:
+        with self.reading() as s:
             model = self._model(s, name)
             rows = s.execute(select(Alias.name, Version.version).join(Version, Alias.version_id == Version.id)
                              .where(Alias.model_id == model.id)).all()
@@ -703,11 +660,11 @@ class Registry:
                     existing.value = v
             for k in remove or []:
                 s.execute(delete(Tag).where(Tag.version_id == row.id, Tag.key == k))
-            self._event(s, "tag", model.name, version=row.version, set=set_tags, removed=remove or [])
+            self.record_event(s, "tag", model.name, version=row.version, set=set_tags, removed=remove or [])
             s.flush()
             return {t.key: t.value for t in s.scalars(select(Tag).where(Tag.version_id == row.id))}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def _exact(self, s: Session, name: str, version: str) -> tuple[Model, Version]:
         model = self._model(s, name)
@@ -726,23 +683,23 @@ class Registry:
         def txn(s: Session) -> dict[str, Any]:
             model, row = self._exact(s, name, version)
             row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = True, reason, utc_now(), acting_user()
-            self._event(s, "yank", model.name, version=row.version, reason=reason)
+            self.record_event(s, "yank", model.name, version=row.version, reason=reason)
             # aliases keep pointing here (an alias is the team's decision), but resolving them is refused
             # from now on: say which, so nobody learns it from a failed pull
             aliases = sorted(s.scalars(select(Alias.name).where(Alias.version_id == row.id)))
             return {"name": model.display_name, "version": row.version, "yanked": True, "reason": reason,
                     "aliases": aliases}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def unyank(self, name: str, version: str) -> dict[str, Any]:
         def txn(s: Session) -> dict[str, Any]:
             model, row = self._exact(s, name, version)
             row.yanked, row.yanked_reason, row.yanked_at, row.yanked_by = False, None, None, None
-            self._event(s, "unyank", model.name, version=row.version)
+            self.record_event(s, "unyank", model.name, version=row.version)
             return {"name": model.display_name, "version": row.version, "yanked": False}
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def purge(self, name: str, version: str, *, reason: str | None = None) -> dict[str, Any]:
         """Delete a version for good (tombstone first: the number stays taken); its blob goes too unless
@@ -755,16 +712,16 @@ class Registry:
                             purged_at=utc_now(), purged_by=acting_user(), reason=reason))
             s.flush()
             for a in s.scalars(select(Alias).where(Alias.version_id == row.id)):
-                self._event(s, "alias_remove", model.name, alias=a.name, from_version=row.version, cause="purge")
+                self.record_event(s, "alias_remove", model.name, alias=a.name, from_version=row.version, cause="purge")
                 s.delete(a)
             s.execute(delete(Tag).where(Tag.version_id == row.id))
             s.execute(delete(Signature).where(Signature.version_id == row.id))
             s.flush()
             s.delete(row)
-            self._event(s, "purge", model.name, version=row.version, digest=row.digest, reason=reason)
+            self.record_event(s, "purge", model.name, version=row.version, digest=row.digest, reason=reason)
             return {"name": model.display_name, "version": row.version, "digest": f"sha256:{row.digest}"}, row.digest
 
-        out, digest = self._write(txn)
+        out, digest = self.transaction(txn)
         removed = self._collect([digest])
         out["blob_removed"] = bool(removed)
         return out
@@ -784,13 +741,13 @@ class Registry:
                 self.store.delete(d)
             return removed
 
-        return self._write(txn)
+        return self.transaction(txn)
 
     def gc(self, *, dry_run: bool = False, temp_grace_s: float = 3600.0) -> dict[str, Any]:
         """Remove blobs no version references, and temp files of writers killed more than
         ``temp_grace_s`` ago (a live writer's temp file is younger)."""
         if dry_run:
-            with self._read() as s:
+            with self.reading() as s:
                 referenced = set(s.scalars(select(Version.digest).distinct()))
             orphans = [(b.digest, b.size) for b in self.store.iter_blobs() if b.digest not in referenced]
             return {"dry_run": True, "blobs": [f"sha256:{d}" for d, _ in orphans],
@@ -802,7 +759,7 @@ class Registry:
 
     def verify(self) -> dict[str, Any]:
         """Re-hash every referenced blob; report missing or changed bytes with the versions they break."""
-        with self._read() as s:
+        with self.reading() as s:
             rows = s.execute(select(Model.display_name, Version.version, Version.digest, Version.size)
                              .join(Model, Version.model_id == Model.id)).all()
         by_digest: dict[str, list[str]] = {}
@@ -832,31 +789,9 @@ class Registry:
 def package_model_name(path: Path | str, name: str | None = None) -> str:
     """The canonical model name ``publish`` would file ``path`` under (``name``, else the package's
     ModelName, else the file name); a server checks a token's model pattern with it before storing."""
-    return _identity(Path(path), name)[1]
+    from ..admission import identify
 
-
-def _identity(path: Path, name: str | None) -> tuple[str, str, str, str | None, list[str] | None]:
-    """(display name, canonical name, kind, model type, classes) of a package about to be published."""
-    from ..package import inspect_package
-
-    model_type: str | None = None
-    classes: list[str] | None = None
-    meta_name: str | None = None
-    package, _ = inspect_package(path)
-    if package is not None and package.metadata is not None:
-        from ..metadata import ModelInfo
-
-        with contextlib.suppress(Exception):
-            info = ModelInfo.from_package(package)
-            model_type, meta_name = info.type, info.name
-            classes = list(info.classes) if info.classes else None
-    if name:
-        display, cname = name, canonical_name(name)
-    else:  # the same rules as --name: package text is never filed under a rewritten name
-        display = meta_name or path.stem
-        cname = derived_name(display, "the package's ModelName" if meta_name else "the file name")
-    kind = package.kind if package is not None else path.suffix.lstrip(".").lower() or "czann"
-    return display, cname, kind, model_type, classes
+    return identify(Path(path), name).canonical
 
 
 def search_statement(*, name_pattern: str | None = None, model_type: str | None = None,
@@ -898,13 +833,6 @@ def search_statement(*, name_pattern: str | None = None, model_type: str | None 
 
 
 
-def _slug(text: str) -> str:
-    import re
-
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
-    return slug or "model"
-
-
 def _check_alias(alias: str) -> str:
     import re
 
@@ -915,16 +843,6 @@ def _check_alias(alias: str) -> str:
     if not re.fullmatch(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?", alias) or alias.startswith("sha256"):
         raise UsageError(f"invalid alias '{alias}'", hint="use letters, digits, '.', '_' and '-'")
     return alias
-
-
-def _smoke(path: Path) -> Report:
-    from ..run.smoke import smoke_test
-
-    try:
-        result: Report = smoke_test(path)
-    except CzregError as exc:
-        raise RegistryError(f"smoke test of {path.name} failed: {exc.message}", hint=exc.hint) from None
-    return result
 
 
 def _insert(s: Session) -> Any:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import __version__
-from ..errors import RegistryError
+from ..errors import RegistryError, UsageError
 from .audit import acting_user, iso_time, utc_now
 from .models import Evaluation, Model, Version
-
-if TYPE_CHECKING:
-    from .api import Registry
+from .records import RecordedEvaluation, Transactional
 
 __all__ = ["evaluation_summary", "find_evaluation", "list_evaluations", "record_evaluation"]
 
@@ -44,12 +42,17 @@ def evaluation_summary(row: Evaluation) -> dict[str, Any]:
             "inference": data.get("inference")}
 
 
-def record_evaluation(reg: Registry, data: dict[str, Any]) -> dict[str, Any]:
+def record_evaluation(reg: Transactional, data: dict[str, Any]) -> RecordedEvaluation:
     """Store ``data`` (an evaluation JSON) if its package is published; ``status`` is recorded or exists."""
-    digest = str(data["package"]["sha256"])
-    key = (digest, str(data["dataset"]["digest"]), str(data["definition"]))
+    try:
+        digest = str(data["package"]["sha256"])
+        key = (digest, str(data["dataset"]["digest"]), str(data["definition"]))
+        task, images = str(data["task"]), int(data["dataset"]["images"])
+    except (KeyError, TypeError, ValueError):
+        raise UsageError("this is not an evaluation (czreg evaluate --json writes one); nothing recorded",
+                         hint="record the output of czreg evaluate, unchanged") from None
 
-    def txn(s: Session) -> dict[str, Any]:
+    def txn(s: Session) -> RecordedEvaluation:
         versions = s.execute(select(Model.name, Model.display_name, Version.version)
                              .join(Model, Version.model_id == Model.id)
                              .where(Version.digest == digest).order_by(Version.id)).all()
@@ -63,28 +66,28 @@ def record_evaluation(reg: Registry, data: dict[str, Any]) -> dict[str, Any]:
         names = [f"{v.display_name} {v.version}" for v in versions]
         if existing is not None:
             return {"status": "exists", "id": existing.id, "versions": names}
-        row = Evaluation(package_digest=key[0], dataset_digest=key[1], definition=key[2], task=str(data["task"]),
-                         images=int(data["dataset"]["images"]), result=json.dumps(data, separators=(",", ":")),
+        row = Evaluation(package_digest=key[0], dataset_digest=key[1], definition=key[2], task=task,
+                         images=images, result=json.dumps(data, separators=(",", ":")),
                          created_at=utc_now(), created_by=acting_user(), host=socket.gethostname(),
                          czreg_version=__version__)
         s.add(row)
         s.flush()
         for v in versions:
-            reg._event(s, "evaluate", v.name, version=v.version, dataset=key[1], definition=key[2],
+            reg.record_event(s, "evaluate", v.name, version=v.version, dataset=key[1], definition=key[2],
                        evaluation=row.id)
         return {"status": "recorded", "id": row.id, "versions": names}
 
-    return reg._write(txn)
+    return reg.transaction(txn)
 
 
-def list_evaluations(reg: Registry, package_digest: str) -> list[dict[str, Any]]:
-    with reg._read() as s:
+def list_evaluations(reg: Transactional, package_digest: str) -> list[dict[str, Any]]:
+    with reg.reading() as s:
         rows = list(s.scalars(select(Evaluation).where(Evaluation.package_digest == package_digest)
                               .order_by(Evaluation.id)))
     return [evaluation_summary(r) for r in rows]
 
 
-def find_evaluation(reg: Registry, package_digest: str, dataset_digest: str | None = None,
+def find_evaluation(reg: Transactional, package_digest: str, dataset_digest: str | None = None,
                     definition: str | None = None) -> list[dict[str, Any]]:
     """Full evaluation JSONs of a package (optionally on one dataset / definition), oldest first."""
     q = select(Evaluation.result).where(Evaluation.package_digest == package_digest)
@@ -92,5 +95,5 @@ def find_evaluation(reg: Registry, package_digest: str, dataset_digest: str | No
         q = q.where(Evaluation.dataset_digest == dataset_digest)
     if definition is not None:
         q = q.where(Evaluation.definition == definition)
-    with reg._read() as s:
+    with reg.reading() as s:
         return [json.loads(r) for r in s.scalars(q.order_by(Evaluation.id))]

@@ -71,8 +71,9 @@ def is_loopback(host: str) -> bool:
 def resolve_location(registry: str | None = None, blob_store: str | None = None) -> RegistryLocation:
     text = registry or os.environ.get("CZREG_REGISTRY") or str(data_dir() / "registry")
     if is_remote(text):
-        raise RegistryError(f"{text} is a registry server, not a database",
-                            hint="open it with czregistry.registry.connect() (the CLI does)")
+        raise RegistryError(f"{text} is a registry server; this works on a registry database",
+                            hint="run it where the database is, with --registry pointing at it (a folder, "
+                                 "sqlite:/// or postgresql+psycopg:// URL)")
     blobs = blob_store or os.environ.get("CZREG_BLOB_STORE") or None
     if "://" not in text:
         path = Path(text).expanduser().absolute()

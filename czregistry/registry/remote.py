@@ -1,6 +1,9 @@
-"""The registry over HTTP: ``RemoteRegistry`` has the methods of ``Registry`` the CLI uses, so ``czreg
-publish/pull/list/show/history/alias/tag/yank`` print the same output and exit with the same codes against
-a server (``czreg serve``) as against a local database.
+"""The registry over HTTP: ``RemoteRegistry`` implements ``records.RegistryClient`` like the local
+``Registry``, so every ``czreg`` command that takes ``--registry`` prints the same output and exits with the
+same codes against a server (``czreg serve``) as against a local database (``tests/test_registry_contract.py``).
+Signatures travel with the version: ``publish --sign`` signs here and sends the bundles and the public key
+after the package bytes; ``pull --key`` fetches the stored bundles and verifies them against the downloaded
+bytes before the file appears.
 
 Standard library only (``http.client``): a partner needs no extra package to pull. Uploads stream from the
 file (hashed first, the digest sent along and checked by the server); downloads stream to a temp file
@@ -29,7 +32,18 @@ from ..errors import AuthError, CzregError, InvalidPackageError, RegistryError, 
 from .location import is_loopback, is_remote
 
 if TYPE_CHECKING:
-    from .api import PublishResult, PullResult, Registry, Resolved
+    from collections.abc import Iterator
+
+    from .api import Registry
+    from .records import (
+        Evidence,
+        PublishResult,
+        PullResult,
+        RecordedEvaluation,
+        Resolved,
+        StoredSignature,
+        VersionRecord,
+    )
     from .versions import Bump
 
 __all__ = ["RemoteLocation", "RemoteRegistry", "connect"]
@@ -187,33 +201,43 @@ class RemoteRegistry:
     def publish(self, path: Path | str, *, name: str | None = None, version: str | None = None,
                 bump_part: Bump | None = None, static: bool = False, allow_invalid: bool = False,
                 note: str | None = None, tags: dict[str, str] | None = None, smoke: bool = False,
-                sign_key: Path | None = None) -> PublishResult:
-        """Upload ``path``; the server validates it and publishes (or refuses with the findings)."""
+                sign_key: Path | str | None = None, evidence: Evidence | None = None) -> PublishResult:
+        """Upload ``path``; the server admits it (validates, smoke-tests, checks the signature) and publishes
+        (or refuses with the findings). With ``sign_key`` the package is admitted and signed here first, and
+        the signature, attestation and public key travel after the package bytes in the same request."""
         from ..report import Report
-        from .api import PublishResult
-
-        if sign_key is not None:
-            raise _usage("publish --sign is not supported against a registry server yet: the signature "
-                             "would have to travel with the upload", hint="sign the package with 'czreg sign' and "
-                             "share the .sig beside it, or publish --sign on the server's own registry")
+        from .records import PublishResult
 
         path = Path(path)
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
+        if sign_key is not None and (evidence is None or evidence.signed is None):
+            from ..admission import admit
+
+            evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
+                             sign_key=sign_key)
+        signed = evidence.signed if evidence is not None else None
+        tail = [signed.signature, signed.attestation, signed.public_key] if signed is not None else []
         try:
             h, size = hashlib.sha256(), 0
             with path.open("rb") as fh:
                 while chunk := fh.read(CHUNK):
                     h.update(chunk)
                     size += len(chunk)
+            if signed is not None and signed.sha256 != h.hexdigest():
+                raise UsageError(f"{path.name} changed after it was signed; not published", hint="publish again")
             params: list[tuple[str, Any]] = [("name", name), ("version", version), ("bump", bump_part),
                                              ("static", static), ("allow_invalid", allow_invalid),
                                              ("smoke", smoke), ("note", note)]
             params += [("tag", f"{k}={v}") for k, v in (tags or {}).items()]
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size + sum(map(len, tail))),
+                       "X-Czreg-Filename": path.name, "X-Czreg-Sha256": h.hexdigest()}
+            if signed is not None:
+                headers.update({"X-Czreg-Package-Length": str(size), "X-Czreg-Signature-Length": str(len(tail[0])),
+                                "X-Czreg-Attestation-Length": str(len(tail[1])),
+                                "X-Czreg-Public-Key-Length": str(len(tail[2]))})
             with path.open("rb") as fh:
-                r = self._open("POST", "/publish", params, body=fh, headers={
-                    "Content-Type": "application/octet-stream", "Content-Length": str(size),
-                    "X-Czreg-Filename": path.name, "X-Czreg-Sha256": h.hexdigest()})
+                r = self._open("POST", "/publish", params, body=_body(fh, size, tail), headers=headers)
         except OSError as exc:
             raise UsageError(f"cannot read package {path}: {exc.strerror or exc}", hint="check the path") from None
         try:
@@ -227,25 +251,25 @@ class RemoteRegistry:
                              Report.from_dict(out["smoke"]) if out.get("smoke") else None)
 
     def resolve(self, requirement: str, *, prereleases: bool | None = None) -> Resolved:
-        from .api import Resolved
+        from .records import Resolved
 
         out = self._json("GET", "/resolve", {"requirement": requirement, "pre": prereleases})
         return Resolved(out["version"], out["warnings"])
 
     def pull(self, requirement: str, dest: Path | str | None = None, *,
-             prereleases: bool | None = None, key: Path | None = None, force: bool = True) -> PullResult:
+             prereleases: bool | None = None, key: Path | str | None = None, force: bool = True) -> PullResult:
         """Resolve on the server, then stream the blob to a temp file beside ``dest`` while hashing; the
         file gets its name only if the SHA-256 is the version's digest."""
-        if key is not None:
-            raise _usage("pull --key is not supported against a registry server yet (signatures are not "
-                             "served over HTTP)", hint="pull, then check the .sig with 'czreg verify-signature'")
         from ..package import atomic_output, check_overwrite
-        from .api import PullResult, pull_target
+        from .api import pull_target
+        from .records import PullResult
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
         digest, out, label = pull_target(v, dest)
         check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
+        stored = self._signature_for(v, key, label) if key is not None else None
+        verified = None
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
         declared = r.resp.getheader("Content-Length")
@@ -269,9 +293,57 @@ class RemoteRegistry:
                     raise RegistryError(f"the blob of {label} is corrupt: sha256 {h.hexdigest()[:12]}... != "
                                         f"{digest[:12]}...; nothing written",
                                         hint="try again; if it persists, tell the registry's administrator")
+                fh.close()
+                if stored is not None and key is not None:
+                    verified = _verify_pulled(tmp, out, key, stored)
         finally:
             r.close()
-        return PullResult(v, out, resolved.warnings)
+        return PullResult(v, out, resolved.warnings, verified)
+
+    def signatures(self, requirement: str, *, prereleases: bool | None = None) -> list[StoredSignature]:
+        """The stored signatures of one version, with both bundles (``GET /signatures``)."""
+        out: list[StoredSignature] = self._json("GET", "/signatures", {"requirement": requirement,
+                                                                        "pre": prereleases})
+        return out
+
+    def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
+        from ..errors import SignatureError
+        from ..signing import key_id
+
+        wanted = key_id(key)
+        stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
+        if not stored:
+            raise SignatureError(f"{label} is not signed; nothing written",
+                                 hint="ask the publisher to publish it with --sign, or pull without --key")
+        match = next((x for x in stored if x["key_id"] == wanted), None)
+        if match is None:
+            raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
+                                 f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
+                                 hint="use the publisher's public key")
+        return match["signature"].encode(), match["attestation"].encode()
+
+    # --- evaluations and settings --------------------------------------------------------------------------
+
+    def record_evaluation(self, data: dict[str, Any]) -> RecordedEvaluation:
+        out: RecordedEvaluation = self._json("POST", "/evaluations", None, data)
+        return out
+
+    def find_evaluations(self, package_digest: str, dataset_digest: str | None = None,
+                         definition: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._json("GET", "/evaluations", {
+            "package": package_digest, "dataset": dataset_digest, "definition": definition})
+        return out
+
+    def setting(self, name: str) -> Any:
+        return self._json("GET", f"/settings/{_q(name)}")["value"]
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._json("GET", "/settings")
+        return out
+
+    def set_setting(self, name: str, value: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._json("PUT", f"/settings/{_q(name)}", None, {"value": value})
+        return out
 
     def show(self, requirement: str, *, prereleases: bool | None = None) -> dict[str, Any]:
         out: dict[str, Any] = self._json("GET", "/show", {"requirement": requirement})
@@ -322,21 +394,48 @@ class RemoteRegistry:
         out: dict[str, Any] = self._json("GET", "/whoami")
         return out
 
-    # --- administration stays on the server ---------------------------------------------------------------
-
-    def _server_only(self, what: str) -> UsageError:
-        return UsageError(f"'czreg {what}' works on the registry database, not through a server",
-                          hint=f"run it on the server, with --registry pointing at its database ({self.url} "
-                               "cannot do it)")
+    # --- administration (an admin token) ------------------------------------------------------------------
 
     def verify(self) -> dict[str, Any]:
-        raise self._server_only("verify")
+        out: dict[str, Any] = self._json("POST", "/admin/verify")
+        return out
 
     def gc(self, *, dry_run: bool = False, temp_grace_s: float = 3600.0) -> dict[str, Any]:
-        raise self._server_only("gc")
+        out: dict[str, Any] = self._json("POST", "/admin/gc", {"dry_run": dry_run})
+        return out
 
     def purge(self, name: str, version: str, *, reason: str | None = None) -> dict[str, Any]:
-        raise self._server_only("purge")
+        out: dict[str, Any] = self._json("DELETE", f"/models/{_q(name)}/versions/{_q(version)}", {"reason": reason})
+        return out
+
+
+def _body(fh: Any, size: int, tail: list[bytes]) -> Any:
+    """The upload: the package (streamed from ``fh``), then the signature bundles and public key."""
+    if not tail:
+        return fh
+
+    def chunks() -> Iterator[bytes]:
+        left = size
+        while left > 0 and (chunk := fh.read(min(CHUNK, left))):
+            left -= len(chunk)
+            yield chunk
+        yield from tail
+
+    return chunks()
+
+
+def _verify_pulled(tmp: Path, out: Path, key: Path | str, stored: tuple[bytes, bytes]) -> dict[str, Any]:
+    """Verify the downloaded bytes against the stored signature (``SignatureError``, exit 10, writes
+    nothing) and write the bundles beside the package."""
+    from ..package import atomic_output
+    from ..signing import attestation_path, signature_path, verify_package
+
+    sig, att = stored
+    checked = verify_package(tmp, key, signature=sig, attestation=att, name=out.name).to_dict()
+    for data, target in ((sig, signature_path(out)), (att, attestation_path(out))):
+        with atomic_output(target) as t:
+            t.write_bytes(data)
+    return {k: val for k, val in checked.items() if k not in ("report", "smoke")} | {"package": str(out)}
 
 
 def _q(part: str) -> str:
@@ -353,8 +452,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _usage(message: str, *, hint: str) -> Exception:
-    """A ``UsageError`` (imported here, not inside the methods, whose own imports of it would shadow it)."""
-    from ..errors import UsageError
+if TYPE_CHECKING:
+    from .records import RegistryClient
 
-    return UsageError(message, hint=hint)
+    def _both_implement(local: Registry, remote: RemoteRegistry) -> tuple[RegistryClient, RegistryClient]:
+        """mypy checks here that both registries keep the contract (``records.RegistryClient``)."""
+        return local, remote

@@ -21,7 +21,7 @@ from .models import Setting, Signature
 if TYPE_CHECKING:
     from ..signing import SignedPackage
 
-__all__ = ["SETTINGS", "attach", "get_setting", "parse_setting", "set_setting", "signatures_of"]
+__all__ = ["SETTINGS", "attach", "bound_to", "get_setting", "parse_setting", "set_setting", "signatures_of"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,10 @@ def attach(s: Session, version_id: int, signed: SignedPackage, who: str) -> bool
 
 def signatures_of(s: Session, version_id: int) -> list[Signature]:
     return list(s.scalars(select(Signature).where(Signature.version_id == version_id).order_by(Signature.id)))
+
+
+def bound_to(row: Signature, digest: str) -> bool:
+    """Whether stored signature ``row`` is about the bytes ``digest`` (see ``signing.bundles_bind``)."""
+    from ..signing import bundles_bind
+
+    return bundles_bind(row.signature.encode(), row.attestation.encode(), digest, row.key_id)

@@ -22,10 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import AuthError, RegistryError, UsageError
-from .api import Registry, _slug
 from .audit import acting_user, iso_time, utc_now
 from .models import Token
-from .names import canonical_like
+from .names import canonical_like, slug
+from .records import Transactional
 
 __all__ = ["SCOPES", "TokenInfo", "authenticate", "create_token", "hash_token", "list_tokens", "model_key",
            "revoke_token"]
@@ -38,7 +38,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def model_key(name: str) -> str:
     """What a model pattern is matched against: the canonical name, also for a display name with spaces
     (``Web Model`` -> ``web-model``, the name ``publish`` files it under)."""
-    return canonical_like(_slug(name))
+    return canonical_like(slug(name))
 
 
 def hash_token(secret: str) -> str:
@@ -90,7 +90,7 @@ def _describe(t: Token) -> dict[str, Any]:
             "state": state}
 
 
-def create_token(reg: Registry, name: str, scope: str, *, model: str | None = None,
+def create_token(reg: Transactional, name: str, scope: str, *, model: str | None = None,
                  expires_days: float | None = None, expires_at: datetime | None = None) -> tuple[dict[str, Any], str]:
     """Create a token; return (its description, the secret). The secret is not stored and cannot be shown
     again. ``expires_at`` (tests, scripts) wins over ``expires_days``."""
@@ -116,15 +116,15 @@ def create_token(reg: Registry, name: str, scope: str, *, model: str | None = No
         s.flush()
         return _describe(row)
 
-    return reg._write(txn), secret
+    return reg.transaction(txn), secret
 
 
-def list_tokens(reg: Registry) -> list[dict[str, Any]]:
-    with reg._read() as s:
+def list_tokens(reg: Transactional) -> list[dict[str, Any]]:
+    with reg.reading() as s:
         return [_describe(t) for t in s.scalars(select(Token).order_by(Token.name))]
 
 
-def revoke_token(reg: Registry, name: str) -> dict[str, Any]:
+def revoke_token(reg: Transactional, name: str) -> dict[str, Any]:
     def txn(s: Session) -> dict[str, Any]:
         row = s.scalars(select(Token).where(Token.name == name)).first()
         if row is None:
@@ -134,12 +134,12 @@ def revoke_token(reg: Registry, name: str) -> dict[str, Any]:
         s.flush()
         return _describe(row)
 
-    return reg._write(txn)
+    return reg.transaction(txn)
 
 
-def authenticate(reg: Registry, secret: str) -> TokenInfo:
+def authenticate(reg: Transactional, secret: str) -> TokenInfo:
     """The token ``secret`` stands for; ``AuthError`` (HTTP 401) when it is unknown, revoked or expired."""
-    with reg._read() as s:
+    with reg.reading() as s:
         row = s.scalars(select(Token).where(Token.secret_hash == hash_token(secret.strip()))).first()
         if row is not None:
             s.expunge(row)

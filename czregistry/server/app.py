@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -33,15 +33,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..errors import AuthError, CzregError, InvalidPackageError, RegistryError, RemoteError, UsageError
-from ..registry.api import Registry, Validator, acting_as, check_package, package_model_name
+from ..admission import Validator, check_package
+from ..errors import (
+    AuthError,
+    CzregError,
+    InvalidPackageError,
+    RegistryError,
+    RemoteError,
+    SignatureError,
+    UsageError,
+)
+from ..registry.api import Registry, acting_as, package_model_name
 from ..registry.location import resolve_location
 from ..registry.store import CHUNK
-from ..registry.tokens import SCOPES, TokenInfo, authenticate
+from ..registry.tokens import TokenInfo
 from ..registry.versions import canonical_name, parse_requirement, parse_version
 from ..report import Finding, Report
+from .auth import Auth, TokenForbidden
 from .sandbox import SandboxLimits, sandboxed_validator
 from .settings import COOKIE, ServerSettings
+
+if TYPE_CHECKING:
+    from ..signing import SignedPackage
 
 __all__ = ["COOKIE", "MAX_LIMIT", "Auth", "app_from_env", "create_app", "error_body", "http_status",
            "upload_validator"]
@@ -51,10 +64,6 @@ log = logging.getLogger("czregistry.server")
 API = "/api/v1"
 #: Largest ``limit`` a listing accepts (SQLite's integers end at 2**63; nobody pages a million rows).
 MAX_LIMIT = 1_000_000
-
-
-class TokenForbidden(AuthError):
-    """The token is valid but may not do this (scope or model pattern): HTTP 403."""
 
 
 def http_status(exc: CzregError, method: str = "GET") -> int:
@@ -133,52 +142,6 @@ def _with_status(exc: CzregError, status: int) -> CzregError:
     return exc
 
 
-class Auth:
-    """Who a request is. A bearer token in ``Authorization``; for GET and HEAD (the web page, download
-    links) also the ``czreg_token`` cookie set by the login form. Writes never accept the cookie, so a
-    page elsewhere cannot make a logged-in browser publish or yank (no CSRF)."""
-
-    def __init__(self, reg: Registry, settings: ServerSettings) -> None:
-        self.reg = reg
-        self.settings = settings
-
-    def identify(self, request: Request) -> TokenInfo | None:
-        header = request.headers.get("authorization")
-        secret: str | None = None
-        if header:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise AuthError("the Authorization header is not 'Bearer <token>'", hint="set CZREG_TOKEN")
-            secret = value.strip()
-        elif request.method in ("GET", "HEAD"):
-            secret = request.cookies.get(COOKIE)
-        return authenticate(self.reg, secret) if secret else None
-
-    def require(self, request: Request, scope: str, model: str | None = None) -> TokenInfo | None:
-        """The token, checked for ``scope`` (and ``model`` when given); ``None`` for an anonymous reader
-        of a ``--public-read`` server. Raises ``AuthError`` (401) or ``TokenForbidden`` (403)."""
-        assert scope in SCOPES
-        token = self.identify(request)
-        if token is None:
-            if scope == "read" and self.settings.public_read:
-                return None
-            raise AuthError("this registry server needs a token" + (" to write" if self.settings.public_read else ""),
-                            hint="set CZREG_TOKEN to a token from the registry's administrator (czreg token create)")
-        if not token.allows(scope, model):
-            try:
-                token.require(scope, model)
-            except AuthError as exc:
-                raise TokenForbidden(exc.message, hint=exc.hint) from None
-        return token
-
-    @staticmethod
-    def check_model(token: TokenInfo | None, model: str) -> None:
-        """For reads resolved first (a digest, a search row): 403 unless the token covers ``model``."""
-        if token is not None and not token.allows("read", model):
-            raise TokenForbidden(f"token '{token.name}' is limited to models '{token.model_pattern}'",
-                                 hint="use a token for this model")
-
-
 def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -228,6 +191,59 @@ class TagBody(BaseModel):
 
 class YankBody(BaseModel):
     reason: str
+
+
+class SettingBody(BaseModel):
+    value: str
+
+
+#: headers of a signed upload: the body is the package, then the signature, attestation and public key
+_FRAMING = ("x-czreg-package-length", "x-czreg-signature-length", "x-czreg-attestation-length",
+            "x-czreg-public-key-length")
+
+
+def _signed_framing(request: Request) -> tuple[int, int, int, int] | None:
+    """The lengths of a signed upload's parts, bounded (bundles and key are a few KB), or None."""
+    from ..signing import MAX_BUNDLE_BYTES, MAX_KEY_BYTES
+
+    values = [request.headers.get(h) for h in _FRAMING]
+    if all(v is None for v in values):
+        return None
+    if not all(v is not None and v.isdigit() and len(v) < 19 for v in values):
+        raise UsageError("a signed upload needs all four X-Czreg-*-Length headers (decimal)",
+                         hint="publish with czreg publish --sign")
+    n = tuple(int(v) for v in values if v is not None)
+    if n[1] > MAX_BUNDLE_BYTES or n[2] > MAX_BUNDLE_BYTES or n[3] > MAX_KEY_BYTES:
+        raise SignatureError("the signature, attestation or public key of the upload is too large; nothing stored",
+                             hint="a bundle is a few KB; sign the package with czreg publish --sign")
+    return n[0], n[1], n[2], n[3]
+
+
+def _upload_signature(tail: bytes, framing: tuple[int, int, int, int], digest: str,
+                      folder: Path) -> "tuple[SignedPackage, Path]":
+    """The signature that came with an upload, and its public key as a file (``admit`` verifies both)."""
+    from ..signing import SignedPackage
+
+    s_len, a_len = framing[1], framing[2]
+    sig, att, pem = tail[:s_len], tail[s_len:s_len + a_len], tail[s_len + a_len:]
+    key_file = folder / "signer.pub"
+    key_file.write_bytes(pem)
+    return SignedPackage(digest, hashlib.sha256(pem).hexdigest(), sig, att, pem), key_file
+
+
+async def _bounded_json(request: Request, limit: int) -> Any:
+    """A JSON request body of at most ``limit`` bytes."""
+    import json
+
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _with_status(RemoteError(f"the request body is over {limit} bytes", hint="send less"), 413)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise UsageError("the request body is not valid JSON") from None
 
 
 def create_app(settings: ServerSettings | None = None, reg: Registry | None = None) -> FastAPI:
@@ -435,10 +451,19 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
         tmpdir = Path(tempfile.mkdtemp(prefix="czreg-upload-", dir=settings.upload_dir))
         try:
             path = tmpdir / _safe_filename(request.headers.get("x-czreg-filename"))
-            h, size = hashlib.sha256(), 0
+            framing = _signed_framing(request)  # (package, signature, attestation, public key) lengths, or None
+            package_len = framing[0] if framing else None
+            h, size, tail = hashlib.sha256(), 0, bytearray()
             try:
                 with path.open("xb") as out:
                     async for chunk in request.stream():
+                        if package_len is not None and size + len(chunk) > package_len:
+                            keep = max(package_len - size, 0)
+                            tail += chunk[keep:]
+                            if len(tail) > sum(framing[1:]):  # type: ignore[index]
+                                raise UsageError("the upload is longer than its headers say; nothing stored",
+                                                 hint="publish again with czreg publish")
+                            chunk = chunk[:keep]
                         size += len(chunk)
                         if size > limit:
                             raise _with_status(RemoteError(f"the package is over this server's upload limit of "
@@ -459,6 +484,12 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
                 raise UsageError("the upload is empty", hint="send the package's bytes as the request body")
 
             digest = h.hexdigest()
+            signed, public_key = None, None
+            if framing is not None:
+                if size != framing[0] or len(tail) != sum(framing[1:]):
+                    raise UsageError("the upload is shorter than its headers say; nothing stored",
+                                     hint="publish again")
+                signed, public_key = _upload_signature(bytes(tail), framing, digest, tmpdir)
 
             def checked(p: Path, st: bool, sm: bool) -> tuple[Report, Report | None]:
                 # stored bytes must be the uploaded ones: a report (from the sandbox) about other bytes is refused,
@@ -475,7 +506,8 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
                 with _acting(token, request):
                     result = registry.publish(path, name=name, version=version, bump_part=bump,  # type: ignore[arg-type]
                                               static=static, allow_invalid=allow_invalid, note=note, tags=tags,
-                                              smoke=smoke, validator=checked)
+                                              smoke=smoke, validator=checked, signed=signed,
+                                              signer_public_key=public_key)
                 return {"status": result.status, "version": result.version, "report": result.report.to_dict(),
                         "smoke": result.smoke.to_dict() if result.smoke else None}
 
@@ -514,6 +546,87 @@ def create_app(settings: ServerSettings | None = None, reg: Registry | None = No
         token = auth.require(request, "admin", name)
         with _acting(token, request):
             return registry.unyank(name, version)
+
+    @app.get(f"{API}/signatures", tags=["read"])
+    def signatures(request: Request, requirement: str, pre: bool | None = None) -> list[dict[str, Any]]:
+        """The stored signatures of one version, with both bundles: what ``czreg pull --key`` verifies."""
+        token = auth.require(request, "read", parse_requirement(requirement).name)
+        v = registry.resolve(requirement, prereleases=pre).version
+        auth.check_model(token, v["canonical_name"])
+        return [dict(x) for x in registry.signatures(f"{v['canonical_name']}=={v['version']}")]
+
+    @app.get(f"{API}/evaluations", tags=["read"])
+    def evaluations(request: Request, package: str, dataset: str | None = None,
+                    definition: str | None = None) -> list[dict[str, Any]]:
+        """Recorded evaluations of a package's bytes (``package``: its sha256), oldest first."""
+        token = auth.require(request, "read")
+        if not re.fullmatch(r"[0-9a-f]{64}", package):
+            raise UsageError("a package is named by its full sha256 (64 hex digits)")
+        if token is not None and token.model_pattern is not None:
+            auth.check_model(token, registry.resolve(f"sha256:{package}").version["canonical_name"])
+        return registry.find_evaluations(package, dataset, definition)
+
+    @app.post(f"{API}/evaluations", tags=["write"])
+    async def record_evaluation(request: Request) -> dict[str, Any]:
+        """Record an evaluation (``czreg evaluate --json``'s output) with its package's versions."""
+        token = await run_in_threadpool(auth.require, request, "publish")
+        body = await _bounded_json(request, 16 << 20)
+
+        def work() -> dict[str, Any]:
+            package = body.get("package") if isinstance(body, dict) else None
+            digest = str(package.get("sha256", "")) if isinstance(package, dict) else ""
+            if token is not None and token.model_pattern is not None and re.fullmatch(r"[0-9a-f]{64}", digest):
+                auth.require(request, "publish", registry.resolve(f"sha256:{digest}").version["canonical_name"])
+            with _acting(token, request):
+                return dict(registry.record_evaluation(body if isinstance(body, dict) else {}))
+
+        return await run_in_threadpool(work)
+
+    @app.get(f"{API}/settings", tags=["read"])
+    def settings_all(request: Request) -> dict[str, Any]:
+        auth.require(request, "read")
+        return registry.settings()
+
+    @app.get(f"{API}/settings/{{name}}", tags=["read"])
+    def setting_one(request: Request, name: str) -> dict[str, Any]:
+        auth.require(request, "read")
+        return {"name": name, "value": registry.setting(name)}
+
+    @app.put(f"{API}/settings/{{name}}", tags=["admin"])
+    def setting_set(request: Request, name: str, body: SettingBody) -> dict[str, Any]:
+        """Change a registry-wide setting (``czreg setting NAME VALUE``): an admin token for every model."""
+        token = auth.require(request, "admin")
+        if token is not None and token.model_pattern is not None:
+            raise TokenForbidden(f"token '{token.name}' is limited to models '{token.model_pattern}'; a setting "
+                                 "applies to every model", hint="use an admin token for all models")
+        with _acting(token, request):
+            return registry.set_setting(name, body.value)
+
+    def _whole_registry_admin(request: Request) -> TokenInfo | None:
+        token = auth.require(request, "admin")
+        if token is not None and token.model_pattern is not None:
+            raise TokenForbidden(f"token '{token.name}' is limited to models '{token.model_pattern}'; this "
+                                 "concerns the whole registry", hint="use an admin token for all models")
+        return token
+
+    @app.post(f"{API}/admin/verify", tags=["admin"])
+    def admin_verify(request: Request) -> dict[str, Any]:
+        """``czreg verify``: re-hash every blob (an admin token for all models)."""
+        _whole_registry_admin(request)
+        return registry.verify()
+
+    @app.post(f"{API}/admin/gc", tags=["admin"])
+    def admin_gc(request: Request, dry_run: bool = False) -> dict[str, Any]:
+        """``czreg gc``: remove unreferenced blobs (an admin token for all models)."""
+        _whole_registry_admin(request)
+        return registry.gc(dry_run=dry_run)
+
+    @app.delete(f"{API}/models/{{name}}/versions/{{version}}", tags=["admin"])
+    def purge(request: Request, name: str, version: str, reason: str | None = None) -> dict[str, Any]:
+        """``czreg purge``: delete a version for good (an admin token for this model)."""
+        token = auth.require(request, "admin", name)
+        with _acting(token, request):
+            return registry.purge(name, version, reason=reason)
 
     from .apidocs import add_docs_route
     from .web import add_web_routes

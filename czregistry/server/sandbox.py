@@ -11,7 +11,7 @@ from stdout and removes the folder. The child lowers its own limits before it im
 (``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE``), sets umask 077,
 ``PR_SET_NO_NEW_PRIVS`` and ``PR_SET_PDEATHSIG`` (it dies with the server), points file descriptor 1 at
 stderr (so nothing a plugin prints can garble the answer) and then calls the target:
-``czregistry.registry.api:check_package`` for uploads.
+``czregistry.admission:check_package`` for uploads.
 
 What this does not do (docs/serving.md, "Threat model"): no seccomp filter and no mount namespace, so the
 child can read whatever the server's user can read and write where that user may write (outside the
@@ -47,7 +47,7 @@ __all__ = ["VALIDATE_TARGET", "SandboxLimits", "namespaces_available", "run_sand
 log = logging.getLogger("czregistry.server")
 
 #: The target that checks an upload in the child (``check_package(path, static, smoke)``).
-VALIDATE_TARGET = "czregistry.registry.api:check_package"
+VALIDATE_TARGET = "czregistry.admission:check_package"
 #: Environment variables the child keeps: what Python, the plugins and the numeric libraries need to start.
 #: Everything else (CZREG_REGISTRY, CZREG_TOKEN, CZREG_SERVE_SETTINGS, PG*, cloud credentials) is dropped.
 _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
@@ -224,7 +224,7 @@ def _error_from(data: Any, limits: SandboxLimits, label: str) -> CzregError:
 
 
 def sandboxed_validator(limits: SandboxLimits, *, parent_dir: str | None = None) -> Any:
-    """A ``czregistry.registry.api.Validator`` that runs ``check_package`` in the sandbox."""
+    """A ``czregistry.admission.Validator`` that runs ``check_package`` in the sandbox."""
 
     def validator(path: Path, static: bool, smoke: bool) -> tuple[Report, Report | None]:
         out = run_sandboxed(VALIDATE_TARGET, [str(path), static, smoke], limits, label=path.name,

@@ -22,7 +22,7 @@ from .settings import COOKIE
 
 if TYPE_CHECKING:
     from ..registry.api import Registry
-    from .app import Auth
+    from .auth import Auth
 
 __all__ = ["add_web_routes", "error_page"]
 
@@ -124,6 +124,22 @@ def _evaluations_html(evaluations: list[dict[str, Any]]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _signatures_html(signatures: list[dict[str, Any]]) -> str:
+    """Who signed a version (the key's fingerprint: SHA-256 of its public key PEM, as ``czreg keygen`` prints
+    it) and whether the stored bundles are about these bytes. Trusting the key is the reader's decision:
+    ``czreg pull --key THEIR.pub`` checks the signature cryptographically."""
+    if not signatures:
+        return '<p class="muted">Not signed.</p>'
+    rows = "".join(
+        f'<tr><td><code>{_e(x["key_id"])}</code></td><td>{_e(x.get("created_by") or "")}</td>'
+        f'<td class="muted">{_e(x.get("created_at") or "")}</td><td>'
+        + ('<span class="badge ok">bound to these bytes</span>' if x.get("bound")
+           else '<span class="badge bad">DOES NOT MATCH these bytes</span>') + "</td></tr>" for x in signatures)
+    return ("<table><thead><tr><th>Key fingerprint</th><th>Stored by</th><th>When</th><th>Signature</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table><p class=\"muted\">Verify with the signer's public key: "
+            "<code>czreg pull NAME==VERSION --key THEIR.pub</code>.</p>")
+
+
 def _report_html(info: dict[str, Any]) -> str:
     rep = info["report"]
     findings = [f for f in rep.get("findings", []) if f.get("severity") in ("error", "warning")]
@@ -207,6 +223,7 @@ def add_web_routes(app: FastAPI, reg: "Registry", auth: "Auth") -> None:
         if shown_version:
             info = details.get(shown_version) or reg.show(f"{cname}=={shown_version}")
             parts.append(f"<h2>Validation report of {_e(shown_version)}</h2>" + _report_html(info))
+            parts.append(f"<h2>Signatures of {_e(shown_version)}</h2>" + _signatures_html(info.get("signatures") or []))
             if info.get("evaluations"):
                 parts.append(f"<h2>Evaluations of {_e(shown_version)}</h2>" + _evaluations_html(info["evaluations"]))
             if info.get("yanked"):
