@@ -43,7 +43,7 @@ from ..errors import BackendError, PackError, UsageError, first_line
 from ..layers import LayerSpec
 from ..progress import step
 from ..report import Finding, Report, Severity
-from ..sources import LayerStack, LoadOptions
+from ..sources import LayerStack, LoadedSource, LoadOptions
 from .metadata import (
     _CZANN_KEYS,
     _LEGACY_KEYS,
@@ -286,6 +286,18 @@ def pack(
     if spatial is not None:
         with step(f"pack: checking that the model takes {_fmt(spatial)} tiles"):
             infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
+    if loaded.onnx_bytes is None and any(spec.factory is None for spec, _ in (*pre, *post)):
+        # a layer exists only as ONNX: export the (tile-fixed) model to ONNX and splice the layers into that
+        if model_format == "savedmodel":
+            only = next(spec.name for spec, _ in (*pre, *post) if spec.factory is None)
+            raise UsageError(f"layer '{only}' has only an ONNX form and cannot go into a SavedModel",
+                             hint="use --model-format onnx")
+        with step("pack: exporting the model to ONNX for the layers"):
+            if spatial is not None and spatial != tuple(base_shape[1:-1]):
+                loaded = loaded.compose([], [], spatial)
+            loaded = LoadedSource(loaded.description, loaded.reference,
+                                  onnx_bytes=loaded.export("onnx", use_opset), notes=loaded.notes)
+            reference = loaded.reference
     if loaded.onnx_bytes is None:
         # the source composes the layers in its own framework and exports the result
         if pre or post or (spatial is not None and spatial != tuple(base_shape[1:-1])):
