@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from czregistry.hookspecs import hookimpl
 from czregistry.builtin_layers import LAYER_SPECS as _BUILTIN_SPECS
+from czregistry.hookspecs import hookimpl
 from czregistry.layers import LayerSpec
 
 from .backend import TensorFlowBackend
