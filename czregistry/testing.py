@@ -226,7 +226,7 @@ def _check_onnx_form(spec: LayerSpec, kwargs: dict[str, Any], what: str, sample:
     volume = (rng.random((2, 6, 10, 8, channels)) * value_scale).astype(np.float32)
     outputs: dict[int, np.ndarray] = {}
     for x in (sample, volume):
-        for op in [use_opset, *([LEGACY_OPSET] if LEGACY_OPSET != use_opset else [])]:
+        for op in [use_opset, *([LEGACY_OPSET] if use_opset != LEGACY_OPSET else [])]:
             try:
                 out = _run_fragment(spec, kwargs, x, op)
             except CzregError as exc:

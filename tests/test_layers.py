@@ -196,7 +196,8 @@ def test_prepend_and_append_sets_spatial_dims_and_keeps_weights(model_cache: Cal
 @pytest.mark.parametrize(("pre", "post", "message"), [
     (["sigmoid_to_softmax"], [], "layer 'sigmoid_to_softmax' is a post-processing layer; it cannot go before"),
     ([], ["scale:factor=2"], "layer 'scale' is a pre-processing layer; it cannot go after"),
-    (["transpose_channels:order=[0,0,1]"], [], r"layer 'transpose_channels' \(plugin 'builtin_layers'\) cannot be built"),
+    (["transpose_channels:order=[0,0,1]"], [],
+     r"layer 'transpose_channels' \(plugin 'builtin_layers'\) cannot be built"),
     (["rgba_to_bgra"], [], "cannot compose model 'unet' with the requested layers"),
 ])
 def test_prepend_and_append_errors_name_the_layer(model_cache: Callable[..., Path], pre: list[str],
