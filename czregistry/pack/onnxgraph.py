@@ -309,6 +309,17 @@ def _fragment_model(name: str, part: Any, shape: Sequence[int | None]) -> Any:
         part = onnx.load_model_from_string(part)
     if isinstance(part, onnx.ModelProto):  # a whole model, e.g. onnxscript's to_model_proto()
         model = part
+        inits = {t.name for t in model.graph.initializer}
+        for inp in model.graph.input:  # onnxscript's FLOAT[...] leaves the shape out: it is the context's
+            if inp.name not in inits and not inp.type.tensor_type.HasField("shape"):
+                for d in _dims(shape):
+                    dim = inp.type.tensor_type.shape.dim.add()
+                    if isinstance(d, int):
+                        dim.dim_value = d
+                    else:
+                        dim.dim_param = d
+        if len(model.graph.output) == 1 and not model.graph.output[0].type.tensor_type.HasField("shape"):
+            _type_output(model, shape)
     elif isinstance(part, OnnxFragment):
         graph = helper.make_graph(
             list(part.nodes), f"layer_{name}",
