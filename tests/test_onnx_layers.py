@@ -182,3 +182,49 @@ def test_per_image_layer_in_front_of_a_local_network_is_reported_global(layer: s
              "local=False)")
     assert claim in result.warnings
     assert any(str(w.message) == claim for w in record)
+
+
+# -- the tutorial's onnxscript layer (docs/plugins.md, step 2) -------------------------------------------
+
+
+def test_docs_onnxscript_layer(tmp_path: Path) -> None:
+    """Registered through the hook, checked with check_layer against NumPy, packed in front of a PyTorch model
+    with ``czreg pack``; the package equals gamma, the net and the softmax done here."""
+    pytest.importorskip("onnxscript")
+    from types import ModuleType
+
+    from click.testing import CliRunner
+
+    from czregistry.cli import main
+    from czregistry.hookspecs import hookimpl
+    from czregistry.layers import LayerSpec, Param
+    from czregistry.plugins import get_host
+    from czregistry.testing import check_layer
+    from tests.onnxscript_layer import gamma
+
+    spec = LayerSpec("gamma", "pre", None, {"gamma": Param("float", default=0.5)}, "max(x, 0) ** gamma",
+                     onnx=gamma)
+    result = check_layer(spec, {"gamma": 0.5}, channels=1, value_scale=255,
+                         reference=lambda x: np.maximum(x, 0) ** 0.5)
+    assert result.forms == ["onnx"] and result.reference_max_abs is not None and result.reference_max_abs < 1e-5
+
+    plugin = ModuleType("gamma_plugin")
+
+    def register_layers(register: Any) -> None:
+        register(spec)
+
+    plugin.register_layers = hookimpl(register_layers)  # type: ignore[attr-defined]
+    get_host().register_plugin(plugin, "gamma_plugin")
+    net = _tiny_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    out = tmp_path / "g.czann"
+    res = CliRunner().invoke(main, ["pack", str(tmp_path / "net.pt"), "-o", str(out), "--type", SEG["Type"],
+                                    "--classes", "background,foreground", "--min-overlap", "16", "--tile", "64",
+                                    "64", "--pre", "gamma:gamma=0.25", "--post", "softmax"])
+    assert res.exit_code == 0, res.output
+    x = (np.random.default_rng(6).random((1, 64, 64, 1)) * 4).astype(np.float32)
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(np.moveaxis(x ** 0.25, -1, 1))), dim=1).numpy()
+    np.testing.assert_allclose(_run_package(out, x), np.moveaxis(probs, 1, -1), atol=1e-5)

@@ -333,6 +333,11 @@ def _fragment_model(name: str, part: Any, shape: Sequence[int | None]) -> Any:
     else:
         raise PackError(f"layer '{name}': its onnx form returned {type(part).__name__}, not an OnnxFragment or "
                         "onnx.ModelProto", hint="see 'register_layers' in docs/plugins.md")
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):  # ORT would read that file while packing
+            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+            raise PackError(f"layer '{name}': its ONNX form keeps tensor '{tensor.name}' outside the graph (in "
+                            f"'{where}')", hint="a layer embeds its constants (numpy_helper.from_array)")
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1 or len(model.graph.output) != 1:
