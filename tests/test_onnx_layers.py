@@ -65,7 +65,10 @@ def _run_package(path: Path, x: np.ndarray) -> np.ndarray:
 def _no_tf(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "no_tf.py"
     script.write_text(BLOCK_TF + textwrap.dedent(code), encoding="utf-8")
-    env = {**os.environ, "CZREG_PLUGINS": NO_TF_PLUGINS, "CZREG_PROGRESS": "off", "CZREG_HOME": str(tmp_path / "home")}
+    root = str(Path(__file__).resolve().parents[1])  # the API script imports tests.test_onnx_layers
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "CZREG_PLUGINS": NO_TF_PLUGINS, "CZREG_PROGRESS": "off", "CZREG_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
 
