@@ -330,3 +330,26 @@ def test_check_layer_catches_an_undeclared_whole_image_onnx_layer() -> None:
     liar = dataclasses.replace(SPECS["per_image_standardization"], local=True, factory=None)
     with pytest.raises(AssertionError, match="breaks spatial invariance"):
         check_layer(liar, {}, channels=3)
+
+
+@pytest.mark.slow
+def test_keras_file_with_builtin_layers_packs_in_a_fresh_process(tmp_path: Path) -> None:
+    """A ``.keras`` file saved with built-in layers (``czregistry>RgbToBgr``, ...) loads where nothing has
+    imported the Keras forms yet: the Keras source registers them before deserialising."""
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same", activation="softmax")(inp))
+    composed = prepend_and_append(model, [parse_layer("rgb_to_bgr"), parse_layer("normalize:mean=0.5,std=0.2")],
+                                  [], spatial_dims=(None, None))
+    composed.save(tmp_path / "old.keras")
+    res = subprocess.run([sys.executable, "-m", "czregistry", "pack", str(tmp_path / "old.keras"), "-o",
+                          str(tmp_path / "old.czann"), "--type", "SingleClassSemanticSegmentation", "--classes", "a,b",
+                          "--min-overlap", "8", "--tile", "32", "32"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CZREG_PROGRESS": "off"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"packed {tmp_path / 'old.czann'} (czann, onnx, opset 18)")
