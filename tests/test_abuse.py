@@ -1777,3 +1777,33 @@ def test_layer_parameters_that_do_not_fit_the_model_are_one_line(tmp_path: Path)
     res = _pack_with(src, out, "transpose_channels:order=[0,0]")
     assert res.exit_code == 6 and "order must be a permutation of 0..n-1, got [0, 0]" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_keras_only_layer_without_tensorflow_names_what_to_install(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer written before the ONNX form existed (Keras factory only), on an ONNX source, where the
+    TensorFlow plugin is not loaded: one line saying what to install or write, nothing written."""
+    from types import ModuleType
+
+    from czregistry.hookspecs import hookimpl
+    from czregistry.layers import LayerSpec
+    from czregistry.plugins import get_host, reset_host
+    from czregistry.testing import invariant_conv_onnx
+
+    monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime")
+    reset_host()
+    plugin = ModuleType("old_layers")
+
+    def register_layers(register: Any) -> None:
+        register(LayerSpec("old", "pre", lambda: None, {}, "a Keras-only layer"))
+
+    plugin.register_layers = hookimpl(register_layers)  # type: ignore[attr-defined]
+    get_host().register_plugin(plugin, "old_layers")
+    src = tmp_path / "conv.onnx"
+    src.write_bytes(invariant_conv_onnx(1, 2, activation="softmax"))
+    res = _pack_with(src, tmp_path / "out.czann", "old")
+    assert res.exit_code == 6, res.output
+    assert res.output == ("Error: these layers exist only as Keras layers (no ONNX form), and no plugin that builds "
+                          "Keras layers is loaded\nHint: pip install czregistry-tensorflow "
+                          "(plugins/czregistry-tensorflow), or give the layer an ONNX form (docs/plugins.md)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
