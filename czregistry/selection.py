@@ -237,5 +237,6 @@ def layer_builder() -> Source:
     for _, (_, cls) in sorted(available_sources().items()):
         if cls.builds_layers:
             return cls()
-    raise PackError("pre/post-processing layers need the plugin that builds them, and none is loaded",
-                    hint="pip install czregistry-tensorflow (plugins/czregistry-tensorflow)")
+    raise PackError("these layers exist only as Keras layers (no ONNX form), and no plugin that builds Keras "
+                    "layers is loaded", hint="pip install czregistry-tensorflow (plugins/czregistry-tensorflow), "
+                    "or give the layer an ONNX form (docs/plugins.md)")

@@ -9,13 +9,16 @@
         check_backend(MyBackend, my_package_path)
 
 Each helper raises ``AssertionError`` with a message that says which part of the contract failed and
-returns a small result with what it measured. TensorFlow, Keras, tf2onnx and ONNX Runtime are imported
-inside the functions; layer checks need the ``czregistry-tensorflow`` plugin installed.
+returns a small result with what it measured. ONNX, ONNX Runtime, TensorFlow, Keras and tf2onnx are imported
+inside the functions. A layer's ONNX form is checked with ``onnx`` and ``onnxruntime`` only (no TensorFlow);
+its Keras form, where it has one and Keras is installed, with the ``czregistry-tensorflow`` plugin.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from .backends import Backend, Device, Session, Signature, TensorInfo, validate_
 from .errors import CzregError
 from .layers import LayerSpec, validate_layer_spec
 
-__all__ = ["BackendCheck", "LayerCheck", "check_backend", "check_input", "check_layer", "invariant_conv_model"]
+__all__ = ["BackendCheck", "LayerCheck", "check_backend", "check_input", "check_layer", "invariant_conv_model",
+           "invariant_conv_onnx"]
 
 #: Two 3x3 'same' convolutions: an output pixel sees input pixels at most this far away.
 _HALO = 2
@@ -34,16 +38,26 @@ _HALO = 2
 
 @dataclass
 class LayerCheck:
-    """What ``check_layer`` measured (max absolute differences against the Keras output)."""
+    """What ``check_layer`` measured (max absolute differences)."""
 
     name: str
     output_shape: tuple[int, ...]
-    savedmodel_max_abs: float
+    #: The Keras form exported as a SavedModel against Keras; ``None`` when the Keras form was not checked.
+    savedmodel_max_abs: float | None
+    #: The layer in the packaged ONNX graph against its reference: the ONNX form spliced into a model against
+    #: the Keras composition (or, without a Keras form, the fragment and the model run one after the other);
+    #: for a Keras-only layer, its tf2onnx conversion against Keras.
     onnx_max_abs: float
     #: Max difference between tiled and whole-image output of an invariant model with the layer;
     #: ``None`` when the layer declares ``local=False`` (tiles then legitimately differ).
     invariance_max_abs: float | None
     notes: list[str] = field(default_factory=list)
+    #: The forms checked: ``onnx``, ``keras``.
+    forms: list[str] = field(default_factory=list)
+    #: The ONNX form against the Keras form on the same input (``None`` without both).
+    keras_max_abs: float | None = None
+    #: The ONNX form against the ``reference`` function given to ``check_layer`` (``None`` without one).
+    reference_max_abs: float | None = None
 
 
 @dataclass
@@ -90,43 +104,210 @@ def _assert_close(what: str, got: np.ndarray, want: np.ndarray, atol: float, rto
 
 def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channels: int = 3, tile: int = 32,
                 value_scale: float = 1.0, atol: float = 1e-4, rtol: float = 1e-5, opset: int | None = None,
-                seed: int = 0) -> LayerCheck:
-    """Check a registered layer end to end.
+                seed: int = 0, reference: Callable[[np.ndarray], np.ndarray] | None = None) -> LayerCheck:
+    """Check a registered layer end to end, in every form it has.
 
-    1. The spec is valid and its factory builds a Keras layer from ``kwargs``.
-    2. ``get_config`` round-trips: ``from_config`` and ``keras.saving`` (de)serialization rebuild a layer
-       with the same output (so the layer is registered as serializable).
-    3. Composed with a small invariant model (before it for ``pre`` layers, after it for ``post``), the
-       model's output survives a SavedModel export (run by the TensorFlow backend's loader) and an ONNX
-       conversion (run by ONNX Runtime on the CPU) within ``atol``/``rtol``.
-    4. For layers declared ``local`` (the default), the composed model stays spatially invariant: the
-       output for a crop equals the crop of the whole-image output away from the crop's edges.
+    The ONNX form (``spec.onnx``; needs only ``onnx`` and ``onnxruntime``):
+
+    1. builds for NHWC and NDHWC inputs at ``opset`` (default 18) and at 12 (legacy ``.czmodel``), runs in
+       ONNX Runtime, and gives the same output at both opsets;
+    2. equals ``reference(x)`` (a NumPy function you give) and the Keras form (if it has one and Keras is
+       installed) within ``atol``/``rtol``;
+    3. spliced into a small invariant ONNX convolutional model (before it for ``pre`` layers, after it for
+       ``post``), gives what the fragment and the model give one after the other;
+    4. for layers declared ``local`` (the default), keeps that model spatially invariant: the output for a crop
+       equals the crop of the whole-image output away from the crop's edges. A layer that uses whole-image
+       statistics must say ``local=False``; the validator measures it either way.
+
+    The Keras form (``spec.factory``, when Keras is installed): the factory builds a Keras layer whose
+    ``get_config`` round-trips (``from_config`` and ``keras.saving``), and composed with a small invariant
+    model it survives a SavedModel export and an ONNX conversion; for ``local`` layers it stays invariant.
 
     ``channels`` is what the layer receives; ``value_scale`` scales the random input (65535 for 16-bit).
     """
-    import keras
-
-    from .pack.onnxgraph import DEFAULT_OPSET
-    from .selection import layer_builder
-    from .sources import LoadOptions
-
-    # the layers' own plugin (the source that builds them: Keras in czregistry-tensorflow) exports the models
-    builder = layer_builder()
-
     try:
         validate_layer_spec(spec)
     except TypeError as exc:
         raise _fail(f"layer spec {spec!r}", str(exc)) from exc
     kwargs = dict(kwargs or {})
     what = f"layer '{spec.name}'"
+    rng = np.random.default_rng(seed)
+    sample = (rng.random((2, tile, tile, channels)) * value_scale).astype(np.float32)
+    use_keras = spec.factory is not None and importlib.util.find_spec("keras") is not None
+    notes: list[str] = []
+    if spec.factory is not None and not use_keras:
+        notes.append("Keras form not checked: Keras is not installed")
+    keras_result = _check_keras_form(spec, kwargs, what, sample, rng, value_scale, atol, rtol, opset) \
+        if use_keras else None
+    if spec.onnx is None:
+        if keras_result is None:
+            raise _fail(what, "has only a Keras form and Keras is not installed here; give it an ONNX form "
+                              "(LayerSpec(..., onnx=...)) or install czregistry-tensorflow")
+        keras_result.forms = ["keras"]
+        keras_result.notes = notes + keras_result.notes
+        return keras_result
+    result = _check_onnx_form(spec, kwargs, what, sample, rng, value_scale, atol, rtol, opset, reference)
+    result.notes = notes + result.notes
+    if keras_result is not None:
+        keras_out = np.asarray(spec.factory(**kwargs)(sample))  # type: ignore[misc]
+        result.keras_max_abs = _assert_close(f"{what}: the ONNX form against the Keras form",
+                                             _run_fragment(spec, kwargs, sample, opset), keras_out, atol, rtol)
+        result.savedmodel_max_abs = keras_result.savedmodel_max_abs
+        result.onnx_max_abs = max(result.onnx_max_abs, keras_result.onnx_max_abs)
+        result.forms = ["onnx", "keras"]
+    return result
+
+
+def _ort_run(data: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+
+def _fragment_bytes(spec: LayerSpec, kwargs: dict[str, Any], shape: tuple[int | None, ...], opset: int) -> bytes:
+    from .pack.onnxgraph import layers_to_onnx
+
+    return layers_to_onnx([(spec, kwargs)], shape, opset)[0]
+
+
+def _run_fragment(spec: LayerSpec, kwargs: dict[str, Any], x: np.ndarray, opset: int | None) -> np.ndarray:
+    from .pack.onnxgraph import DEFAULT_OPSET
+
+    shape = (None,) * (x.ndim - 1) + (int(x.shape[-1]),)
+    return _ort_run(_fragment_bytes(spec, kwargs, shape, opset or DEFAULT_OPSET), x)
+
+
+def invariant_conv_onnx(in_channels: int, out_channels: int, *, rank: int = 4, activation: str | None = None,
+                        opset: int = 18, seed: int = 7) -> bytes:
+    """``invariant_conv_model`` as ONNX, without Keras: channels-last input, two 3x3 (3x3x3) convolutions with
+    'same' padding and a ReLU between, an optional ``"softmax"`` / ``"sigmoid"`` over the channels. Any
+    spatial size works; an output pixel sees input pixels at most 2 away."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    spatial = rank - 2
+    w_rng = np.random.default_rng(seed)
+    to_first, to_last = [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
+    w1 = (w_rng.standard_normal((4, in_channels, *[3] * spatial)) * 0.5).astype(np.float32)
+    w2 = (w_rng.standard_normal((out_channels, 4, *[3] * spatial)) * 0.5).astype(np.float32)
+    conv: dict[str, Any] = {"kernel_shape": [3] * spatial, "pads": [1] * (2 * spatial)}
+    nodes = [helper.make_node("Transpose", ["input"], ["nchw"], perm=to_first),
+             helper.make_node("Conv", ["nchw", "w1"], ["c1"], **conv),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], **conv),
+             helper.make_node("Transpose", ["c2"], ["logits" if activation else "output"], perm=to_last)]
+    if activation == "softmax":
+        nodes.append(helper.make_node("Softmax", ["logits"], ["output"], axis=-1))
+    elif activation == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["logits"], ["output"]))
+    dims: list[int | str] = ["batch", *[f"s{i}" for i in range(spatial)]]
+    graph = helper.make_graph(
+        nodes, "invariant_conv",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [*dims, in_channels])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [*dims, out_channels])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def _check_onnx_form(spec: LayerSpec, kwargs: dict[str, Any], what: str, sample: np.ndarray,
+                     rng: np.random.Generator, value_scale: float, atol: float, rtol: float, opset: int | None,
+                     reference: Callable[[np.ndarray], np.ndarray] | None) -> LayerCheck:
+    from .errors import CzregError
+    from .pack.onnxgraph import DEFAULT_OPSET, LEGACY_OPSET, splice_onnx
+
+    use_opset = opset or DEFAULT_OPSET
+    channels = int(sample.shape[-1])
+    notes: list[str] = []
+    # 1. NHWC and NDHWC, at the package's opset and the legacy one
+    volume = (rng.random((2, 6, 10, 8, channels)) * value_scale).astype(np.float32)
+    outputs: dict[int, np.ndarray] = {}
+    for x in (sample, volume):
+        for op in [use_opset, *([LEGACY_OPSET] if use_opset != LEGACY_OPSET else [])]:
+            try:
+                out = _run_fragment(spec, kwargs, x, op)
+            except CzregError as exc:
+                raise _fail(what, f"the ONNX form does not build for input {list(x.shape)} at opset {op}: "
+                                  f"{exc.message}") from exc
+            except Exception as exc:
+                raise _fail(what, f"the ONNX form does not run on input {list(x.shape)} at opset {op}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if out.ndim != x.ndim or out.shape[:-1] != x.shape[:-1]:
+                raise _fail(what, f"the ONNX form maps {list(x.shape)} to {list(out.shape)}; a layer keeps the "
+                                  "batch and spatial axes")
+            if x is sample and op != use_opset:
+                _assert_close(f"{what}: the ONNX form at opset {op} against opset {use_opset}", out,
+                              outputs[use_opset], atol, rtol)
+            if x is sample:
+                outputs[op] = out
+    out = outputs[use_opset]
+    # 2. against the user's NumPy reference
+    reference_diff: float | None = None
+    if reference is not None:
+        reference_diff = _assert_close(f"{what}: the ONNX form against the reference", out,
+                                       np.asarray(reference(sample), dtype=np.float32), atol, rtol)
+    # 3. spliced into a model
+    layer_shape = (None, None, None, channels)
+    fragment = _fragment_bytes(spec, kwargs, layer_shape, use_opset)
+    if spec.kind == "pre":
+        model = invariant_conv_onnx(int(out.shape[-1]), 2, activation="softmax", opset=use_opset)
+        x = sample
+        chained = _ort_run(model, out)
+        spliced = splice_onnx(model, fragment, None)
+    else:
+        model = invariant_conv_onnx(1, channels, activation="sigmoid", opset=use_opset)
+        x = (rng.random((2, sample.shape[1], sample.shape[2], 1)) * value_scale).astype(np.float32)
+        chained = _ort_run(fragment, _ort_run(model, x))
+        spliced = splice_onnx(model, None, fragment)
+    got = _ort_run(spliced, x)
+    onnx_diff = _assert_close(f"{what} spliced into an ONNX model", got, chained, atol, rtol)
+    # 4. spatial invariance of the spliced model
+    invariance: float | None = None
+    if spec.local:
+        invariance = _invariance(what, lambda crop: _ort_run(spliced, crop), x, got, atol, rtol)
+    else:
+        notes.append("declared local=False: tiled inference differs from whole-image inference")
+    return LayerCheck(spec.name, tuple(int(d) for d in got.shape), None, onnx_diff, invariance, notes,
+                      forms=["onnx"], reference_max_abs=reference_diff)
+
+
+def _invariance(what: str, run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, want: np.ndarray,
+                atol: float, rtol: float) -> float:
+    """Crop vs whole image, away from the crop's edges; fails with the local=False advice."""
+    half = x.shape[1] // 2
+    crop = x[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
+    whole = want[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
+    tiled = np.asarray(run(crop))
+    m = _HALO
+    diff = _max_abs(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m])
+    if not np.allclose(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m], atol=atol, rtol=rtol):
+        raise _fail(what, f"breaks spatial invariance (tile vs whole image differ by {diff:.3g}); "
+                          "if it uses whole-image statistics, declare LayerSpec(..., local=False)")
+    return diff
+
+
+def _check_keras_form(spec: LayerSpec, kwargs: dict[str, Any], what: str, sample: np.ndarray,
+                      rng: np.random.Generator, value_scale: float, atol: float, rtol: float,
+                      opset: int | None) -> LayerCheck:
+    import keras
+
+    from .pack.onnxgraph import DEFAULT_OPSET
+    from .selection import layer_builder
+    from .sources import LoadOptions
+
+    assert spec.factory is not None
+    # the Keras layers' plugin (the source that builds them: czregistry-tensorflow) exports the models
+    builder = layer_builder()
+    channels = int(sample.shape[-1])
     layer = spec.factory(**kwargs)
     if not isinstance(layer, keras.layers.Layer):
         raise _fail(what, f"factory returned {type(layer).__name__}, not a keras.layers.Layer")
-    rng = np.random.default_rng(seed)
-    sample = (rng.random((2, tile, tile, channels)) * value_scale).astype(np.float32)
     out = np.asarray(layer(sample))
 
-    # 2. serialization
+    # serialization
     config = layer.get_config()
     clone = type(layer).from_config(config)
     if not np.allclose(np.asarray(clone(sample)), out, atol=atol, rtol=rtol):
@@ -142,7 +323,8 @@ def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channe
         raise _fail(what, f"keras.saving revived a {type(revived).__name__}, not a {type(layer).__name__}; "
                           "register it with keras.saving.register_keras_serializable")
 
-    # 3. export survival
+    # export survival
+    tile = int(sample.shape[1])
     if spec.kind == "pre":
         base = invariant_conv_model(int(out.shape[-1]), 2, activation="softmax")
         inp = keras.Input((None, None, channels), name="input", dtype="float32")
@@ -153,24 +335,16 @@ def check_layer(spec: LayerSpec, kwargs: dict[str, Any] | None = None, *, channe
         model = keras.Model(base.input, spec.factory(**kwargs)(base.output))
         x = (rng.random((2, tile, tile, 1)) * value_scale).astype(np.float32)
     want = np.asarray(model(x))
-    notes: list[str] = []
     use_opset = opset or DEFAULT_OPSET
     loaded = builder.load(model, LoadOptions(opset=use_opset))
     sm_diff = _check_savedmodel(what, loaded.export("savedmodel", use_opset), x, want, atol, rtol)
     onnx_diff = _check_onnx(what, loaded.export("onnx", use_opset), x, want, atol, rtol, use_opset)
 
-    # 4. spatial invariance
+    # spatial invariance
     invariance: float | None = None
+    notes: list[str] = []
     if spec.local:
-        half = tile // 2
-        crop = x[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
-        whole = want[:, half // 2: half // 2 + half, half // 2: half // 2 + half]
-        tiled = np.asarray(model(crop))
-        m = _HALO
-        invariance = _max_abs(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m])
-        if not np.allclose(tiled[:, m:-m, m:-m], whole[:, m:-m, m:-m], atol=atol, rtol=rtol):
-            raise _fail(what, f"breaks spatial invariance (tile vs whole image differ by {invariance:.3g}); "
-                              "if it uses whole-image statistics, declare LayerSpec(..., local=False)")
+        invariance = _invariance(what, lambda crop: np.asarray(model(crop)), x, want, atol, rtol)
     else:
         notes.append("declared local=False: tiled inference differs from whole-image inference")
     return LayerCheck(spec.name, tuple(int(d) for d in want.shape), sm_diff, onnx_diff, invariance, notes)

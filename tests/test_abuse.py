@@ -1760,3 +1760,127 @@ def test_database_commands_name_the_reason_in_user_terms(contract_srv: Any) -> N
     r = cli("token", "list", "--registry", contract_srv.url)
     assert r.exit_code == 2
     assert r.output.splitlines()[0] == "Error: tokens are managed on the server, in its registry database"
+
+
+# --- issue 28: layers as ONNX fragments (a plugin's layer is foreign code; its parameters are user input) ---
+
+
+def _fragment_plugin(tmp_path: Path, onnx_form: Any) -> tuple[Path, Path]:
+    """Register layer 'evil' with ``onnx_form`` in-process; return a real NHWC ONNX model and an output path."""
+    from types import ModuleType
+
+    from czregistry.hookspecs import hookimpl
+    from czregistry.layers import LayerSpec
+    from czregistry.plugins import get_host
+    from czregistry.testing import invariant_conv_onnx
+
+    plugin = ModuleType("evil_layers")
+
+    def register_layers(register: Any) -> None:
+        register(LayerSpec("evil", "pre", None, {}, "hostile", onnx=onnx_form))
+
+    plugin.register_layers = hookimpl(register_layers)  # type: ignore[attr-defined]
+    get_host().register_plugin(plugin, "evil_layers")
+    src = tmp_path / "conv.onnx"
+    src.write_bytes(invariant_conv_onnx(1, 2, activation="softmax"))
+    return src, tmp_path / "out.czann"
+
+
+def _pack_with(src: Path, out: Path, *pre: str) -> Any:
+    args = ["pack", str(src), "-o", str(out), "--type", "SingleClassSemanticSegmentation", "--classes", "a,b",
+            "--min-overlap", "8", "--tile", "32", "32"]
+    for p in pre:
+        args += ["--pre", p]
+    return CliRunner().invoke(main, args)
+
+
+def _evil_nodes(kind: str) -> Any:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from czregistry.layers import OnnxFragment
+
+    def form(ctx: Any) -> Any:
+        if kind == "not a fragment":
+            return "rm -rf /"
+        if kind == "two outputs":
+            graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"]),
+                                       helper.make_node("Identity", ["x"], ["z"])], "g",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "h", "w", "c"]),
+                                       helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "h", "w", "c"])])
+            return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        if kind == "unknown op":
+            return OnnxFragment([helper.make_node("SystemCall", ["x"], ["y"])], (), ctx.opset)
+        weight = numpy_helper.from_array(np.zeros(1, np.float32), "w")  # "external data": a host file
+        weight.data_location = TensorProto.EXTERNAL
+        weight.ClearField("raw_data")
+        entry = weight.external_data.add()
+        entry.key, entry.value = "location", "/etc/passwd"
+        return OnnxFragment([helper.make_node("Add", ["x", "w"], ["y"])], [weight], ctx.opset)
+
+    return form
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("not a fragment", "Error: layer 'evil': its onnx form returned str, not an OnnxFragment or onnx.ModelProto\n"
+                       "Hint: see 'register_layers' in docs/plugins.md\n"),
+    ("two outputs", "Error: layer 'evil': its ONNX form has 1 inputs and 2 outputs; a layer has exactly one of "
+                    "each\n"),
+    ("unknown op", "Error: layer 'evil': its ONNX form is not a valid graph: No Op registered for SystemCall with "
+                   "domain_version of 18\n"),
+    ("external data", "Error: layer 'evil': its ONNX form keeps tensor 'w' outside the graph (in '/etc/passwd')\n"
+                      "Hint: a layer embeds its constants (numpy_helper.from_array)\n"),
+])
+def test_hostile_onnx_layer_form_is_refused_in_one_line(kind: str, message: str, tmp_path: Path) -> None:
+    """A plugin's ONNX form that is no fragment, has two outputs, uses an op ONNX does not have, or points a
+    tensor at a host file: exit 6 (PackError), one line naming the layer, nothing written (and no file read)."""
+    src, out = _fragment_plugin(tmp_path, _evil_nodes(kind))
+    res = _pack_with(src, out, "evil")
+    assert res.exit_code == 6, res.output
+    assert res.output.endswith(message) if kind != "unknown op" else res.output.startswith(message.rstrip("\n"))
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_layer_parameters_that_do_not_fit_the_model_are_one_line(tmp_path: Path) -> None:
+    """User input: a per-channel vector longer than the model's channels, a transpose that is no permutation."""
+    src, out = _fragment_plugin(tmp_path, _evil_nodes("unknown op"))
+    res = _pack_with(src, out, "normalize:mean=[0.1,0.2],std=1")
+    assert res.exit_code == 6, res.output
+    assert res.output == ("Error: layer 'normalize' cannot be built with {'mean': [0.1, 0.2], 'std': [1.0]}: 2 "
+                          "per-channel values given but the input has 1 channels\n"
+                          "Hint: check the parameters of 'normalize' in 'czreg plugins'\n")
+    res = _pack_with(src, out, "transpose_channels:order=[0,0]")
+    assert res.exit_code == 6 and "order must be a permutation of 0..n-1, got [0, 0]" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_keras_only_layer_without_tensorflow_names_what_to_install(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer written before the ONNX form existed (Keras factory only), on an ONNX source, where the
+    TensorFlow plugin is not loaded: one line saying what to install or write, nothing written."""
+    from types import ModuleType
+
+    from czregistry.hookspecs import hookimpl
+    from czregistry.layers import LayerSpec
+    from czregistry.plugins import get_host, reset_host
+    from czregistry.testing import invariant_conv_onnx
+
+    monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime")
+    reset_host()
+    plugin = ModuleType("old_layers")
+
+    def register_layers(register: Any) -> None:
+        register(LayerSpec("old", "pre", lambda: None, {}, "a Keras-only layer"))
+
+    plugin.register_layers = hookimpl(register_layers)  # type: ignore[attr-defined]
+    get_host().register_plugin(plugin, "old_layers")
+    src = tmp_path / "conv.onnx"
+    src.write_bytes(invariant_conv_onnx(1, 2, activation="softmax"))
+    res = _pack_with(src, tmp_path / "out.czann", "old")
+    assert res.exit_code == 6, res.output
+    assert res.output == ("Error: these layers exist only as Keras layers (no ONNX form), and no plugin that builds "
+                          "Keras layers is loaded\nHint: pip install czregistry-tensorflow "
+                          "(plugins/czregistry-tensorflow), or give the layer an ONNX form (docs/plugins.md)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]

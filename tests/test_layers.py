@@ -196,7 +196,8 @@ def test_prepend_and_append_sets_spatial_dims_and_keeps_weights(model_cache: Cal
 @pytest.mark.parametrize(("pre", "post", "message"), [
     (["sigmoid_to_softmax"], [], "layer 'sigmoid_to_softmax' is a post-processing layer; it cannot go before"),
     ([], ["scale:factor=2"], "layer 'scale' is a pre-processing layer; it cannot go after"),
-    (["transpose_channels:order=[0,0,1]"], [], r"layer 'transpose_channels' \(plugin 'tensorflow'\) cannot be built"),
+    (["transpose_channels:order=[0,0,1]"], [],
+     r"layer 'transpose_channels' \(plugin 'builtin_layers'\) cannot be built"),
     (["rgba_to_bgra"], [], "cannot compose model 'unet' with the requested layers"),
 ])
 def test_prepend_and_append_errors_name_the_layer(model_cache: Callable[..., Path], pre: list[str],
@@ -257,3 +258,98 @@ def test_parse_layer_arg_errors(arg: str, message: str) -> None:
         parse_layer(arg)
     assert err.value.message == message
     assert err.value.exit_code == 2
+
+
+# -- the ONNX form of every layer (issue 28): equal to the Keras form, NHWC and NDHWC, at opsets 18 and 12 ----
+
+#: Per layer: the argument, the channel count it takes, the input scale. The closing note's parity table is
+#: what this test measures (``pytest -s`` prints it).
+PARITY_CASES: list[tuple[str, int, float]] = [
+    ("rgb_to_bgr", 3, 255.0),
+    ("rgba_to_bgra", 4, 255.0),
+    ("per_image_standardization", 3, 255.0),
+    ("normalize:mean=[0.5,0.4,0.3],std=[0.2,0.25,0.3]", 3, 1.0),
+    ("shift:offset=[0.1,-0.2]", 2, 1.0),
+    ("scale:factor=0.00392156862745098", 1, 255.0),
+    ("transpose_channels:order=[2,0,1]", 3, 1.0),
+    ("sigmoid_to_softmax", 1, 1.0),
+    ("softmax", 3, 8.0),
+    ("percentile_normalize:low=1,high=99.8", 1, 65535.0),
+    ("percentile_normalize:low=2,high=98,clip=true", 2, 65535.0),
+]
+
+
+def test_every_layer_has_an_onnx_form() -> None:
+    from czregistry.selection import available_layers
+
+    layers = available_layers()
+    assert {arg.split(":")[0] for arg, *_ in PARITY_CASES} == set(layers)
+    assert all(spec.onnx is not None for _, spec in layers.values())
+    assert {name: plugin for name, (plugin, _) in layers.items() if plugin != "builtin_layers"} == {
+        "percentile_normalize": "example"}
+
+
+@pytest.mark.parametrize(("arg", "channels", "scale"), PARITY_CASES, ids=[c[0] for c in PARITY_CASES])
+def test_onnx_form_equals_keras_form(arg: str, channels: int, scale: float) -> None:
+    """The same inputs through both forms: within 1e-6 (absolute) for 2D and 3D inputs, at both opsets."""
+    import onnxruntime as ort
+
+    from czregistry.pack.onnxgraph import layers_to_onnx
+
+    spec, kwargs = parse_layer(arg)
+    assert spec.factory is not None and spec.onnx is not None
+    rng = np.random.default_rng(28)
+    worst = 0.0
+    for spatial in ((24, 20), (6, 10, 8)):
+        x = (rng.random((2, *spatial, channels)) * scale).astype(np.float32)
+        keras_out = np.asarray(spec.factory(**kwargs)(x))
+        for opset in (18, 12):
+            data, out_shape = layers_to_onnx([(spec, kwargs)], (None,) * (len(spatial) + 1) + (channels,), opset)
+            session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            got = session.run(None, {session.get_inputs()[0].name: x})[0]
+            assert got.shape == keras_out.shape and out_shape[-1] == keras_out.shape[-1]
+            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - keras_out))))
+    print(f"parity {arg}: {worst:.3g}")
+    assert worst <= 1e-6
+
+
+def test_check_layer_checks_an_onnx_only_layer_against_numpy() -> None:
+    """A layer with only an ONNX form passes check_layer with a NumPy reference, and a wrong reference fails."""
+    from czregistry.builtin_layers import normalize
+
+    spec = LayerSpec("halve", "pre", None, {}, "x / 2", onnx=lambda ctx: normalize(ctx, 0.0, 2.0))
+    result = check_layer(spec, {}, channels=2, reference=lambda x: x / 2)
+    assert result.forms == ["onnx"] and result.savedmodel_max_abs is None
+    assert result.reference_max_abs == 0.0 and result.invariance_max_abs is not None
+    with pytest.raises(AssertionError, match="layer 'halve': the ONNX form against the reference: max abs"):
+        check_layer(spec, {}, channels=2, reference=lambda x: x / 3)
+
+
+def test_check_layer_catches_an_undeclared_whole_image_onnx_layer() -> None:
+    """The ONNX form alone (no Keras) is checked for invariance: per_image_standardization declared local fails."""
+    liar = dataclasses.replace(SPECS["per_image_standardization"], local=True, factory=None)
+    with pytest.raises(AssertionError, match="breaks spatial invariance"):
+        check_layer(liar, {}, channels=3)
+
+
+@pytest.mark.slow
+def test_keras_file_with_builtin_layers_packs_in_a_fresh_process(tmp_path: Path) -> None:
+    """A ``.keras`` file saved with built-in layers (``czregistry>RgbToBgr``, ...) loads where nothing has
+    imported the Keras forms yet: the Keras source registers them before deserialising."""
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same", activation="softmax")(inp))
+    composed = prepend_and_append(model, [parse_layer("rgb_to_bgr"), parse_layer("normalize:mean=0.5,std=0.2")],
+                                  [], spatial_dims=(None, None))
+    composed.save(tmp_path / "old.keras")
+    res = subprocess.run([sys.executable, "-m", "czregistry", "pack", str(tmp_path / "old.keras"), "-o",
+                          str(tmp_path / "old.czann"), "--type", "SingleClassSemanticSegmentation", "--classes", "a,b",
+                          "--min-overlap", "8", "--tile", "32", "32"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CZREG_PROGRESS": "off"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"packed {tmp_path / 'old.czann'} (czann, onnx, opset 18)")

@@ -130,6 +130,27 @@ def test_onnx_source_takes_layers(models: Callable[..., Any], tmp_path: Path) ->
     assert np.abs(_predict_package(result.path, x) - want).max() < 1e-4
 
 
+def test_keras_source_takes_an_onnx_only_layer(models: Callable[..., Any], tmp_path: Path) -> None:
+    """A layer with only an ONNX form on a Keras model: the model is exported to ONNX and the layer spliced in
+    (issue 28); a SavedModel package cannot hold it, and says so."""
+    import czregistry
+    from czregistry.builtin_layers import normalize
+    from czregistry.checks import ValidateOptions
+    from czregistry.layers import LayerSpec
+
+    halve = LayerSpec("halve", "pre", None, {}, "x / 2", onnx=lambda ctx: normalize(ctx, 0.0, 2.0))
+    model = models("unet")
+    result = czregistry.pack(model, SEG, tmp_path / "h.czann", spatial_dims=(32, 32), preprocessing=[(halve, {})],
+                             validate_options=ValidateOptions(static=True))
+    assert result.valid and result.model_format == "onnx", result.report.to_json()
+    x = _rand(1, 32, 32, 1)
+    assert np.abs(_predict_package(result.path, x) - np.asarray(model(x / 2))).max() < 1e-4
+    with pytest.raises(UsageError, match="layer 'halve' has only an ONNX form and cannot go into a SavedModel"):
+        czregistry.pack(model, SEG, tmp_path / "s.czann", spatial_dims=(32, 32), preprocessing=[(halve, {})],
+                        model_format="savedmodel")
+    assert not (tmp_path / "s.czann").exists()
+
+
 def test_czann_style_spec_resolves_paths_relative_to_the_json(unet_files: dict[str, Path], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     spec_dir = tmp_path / "spec"

@@ -99,9 +99,10 @@ def test_loading_plugins_does_not_import_engines() -> None:
 def test_czreg_plugins_none_loads_no_external_plugin(monkeypatch: pytest.MonkeyPatch, package: Path) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "none")
     reset_host()
-    assert [i.name for i in plugin_infos()] == ["checks", "sources"]  # built-ins still run
+    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "sources"]  # built-ins still run
     assert available_backends() == {}
-    assert available_layers() == {}
+    # the built-in layers are the core's (ONNX form, no framework): they stay, nothing else registers one
+    assert {plugin for plugin, _ in available_layers().values()} == {"builtin_layers"}
     with pytest.raises(NoBackendError) as err:
         load_session(open_package(package))
     assert "disabled by CZREG_PLUGINS='none'" in str(err.value)  # installed: not "pip install" (issue 12)
@@ -111,7 +112,7 @@ def test_czreg_plugins_only_these(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime, nosuchplugin")
     reset_host()
     host = get_host()
-    assert sorted(i.name for i in plugin_infos()) == ["checks", "onnxruntime", "sources"]
+    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "onnxruntime", "sources"]
     assert host.missing == ["nosuchplugin"]
     assert any("'nosuchplugin'" in p for p in problems())
     assert select_backend("onnx").name == "onnxruntime"
@@ -198,8 +199,8 @@ def test_duplicate_layer_name_keeps_the_first_and_names_the_second() -> None:
     host.register_plugin(_plugin("copycat", register_layers=lambda register: register(_spec("normalize"))),
                          "copycat")
     owners = {spec.name: plugin for plugin, spec in available_layers().values()}
-    assert owners["normalize"] == "tensorflow"
-    assert "plugin 'copycat': layer 'normalize' is already registered by plugin 'tensorflow'; this one is ignored" \
+    assert owners["normalize"] == "builtin_layers"
+    assert "plugin 'copycat': layer 'normalize' is already registered by plugin 'builtin_layers'; this one is ignored" \
         in problems()
 
 

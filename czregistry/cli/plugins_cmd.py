@@ -54,6 +54,8 @@ def plugins(as_json: bool) -> None:
         click.echo("\nLayers (written NAME:key=value,... when packing):")
         for _, spec in layers:
             note = "" if spec.local else " [whole-image statistics: not tile-exact]"
+            if spec.onnx is None:  # packs only where the Keras layer can be built and composed
+                note += " [Keras only: needs czregistry-tensorflow]"
             click.echo(f"  {_layer_usage(spec)}  ({spec.kind}) {spec.description}{note}")
     for line in problems:
         if line.startswith("CZREG_PLUGINS"):  # plugin errors were printed under their plugin above

@@ -43,7 +43,7 @@ from ..errors import BackendError, PackError, UsageError, first_line
 from ..layers import LayerSpec
 from ..progress import step
 from ..report import Finding, Report, Severity
-from ..sources import LayerStack, LoadOptions
+from ..sources import LayerStack, LoadedSource, LoadOptions
 from .metadata import (
     _CZANN_KEYS,
     _LEGACY_KEYS,
@@ -283,9 +283,25 @@ def pack(
     reference: Session = loaded.reference
     base_shape = tuple(reference.signature.inputs[0].shape)
     spatial = _resolve_tile(base_shape, spatial, declared, kind)
+    #: True once the tile-reset probe measured the bare source model as local (no global context)
+    source_local = False
     if spatial is not None:
         with step(f"pack: checking that the model takes {_fmt(spatial)} tiles"):
-            infos.extend(_check_tile(reference, base_shape, spatial, meta.get("Type")))
+            tile_infos = _check_tile(reference, base_shape, spatial, meta.get("Type"))
+        infos.extend(tile_infos)
+        source_local = bool(tile_infos)  # a reset passes only for a model without global context
+    if loaded.onnx_bytes is None and any(spec.factory is None for spec, _ in (*pre, *post)):
+        # a layer exists only as ONNX: export the (tile-fixed) model to ONNX and splice the layers into that
+        if model_format == "savedmodel":
+            only = next(spec.name for spec, _ in (*pre, *post) if spec.factory is None)
+            raise UsageError(f"layer '{only}' has only an ONNX form and cannot go into a SavedModel",
+                             hint="use --model-format onnx")
+        with step("pack: exporting the model to ONNX for the layers"):
+            if spatial is not None and spatial != tuple(base_shape[1:-1]):
+                loaded = loaded.compose([], [], spatial)
+            loaded = LoadedSource(loaded.description, loaded.reference,
+                                  onnx_bytes=loaded.export("onnx", use_opset), notes=loaded.notes)
+            reference = loaded.reference
     if loaded.onnx_bytes is None:
         # the source composes the layers in its own framework and exports the result
         if pre or post or (spatial is not None and spatial != tuple(base_shape[1:-1])):
@@ -384,7 +400,24 @@ def pack(
     result = _write_and_verify(output, kind, fmt, used_opset, meta_arg, final_meta, model_bytes, lic, inputs,
                                expected, notes, force, validate_options)
     result.notes = infos
+    _check_declared_local(result, [spec for spec, _ in (*pre, *post)], source_local)
     return result
+
+
+def _check_declared_local(result: PackResult, specs: list[LayerSpec], source_local: bool) -> None:
+    """A layer's ``local`` flag is a claim; the validator measures the packed graph, layers included. When the
+    bare model was measured local and every added layer claims to be local, yet the package has global
+    context, one of the claims is wrong: say so instead of repeating the claim."""
+    if not (source_local and specs and all(spec.local for spec in specs)):
+        return
+    if result.report.measurements.get("global_context") is not True:
+        return
+    names = ", ".join(f"'{spec.name}'" for spec in specs)
+    msg = (f"the packed model has global context (validator: model.invariance) although the model alone has "
+           f"none and layer(s) {names} declare local=True: one of them uses whole-image statistics, so tiled "
+           "predictions will differ from whole-image ones (its LayerSpec should say local=False)")
+    result.warnings.append(msg)
+    warnings.warn(msg, PackWarning, stacklevel=3)
 
 
 def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, meta_arg: dict[str, Any] | bytes,

@@ -9,6 +9,9 @@ the TensorFlow plugin do), and the CLI must start without it.
 - ``onnx_opset`` / ``convert_onnx_opset``: read and change the default-domain opset.
 - ``fix_onnx_spatial``: fix the input's spatial dims for a tile-size reset.
 - ``splice_onnx``: merge pre/post-processing graphs around a model.
+- ``layers_to_onnx``: the ONNX forms of ``--pre`` / ``--post`` layers (``LayerSpec.onnx`` fragments) chained
+  into one graph at the package's opset, for ``splice_onnx``. No framework is involved: this is how a PyTorch
+  or ONNX model gets its layers without TensorFlow.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, PackError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from ..layers import LayerSpec
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -28,6 +34,7 @@ __all__ = [
     "check_external_data",
     "convert_onnx_opset",
     "fix_onnx_spatial",
+    "layers_to_onnx",
     "onnx_opset",
     "splice_onnx",
 ]
@@ -285,3 +292,137 @@ def splice_onnx(data: bytes, pre: bytes | None, post: bytes | None) -> bytes:
         raise PackError(f"cannot merge the layers into the ONNX model: {first_line(exc)}",
                         hint="pack from the Keras model (or SavedModel) instead") from exc
     return bytes(model.SerializeToString())
+
+
+def _dims(shape: Sequence[int | None]) -> list[int | str]:
+    return [d if d is not None else ("batch" if i == 0 else f"d{i}") for i, d in enumerate(shape)]
+
+
+def _fragment_model(name: str, part: Any, shape: Sequence[int | None]) -> Any:
+    """One layer's ONNX form as a checked one-input one-output model with a float32 input of ``shape``."""
+    import onnx
+    from onnx import helper
+
+    from ..layers import OnnxFragment
+
+    if isinstance(part, bytes):
+        part = onnx.load_model_from_string(part)
+    if isinstance(part, onnx.ModelProto):  # a whole model, e.g. onnxscript's to_model_proto()
+        model = part
+        inits = {t.name for t in model.graph.initializer}
+        for inp in model.graph.input:  # onnxscript's FLOAT[...] leaves the shape out: it is the context's
+            if inp.name not in inits and not inp.type.tensor_type.HasField("shape"):
+                for d in _dims(shape):
+                    dim = inp.type.tensor_type.shape.dim.add()
+                    if isinstance(d, int):
+                        dim.dim_value = d
+                    else:
+                        dim.dim_param = d
+        if len(model.graph.output) == 1 and not model.graph.output[0].type.tensor_type.HasField("shape"):
+            _type_output(model, shape)
+    elif isinstance(part, OnnxFragment):
+        graph = helper.make_graph(
+            list(part.nodes), f"layer_{name}",
+            [helper.make_tensor_value_info(part.input, onnx.TensorProto.FLOAT, _dims(shape))],
+            [helper.make_tensor_value_info(part.output, onnx.TensorProto.FLOAT, None)],
+            initializer=list(part.initializers))
+        opset_ids = [helper.make_opsetid("", int(part.opset))]
+        model = helper.make_model(graph, opset_imports=opset_ids,
+                                  ir_version=helper.find_min_ir_version_for(opset_ids))
+        _type_output(model, shape)
+    else:
+        raise PackError(f"layer '{name}': its onnx form returned {type(part).__name__}, not an OnnxFragment or "
+                        "onnx.ModelProto", hint="see 'register_layers' in docs/plugins.md")
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):  # ORT would read that file while packing
+            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+            raise PackError(f"layer '{name}': its ONNX form keeps tensor '{tensor.name}' outside the graph (in "
+                            f"'{where}')", hint="a layer embeds its constants (numpy_helper.from_array)")
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise PackError(f"layer '{name}': its ONNX form has {len(inputs)} inputs and {len(model.graph.output)} "
+                        "outputs; a layer has exactly one of each")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise PackError(f"layer '{name}': its ONNX form is not a valid graph: {first_line(exc)}",
+                        hint="check the nodes against the opset in FragmentContext.opset") from exc
+    return model
+
+
+def _type_output(model: Any, shape: Sequence[int | None]) -> None:
+    """Give the fragment's output the shape ONNX infers (the checker wants one), else the input's rank with
+    free dims."""
+    import onnx
+
+    out = model.graph.output[0]
+    with contextlib.suppress(Exception):
+        inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
+        if inferred.type.tensor_type.HasField("shape"):
+            out.type.CopyFrom(inferred.type)
+            return
+    for i in range(len(shape)):
+        out.type.tensor_type.shape.dim.add().dim_param = f"out{i}"
+
+
+def _inferred_output(model: Any, shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    """The output shape by ONNX shape inference; a dim it cannot fix follows the input's (same rank)."""
+    import onnx
+
+    out: list[int | None] = []
+    with contextlib.suppress(Exception):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        tt = inferred.graph.output[0].type.tensor_type
+        if tt.HasField("shape"):
+            out = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+    if not out:
+        return tuple(shape)
+    if len(out) == len(shape):
+        out = [o if o is not None else (s if i < len(shape) - 1 else None) for i, (o, s) in enumerate(zip(out, shape))]
+    return tuple(out)
+
+
+def layers_to_onnx(calls: Sequence[tuple[LayerSpec, dict[str, Any]]], shape: Sequence[int | None],
+                   opset: int) -> tuple[bytes, tuple[int | None, ...]]:
+    """Chain the ONNX forms of ``calls`` on a float32 input of ``shape`` (batch first, channels last) into one
+    graph at ``opset``: ``(model bytes, output shape)``. Each fragment is built for the shape its predecessor
+    outputs and converted when it was written for another opset. A layer whose builder refuses its arguments
+    or returns a broken graph is a ``PackError`` naming it."""
+    import onnx
+    from onnx import compose as onnx_compose
+
+    from ..layers import FragmentContext
+
+    current = tuple(shape)
+    merged: Any = None
+    for i, (spec, kwargs) in enumerate(calls):
+        if spec.onnx is None:
+            raise PackError(f"layer '{spec.name}' has no ONNX form", hint="use a source that builds Keras layers")
+        try:
+            part = spec.onnx(FragmentContext(current, int(opset)), **kwargs)
+        except (PackError, UsageError):
+            raise
+        except Exception as exc:
+            raise PackError(f"layer '{spec.name}' cannot be built with {kwargs}: {first_line(exc)}",
+                            hint=f"check the parameters of '{spec.name}' in 'czreg plugins'") from exc
+        model = _fragment_model(spec.name, part, current)
+        have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if have is not None and have != opset:
+            model = onnx.load_model_from_string(convert_onnx_opset(bytes(model.SerializeToString()), int(opset)))
+        model = onnx_compose.add_prefix(model, prefix=f"l{i}_")
+        current = _inferred_output(model, current)
+        if merged is None:
+            merged = model
+        else:
+            model.ir_version = merged.ir_version
+            inits = {t.name for t in model.graph.initializer}
+            first = next(x.name for x in model.graph.input if x.name not in inits)
+            merged = onnx_compose.merge_models(merged, model, io_map=[(merged.graph.output[0].name, first)])
+    if merged is None:
+        raise PackError("no layers to build")
+    try:
+        onnx.checker.check_model(merged)
+    except Exception as exc:
+        raise PackError(f"the layers do not chain into a valid ONNX graph: {first_line(exc)}") from exc
+    return bytes(merged.SerializeToString()), current

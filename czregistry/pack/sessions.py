@@ -16,7 +16,8 @@ import numpy as np
 from ..backends import Session, Signature, TensorInfo
 from ..layers import LayerSpec
 from ..selection import layer_builder
-from ..sources import LayerStack
+from ..sources import LayerStack, onnx_reference
+from .onnxgraph import DEFAULT_OPSET, layers_to_onnx
 
 
 class _ChainSession(Session):
@@ -43,9 +44,32 @@ class _ChainSession(Session):
         return self.post.predict(y) if self.post is not None else y
 
 
+class _OnnxLayerStack:
+    """Layers in their ONNX form (``LayerSpec.onnx``): run by ONNX Runtime for the reference, rebuilt at the
+    package's opset for splicing. No framework is imported: this is the path without TensorFlow."""
+
+    def __init__(self, calls: Sequence[tuple[LayerSpec, dict[str, Any]]], shape: Sequence[int | None]) -> None:
+        self.calls, self.shape = list(calls), tuple(shape)
+        data, self._output_shape = layers_to_onnx(self.calls, self.shape, DEFAULT_OPSET)
+        self._session = onnx_reference(data)
+
+    @property
+    def output_shape(self) -> tuple[int | None, ...]:
+        return self._output_shape
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.predict(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def to_onnx(self, opset: int) -> bytes:
+        return layers_to_onnx(self.calls, self.shape, opset)[0]
+
+
 def _layer_stack(calls: Sequence[tuple[LayerSpec, dict[str, Any]]],
                  shape: Sequence[int | None]) -> LayerStack | None:
-    """Just ``calls`` on tensors of ``shape`` (batch first), built by the layers' source plugin; None if empty."""
+    """Just ``calls`` on tensors of ``shape`` (batch first); None if empty. Their ONNX forms when every layer has
+    one (no framework needed), else the Keras forms built by the plugin that builds layers (TensorFlow)."""
     if not calls:
         return None
+    if all(spec.onnx is not None for spec, _ in calls):
+        return _OnnxLayerStack(calls, shape)
     return layer_builder().build_layers(calls, shape)

@@ -4,8 +4,9 @@ A template for plugin authors. The whole plugin is:
 
 - ``pyproject.toml`` with an entry point in the ``czregistry`` group pointing at this module;
 - this module, which implements one hook (``register_layers``) and imports nothing heavy at import time
-  (``czreg`` loads every plugin on start-up, so TensorFlow/Keras are imported only inside the factory);
-- ``layers.py``, the Keras layer itself;
+  (``czreg`` loads every plugin on start-up, so ONNX and Keras are imported only inside the builders);
+- ``onnx_layer.py``, the layer as an ONNX fragment: the form every source packs with, no TensorFlow needed;
+- ``layers.py``, the same layer in Keras (optional: for Keras models composed in Keras, SavedModel packages);
 - ``tests/test_example.py``, which checks the layer against the contract with ``czregistry.testing``.
 
 Use it on the command line as ``percentile_normalize:low=1,high=99.8``.
@@ -17,6 +18,8 @@ from typing import Any
 
 from czregistry.hookspecs import hookimpl
 from czregistry.layers import LayerSpec, Param
+
+from .onnx_layer import percentile_normalize
 
 __all__ = ["PERCENTILE_NORMALIZE", "register_layers"]
 
@@ -31,7 +34,7 @@ def _build_percentile_normalize(**kwargs: Any) -> Any:
 PERCENTILE_NORMALIZE = LayerSpec(
     name="percentile_normalize",
     kind="pre",
-    factory=_build_percentile_normalize,
+    factory=_build_percentile_normalize,  # the Keras form (needs Keras; optional)
     params={
         "low": Param("float", default=1.0, help="lower percentile, mapped to 0 (0-100)"),
         "high": Param("float", default=99.8, help="upper percentile, mapped to 1 (0-100)"),
@@ -40,6 +43,7 @@ PERCENTILE_NORMALIZE = LayerSpec(
     description="per image: (x - p_low) / (p_high - p_low), for 16-bit microscopy images",
     # Percentiles are whole-image statistics: a tile sees other percentiles than the whole image.
     local=False,
+    onnx=percentile_normalize,  # the ONNX form: works with every source, without TensorFlow
 )
 
 

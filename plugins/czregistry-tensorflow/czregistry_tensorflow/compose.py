@@ -21,6 +21,9 @@ LayerCall = tuple[LayerSpec, dict[str, Any]]
 
 def build_layer(spec: LayerSpec, kwargs: dict[str, Any]) -> Any:
     """Build one Keras layer from its spec; a bad argument becomes a ``PackError`` naming the layer."""
+    if spec.factory is None:
+        raise PackError(f"layer '{spec.name}'{_origin(spec)} has only an ONNX form, no Keras layer to compose",
+                        hint="pack with --model-format onnx: the layer is then spliced into the exported graph")
     try:
         return spec.factory(**kwargs)
     except Exception as exc:

@@ -203,6 +203,7 @@ def _load_keras_file(path: Path) -> Any:
     from czregistry.selection import available_layers
 
     available_layers()  # import plugins so their custom layers are registered before deserialising
+    import czregistry.keras_layers  # noqa: F401  (registers the built-in layers' Keras forms, czregistry>...)
     try:
         return keras.saving.load_model(str(path), compile=False)
     except Exception as exc:
