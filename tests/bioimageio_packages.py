@@ -65,8 +65,8 @@ def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: st
                                                     opset_version=17))
     else:
         torch.jit.script(net).save(str(folder / "w.pt"))
-        wd = b.WeightsDescr(torchscript=b.TorchscriptWeightsDescr(source=folder / "w.pt",
-                                                                  pytorch_version=b.Version(torch.__version__.split("+")[0])))
+        version = b.Version(torch.__version__.split("+")[0])
+        wd = b.WeightsDescr(torchscript=b.TorchscriptWeightsDescr(source=folder / "w.pt", pytorch_version=version))
     in_axes = [b.BatchAxis(), b.ChannelAxis(channel_names=[b.Identifier("raw")]),
                *[b.SpaceInputAxis(id=b.AxisId(a), size=b.ParameterizedSize(min=8, step=8)) for a in spatial]]
     out_axes = [b.BatchAxis(), b.ChannelAxis(channel_names=[b.Identifier("pred")]),
@@ -77,7 +77,8 @@ def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: st
         name=f"tiny {dims}D net", description="a tiny conv net built in a test",
         authors=[b.Author(name="Test Author")], cite=[b.CiteEntry(text="a test", doi=b.Doi("10.1234/test"))],
         license=b.LicenseId("MIT"), documentation=b.FileDescr(source=folder / "README.md"),
-        inputs=[b.InputTensorDescr(id=b.TensorId("raw"), axes=in_axes, test_tensor=b.FileDescr(source=folder / "in.npy"),
+        inputs=[b.InputTensorDescr(id=b.TensorId("raw"), axes=in_axes,
+                                   test_tensor=b.FileDescr(source=folder / "in.npy"),
                                    data=b.IntervalOrRatioDataDescr(type="float32", range=(0, 255)),
                                    preprocessing=ops)],
         outputs=[b.OutputTensorDescr(id=b.TensorId("pred"), axes=out_axes,

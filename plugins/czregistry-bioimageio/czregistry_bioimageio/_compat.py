@@ -40,7 +40,7 @@ def _fix_wrap_serializer(func: Any) -> bool:
     while lines and lines[0].lstrip().startswith("@"):
         lines.pop(0)
     namespace: dict[str, Any] = {}
-    exec(compile("\n".join(lines), inspect.getsourcefile(func) or "<bioimageio>", "exec"),  # noqa: S102
+    exec(compile("\n".join(lines), inspect.getsourcefile(func) or "<bioimageio>", "exec"),
          func.__globals__, namespace)
     func.__code__ = namespace[func.__name__].__code__
     return True

@@ -74,9 +74,9 @@ class OpsBuilder:
         return out
 
     def reduce(self, op: str, x: str, axes: list[int]) -> str:
-        if self.opset >= 18 or op == "ReduceSum" and self.opset >= 13:
-            from onnx import numpy_helper
+        if self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13):
             import numpy as np
+            from onnx import numpy_helper
 
             name = self.name("axes")
             self.m.initializers.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), name))
@@ -104,7 +104,7 @@ def map_ops(ops: list[Any], x: str, b: OpsBuilder, where: str) -> str:
     """Append nodes for ``ops`` (bioimage.io v0.5 processing descriptions) to ``x``; return the result name."""
     for op in ops:
         oid = str(op.id)
-        kw = getattr(op, "kwargs", None)
+        kw: Any = getattr(op, "kwargs", None)
         if oid in REFUSED:
             raise UsageError(f"the {where} op '{oid}' has no CZANN equivalent: {REFUSED[oid]}",
                              hint="see docs/bioimageio.md for the ops that map")

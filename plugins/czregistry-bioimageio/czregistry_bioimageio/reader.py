@@ -67,7 +67,7 @@ def _extract(path: Path, dest: Path) -> Path:
             if not target.is_relative_to(dest.resolve()):
                 raise UsageError(f"bioimage.io package {path.name}: member '{info.filename}' leaves the package")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
+            with zf.open(info) as src, target.open("wb") as out:
                 remaining = info.file_size + 1
                 while chunk := src.read(min(1 << 20, remaining)):
                     remaining -= len(chunk)
@@ -113,7 +113,7 @@ def open_description(source: Path) -> Iterator[tuple[Any, Path]]:
         if isinstance(descr, InvalidDescr):
             errors = descr.validation_summary.errors
             what = f"{'.'.join(map(str, errors[0].loc))}: {errors[0].msg}" if errors else "invalid"
-            raise UsageError(f"{source.name} is not a valid bioimage.io description ({first_line(what)})",
+            raise UsageError(f"{source.name} is not a valid bioimage.io description ({what.splitlines()[0]})",
                              hint="check it with: bioimageio validate " + source.name)
         if not isinstance(descr, v0_5.ModelDescr):
             raise UsageError(f"{source.name} describes a bioimage.io '{descr.type}' (format "

@@ -105,7 +105,8 @@ def _torchscript_onnx(data: bytes, example: Any, ids: list[str], opset: int) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (torch.from_numpy(example),), buf, dynamo=False, opset_version=opset,
+            torch.onnx.export(module, (torch.from_numpy(example),), buf,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=opset,
                               input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes})
     except Exception as exc:
         raise PackError(f"torch.onnx cannot export the TorchScript weights at opset {opset}: {first_line(exc)}",
