@@ -20,3 +20,10 @@ def register_sources(register: Any) -> None:
     from .source import BioimageioSource
 
     register(BioimageioSource)
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    from .cli import export_bioimageio_cmd
+
+    cli.add_command(export_bioimageio_cmd)

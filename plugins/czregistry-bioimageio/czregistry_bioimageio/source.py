@@ -226,6 +226,19 @@ def _license_text(descr: Any) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+#: CZANN fields an export by czregistry keeps in ``config.czregistry`` (bioimage.io has no place for them).
+_KEPT = ("Type", "Classes", "MinOverlap", "Scaling", "Id")
+
+
+def _czregistry_config(descr: Any) -> dict[str, Any]:
+    """The CZANN fields a czregistry export kept, so CZANN -> bioimage.io -> CZANN keeps its metadata."""
+    extra = getattr(descr.config, "model_extra", None) or {}
+    kept = extra.get("czregistry")
+    if not isinstance(kept, dict):
+        return {}
+    return {k: kept[k] for k in _KEPT if kept.get(k) is not None}
+
+
 def _model_type(out: Any) -> dict[str, Any]:
     """Segmentation when the output ends in a softmax over its channels (class names from the channel
     names), else Regression (denoising, restoration, probability maps); ``--type`` overrides it."""
@@ -280,6 +293,7 @@ class BioimageioSource(Source):
             halos = [int(getattr(a, "halo", 0) or 0) for a in descr.outputs[0].axes if a.type == "space"]
             if any(halos):
                 meta["MinOverlap"] = [2 * max(halos)] * len(halos)
+            meta.update(_czregistry_config(descr))
             if options.tile is None and options.input_shape is None and test_in is not None:
                 shape = dict(zip(in_ids, test_in.shape))
                 meta["InputShape"] = [*(int(shape[a]) for a in host_order(in_ids)[1:-1]), _channels(inp)]
