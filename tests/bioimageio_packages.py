@@ -20,9 +20,10 @@ def tiny_net(dims: int = 2, seed: int = 0) -> Any:
 
 
 def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: str = "fixed",
-                  post: str = "sigmoid", size: int = 32, corrupt_output: bool = False, seed: int = 0) -> Path:
+                  post: str = "sigmoid", size: int = 32, corrupt_output: bool = False, seed: int = 0,
+                  net: Any = None, halo: int = 2, name: str | None = None) -> Path:
     """A bioimage.io 0.5 model zip in ``folder``: uint8-range float input, ``pre`` in ('fixed', 'per_sample',
-    'none'), ``post`` in ('sigmoid', 'none'); halo 2 (two 3x3 convolutions)."""
+    'none'), ``post`` in ('sigmoid', 'none'); ``net`` defaults to ``tiny_net`` (halo 2: two 3x3 convolutions)."""
     import torch
     from czregistry_bioimageio._compat import ensure_ready
 
@@ -31,7 +32,7 @@ def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: st
     from bioimageio.spec.model import v0_5 as b
 
     folder.mkdir(parents=True, exist_ok=True)
-    net = tiny_net(dims, seed)
+    net = tiny_net(dims, seed) if net is None else net.eval()
     spatial = ["z", "y", "x"][-dims:]
     shape = (1, 1, *([size] * dims))
     x = np.random.default_rng(seed).integers(0, 256, shape).astype("float32")
@@ -64,17 +65,18 @@ def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: st
         wd = b.WeightsDescr(onnx=b.OnnxWeightsDescr(source=b.FileDescr(source=folder / "w.onnx").source,
                                                     opset_version=17))
     else:
-        torch.jit.script(net).save(str(folder / "w.pt"))
+        torch.jit.trace(net, torch.from_numpy(xp.astype("float32"))).save(str(folder / "w.pt"))
         version = b.Version(torch.__version__.split("+")[0])
         wd = b.WeightsDescr(torchscript=b.TorchscriptWeightsDescr(source=folder / "w.pt", pytorch_version=version))
     in_axes = [b.BatchAxis(), b.ChannelAxis(channel_names=[b.Identifier("raw")]),
-               *[b.SpaceInputAxis(id=b.AxisId(a), size=b.ParameterizedSize(min=8, step=8)) for a in spatial]]
+               *[b.SpaceInputAxis(id=b.AxisId(a), size=b.ParameterizedSize(min=max(8, 4 * halo), step=8))
+                 for a in spatial]]
     out_axes = [b.BatchAxis(), b.ChannelAxis(channel_names=[b.Identifier("pred")]),
-                *[b.SpaceOutputAxisWithHalo(id=b.AxisId(a), halo=2,
+                *[b.SpaceOutputAxisWithHalo(id=b.AxisId(a), halo=halo,
                                             size=b.SizeReference(tensor_id=b.TensorId("raw"), axis_id=b.AxisId(a)))
                   for a in spatial]]
     descr = b.ModelDescr(
-        name=f"tiny {dims}D net", description="a tiny conv net built in a test",
+        name=name or f"tiny {dims}D net", description="a tiny conv net built in a test",
         authors=[b.Author(name="Test Author")], cite=[b.CiteEntry(text="a test", doi=b.Doi("10.1234/test"))],
         license=b.LicenseId("MIT"), documentation=b.FileDescr(source=folder / "README.md"),
         inputs=[b.InputTensorDescr(id=b.TensorId("raw"), axes=in_axes,
@@ -90,3 +92,52 @@ def build_package(folder: Path, *, weights: str = "onnx", dims: int = 2, pre: st
     out = folder / "model.zip"
     save_bioimageio_package(descr, output_path=out)
     return out
+
+
+def tiny_unet(seed: int = 0) -> Any:
+    """A two-level 2D U-Net (one max-pool, one upsampling, a skip connection): the shape of CARE/StarDist
+    backbones at toy size."""
+    import torch
+
+    torch.manual_seed(seed)
+
+    class UNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU())
+            self.mid = torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                           torch.nn.ReLU(), torch.nn.Upsample(scale_factor=2, mode="nearest"))
+            self.out = torch.nn.Conv2d(16, 1, 3, padding=1)
+
+        def forward(self, x: Any) -> Any:
+            d = self.down(x)
+            return self.out(torch.cat([d, self.mid(d)], dim=1))
+
+    return UNet()
+
+
+def train_denoiser(seconds: float = 3.0, seed: int = 0) -> Any:
+    """Train ``tiny_unet`` for a few seconds to denoise synthetic blobs (inputs in [0, 1], after the
+    package's preprocessing x / 255 - 0.5); returns the trained module in eval mode."""
+    import time
+
+    import torch
+
+    net = tiny_unet(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    end = time.monotonic() + seconds
+    steps = 0
+    while time.monotonic() < end or steps < 20:
+        clean = np.zeros((8, 1, 32, 32), dtype=np.float32)
+        for i in range(8):
+            cy, cx, r = rng.uniform(6, 26), rng.uniform(6, 26), rng.uniform(3, 7)
+            clean[i, 0] = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32)
+        noisy = clean + rng.normal(0, 0.3, clean.shape).astype(np.float32) - 0.5
+        loss = torch.nn.functional.mse_loss(net(torch.from_numpy(noisy)), torch.from_numpy(clean) - 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    return net.eval()

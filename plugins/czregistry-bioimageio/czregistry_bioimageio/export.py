@@ -54,6 +54,12 @@ def _license_member_fields(text: str | None) -> tuple[str | None, list[str]]:
     return spdx, [a.strip() for a in authors.group(1).split(",") if a.strip()] if authors else []
 
 
+def _citations(text: str | None) -> list[tuple[str, str]]:
+    """``Cite: TEXT doi:DOI`` lines of the license member (what the bioimage.io import writes)."""
+    found = re.findall(r"^Cite:\s*(.+?)\s+doi:(10\.\S+)\s*$", text or "", re.MULTILINE)
+    return [(str(t), str(d)) for t, d in found]
+
+
 def _cover(x: Any, y: Any, path: Path) -> None:
     """input | prediction, first channel each (3D: the middle slice), scaled to 0..255, as a 2:1 PNG."""
     import numpy as np
@@ -130,6 +136,13 @@ def export_bioimageio(package_path: Path, output: Path, *, license_id: str | Non
     from bioimageio.spec import InvalidDescr, save_bioimageio_package
     from bioimageio.spec.model import v0_5 as b
 
+    try:
+        license_value = b.LicenseId(spdx)
+    except Exception:
+        raise UsageError(f"'{spdx}' is not an SPDX license id bioimage.io accepts",
+                         hint="pass --license with an id from https://spdx.org/licenses/, e.g. MIT or "
+                              "CC-BY-4.0") from None
+    cite = [b.CiteEntry(text=text, doi=b.Doi(doi)) for text, doi in _citations(package.read_license())]
     with tempfile.TemporaryDirectory(prefix="czreg-export-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "model.onnx").write_bytes(package.read_model_bytes())
@@ -144,15 +157,15 @@ def export_bioimageio(package_path: Path, output: Path, *, license_id: str | Non
                "- Input: float32 in [0, 1], channels last; output: float32 in [0, 1]", "",
                "## czregistry validation report", "", render_markdown(report)]
         (tmp / "README.md").write_text("\n".join(doc) + "\n", encoding="utf-8")
-        in_ch = [b.Identifier(f"c{i}") for i in range(shape[-1])]
-        out_ch = [b.Identifier(re.sub(r"[^A-Za-z0-9_]", "_", c) or f"c{i}") for i, c in enumerate(classes)] \
-            if len(classes) == out_shape[-1] else [b.Identifier(f"c{i}") for i in range(out_shape[-1])]
+        in_ch: list[str] = [f"c{i}" for i in range(shape[-1])]
+        out_ch: list[str] = [re.sub(r"[^A-Za-z0-9_]", "_", c) or f"c{i}" for i, c in enumerate(classes)] \
+            if len(classes) == out_shape[-1] else [f"c{i}" for i in range(out_shape[-1])]
         scaling = meta.get("Scaling") or []
         scale = {"x": scaling[0], "y": scaling[1], "z": scaling[2]} if len(scaling) == 3 else \
             ({"x": scaling[0], "y": scaling[1]} if len(scaling) == 2 else {})
 
         def space_kw(a: str) -> dict[str, Any]:
-            return {"unit": "micrometer", "scale": float(scale[a]) * 1e6} if a in scale and scale[a] else {}
+            return {"unit": "micrometer", "scale": float(scale[a]) * 1e6} if scale.get(a) else {}
 
         inputs = [b.InputTensorDescr(
             id=b.TensorId("input"), description="raw tile scaled to [0, 1]",
@@ -173,8 +186,7 @@ def export_bioimageio(package_path: Path, output: Path, *, license_id: str | Non
         try:
             descr = b.ModelDescr(
                 name=name, description=f"{meta.get('Type')} model exported from a ZEISS CZANN package",
-                authors=[b.Author(name=n) for n in names], license=spdx,
-                cite=[b.CiteEntry(text="czregistry CZANN export", url="https://bioimage.io")],
+                authors=[b.Author(name=n) for n in names], license=license_value, cite=cite,
                 covers=[b.FileDescr(source=tmp / "cover.png")], documentation=b.FileDescr(source=tmp / "README.md"),
                 inputs=inputs, outputs=outputs, tags=["czann", "zeiss"],
                 weights=b.WeightsDescr(onnx=b.OnnxWeightsDescr(

@@ -114,6 +114,20 @@ def _torchscript_onnx(data: bytes, example: Any, ids: list[str], opset: int) -> 
     return buf.getvalue()
 
 
+def _rename(graph: Any, old: str, new: str) -> None:
+    """Rename the tensor ``old`` everywhere in ``graph`` (inputs, outputs, nodes, value infos, initializers)."""
+    for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if v.name == old:
+            v.name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+
+
 def wrap_network(net: bytes, descr: Any) -> tuple[bytes, Mapping]:
     """The package's network with the host layout, input scaling and pre/postprocessing around it."""
     import onnx
@@ -129,6 +143,8 @@ def wrap_network(net: bytes, descr: Any) -> tuple[bytes, Mapping]:
     ins = [i for i in g.input if i.name not in inits]
     if len(ins) != 1 or len(g.output) != 1:
         raise PackError(f"the network has {len(ins)} inputs and {len(g.output)} outputs; a CZANN needs one of each")
+    for taken in ("input", "output"):  # the wrapper's own names (a czregistry export uses them inside too)
+        _rename(g, taken, f"czbio_net_{taken}")
     inp, out = descr.inputs[0], descr.outputs[0]
     in_ids, out_ids = axis_ids(inp), axis_ids(out)
     mapping = Mapping()
@@ -175,7 +191,11 @@ def wrap_network(net: bytes, descr: Any) -> tuple[bytes, Mapping]:
     graph = helper.make_graph(nodes, g.name or "bioimageio", [new_in], [new_out],
                               [*g.initializer, *mapping.initializers], value_info=list(g.value_info))
     wrapped = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    onnx.checker.check_model(wrapped)
+    try:
+        onnx.checker.check_model(wrapped)
+    except Exception as exc:
+        raise PackError(f"the package's network and its processing do not form a valid ONNX graph: "
+                        f"{first_line(exc)}") from exc
     return wrapped.SerializeToString(), mapping
 
 
