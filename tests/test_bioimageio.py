@@ -246,3 +246,29 @@ def test_trained_unet_imports_validates_and_tiles_like_the_whole_image(tmp_path:
     with torch.no_grad():
         whole = torch.sigmoid(net(torch.from_numpy((image / 255 - 0.5)[None, None].astype(np.float32)))).numpy()
     assert np.max(np.abs(tiled[..., 0] - whole[0, 0])) < 1e-4
+
+
+# --- registry: pull --format bioimageio ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pull_as_bioimageio(exports: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    czann, _ = exports["regression"]
+    reg = ["--registry", f"sqlite:///{tmp_path / 'reg' / 'registry.db'}", "--blob-store", str(tmp_path / "blobs")]
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", reg[1]]).exit_code == 0
+    r = runner.invoke(main, ["publish", str(czann), "--name", "tiny-care", "--version", "1.0.0", *reg])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "bio"
+    r = runner.invoke(main, ["pull", "tiny-care==1.0.0", "--format", "bioimageio", "-o", str(out), *reg])
+    assert r.exit_code == 0, r.output
+    zipped = out / "tiny-care-1.0.0.bioimageio.zip"
+    assert r.output.endswith(f"-> {zipped} (bioimage.io 0.5, sha256 verified)\n")
+    assert sorted(p.name for p in out.iterdir()) == [zipped.name]
+    with zipfile.ZipFile(zipped) as zf:
+        assert "license: MIT" in zf.read("rdf.yaml").decode()
+    # a second pull does not overwrite without --force
+    r = runner.invoke(main, ["pull", "tiny-care==1.0.0", "--format", "bioimageio", "-o", str(out), *reg])
+    assert r.exit_code == 2 and f"Error: {zipped} already exists" in r.output
+    r = runner.invoke(main, ["pull", "tiny-care==1.0.0", "--format", "bioimageio", *reg])
+    assert r.exit_code == 2 and r.output == "Error: --format bioimageio needs -o FOLDER\nHint: e.g. -o models/\n"

@@ -174,17 +174,24 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
 @click.option("--key", type=click.Path(path_type=Path), metavar="PUBLIC.pem",
               help="Refuse (and write nothing) unless a signature by this key verifies; writes .sig/.att beside.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (identical bytes never count).")
+@click.option("--format", "out_format", type=click.Choice(["czann", "bioimageio"]), default="czann",
+              show_default=True, help="bioimageio: write NAME-VERSION.bioimageio.zip into the -o folder "
+                                      "(the czregistry-bioimageio plugin).")
 @oci_options
 @json_option
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY", help=REGISTRY_HELP)
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
 def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
-             oci_auth: dict[str, Any], as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+             out_format: str, oci_auth: dict[str, Any], as_json: bool, registry_url: str | None,
+             blob_store: str | None) -> None:
     """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST; or an OCI artifact:
     oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (-o names the folder).
 
     The blob is streamed and its SHA-256 checked before the file appears under its name."""
+    if out_format == "bioimageio":
+        _pull_bioimageio(requirement, output, pre, key, force, as_json, registry_url, blob_store)
+        return
     if requirement.startswith("oci://"):
         pull_oci(requirement, output, key, oci_auth, as_json, force=force)
         return
@@ -201,6 +208,41 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
     v = result.version
     signed = ", signature verified" if result.verified else ""
     click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({human_size(v['size'])}, sha256 verified{signed})")
+
+
+def _pull_bioimageio(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
+                     as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+    """``pull --format bioimageio``: the version is pulled (digest and signature checked) into a temp folder,
+    then converted by the czregistry-bioimageio plugin into the ``-o`` folder."""
+    import tempfile
+
+    with handle_errors():
+        if not output:
+            raise UsageError("--format bioimageio needs -o FOLDER", hint="e.g. -o models/")
+        if requirement.startswith("oci://"):
+            raise UsageError("--format bioimageio pulls from a registry or server, not oci://")
+        from ..plugins import get_host
+
+        if "bioimageio" not in {p.name for p in get_host().collected_infos()}:
+            raise UsageError("--format bioimageio needs the czregistry-bioimageio plugin",
+                             hint="pip install -e plugins/czregistry-bioimageio (and allow it in CZREG_PLUGINS)")
+        from czregistry_bioimageio.export import pull_as_bioimageio  # the plugin checked above
+
+        from ..registry.remote import connect
+
+        with tempfile.TemporaryDirectory(prefix="czreg-pull-") as tmp, \
+                connect(registry_url, blob_store, create=False) as reg:
+            _warn(getattr(reg, "warnings", []))
+            result = reg.pull(requirement, Path(tmp), prereleases=pre or None, key=key, force=True)
+            v = result.version
+            exported = pull_as_bioimageio(Path(result.path), Path(output), str(v["name"]), str(v["version"]),
+                                          force=force)
+    _warn(result.warnings)
+    if as_json:
+        echo_json({**result.to_dict(), "path": str(exported.path), "format": "bioimageio"})
+        return
+    signed = ", signature verified" if result.verified else ""
+    click.echo(f"Pulled {v['name']} {v['version']} -> {exported.path} (bioimage.io 0.5, sha256 verified{signed})")
 
 
 @click.command("list", short_help="List models (newest version each) or versions.")
