@@ -263,7 +263,8 @@ def test_pull_as_bioimageio(exports: dict[str, tuple[Path, Path]], tmp_path: Pat
     r = runner.invoke(main, ["pull", "tiny-care==1.0.0", "--format", "bioimageio", "-o", str(out), *reg])
     assert r.exit_code == 0, r.output
     zipped = out / "tiny-care-1.0.0.bioimageio.zip"
-    assert r.output.endswith(f"-> {zipped} (bioimage.io 0.5, sha256 verified)\n")
+    assert r.output == (f"exported {zipped} (bioimage.io 0.5, ONNX weights, license MIT, output halo 2x2)\n"
+                        f"Pulled tiny-care 1.0.0 -> {zipped} (bioimage.io 0.5, sha256 verified)\n")
     assert sorted(p.name for p in out.iterdir()) == [zipped.name]
     with zipfile.ZipFile(zipped) as zf:
         assert "license: MIT" in zf.read("rdf.yaml").decode()

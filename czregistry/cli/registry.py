@@ -213,36 +213,41 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
 def _pull_bioimageio(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
                      as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
     """``pull --format bioimageio``: the version is pulled (digest and signature checked) into a temp folder,
-    then converted by the czregistry-bioimageio plugin into the ``-o`` folder."""
+    then written by the ``export-bioimageio`` command, which the czregistry-bioimageio plugin registers (the
+    core reaches plugins only through their hooks), into the ``-o`` folder as NAME-VERSION.bioimageio.zip."""
     import tempfile
 
+    ctx = click.get_current_context()
+    root = ctx.find_root().command
+    export = root.get_command(ctx, "export-bioimageio") if isinstance(root, click.Group) else None
     with handle_errors():
         if not output:
             raise UsageError("--format bioimageio needs -o FOLDER", hint="e.g. -o models/")
         if requirement.startswith("oci://"):
             raise UsageError("--format bioimageio pulls from a registry or server, not oci://")
-        from ..plugins import get_host
-
-        if "bioimageio" not in {p.name for p in get_host().collected_infos()}:
-            raise UsageError("--format bioimageio needs the czregistry-bioimageio plugin",
+        if export is None:
+            raise UsageError("--format bioimageio needs the czregistry-bioimageio plugin (command export-bioimageio)",
                              hint="pip install -e plugins/czregistry-bioimageio (and allow it in CZREG_PLUGINS)")
-        from czregistry_bioimageio.export import pull_as_bioimageio  # the plugin checked above
-
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file; --format bioimageio writes into a folder",
+                             hint="give -o a folder (it is created if missing)")
         from ..registry.remote import connect
 
-        with tempfile.TemporaryDirectory(prefix="czreg-pull-") as tmp, \
-                connect(registry_url, blob_store, create=False) as reg:
+        tmp = tempfile.TemporaryDirectory(prefix="czreg-pull-")
+    with tmp:
+        with handle_errors(), connect(registry_url, blob_store, create=False) as reg:
             _warn(getattr(reg, "warnings", []))
-            result = reg.pull(requirement, Path(tmp), prereleases=pre or None, key=key, force=True)
-            v = result.version
-            exported = pull_as_bioimageio(Path(result.path), Path(output), str(v["name"]), str(v["version"]),
-                                          force=force)
-    _warn(result.warnings)
-    if as_json:
-        echo_json({**result.to_dict(), "path": str(exported.path), "format": "bioimageio"})
-        return
-    signed = ", signature verified" if result.verified else ""
-    click.echo(f"Pulled {v['name']} {v['version']} -> {exported.path} (bioimage.io 0.5, sha256 verified{signed})")
+            result = reg.pull(requirement, Path(tmp.name), prereleases=pre or None, key=key, force=True)
+        _warn(result.warnings)
+        v = result.version
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{v['name']}-{v['version']}.bioimageio.zip"
+        ctx.invoke(export, package=Path(result.path), output=target, license_id=None, authors=(), force=force,
+                   as_json=as_json)
+    if not as_json:
+        signed = ", signature verified" if result.verified else ""
+        click.echo(f"Pulled {v['name']} {v['version']} -> {target} (bioimage.io 0.5, sha256 verified{signed})")
 
 
 @click.command("list", short_help="List models (newest version each) or versions.")

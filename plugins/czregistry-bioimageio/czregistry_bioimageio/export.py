@@ -222,21 +222,3 @@ def _opset(data: bytes) -> int:
 
     return onnx_opset(data) or 18
 
-
-def pull_as_bioimageio(czann: Path, folder: Path, name: str, version: str, *, force: bool = False) -> ExportResult:
-    """``czreg pull NAME==V --format bioimageio -o DIR/``: the pulled (digest-checked) ``czann`` exported to
-    ``DIR/NAME-VERSION.bioimageio.zip``. License and authors must be in the package's license member (pull
-    has no --license/--author); the refusal says how to export by hand instead."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file; --format bioimageio writes into a folder",
-                         hint="give -o a folder (it is created if missing)")
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{name}-{version}.bioimageio.zip"
-    try:
-        return export_bioimageio(czann, out, force=force)
-    except UsageError as exc:
-        if "names no license" in exc.message or "names no authors" in exc.message:
-            raise UsageError(exc.message.replace(czann.name, f"{name} {version}"),
-                             hint=f"pull it as .czann, then: czreg export-bioimageio {name}-{version}.czann -o "
-                                  f"{out} --license SPDX --author 'First Last'") from None
-        raise
