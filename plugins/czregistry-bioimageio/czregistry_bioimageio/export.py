@@ -94,8 +94,10 @@ def export_bioimageio(package_path: Path, output: Path, *, license_id: str | Non
     check_overwrite(output, force=force)
     package = open_package(package_path)
     if package.kind != "czann" or package.model_format != "onnx":
-        raise UsageError(f"{package_path.name} is a {package.kind} with a {package.model_format} model; only "
-                         "ONNX .czann packages export to bioimage.io", hint="repack it as .czann with ONNX")
+        what = ("a legacy .czmodel package" if package.kind != "czann"
+                else f"a .czann with a {package.model_format} model")
+        raise UsageError(f"{package_path.name} is {what}; only .czann packages with an ONNX model export to "
+                         "bioimage.io", hint="repack it as .czann (czreg pack ... -o NAME.czann)")
     meta = dict(package.metadata or {})
     spdx, member_authors = _license_member_fields(package.read_license())
     spdx = license_id or spdx
