@@ -273,3 +273,45 @@ def test_pull_as_bioimageio(exports: dict[str, tuple[Path, Path]], tmp_path: Pat
     assert r.exit_code == 2 and f"Error: {zipped} already exists" in r.output
     r = runner.invoke(main, ["pull", "tiny-care==1.0.0", "--format", "bioimageio", *reg])
     assert r.exit_code == 2 and r.output == "Error: --format bioimageio needs -o FOLDER\nHint: e.g. -o models/\n"
+
+
+_RDF_04 = """format_version: 0.4.10
+type: model
+name: tiny 04 net
+description: a tiny conv net in format 0.4
+authors: [{name: Test Author}]
+cite: [{text: a test, doi: 10.1234/test}]
+license: MIT
+documentation: README.md
+tags: [test]
+timestamp: "2024-01-01T00:00:00"
+test_inputs: [in.npy]
+test_outputs: [out.npy]
+inputs:
+  - {name: raw, axes: bcyx, data_type: float32, data_range: [0, 255],
+     shape: {min: [1, 1, 16, 16], step: [0, 0, 8, 8]},
+     preprocessing: [{name: scale_linear, kwargs: {gain: 0.00392156862745098, offset: -0.5}}]}
+outputs:
+  - {name: pred, axes: bcyx, data_type: float32, data_range: [0, 1], halo: [0, 0, 2, 2],
+     shape: {reference_tensor: raw, scale: [1, 1, 1, 1], offset: [0, 0, 0, 0]},
+     postprocessing: [{name: sigmoid}]}
+weights:
+  onnx: {source: w.onnx, opset_version: 17}
+"""
+
+
+@pytest.mark.slow
+def test_import_format_0_4_through_bioimageio_spec_conversion(packages: dict[str, Path], tmp_path: Path) -> None:
+    """A format 0.4 description (axes as 'bcyx', halo per axis, test_inputs/test_outputs lists) is converted
+    to 0.5 by bioimageio.spec and packs like a 0.5 one."""
+    folder = tmp_path / "v04"
+    with zipfile.ZipFile(packages["onnx"]) as zf:
+        zf.extractall(folder)
+    (folder / "rdf.yaml").write_text(_RDF_04)
+    out = tmp_path / "x.czann"
+    code, output = _pack(folder / "rdf.yaml", out)
+    assert code == 0, output
+    assert "the package's test tensors are reproduced within its tolerance" in output
+    with zipfile.ZipFile(out) as zf:
+        meta = json.loads(zf.read("model.json"))
+    assert meta["MinOverlap"] == [4, 4] and meta["InputShape"] == [32, 32, 1]

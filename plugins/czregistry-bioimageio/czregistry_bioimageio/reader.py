@@ -112,7 +112,8 @@ def open_description(source: Path) -> Iterator[tuple[Any, Path]]:
             raise UsageError(f"bioimageio.spec cannot read {source.name}: {first_line(exc)}") from exc
         if isinstance(descr, InvalidDescr):
             errors = descr.validation_summary.errors
-            what = f"{'.'.join(map(str, errors[0].loc))}: {errors[0].msg}" if errors else "invalid"
+            loc = ".".join(map(str, errors[0].loc)) if errors else ""
+            what = (f"{loc}: {errors[0].msg}" if loc else str(errors[0].msg)) if errors else "invalid"
             raise UsageError(f"{source.name} is not a valid bioimage.io description ({what.splitlines()[0]})",
                              hint="check it with: bioimageio validate " + source.name)
         if not isinstance(descr, v0_5.ModelDescr):
