@@ -27,6 +27,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "torchscript": build_package(root / "ts", weights="torchscript", post="none"),
         "per_sample": build_package(root / "ps", weights="onnx", pre="per_sample"),
         "corrupt": build_package(root / "bad", weights="onnx", corrupt_output=True),
+        "torchscript3d": build_package(root / "ts3d", weights="torchscript", dims=3, size=16),
     }
 
 
@@ -315,3 +316,16 @@ def test_import_format_0_4_through_bioimageio_spec_conversion(packages: dict[str
     with zipfile.ZipFile(out) as zf:
         meta = json.loads(zf.read("model.json"))
     assert meta["MinOverlap"] == [4, 4] and meta["InputShape"] == [32, 32, 1]
+
+
+@pytest.mark.slow
+def test_import_3d_package(packages: dict[str, Path], tmp_path: Path) -> None:
+    """A 3D package (axes b, c, z, y, x; TorchScript weights) packs as NDHWC with a 3D tile and overlap."""
+    out = tmp_path / "x.czann"
+    code, output = _pack(packages["torchscript3d"], out)
+    assert code == 0, output
+    assert "the package's test tensors are reproduced within its tolerance" in output
+    with zipfile.ZipFile(out) as zf:
+        meta = json.loads(zf.read("model.json"))
+    assert meta["InputShape"] == [16, 16, 16, 1] and meta["OutputShape"] == [16, 16, 16, 1]
+    assert meta["MinOverlap"] == [4, 4, 4] and meta["ModelName"] == "tiny 3D net"
