@@ -1737,7 +1737,7 @@ def test_bioimageio_remote_weights_are_refused_without_download(bioimageio_folde
     rdf = _edited_rdf(bioimageio_folder, tmp_path, "source: w.onnx", "source: https://example.invalid/w.onnx")
     r = cli("pack", str(rdf), "-o", str(tmp_path / "x.czann"))
     assert r.exit_code == 2, r.output
-    assert r.output.startswith("Error: rdf.yaml: the weights is a URL (https://example.invalid/w.onnx); "
+    assert r.output.startswith("Error: rdf.yaml: the weights file is a URL (https://example.invalid/w.onnx); "
                                "czregistry reads local packages only and downloads nothing\n")
     assert not (tmp_path / "x.czann").exists()
 

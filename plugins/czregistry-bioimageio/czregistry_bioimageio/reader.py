@@ -85,7 +85,7 @@ def _extract(path: Path, dest: Path) -> Path:
 def _refuse_urls(descr: Any, origin: str) -> None:
     from bioimageio.spec._internal.url import HttpUrl
 
-    files = [("weights", w.source) for w in descr.weights.available_formats.values()]
+    files = [("weights file", w.source) for w in descr.weights.available_formats.values()]
     files += [(f"test tensor of '{t.id}'", t.test_tensor.source) for t in (*descr.inputs, *descr.outputs)
               if t.test_tensor is not None]
     for what, src in files:
