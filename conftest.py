@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-BUILTIN_PLUGINS = "onnxruntime,tensorflow,example,torch"
+BUILTIN_PLUGINS = "onnxruntime,tensorflow,example,torch,bioimageio"
 os.environ["CZREG_PLUGINS"] = BUILTIN_PLUGINS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -85,6 +85,11 @@ class LoadedSource:
     onnx_bytes: bytes | None = None
     #: Things worth telling the user about the load (e.g. "exported with dynamic H/W").
     notes: list[str] = field(default_factory=list)
+    #: CZANN metadata the source itself carries (a foreign package's name, tile, halo): used where the caller
+    #: and a conversion spec give none (what the user says always wins).
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: The license member's text when the source carries its own license and the caller gives no file.
+    license_text: bytes | None = None
 
     def compose(self, pre: Sequence[LayerCall], post: Sequence[LayerCall],
                 spatial: tuple[int, ...] | None) -> LoadedSource:

@@ -1667,7 +1667,8 @@ def test_every_command_summary_is_whole() -> None:
     assert len(rows) >= 30
     for row in rows:
         assert not row.rstrip().endswith(("...", "e.g.", "i.e.")), row
-    assert "  setting           Show or change registry-wide settings." in rows
+    # the column width follows the longest command name (plugins add commands: export-bioimageio)
+    assert "setting Show or change registry-wide settings." in {" ".join(row.split()) for row in rows}
 
 
 def test_readme_names_every_extra_of_requirements_all() -> None:
@@ -1884,3 +1885,93 @@ def test_keras_only_layer_without_tensorflow_names_what_to_install(tmp_path: Pat
                           "Keras layers is loaded\nHint: pip install czregistry-tensorflow "
                           "(plugins/czregistry-tensorflow), or give the layer an ONNX form (docs/plugins.md)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+# --- issue 26: bioimage.io packages (import and export) ---
+
+
+@pytest.fixture(scope="module")
+def bioimageio_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked bioimage.io package (rdf.yaml, ONNX weights, test tensors), built in code."""
+    import zipfile
+
+    pytest.importorskip("torch")
+    pytest.importorskip("bioimageio.spec")
+    from .bioimageio_packages import build_package
+
+    root = tmp_path_factory.mktemp("bioimageio-abuse")
+    zipped = build_package(root / "src", weights="onnx")
+    folder = root / "unpacked"
+    with zipfile.ZipFile(zipped) as zf:
+        zf.extractall(folder)
+    return folder
+
+
+def _edited_rdf(folder: Path, tmp_path: Path, old: str, new: str) -> Path:
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(folder, copy)
+    rdf = copy / "rdf.yaml"
+    text = rdf.read_text()
+    assert old in text
+    rdf.write_text(text.replace(old, new, 1))
+    return rdf
+
+
+def test_bioimageio_zip_slip_member_is_refused(bioimageio_folder: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.write(bioimageio_folder / "rdf.yaml", "rdf.yaml")
+        zf.writestr("../escaped.txt", "x")
+    out = tmp_path / "out" / "x.czann"
+    r = cli("pack", str(evil), "-o", str(out))
+    assert r.exit_code == 2, r.output
+    assert r.output == ("Error: bioimage.io package evil.zip: member path '../escaped.txt' climbs out of the "
+                        "package with '..'\nHint: never extract this archive with a generic unzip tool\n")
+    assert not (tmp_path / "escaped.txt").exists() and not out.parent.exists()
+
+
+def test_bioimageio_remote_weights_are_refused_without_download(bioimageio_folder: Path, tmp_path: Path) -> None:
+    rdf = _edited_rdf(bioimageio_folder, tmp_path, "source: w.onnx", "source: https://example.invalid/w.onnx")
+    r = cli("pack", str(rdf), "-o", str(tmp_path / "x.czann"))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: rdf.yaml: the weights file is a URL (https://example.invalid/w.onnx); "
+                               "czregistry reads local packages only and downloads nothing\n")
+    assert not (tmp_path / "x.czann").exists()
+
+
+def test_bioimageio_op_without_equivalent_is_refused(bioimageio_folder: Path, tmp_path: Path) -> None:
+    rdf = _edited_rdf(bioimageio_folder, tmp_path, "    postprocessing:\n",
+                      "    postprocessing:\n      - id: clip\n        kwargs:\n          min_percentile: 1.0\n"
+                      "          max_percentile: 99.0\n")
+    r = cli("pack", str(rdf), "-o", str(tmp_path / "x.czann"))
+    assert r.exit_code == 2, r.output
+    assert r.output == ("Error: the post op 'clip' clips at percentiles, which has no CZANN equivalent\n"
+                        "Hint: clip at fixed values (min/max)\n")
+
+
+def test_bioimageio_invalid_description_is_refused(bioimageio_folder: Path, tmp_path: Path) -> None:
+    rdf = _edited_rdf(bioimageio_folder, tmp_path, "license: MIT", "license: 3")
+    r = cli("pack", str(rdf), "-o", str(tmp_path / "x.czann"))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: rdf.yaml is not a valid bioimage.io description (")
+    assert "Hint: check it with: bioimageio validate rdf.yaml\n" in r.output
+
+
+def test_bioimageio_export_of_a_legacy_package_is_refused(tmp_path: Path) -> None:
+    from czregistry.package import write_package
+
+    from .static_packages import fake_onnx
+
+    legacy = tmp_path / "old.czmodel"
+    xml = (b'<Model Version="3.1.0"><Id>5b3c2f8e-1d2a-4c3b-9e8f-0a1b2c3d4e5f</Id><ModelName>m</ModelName>'
+           b"</Model>")
+    write_package(legacy, xml, fake_onnx(), kind="czmodel")
+    r = cli("export-bioimageio", str(legacy), "-o", str(tmp_path / "m.zip"))
+    assert r.exit_code == 2, r.output
+    assert r.output == ("Error: old.czmodel is a legacy .czmodel package; only .czann packages with an ONNX model "
+                        "export to bioimage.io\nHint: repack it as .czann (czreg pack ... -o NAME.czann)\n")
+    assert not (tmp_path / "m.zip").exists()

@@ -172,17 +172,24 @@ def publish_cmd(reg: Registry, package: Path, name: str | None, version: str | N
 @click.option("--key", type=click.Path(path_type=Path), metavar="PUBLIC.pem",
               help="Refuse (and write nothing) unless a signature by this key verifies; writes .sig/.att beside.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (identical bytes never count).")
+@click.option("--format", "out_format", type=click.Choice(["czann", "bioimageio"]), default="czann",
+              show_default=True, help="bioimageio: write NAME-VERSION.bioimageio.zip into the -o folder "
+                                      "(the czregistry-bioimageio plugin).")
 @oci_options
 @json_option
 @click.option("--registry", "registry_url", metavar="URL", envvar="CZREG_REGISTRY", help=REGISTRY_HELP)
 @click.option("--blob-store", metavar="PATH", envvar="CZREG_BLOB_STORE",
               help="Blob folder shared by the team (needed with PostgreSQL) [env CZREG_BLOB_STORE]")
 def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
-             oci_auth: dict[str, Any], as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+             out_format: str, oci_auth: dict[str, Any], as_json: bool, registry_url: str | None,
+             blob_store: str | None) -> None:
     """Fetch a version: NAME, 'NAME>=1.2,<2', NAME==1.2.0, NAME@alias or sha256:DIGEST; or an OCI artifact:
     oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (-o names the folder).
 
     The blob is streamed and its SHA-256 checked before the file appears under its name."""
+    if out_format == "bioimageio":
+        _pull_bioimageio(requirement, output, pre, key, force, as_json, registry_url, blob_store)
+        return
     if requirement.startswith("oci://"):
         pull_oci(requirement, output, key, oci_auth, as_json, force=force)
         return
@@ -199,6 +206,46 @@ def pull_cmd(requirement: str, output: str | None, pre: bool | None, key: Path |
     v = result.version
     signed = ", signature verified" if result.verified else ""
     click.echo(f"Pulled {v['name']} {v['version']} -> {result.path} ({human_size(v['size'])}, sha256 verified{signed})")
+
+
+def _pull_bioimageio(requirement: str, output: str | None, pre: bool | None, key: Path | None, force: bool,
+                     as_json: bool, registry_url: str | None, blob_store: str | None) -> None:
+    """``pull --format bioimageio``: the version is pulled (digest and signature checked) into a temp folder,
+    then written by the ``export-bioimageio`` command, which the czregistry-bioimageio plugin registers (the
+    core reaches plugins only through their hooks), into the ``-o`` folder as NAME-VERSION.bioimageio.zip."""
+    import tempfile
+
+    ctx = click.get_current_context()
+    root = ctx.find_root().command
+    export = root.get_command(ctx, "export-bioimageio") if isinstance(root, click.Group) else None
+    with handle_errors():
+        if not output:
+            raise UsageError("--format bioimageio needs -o FOLDER", hint="e.g. -o models/")
+        if requirement.startswith("oci://"):
+            raise UsageError("--format bioimageio pulls from a registry or server, not oci://")
+        if export is None:
+            raise UsageError("--format bioimageio needs the czregistry-bioimageio plugin (command export-bioimageio)",
+                             hint="pip install -e plugins/czregistry-bioimageio (and allow it in CZREG_PLUGINS)")
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file; --format bioimageio writes into a folder",
+                             hint="give -o a folder (it is created if missing)")
+        from ..registry.remote import connect
+
+        tmp = tempfile.TemporaryDirectory(prefix="czreg-pull-")
+    with tmp:
+        with handle_errors(), connect(registry_url, blob_store, create=False) as reg:
+            _warn(getattr(reg, "warnings", []))
+            result = reg.pull(requirement, Path(tmp.name), prereleases=pre or None, key=key, force=True)
+        _warn(result.warnings)
+        v = result.version
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{v['name']}-{v['version']}.bioimageio.zip"
+        ctx.invoke(export, package=Path(result.path), output=target, license_id=None, authors=(), force=force,
+                   as_json=as_json)
+    if not as_json:
+        signed = ", signature verified" if result.verified else ""
+        click.echo(f"Pulled {v['name']} {v['version']} -> {target} (bioimage.io 0.5, sha256 verified{signed})")
 
 
 @click.command("list", short_help="List models (newest version each) or versions.")

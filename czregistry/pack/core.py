@@ -280,6 +280,12 @@ def pack(
             input_shape=tuple(int(d) for d in declared) if isinstance(declared, list) else None))
     for n in loaded.notes:
         note(n)
+    for key, value in loaded.metadata.items():  # the source's own metadata fills only what nobody gave
+        if meta.get(key) is None:
+            meta[key] = value
+    if declared is None and isinstance(meta.get("InputShape"), list):
+        declared = meta["InputShape"]
+    license_text = lic.read_bytes() if lic is not None else loaded.license_text
     reference: Session = loaded.reference
     base_shape = tuple(reference.signature.inputs[0].shape)
     spatial = _resolve_tile(base_shape, spatial, declared, kind)
@@ -397,8 +403,8 @@ def pack(
         final_meta = parse_legacy_xml(xml)
 
     # -- write to a temp file, verify, then rename -----------------------------------------------------
-    result = _write_and_verify(output, kind, fmt, used_opset, meta_arg, final_meta, model_bytes, lic, inputs,
-                               expected, notes, force, validate_options)
+    result = _write_and_verify(output, kind, fmt, used_opset, meta_arg, final_meta, model_bytes, lic, license_text,
+                               inputs, expected, notes, force, validate_options)
     result.notes = infos
     _check_declared_local(result, [spec for spec, _ in (*pre, *post)], source_local)
     return result
@@ -421,7 +427,8 @@ def _check_declared_local(result: PackResult, specs: list[LayerSpec], source_loc
 
 
 def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, meta_arg: dict[str, Any] | bytes,
-                      final_meta: dict[str, Any], model_bytes: bytes, lic: Path | None, inputs: list[np.ndarray],
+                      final_meta: dict[str, Any], model_bytes: bytes, lic: Path | None,
+                      license_text: bytes | None, inputs: list[np.ndarray],
                       expected: list[np.ndarray], notes: list[str], force: bool,
                       validate_options: ValidateOptions | None) -> PackResult:
     from ..package import is_license_name, open_package, sha256_file, write_package
@@ -435,7 +442,7 @@ def _write_and_verify(output: Path, kind: Target, fmt: str, opset: int | None, m
     try:
         with step("pack: writing the package"):
             write_package(tmp, meta_arg, model_bytes, kind=kind,
-                          license_text=lic.read_bytes() if lic else None,
+                          license_text=license_text,
                           license_name=(lic.name if lic and is_license_name(lic.name) else "license.txt"))
         parity_diff: float | None = None
         parity_finding: Finding | None = None
