@@ -329,3 +329,63 @@ def test_import_3d_package(packages: dict[str, Path], tmp_path: Path) -> None:
         meta = json.loads(zf.read("model.json"))
     assert meta["InputShape"] == [16, 16, 16, 1] and meta["OutputShape"] == [16, 16, 16, 1]
     assert meta["MinOverlap"] == [4, 4, 4] and meta["ModelName"] == "tiny 3D net"
+
+
+_DEMO_EXPORT = """
+import sys
+from pathlib import Path
+from czregistry.demo import DEMO_TILE
+from czregistry.examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model
+from czregistry.pack import pack
+from czregistry_bioimageio.export import export_bioimageio
+out = Path(sys.argv[1])
+norm = EXAMPLE_NORMALIZATION
+pack(build_example_model(), {"Type": "SingleClassSemanticSegmentation", "Classes": EXAMPLE_CLASSES,
+     "MinOverlap": [8, 8], "ModelName": "Example nuclei segmentation"}, out / "nuclei.czann",
+     preprocessing=[f"normalize:mean={norm['mean']},std={norm['std']}"], spatial_dims=DEMO_TILE)
+export_bioimageio(out / "nuclei.czann", out / "nuclei.zip", license_id="MIT", authors=["czregistry demo"])
+"""
+
+
+@pytest.mark.slow
+def test_the_demo_model_exports_and_passes_bioimageio_test(tmp_path: Path) -> None:
+    """The main job's own package (a Keras model with a normalize layer, exactly as ``czreg demo`` packs it)
+    as a bioimage.io model. Built in a subprocess: TensorFlow and torchvision do not share a process here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CZREG_PROGRESS": "off"}
+    r = subprocess.run([sys.executable, "-c", _DEMO_EXPORT, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    code, output = _bioimageio_test(tmp_path / "nuclei.zip")
+    assert code == 0, output
+    assert "Reproduce test outputs from test inputs (onnx)" in output
+
+
+@pytest.mark.slow
+def test_an_smp_unet_package_exports_and_passes_bioimageio_test(tmp_path: Path) -> None:
+    """A real segmentation_models_pytorch U-Net (ResNet-18 encoder, random weights), packed from the module
+    as the README shows, exported and checked by bioimage.io's own test."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    import torch
+    from czregistry_bioimageio.export import export_bioimageio
+
+    from czregistry.checks import ValidateOptions
+    from czregistry.pack import pack
+
+    torch.manual_seed(0)
+    net = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2).eval()
+    lic = tmp_path / "LICENSE.txt"
+    lic.write_text("License: MIT\nAuthors: Ada Lovelace\n")
+    czann = tmp_path / "unet.czann"
+    pack(net, {"Type": "SingleClassSemanticSegmentation", "Classes": ["background", "cell"], "MinOverlap": [32, 32],
+               "ModelName": "smp unet"}, czann, postprocessing=["softmax"], spatial_dims=(64, 64), license_file=lic,
+         validate_options=ValidateOptions(static=True))
+    zipped = export_bioimageio(czann, tmp_path / "unet.zip").path
+    code, output = _bioimageio_test(zipped)
+    assert code == 0, output
+    with zipfile.ZipFile(zipped) as zf:
+        rdf = zf.read("rdf.yaml").decode()
+    assert "format_version: 0.5" in rdf and "license: MIT" in rdf
