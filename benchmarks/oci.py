@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from czregistry import oci
 from czregistry.package import write_package
-from czregistry.signing import attestation_path, generate_keypair, sign_package, signature_path
+from czregistry.sharing import oci
+from czregistry.sharing.signing import attestation_path, generate_keypair, sign_package, signature_path
 from tests.oci_registry import BINARY, run_registry
 
 MB = 1_000_000

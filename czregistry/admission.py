@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .evaluate.gate import Gate
     from .registry.records import PublishResult, RecordedEvaluation, RegistryClient
     from .report import Report
-    from .signing import SignedPackage
+    from .sharing.signing import SignedPackage
 
 __all__ = ["Evidence", "Identity", "Validator", "admit", "check_package", "gated_publish", "identify"]
 
@@ -137,7 +137,7 @@ def admit(path: Path | str, *, name: str | None = None, static: bool = False, sm
         raise UsageError("--gate and --no-regression-from need --images and --labels (both)",
                          hint='e.g. --images data/img --labels data/lab --gate "mean_iou>=0.8"')
     if sign_key is not None:
-        from .signing import sign_package
+        from .sharing.signing import sign_package
 
         with step("publish: signing"):
             signed = sign_package(path, sign_key, report=report, smoke=smoke_report, write=False)
@@ -149,7 +149,7 @@ def admit(path: Path | str, *, name: str | None = None, static: bool = False, sm
 def _check_signature(path: Path, sha256: str, signed: SignedPackage, public_key: Path | None) -> SignedPackage:
     """A signature that came with an upload: it must verify with the public key that came with it, be
     about these bytes and name that key."""
-    from .signing import verify_package
+    from .sharing.signing import verify_package
 
     if public_key is None:
         raise SignatureError(f"the signature of {path.name} came without its public key; not published",

@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "
 ENTRY_POINT_GROUP = "czregistry"
 #: Modules inside czregistry itself that register through the same hooks (static + model checks, the ONNX
 #: model source, the built-in layers in their ONNX and Keras forms).
-DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks", "czregistry.sources", "czregistry.builtin_layers")
+DEFAULT_PLUGINS: tuple[str, ...] = ("czregistry.checks", "czregistry.onnx", "czregistry.builtin_layers")
 
 
 @dataclass

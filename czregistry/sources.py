@@ -5,8 +5,8 @@ into a ``LoadedSource``: a reference ``Session`` (the parity reference and the s
 invariance probe, taking NHWC / NDHWC batches) plus either
 
 - ``onnx_bytes``: an ONNX graph with an NHWC / NDHWC input. Packing then does the rest in the core: opset
-  conversion, layers spliced around the graph, the tile reset, canonicalisation. ONNX files (this module's
-  ``OnnxSource``) and PyTorch modules (the ``czregistry-torch`` plugin) take this path; or
+  conversion, layers spliced around the graph, the tile reset, canonicalisation. ONNX files
+  (``czregistry.onnx.source.OnnxSource``) and PyTorch modules (the ``czregistry-torch`` plugin) take this path; or
 - its own ``compose`` and ``export``: for frameworks that compose the layers in the framework itself and
   export the result (Keras, SavedModel and ``.keras`` in the ``czregistry-tensorflow`` plugin).
 
@@ -19,22 +19,19 @@ layers are Keras layers). A source that can build them sets ``builds_layers`` an
 ``build_layers``; packing uses it for sources that hand over ONNX bytes, so a PyTorch or ONNX source gets
 the same layers, spliced into its graph as ONNX subgraphs.
 
-This module is the interface (a leaf, like ``backends``) and the core's built-in source plugin
-(``DEFAULT_PLUGINS`` in ``czregistry.plugins``): it registers ``OnnxSource`` through the same hook. Choosing
-among the registered sources is ``czregistry.selection``'s (``select_source``, ``layer_builder``). Nothing
-heavy is imported at module import.
+This module is the interface (a leaf, like ``backends``). The core's own ONNX source lives in the ``onnx/``
+wing (``czregistry.onnx``, one of ``DEFAULT_PLUGINS`` in ``czregistry.plugins``), which registers it through
+the same hook a third-party source uses. Choosing among the registered sources is ``czregistry.selection``'s
+(``select_source``, ``layer_builder``). Nothing heavy is imported at module import.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-from .errors import BackendError, PackError, UsageError, first_line
-from .hookspecs import hookimpl
+from .errors import PackError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,8 +39,7 @@ if TYPE_CHECKING:
     from .backends import Session
     from .layers import LayerSpec
 
-__all__ = ["LayerCall", "LayerStack", "LoadOptions", "LoadedSource", "OnnxSource", "Source", "onnx_reference",
-           "validate_source_class"]
+__all__ = ["LayerCall", "LayerStack", "LoadOptions", "LoadedSource", "Source", "validate_source_class"]
 
 #: A layer spec with the keyword arguments to build it (what ``layers.parse_layer_arg`` returns).
 LayerCall = tuple["LayerSpec", dict[str, Any]]
@@ -140,68 +136,3 @@ def validate_source_class(obj: Any) -> str:
     if obj.recognise is Source.recognise or obj.load is Source.load:
         raise TypeError(f"source '{obj.name}' must implement recognise and load")
     return str(obj.name)
-
-
-class OnnxSource(Source):
-    """ONNX files (``.onnx``) and ONNX bytes: the core's own source; the reference is ONNX Runtime on the CPU."""
-
-    name = "onnx"
-    description = "ONNX files (.onnx) and bytes"
-    priority = 10
-
-    @classmethod
-    def recognise(cls, source: Any) -> bool:
-        if isinstance(source, bytes):
-            return True
-        return isinstance(source, str | os.PathLike) and Path(source).suffix.lower() == ".onnx" \
-            and Path(source).is_file()
-
-    def load(self, source: Any, options: LoadOptions) -> LoadedSource:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        if not isinstance(source, bytes):
-            _refuse_external_data(Path(source), data)
-        what = "ONNX bytes" if isinstance(source, bytes) else f"ONNX file {source}"
-        return LoadedSource(what, onnx_reference(data), onnx_bytes=data)
-
-
-def _refuse_external_data(path: Path, data: bytes) -> None:
-    """An ONNX file whose weights live in separate files (``save_as_external_data``, the rule above 2 GB):
-    a package embeds one self-contained model, and ONNX Runtime's own complaint ("Cannot parse data from
-    external tensors") does not say what to do. Say which file, and how to merge."""
-    import re
-
-    from .pack.onnxgraph import check_external_data
-
-    try:
-        check_external_data(data)
-    except Exception as exc:  # BackendError: external data found, or not ONNX at all (ORT reports that)
-        where = re.search(r"in '([^']*)'$", getattr(exc, "message", ""))
-        if where is None:
-            return
-        raise PackError(f"{path.name} keeps its weights outside the file (in {where.group(1)}); a package "
-                        "embeds one self-contained model",
-                        hint=f"merge them first: python -c \"import onnx; onnx.save(onnx.load('{path}'), "
-                             f"'{path.with_name(path.stem + '-merged.onnx')}')\" (models under 2 GB)") from None
-
-
-def onnx_reference(data: bytes) -> Session:
-    """ONNX bytes run by ONNX Runtime on the CPU, as a parity reference: one input and one output, else
-    ``PackError`` (a package has exactly one of each)."""
-    from .onnx_session import OnnxSession
-
-    try:
-        session = OnnxSession(data, "cpu")
-    except BackendError as exc:
-        raise PackError(f"ONNX Runtime cannot load the source model: {first_line(exc)}",
-                        hint=exc.hint) from exc
-    sig = session.signature
-    if len(sig.inputs) != 1 or len(sig.outputs) != 1:
-        session.close()
-        raise PackError(f"the ONNX model has {len(sig.inputs)} inputs and {len(sig.outputs)} outputs; "
-                        "a package needs exactly one of each")
-    return session
-
-
-@hookimpl
-def register_sources(register: Any) -> None:
-    register(OnnxSource)

@@ -166,13 +166,13 @@ def _ort_run(data: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def _fragment_bytes(spec: LayerSpec, kwargs: dict[str, Any], shape: tuple[int | None, ...], opset: int) -> bytes:
-    from .pack.onnxgraph import layers_to_onnx
+    from .onnx.graph import layers_to_onnx
 
     return layers_to_onnx([(spec, kwargs)], shape, opset)[0]
 
 
 def _run_fragment(spec: LayerSpec, kwargs: dict[str, Any], x: np.ndarray, opset: int | None) -> np.ndarray:
-    from .pack.onnxgraph import DEFAULT_OPSET
+    from .onnx.graph import DEFAULT_OPSET
 
     shape = (None,) * (x.ndim - 1) + (int(x.shape[-1]),)
     return _ort_run(_fragment_bytes(spec, kwargs, shape, opset or DEFAULT_OPSET), x)
@@ -217,7 +217,7 @@ def _check_onnx_form(spec: LayerSpec, kwargs: dict[str, Any], what: str, sample:
                      rng: np.random.Generator, value_scale: float, atol: float, rtol: float, opset: int | None,
                      reference: Callable[[np.ndarray], np.ndarray] | None) -> LayerCheck:
     from .errors import CzregError
-    from .pack.onnxgraph import DEFAULT_OPSET, LEGACY_OPSET, splice_onnx
+    from .onnx.graph import DEFAULT_OPSET, LEGACY_OPSET, splice_onnx
 
     use_opset = opset or DEFAULT_OPSET
     channels = int(sample.shape[-1])
@@ -294,7 +294,7 @@ def _check_keras_form(spec: LayerSpec, kwargs: dict[str, Any], what: str, sample
                       opset: int | None) -> LayerCheck:
     import keras
 
-    from .pack.onnxgraph import DEFAULT_OPSET
+    from .onnx.graph import DEFAULT_OPSET
     from .selection import layer_builder
     from .sources import LoadOptions
 

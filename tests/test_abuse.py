@@ -662,7 +662,7 @@ def test_key_files_are_refused_unread_unless_small_regular_files(command: str, k
     """``--key /dev/urandom`` read 21 GB before the kernel killed it; a FIFO blocked forever. A key is a
     few KB: anything but a regular file of at most 64 KiB is a usage error (exit 2, like every other
     problem with the key path), named with the limit, and nothing is written."""
-    from czregistry.signing import MAX_KEY_BYTES
+    from czregistry.sharing.signing import MAX_KEY_BYTES
 
     what, argv = KEY_COMMANDS[command]
     key, why = _hostile_file(kind, tmp_path, MAX_KEY_BYTES)
@@ -687,7 +687,7 @@ def test_key_files_are_refused_unread_unless_small_regular_files(command: str, k
 def test_signature_bundles_are_read_bounded(which: str, kind: str, signed: Signed, tmp_path: Path) -> None:
     """A ``.sig``/``.att`` comes with the package: one that is not a regular file of at most 4 MiB is a bad
     signature (exit 10), refused before it is read."""
-    from czregistry.signing import MAX_BUNDLE_BYTES
+    from czregistry.sharing.signing import MAX_BUNDLE_BYTES
 
     pkg = tmp_path / "p.czann"
     shutil.copy(signed.pkg, pkg)
@@ -727,7 +727,7 @@ def lying_registry(tmp_path_factory: pytest.TempPathFactory, signed: Signed) -> 
     exists), so the hostile manifests below are served by the real thing, not a stand-in."""
     import urllib.request
 
-    from czregistry import oci
+    from czregistry.sharing import oci
     from tests.oci_registry import BINARY, run_registry
 
     if BINARY is None:
@@ -744,7 +744,7 @@ def lying_registry(tmp_path_factory: pytest.TempPathFactory, signed: Signed) -> 
 def _put_manifest(host: str, repo: str, reference: str, manifest: dict[str, object], media_type: str) -> str:
     import urllib.request
 
-    from czregistry import oci
+    from czregistry.sharing import oci
 
     body = oci.canonical_json(manifest)
     req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{reference}", data=body, method="PUT",
@@ -759,7 +759,7 @@ def test_oci_pull_holds_the_registry_to_the_declared_layer_size(declared: object
                                                                 tmp_path: Path) -> None:
     """The layer's declared size is checked before the download (an int from 0 to 8 GiB) and enforced
     during it: the transfer stops as soon as more bytes arrive than declared. Exit 12, nothing left."""
-    from czregistry import oci
+    from czregistry.sharing import oci
 
     real = lying_registry.size
     size = {"more": 20, "fewer": real + 1000}.get(declared, declared)  # type: ignore[call-overload]
@@ -793,7 +793,7 @@ def test_oci_pull_holds_attachments_to_their_declared_size(lying_registry: Lying
                                                            tmp_path: Path) -> None:
     """A referrer (here the signature bundle) whose layer declares fewer bytes than the registry sends:
     reading stops there, exit 12, and neither the package nor its .sig/.att are left."""
-    from czregistry import oci
+    from czregistry.sharing import oci
 
     host = lying_registry.host
     r = cli("push", str(signed.pkg), f"oci://{host}/abuse22/att:1", "--plain-http", "--json")
@@ -1715,7 +1715,7 @@ def _signed_upload(srv: Any, package: bytes, sig: bytes, att: bytes, pem: bytes,
 def test_a_signature_for_other_bytes_is_refused_by_the_server(contract_srv: Any, tmp_path: Path) -> None:
     """A client (or a proxy) that sends package B with the signature of package A: the server verifies the
     bundles against the uploaded bytes with the uploaded key, refuses with exit 10, stores nothing."""
-    from czregistry.signing import generate_keypair, sign_package
+    from czregistry.sharing.signing import generate_keypair, sign_package
     from czregistry.validate import validate
 
     generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")

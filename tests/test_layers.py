@@ -294,7 +294,7 @@ def test_onnx_form_equals_keras_form(arg: str, channels: int, scale: float) -> N
     """The same inputs through both forms: within 1e-6 (absolute) for 2D and 3D inputs, at both opsets."""
     import onnxruntime as ort
 
-    from czregistry.pack.onnxgraph import layers_to_onnx
+    from czregistry.onnx.graph import layers_to_onnx
 
     spec, kwargs = parse_layer(arg)
     assert spec.factory is not None and spec.onnx is not None

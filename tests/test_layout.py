@@ -131,7 +131,8 @@ def test_no_module_imports_a_plugin_package_by_name() -> None:
 
 
 def test_the_wings_are_subpackages() -> None:
-    for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "onnxgraph", "unpack"),
+    for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "unpack"),
+                          "onnx": ("graph", "session", "source"), "sharing": ("signing", "oci", "_smallfile"),
                           "run": ("runner", "images", "source", "tiling", "czi", "smoke", "dask_run")}.items():
         for member in members:
             assert (PKG / wing / f"{member}.py").is_file(), f"czregistry/{wing}/{member}.py"
@@ -172,3 +173,46 @@ def test_no_import_circles_even_for_type_checking() -> None:
     modules = _modules()
     graph = {name: _imports(name, path, modules, type_only=True) for name, path in modules.items()}
     assert _cycles(graph) == []
+
+
+def _documented_tree() -> list[tuple[str, str]]:
+    """``(path, description)`` for every line of the ``czregistry/`` tree in ``docs/architecture.md``: two
+    spaces of indent per level, a folder ends in ``/`` and stands for its ``__init__.py``."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = re.search(r"^```\n(czregistry/.*?)^```$", text, re.S | re.M)
+    assert block is not None, "docs/architecture.md has no ```czregistry/ tree block"
+    rows: list[tuple[str, str]] = []
+    folders: list[str] = []
+    for line in block.group(1).splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name, _, description = line.strip().partition(" ")
+        folders = folders[:depth]
+        path = "/".join([*folders, name.rstrip("/")])
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+            path += "/__init__.py"
+        rows.append((path, description.strip()))
+    return rows
+
+
+def test_the_architecture_tree_is_the_real_tree() -> None:
+    """``docs/architecture.md`` shows ``czregistry/`` one line per module, and only modules that exist, so the
+    picture cannot drift from the code (issue 24). A folder without ``__init__.py`` (migration versions) is
+    listed for its modules only."""
+    rows = _documented_tree()
+    paths = [p for p, _ in rows]
+    real = {str(f.relative_to(ROOT).as_posix()) for f in PKG.rglob("*.py")}
+    folders_without_init = {p for p in paths if p.endswith("/__init__.py") and p not in real
+                            and (ROOT / p).parent.is_dir()}
+    listed = set(paths) - folders_without_init
+    assert sorted(p for p in paths if paths.count(p) > 1) == [], "listed twice"
+    assert sorted(real - listed) == [], "modules missing from docs/architecture.md"
+    assert sorted(listed - real) == [], "listed in docs/architecture.md but not in czregistry/"
+    assert [p for p, d in rows if not d] == [], "every line says what the module is for"
+
+
+def test_the_tree_reader_reads_nesting() -> None:
+    """The check above can fail: nesting is read from the indent, and a folder stands for its ``__init__.py``."""
+    rows = _documented_tree()
+    assert ("czregistry/__init__.py" in dict(rows)) and ("czregistry/onnx/graph.py" in dict(rows))
+    assert "czregistry/registry/migrations/versions/r0001_initial.py" in dict(rows)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from czregistry import oci
 from czregistry.checks import ValidateOptions
 from czregistry.cli import main
 from czregistry.errors import OciError, SignatureError
-from czregistry.signing import attestation_path, generate_keypair, key_id, sign_package, signature_path
+from czregistry.sharing import oci
+from czregistry.sharing.signing import attestation_path, generate_keypair, key_id, sign_package, signature_path
 from czregistry.validate import validate
 from tests.oci_registry import BINARY, free_port, run_registry
 from tests.test_registry import make_package

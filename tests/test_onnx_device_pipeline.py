@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from czregistry.onnx_session import CONVERTED_OUTPUTS, OnnxSession, with_converted_outputs
+from czregistry.onnx.session import CONVERTED_OUTPUTS, OnnxSession, with_converted_outputs
 from czregistry.run.runner import OutputKind, RunOptions, _convert, run
 
 torch = pytest.importorskip("torch")

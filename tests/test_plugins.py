@@ -99,7 +99,7 @@ def test_loading_plugins_does_not_import_engines() -> None:
 def test_czreg_plugins_none_loads_no_external_plugin(monkeypatch: pytest.MonkeyPatch, package: Path) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "none")
     reset_host()
-    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "sources"]  # built-ins still run
+    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "onnx"]  # built-ins still run
     assert available_backends() == {}
     # the built-in layers are the core's (ONNX form, no framework): they stay, nothing else registers one
     assert {plugin for plugin, _ in available_layers().values()} == {"builtin_layers"}
@@ -112,7 +112,7 @@ def test_czreg_plugins_only_these(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CZREG_PLUGINS", "onnxruntime, nosuchplugin")
     reset_host()
     host = get_host()
-    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "onnxruntime", "sources"]
+    assert sorted(i.name for i in plugin_infos()) == ["builtin_layers", "checks", "onnx", "onnxruntime"]
     assert host.missing == ["nosuchplugin"]
     assert any("'nosuchplugin'" in p for p in problems())
     assert select_backend("onnx").name == "onnxruntime"
@@ -355,10 +355,11 @@ def test_hook_register_checks(package: Path) -> None:
 def test_hook_register_sources(model_cache: Callable[..., Path], tmp_path: Path) -> None:
     """A plugin's source is asked by pack(); the highest priority wins; unknown input names the sources."""
     from czregistry.errors import UsageError
+    from czregistry.onnx.source import onnx_reference
     from czregistry.pack.core import pack
     from czregistry.package import open_package as open_pkg
     from czregistry.selection import available_sources, select_source
-    from czregistry.sources import LoadedSource, LoadOptions, Source, onnx_reference
+    from czregistry.sources import LoadedSource, LoadOptions, Source
 
     onnx_bytes = open_pkg(model_cache("unet")).read_model_bytes()
 
@@ -383,7 +384,7 @@ def test_hook_register_sources(model_cache: Callable[..., Path], tmp_path: Path)
         select_source(link)
     get_host().register_plugin(_plugin("link", register_sources=lambda register: register(LinkSource)), "link")
     assert available_sources()["onnx-link"] == ("link", LinkSource)
-    assert available_sources()["onnx"][0] == "sources"  # the core's own source, through the same hook
+    assert available_sources()["onnx"][0] == "onnx"  # the core's own source, through the same hook
     assert select_source(link) == ("link", LinkSource)
     assert select_source(model)[1].name == "onnx"
     meta = open_pkg(model_cache("unet")).metadata

@@ -21,7 +21,7 @@ from czregistry.checks import ValidateOptions
 from czregistry.cli import main
 from czregistry.errors import RegistryError, SignatureError, UsageError
 from czregistry.registry import Registry
-from czregistry.signing import (
+from czregistry.sharing.signing import (
     REPORT_PREDICATE,
     attestation_path,
     generate_keypair,

@@ -1,7 +1,7 @@
 """Sharing commands: keygen, sign, verify-signature, push (OCI), setting; plus the ``oci://`` side of ``pull``.
 
-Thin over ``czregistry.signing`` and ``czregistry.oci`` (cryptography, model-signing and oras-py are imported
-inside the commands).
+Thin over ``czregistry.sharing.signing`` and ``czregistry.sharing.oci`` (cryptography, model-signing and
+oras-py are imported inside the commands).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _attested(info: dict[str, Any]) -> str:
 def keygen_cmd(prefix: Path, force: bool, as_json: bool) -> None:
     """Make an EC P-256 signing key pair (the same kind `openssl ecparam -name prime256v1 -genkey` makes)."""
     with handle_errors(), sigterm_as_interrupt():
-        from ..signing import generate_keypair
+        from ..sharing.signing import generate_keypair
 
         private, public = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".pub")
         kid = generate_keypair(private, public, force=force)
@@ -88,7 +88,7 @@ def sign_cmd(package: Path, key: Path, static: bool, smoke: bool, allow_invalid:
         require_package_file(package)
         from ..checks import ValidateOptions
         from ..errors import SignatureError
-        from ..signing import attestation_path, sign_package, signature_path
+        from ..sharing.signing import attestation_path, sign_package, signature_path
         from ..validate import validate
 
         report = validate(package, ValidateOptions(static=static))
@@ -127,7 +127,7 @@ def verify_signature_cmd(package: Path, key: Path, sig: Path | None, att: Path |
     """Check PACKAGE against its signature and attestation with PUBLIC.pem, offline (exit 10 if not)."""
     with handle_errors():
         require_package_file(package)
-        from ..signing import read_bundle, verify_package
+        from ..sharing.signing import read_bundle, verify_package
 
         def read(p: Path | None, what: str) -> bytes | None:
             if p is None:
@@ -166,7 +166,7 @@ def push_cmd(package: str, target: str, oci_auth: dict[str, Any], static: bool, 
     The report, PACKAGE.sig and PACKAGE.att (or the registry's stored signature) go along as referrers.
     """
     with handle_errors():
-        from .. import oci
+        from ..sharing import oci
 
         oci.parse_reference(target, need_tag=True)  # a bad target fails before any validation
         path = Path(package)
@@ -193,7 +193,7 @@ def _file_attachments(path: Path, *, static: bool, allow_invalid: bool) -> dict[
     import json
 
     from ..errors import OciError
-    from ..signing import attestation_path, read_bundle, signature_path
+    from ..sharing.signing import attestation_path, read_bundle, signature_path
 
     def beside(p: Path, what: str) -> bytes | None:
         try:
@@ -247,7 +247,7 @@ def pull_oci(source: str, output: str | None, key: Path | None, oci_auth: dict[s
              force: bool = False) -> None:
     """``czreg pull oci://...``: called by the registry's ``pull`` command for ``oci://`` sources."""
     with handle_errors():
-        from .. import oci
+        from ..sharing import oci
 
         result = oci.pull(source, Path(output) if output else Path.cwd(), key=key, force=force, **oci_auth)
     if as_json:

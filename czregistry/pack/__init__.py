@@ -2,10 +2,10 @@
 
 One module per step: ``sources`` (what can be packed and how it is loaded), ``sessions`` (running the
 source as the parity reference), ``tile`` (the tile-size reset), ``metadata`` (``model.json`` and the
-legacy XML), ``onnxgraph`` (canonicalising, splicing and converting ONNX graphs), ``unpack``
-(``unpack_package``, ``inspect_summary``) and ``core`` (``pack``, which joins them and proves the result).
+legacy XML), ``unpack`` (``unpack_package``, ``inspect_summary``) and ``core`` (``pack``, which joins them
+and proves the result). ONNX graph surgery (canonicalising, splicing, opsets) is the ``czregistry.onnx`` wing's.
 
-Names are resolved lazily, so importing one step (``czregistry.pack.onnxgraph``) does not import NumPy or
+Names are resolved lazily, so importing one step (``czregistry.pack.tile``) does not import NumPy or
 the rest of the wing. ``czregistry.pack`` is also callable: ``czregistry.pack(model, metadata, "out.czann")``
 is ``czregistry.pack.pack(...)``, the call the README has always shown, now that the name is a package too.
 """
@@ -20,12 +20,9 @@ from .._lazy import lazy_attributes
 
 __all__ = [
     "CZANN_FORMAT_VERSION",
-    "DEFAULT_OPSET",
-    "LEGACY_OPSET",
     "LEGACY_XML_VERSION",
     "PackResult",
     "PackWarning",
-    "canonicalize_onnx",
     "inspect_summary",
     "legacy_xml",
     "load_spec",
@@ -37,9 +34,6 @@ _WHERE = {
     "CZANN_FORMAT_VERSION": "metadata",
     "LEGACY_XML_VERSION": "metadata",
     "legacy_xml": "metadata",
-    "DEFAULT_OPSET": "onnxgraph",
-    "LEGACY_OPSET": "onnxgraph",
-    "canonicalize_onnx": "onnxgraph",
     "PackWarning": "sources",
     "load_spec": "sources",
     "PackResult": "core",

@@ -22,7 +22,7 @@ Why it is built this way:
 
 The work is split by seam: ``_pack_sources`` (conversion specs, then the source plugins), ``_pack_sessions``
 (layers chained around the source's reference session), ``_pack_tile`` (the tile-size reset), ``_pack_metadata``
-(``model.json`` and legacy XML) and ``czregistry.pack.onnxgraph`` (canonicalisation, opsets, splicing). This
+(``model.json`` and legacy XML) and ``czregistry.onnx.graph`` (canonicalisation, opsets, splicing). This
 module keeps ``pack`` and re-exports the public names, so ``czregistry.pack`` is the one import.
 """
 
@@ -41,6 +41,15 @@ import numpy as np
 from ..backends import Session
 from ..errors import BackendError, PackError, UsageError, first_line
 from ..layers import LayerSpec
+from ..onnx.graph import (
+    DEFAULT_OPSET,
+    LEGACY_OPSET,
+    canonicalize_onnx,
+    convert_onnx_opset,
+    fix_onnx_spatial,
+    onnx_opset,
+    splice_onnx,
+)
 from ..progress import step
 from ..report import Finding, Report, Severity
 from ..sources import LayerStack, LoadedSource, LoadOptions
@@ -52,15 +61,6 @@ from .metadata import (
     _content_id,
     _czann_metadata,
     legacy_xml,
-)
-from .onnxgraph import (
-    DEFAULT_OPSET,
-    LEGACY_OPSET,
-    canonicalize_onnx,
-    convert_onnx_opset,
-    fix_onnx_spatial,
-    onnx_opset,
-    splice_onnx,
 )
 from .sessions import _ChainSession, _layer_stack
 from .sources import PackWarning, _load_source, _resolve_source, load_spec
@@ -141,7 +141,7 @@ def _merge_onnx_layers(data: bytes, pre: LayerStack | None, post: LayerStack | N
 def _check_conversion(original: bytes, converted: bytes, old: int, new: int, inputs: list[np.ndarray]) -> str:
     """Refuse an opset conversion that changes the numerics: both graphs on the parity inputs, ONNX Runtime
     on the CPU, within ``PARITY_TOLERANCE``. Returns the note quoting the measurement."""
-    from ..sources import onnx_reference
+    from ..onnx.source import onnx_reference
 
     try:
         before, after = onnx_reference(original), onnx_reference(converted)

@@ -15,9 +15,10 @@ import numpy as np
 
 from ..backends import Session, Signature, TensorInfo
 from ..layers import LayerSpec
+from ..onnx.graph import DEFAULT_OPSET, layers_to_onnx
+from ..onnx.source import onnx_reference
 from ..selection import layer_builder
-from ..sources import LayerStack, onnx_reference
-from .onnxgraph import DEFAULT_OPSET, layers_to_onnx
+from ..sources import LayerStack
 
 
 class _ChainSession(Session):

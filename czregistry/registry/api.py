@@ -38,7 +38,7 @@ from .store import CHUNK, BlobStore, open_blob_store
 
 if TYPE_CHECKING:
     from ..admission import Evidence, Validator
-    from ..signing import SignedPackage
+    from ..sharing.signing import SignedPackage
 from .versions import (
     Bump,
     Requirement,
@@ -516,7 +516,7 @@ class Registry:
                 raise RegistryError(f"the blob of {label} is corrupt: sha256 {h.hexdigest()[:12]}... != "
                                     f"{digest[:12]}...; nothing written", hint="run czreg verify; restore the blob")
             if stored is not None and key is not None:
-                from ..signing import attestation_path, signature_path, verify_package
+                from ..sharing.signing import attestation_path, signature_path, verify_package
 
                 sig, att = stored
                 checked = verify_package(tmp, key, signature=sig, attestation=att, name=out.name).to_dict()
@@ -554,7 +554,7 @@ class Registry:
     def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
         """The stored (signature, attestation) of version ``v`` made with ``key``."""
         from ..errors import SignatureError
-        from ..signing import key_id
+        from ..sharing.signing import key_id
 
         wanted = key_id(key)
         stored = self.signatures(f"{v['canonical_name']}=={v['version']}")

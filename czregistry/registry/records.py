@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ..report import Report
-    from ..signing import SignedPackage
+    from ..sharing.signing import SignedPackage
     from .versions import Bump
 
 __all__ = ["EvaluationRecord", "Evidence", "Identity", "PublishResult", "PullResult", "RecordedEvaluation",

@@ -308,7 +308,7 @@ class RemoteRegistry:
 
     def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
         from ..errors import SignatureError
-        from ..signing import key_id
+        from ..sharing.signing import key_id
 
         wanted = key_id(key)
         stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
@@ -428,7 +428,7 @@ def _verify_pulled(tmp: Path, out: Path, key: Path | str, stored: tuple[bytes, b
     """Verify the downloaded bytes against the stored signature (``SignatureError``, exit 10, writes
     nothing) and write the bundles beside the package."""
     from ..package import atomic_output
-    from ..signing import attestation_path, signature_path, verify_package
+    from ..sharing.signing import attestation_path, signature_path, verify_package
 
     sig, att = stored
     checked = verify_package(tmp, key, signature=sig, attestation=att, name=out.name).to_dict()

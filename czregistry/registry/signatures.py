@@ -19,7 +19,7 @@ from ..errors import UsageError
 from .models import Setting, Signature
 
 if TYPE_CHECKING:
-    from ..signing import SignedPackage
+    from ..sharing.signing import SignedPackage
 
 __all__ = ["SETTINGS", "attach", "bound_to", "get_setting", "parse_setting", "set_setting", "signatures_of"]
 
@@ -90,6 +90,6 @@ def signatures_of(s: Session, version_id: int) -> list[Signature]:
 
 def bound_to(row: Signature, digest: str) -> bool:
     """Whether stored signature ``row`` is about the bytes ``digest`` (see ``signing.bundles_bind``)."""
-    from ..signing import bundles_bind
+    from ..sharing.signing import bundles_bind
 
     return bundles_bind(row.signature.encode(), row.attestation.encode(), digest, row.key_id)

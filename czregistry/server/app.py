@@ -54,7 +54,7 @@ from .sandbox import SandboxLimits, sandboxed_validator
 from .settings import COOKIE, ServerSettings
 
 if TYPE_CHECKING:
-    from ..signing import SignedPackage
+    from ..sharing.signing import SignedPackage
 
 __all__ = ["COOKIE", "MAX_LIMIT", "Auth", "app_from_env", "create_app", "error_body", "http_status",
            "upload_validator"]
@@ -204,7 +204,7 @@ _FRAMING = ("x-czreg-package-length", "x-czreg-signature-length", "x-czreg-attes
 
 def _signed_framing(request: Request) -> tuple[int, int, int, int] | None:
     """The lengths of a signed upload's parts, bounded (bundles and key are a few KB), or None."""
-    from ..signing import MAX_BUNDLE_BYTES, MAX_KEY_BYTES
+    from ..sharing.signing import MAX_BUNDLE_BYTES, MAX_KEY_BYTES
 
     values = [request.headers.get(h) for h in _FRAMING]
     if all(v is None for v in values):
@@ -222,7 +222,7 @@ def _signed_framing(request: Request) -> tuple[int, int, int, int] | None:
 def _upload_signature(tail: bytes, framing: tuple[int, int, int, int], digest: str,
                       folder: Path) -> "tuple[SignedPackage, Path]":
     """The signature that came with an upload, and its public key as a file (``admit`` verifies both)."""
-    from ..signing import SignedPackage
+    from ..sharing.signing import SignedPackage
 
     s_len, a_len = framing[1], framing[2]
     sig, att, pem = tail[:s_len], tail[s_len:s_len + a_len], tail[s_len + a_len:]

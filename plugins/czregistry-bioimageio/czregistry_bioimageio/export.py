@@ -220,7 +220,7 @@ def _pydantic_line(exc: Exception) -> str:
 
 
 def _opset(data: bytes) -> int:
-    from czregistry.pack.onnxgraph import onnx_opset
+    from czregistry.onnx.graph import onnx_opset
 
     return onnx_opset(data) or 18
 

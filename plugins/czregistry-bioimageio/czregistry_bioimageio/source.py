@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from czregistry.errors import PackError, UsageError, first_line
-from czregistry.sources import LoadedSource, LoadOptions, Source, onnx_reference
+from czregistry.onnx.source import onnx_reference
+from czregistry.sources import LoadedSource, LoadOptions, Source
 
 from .graph import Mapping, OpsBuilder, map_ops
 from .reader import is_bioimageio_path, open_description, read_array, read_file

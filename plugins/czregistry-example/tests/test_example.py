@@ -38,7 +38,7 @@ def test_layer_meets_the_contract() -> None:
 def _onnx_form(x: np.ndarray, **kwargs: object) -> np.ndarray:
     import onnxruntime as ort
 
-    from czregistry.pack.onnxgraph import layers_to_onnx
+    from czregistry.onnx.graph import layers_to_onnx
 
     spec, parsed = PERCENTILE_NORMALIZE, {"low": 1.0, "high": 99.8, "clip": False, **kwargs}
     data, _ = layers_to_onnx([(spec, parsed)], (None,) * (x.ndim - 1) + (x.shape[-1],), 18)
@@ -68,7 +68,7 @@ def test_registered_and_parsed_from_the_command_line() -> None:
 
 def test_bad_percentiles_are_refused() -> None:
     from czregistry.errors import PackError
-    from czregistry.pack.onnxgraph import layers_to_onnx
+    from czregistry.onnx.graph import layers_to_onnx
 
     spec, kwargs = parse_layer("percentile_normalize:low=50,high=10")
     with pytest.raises(PackError, match="need 0 <= low < high <= 100"):

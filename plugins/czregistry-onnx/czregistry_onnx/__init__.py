@@ -2,7 +2,8 @@
 
 The CUDA execution provider is used when ONNX Runtime has it and a GPU answers; otherwise the CPU.
 ``onnxruntime`` is imported only when a model is loaded, so listing plugins stays fast. The session class
-lives in the core (``czregistry.onnx_session``), since packing runs ONNX sources with the same class.
+lives in the core's ONNX wing (``czregistry.onnx.session``), since packing runs ONNX sources with the same
+class.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from czregistry.backends import Backend, Device, Session
 from czregistry.errors import BackendError
 from czregistry.hookspecs import hookimpl
-from czregistry.onnx_session import OnnxSession  # the one ONNX Runtime session (packing uses it too)
-from czregistry.pack.onnxgraph import check_external_data
+from czregistry.onnx.graph import check_external_data
+from czregistry.onnx.session import OnnxSession  # the one ONNX Runtime session (packing uses it too)
 
 if TYPE_CHECKING:
     from czregistry.package import Package

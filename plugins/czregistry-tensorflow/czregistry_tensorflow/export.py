@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from czregistry.errors import PackError
-from czregistry.pack.onnxgraph import DEFAULT_OPSET
+from czregistry.onnx.graph import DEFAULT_OPSET
 from czregistry.package import zip_directory
 
 __all__ = ["DEFAULT_OPSET", "export_savedmodel_zip", "input_shape", "to_onnx"]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from czregistry.backends import Backend, Device, Session, Signature, TensorInfo
 from czregistry.errors import BackendError, first_line
 from czregistry.hookspecs import hookimpl
-from czregistry.pack.onnxgraph import check_external_data
+from czregistry.onnx.graph import check_external_data
 
 if TYPE_CHECKING:
     import numpy as np

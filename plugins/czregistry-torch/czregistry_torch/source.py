@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from czregistry.backends import Session, Signature, TensorInfo
 from czregistry.errors import BackendError, PackError, UsageError, first_line
-from czregistry.sources import LoadedSource, LoadOptions, Source, onnx_reference
+from czregistry.onnx.source import onnx_reference
+from czregistry.sources import LoadedSource, LoadOptions, Source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -209,7 +210,7 @@ class TorchSource(Source):
                 raise PackError(f"torch.onnx cannot export {what} at opset {options.opset}: {first_line(exc)}",
                                 hint="try another --opset, or export to ONNX yourself") from exc
             notes.append(f"{what} exports only at its tile size ({first_line(first)}); the package has a fixed tile")
-        from czregistry.pack.onnxgraph import check_external_data
+        from czregistry.onnx.graph import check_external_data
 
         check_external_data(data)  # the dynamo exporter must not leave weights in an .onnx.data beside it
         onnx_reference(data).close()  # ONNX Runtime must load what was exported, or the error names the export

@@ -31,12 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from . import __version__
+from .. import __version__
+from ..errors import SignatureError, UsageError, first_line
 from ._smallfile import read_small_file
-from .errors import SignatureError, UsageError, first_line
 
 if TYPE_CHECKING:
-    from .report import Report
+    from ..report import Report
 
 __all__ = [
     "ATT_SUFFIX",
@@ -233,7 +233,7 @@ def generate_keypair(private_path: Path | str, public_path: Path | str, *, force
 
 
 def _write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    from .package import atomic_output
+    from ..package import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)

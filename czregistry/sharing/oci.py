@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OciError, UsageError, first_line
+from ..errors import OciError, UsageError, first_line
 from .signing import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_BYTES, MODEL_SIGNING_PREDICATE, REPORT_PREDICATE
 
 __all__ = [
@@ -582,7 +582,7 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
     """Fetch ``source`` into ``out_dir``: the package (streamed, SHA-256 checked), and its signature and
     attestation beside it when attached. With ``key``, the package appears only if a signature made with that
     key verifies (model-signing) together with its attestation; otherwise nothing is left."""
-    from .package import atomic_output
+    from ..package import atomic_output
     from .signing import attestation_path, key_id, signature_path, verify_package
 
     ref = parse_reference(source)
@@ -604,7 +604,7 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
     except Exception:
         raise OciError(f"{ref} is not a czregistry package (artifact type {ARTIFACT_TYPE})",
                        hint="push packages with czreg push") from None
-    from .package import ReadLimits
+    from ..package import ReadLimits
 
     size = _declared_size(layer, ReadLimits().max_total_bytes, f"the package layer of {ref}")
     name = _safe_name((layer.get("annotations") or {}).get(TITLE), sha256, kind)
@@ -648,7 +648,7 @@ def pull(source: str, out_dir: Path | str, *, key: Path | str | None = None, pla
                            f"{n} bytes); nothing written", hint="the registry or the network corrupted it; retry")
         if key is not None:
             if signature is None or attestation is None:
-                from .errors import SignatureError
+                from ..errors import SignatureError
 
                 missing = "signature" if signature is None else "attestation"
                 raise SignatureError(f"{ref} has no {missing} attached; nothing written",

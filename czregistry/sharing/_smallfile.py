@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import CzregError, UsageError
+from ..errors import CzregError, UsageError
 
 __all__ = ["file_kind", "human_limit", "read_small_file"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .backends import Device, Session, Signature, TensorInfo
-from .errors import BackendError, first_line
+from ..backends import Device, Session, Signature, TensorInfo
+from ..errors import BackendError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
