@@ -194,6 +194,12 @@ def seam_band(border: int, tile: int) -> int:
     return max(1, min(int(border), tile // 8, SEAM_BAND))
 
 
+def _sizes_text(sizes: Sequence[Sequence[int]], most: int = 4) -> str:
+    """A few sizes for a message: ``[127, 127], [126, 126], ... [256, 256]``."""
+    shown = [str(list(s)) for s in sizes]
+    return ", ".join(shown) if len(shown) <= most else ", ".join(shown[: most - 1]) + ", ... " + shown[-1]
+
+
 def _prime_factors(n: int) -> list[int]:
     """Distinct prime factors of ``n``, ascending."""
     out, p = [], 2
@@ -411,6 +417,24 @@ class Prober:
                 notes.append(f"size {list(sized(None, joint))} works but {list(size)} does not")
                 follows = same or not ok
         return steps, follows, any_accepted
+
+    def _probe_multiples(self, window: tuple[int, ...], probes: list[dict[str, Any]],
+                         notes: list[str]) -> tuple[list[int | None], bool, bool]:
+        """A graph that refused every smaller size may still take multiples of its tile (window partitions whose
+        count follows the input): one probe at twice the tile tells "multiples of the tile" (a step of the tile)
+        from "this tile only" (position embeddings or reshapes traced at one size)."""
+        nd = len(window)
+        double = tuple(2 * w for w in window)
+        if any(d > self.max_probe_size for d in double) or math.prod(double) > 4 * MAX_PROBE_PIXELS:
+            notes.append(f"twice the tile {list(double)} exceeds --max-probe-size {self.max_probe_size}: not tried")
+            return [None] * nd, True, False
+        ok, same = self._accepts(double, probes)
+        if not ok:
+            return [None] * nd, True, False
+        if not same:
+            return [None] * nd, False, True
+        notes.append(f"the graph runs only on multiples of the tile {list(window)}")
+        return list(window), True, True
 
     # -- shift consistency --------------------------------------------------------------------------------
     def shift_profile(self, axis: int, shift: int, window: tuple[int, ...]) -> np.ndarray | None:
@@ -699,11 +723,15 @@ class Prober:
         else:
             base = tuple(min(w, BASE_WINDOW) for w in window)
             steps, follows, accepts = self._probe_sizes(base, probes, notes)
+            if not accepts and not self.over_budget:
+                steps, follows, accepts = self._probe_multiples(window, probes, notes)
+                base = window  # the smaller base was refused: probe with the tile (and its multiples)
             base = tuple(b - b % q if q and b % q and b - b % q >= q else b for b, q in zip(base, steps))
             fixed = None if accepts or self.over_budget else window
             if fixed is not None:
+                refused = [p["size"] for p in probes if p["accepted"] is False]
                 notes.append(f"the graph declares free spatial dims but refused every size other than "
-                             f"{list(window)}")
+                             f"{list(window)} (tried {len(refused)}: {_sizes_text(refused)})")
         axes = [self._probe_axis(axis, base, steps[axis], accepts and steps[axis] is not None, tol, notes)
                 for axis in range(nd)]
         evidence = [e for a in axes for e in a.evidence]

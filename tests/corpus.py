@@ -170,6 +170,70 @@ def _care_unet() -> Any:
     return keras.Model(inp, out)
 
 
+def _monai(kind: str) -> Callable[[], Any]:
+    """MONAI networks, small widths (the verdicts depend on the layers, not the width): ``basicunet`` with
+    BatchNorm (local), ``unet-instancenorm`` (per-image InstanceNorm: global), ``unetr`` (ViT encoder with
+    position embeddings learnt at its 64x64 ``img_size``: only that size runs)."""
+
+    def build() -> Any:
+        import torch
+        from monai.networks.nets import UNETR, BasicUNet, UNet
+
+        torch.manual_seed(0)
+        net: Any
+        if kind == "basicunet":
+            net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 8, 16, 16, 32, 8),
+                            norm=("batch", {}))
+            head = net.final_conv
+        elif kind == "unet-instancenorm":
+            net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2),
+                       num_res_units=1, norm="instance")
+            head = None
+        else:
+            net = UNETR(in_channels=1, out_channels=2, img_size=(64, 64), spatial_dims=2, feature_size=8,
+                        hidden_size=96, mlp_dim=192, num_heads=4)
+            head = None
+        if head is not None:
+            _confident(head)
+        return net.eval()
+
+    return build
+
+
+def _care_unet3d_torch() -> Any:
+    """CARE's 3D denoising U-Net (csbdeep layout as ``_care_unet``: depth 2, two 3x3x3 convs per level, max
+    pooling, upsampling with skip concatenation, a linear 1x1x1 output added to the input, then a sigmoid)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def conv2(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv3d(cout, cout, 3, padding=1),
+                             nn.ReLU())
+
+    class Care3d(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2, self.b = conv2(1, 8), conv2(8, 16), conv2(16, 16)
+            self.u2, self.u1 = conv2(32, 16), conv2(24, 8)
+            self.pool, self.up = nn.MaxPool3d(2), nn.Upsample(scale_factor=2, mode="nearest")
+            self.res = nn.Conv3d(8, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            l1 = self.l1(x)
+            l2 = self.l2(self.pool(l1))
+            b = self.b(self.pool(l2))
+            u2 = self.u2(torch.cat([self.up(b), l2], 1))
+            u1 = self.u1(torch.cat([self.up(u2), l1], 1))
+            return torch.sigmoid(self.res(u1) + x)
+
+    net = Care3d()
+    with torch.no_grad():
+        net.res.weight.mul_(10.0)  # a residual the size a trained denoiser's is, not hidden below the tolerance
+    return net.eval()
+
+
 CORPUS: dict[str, Entry] = {e.name: e for e in [
     Entry("smp-unet-resnet18", _smp("Unet"), "torch"),
     Entry("smp-fpn-resnet18", _smp("FPN"), "torch"),
@@ -199,6 +263,15 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
           min_overlap=(64, 64), fixed_size=True),
     Entry("dilated-context-fixed", _dilated_torch, "torch", tile=(128, 128), channels=1, min_overlap=(16, 16),
           fixed_size=True),
+    # wider corpus (issue 23): MobileNet and MiT (SegFormer: attention) encoders, MONAI, a 3D CARE U-Net
+    Entry("smp-unet-mobilenet_v2", _smp("Unet", "mobilenet_v2"), "torch", slow=True),
+    Entry("smp-segformer-mit_b0", _smp("Segformer", "mit_b0"), "torch", slow=True),
+    Entry("monai-basicunet", _monai("basicunet"), "torch", tile=(128, 128), channels=1, min_overlap=(16, 16)),
+    Entry("monai-unet-instancenorm", _monai("unet-instancenorm"), "torch", tile=(128, 128), channels=1,
+          min_overlap=(16, 16)),
+    Entry("monai-unetr", _monai("unetr"), "torch", tile=(64, 64), channels=1, min_overlap=(16, 16)),
+    Entry("care-unet3d", _care_unet3d_torch, "torch", mtype="Regression", tile=(16, 64, 64), channels=1, classes=1,
+          min_overlap=(8, 16, 16), post="none"),
 ]}
 
 

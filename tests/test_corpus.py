@@ -49,6 +49,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     def get(name: str) -> Path:
         if name not in cache:
             entry = CORPUS[name]
+            if name.startswith("monai-"):
+                pytest.importorskip("monai", reason="the MONAI corpus entries need monai (requirements/torch.txt)")
             path = root / f"{name}.czann"
             if entry.framework == "torch" and not entry.fixed_size:
                 result = czregistry.pack(entry.build(), metadata(entry), path,
@@ -123,6 +125,9 @@ LOCAL = {
         "check_tile": (128, 128), "check_shape": (128, 400)},
     "unet3d": {"stride": 4, "halo": (6, 14), "warnings": {"model.receptive_field.border"},
         "check_tile": (32, 64, 64), "check_shape": (32, 64, 160)},
+    # MONAI's BasicUNet with BatchNorm (4 poolings; at 128 px the probe pins the halo)
+    "monai-basicunet": {"stride": 4, "halo": (4, 10), "warnings": set(),
+        "check_tile": (128, 128), "check_shape": (128, 320)},  # whole image on its size step of 16
 }
 HEAVY = {"smp-unet-resnet18", "smp-linknet-resnet18"}
 
@@ -166,6 +171,8 @@ GLOBAL = {
     # AdaptiveAvgPool2d(1) branches: PAN's feature pyramid attention, DeepLabV3 ASPP's image pooling.
     "smp-pan-resnet18": {"severity": Severity.ERROR, "stride": 32},
     "smp-deeplabv3plus-resnet18": {"severity": None, "stride": 16},
+    # MONAI UNet with InstanceNorm: per-image (per-tile) statistics in every block.
+    "monai-unet-instancenorm": {"severity": Severity.ERROR, "stride": 4},
 }
 
 
@@ -408,3 +415,25 @@ def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass
     smoke = smoke_test(fixed, device="cpu")
     assert smoke.valid, smoke.to_json()
     assert smoke.measurements["smoke.seam_error"] <= TOL
+
+
+def test_unetr_runs_only_at_its_trained_size_and_its_attention_is_global(
+        corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """MONAI's UNETR, exported (as users do) with dynamic H/W: its position embeddings were learnt at img_size 64,
+    so only 64x64 runs, and validate names that size; its self-attention sees the whole tile (global context).
+    Checked by running it: two tiles shifted by 16 px differ everywhere in their overlap, even at its centre."""
+    from czregistry.package import open_package
+    from czregistry.selection import load_session
+
+    report = reports("monai-unetr")
+    warn = next(f for f in report.findings if f.check == "model.invariance.fixed_size")
+    assert warn.severity is Severity.WARNING and "runs only on [64, 64]" in warn.message
+    m = report.measurements
+    assert m["fixed_size"] == [64, 64] and m["global_context"] is True, report.to_json()
+    assert "model.invariance.equivariance" in _findings(report, Severity.ERROR)
+    img = np.random.default_rng(0).random((1, 64, 80, 1), dtype=np.float32)
+    with load_session(open_package(corpus("monai-unetr")), None, "cpu") as session:
+        a = session.predict(np.ascontiguousarray(img[:, :, :64]))[0]
+        b = session.predict(np.ascontiguousarray(img[:, :, 16:]))[0]
+    centre = np.abs(a[24:40, 32:48].astype(np.float64) - b[24:40, 16:32].astype(np.float64)).max()
+    assert centre > 10 * TOL, centre

@@ -300,7 +300,10 @@ class InvarianceCheck(_SpatialCheck):
               inv: InvarianceResult) -> Iterator[Finding]:
         cid = self.id
         nd = inv.spatial_ndim
-        if inv.fixed_size is not None:
+        if inv.fixed_size is not None and prober.graph_fixed is None and not inv.partial:
+            # The graph says any size, the network takes one: hosts and `czreg run --tile` believe the graph.
+            yield from _claims_free_dims(cid, prober, inv)
+        elif inv.fixed_size is not None:
             yield Finding.info(f"{cid}.fixed_size", f"fixed-size graph: it runs only on {_fmt(inv.fixed_size)}; "
                                "the host tiles at exactly that size (packing cannot change the tile)")
         elif inv.accepts_other_sizes:
@@ -360,6 +363,23 @@ class InvarianceCheck(_SpatialCheck):
         if inv.partial:
             yield Finding.info(f"{cid}.budget", f"probing stopped at the time budget ({ctx.options.time_budget:g} "
                                "s); some measurements are missing", hint="raise --time-budget")
+
+
+def _claims_free_dims(cid: str, prober: Prober, inv: InvarianceResult) -> Iterator[Finding]:
+    """A graph whose input declares free spatial dims but that refused every other size tried (position embeddings
+    or window partitions traced at one size): name the one size it runs on, what it refused and why."""
+    assert inv.fixed_size is not None
+    graph = prober.session.signature.inputs[0].shape
+    refused = [p for p in inv.size_probes if p["accepted"] is False]
+    sizes = [p["size"] for p in refused]
+    shown = ", ".join(_fmt(s) for s in sizes[:3]) + (f", ... {_fmt(sizes[-1])}" if len(sizes) > 3 else "")
+    why = str(refused[0].get("error", "")).split(" Name:")[0].rstrip(" .:'") if refused else ""
+    why = f"; at {_fmt(sizes[0])} the runtime says: {why[:200]}" if why else ""
+    yield Finding.warning(f"{cid}.fixed_size", f"the graph declares free spatial dims (input {_fmt(graph)}) but runs "
+                          f"only on {_fmt(inv.fixed_size)}: it refused all {len(sizes)} other sizes tried ({shown})"
+                          f"{why}", hint=f"tile at exactly {_fmt(inv.fixed_size)} (leave czreg run --tile unset), "
+                          "and re-export with the spatial dims fixed at that size so hosts know (position "
+                          "embeddings or window partitions traced at one size do not follow the input)")
 
 
 @dataclass(frozen=True)
