@@ -408,7 +408,7 @@ def test_gc_removes_only_unreferenced_blobs_and_stale_temp_files(reg: Registry, 
 
 def test_smoke_report_is_stored_with_the_version(reg: Registry, model_cache: Callable[..., Path]) -> None:
     """A real ONNX package, full validation (model checks) and the smoke test; both reports are stored."""
-    p = model_cache("unet", fmt="onnx", tile=32)
+    p = model_cache("unet", fmt="onnx", tile=32, overlap=20)  # an overlap that covers the halo: smoke passes
     res = reg.publish(p, name="unet", version="1.0.0", smoke=True)
     assert res.status == "published" and res.smoke is not None
     shown = reg.show("unet==1.0.0")
