@@ -62,7 +62,6 @@ __all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult", "Im
 #: classes near 0.3 GB per worker.
 DEFAULT_BLOCK_2D = 2048
 DEFAULT_BLOCK_3D = 256
-_CHUNK = 256
 _META = ".czreg"
 _MANIFEST = "run.json"
 _MARKERS = "blocks"
@@ -191,12 +190,6 @@ def _sub_grid(grid: TileGrid, region: Sequence[tuple[int, int]], blend: bool) ->
     return TileGrid(shape, shape, grid.tile, grid.border, grid.step, grid.geometry, tuple(axes)), tuple(offset)
 
 
-def _chunks(spatial: Sequence[int], block: int) -> tuple[int, ...]:
-    """Output chunk per spatial axis: 2D (c, c), 3D (1, c, c) with c = 256, or the block if smaller."""
-    c = min(_CHUNK, block)
-    return (c, c) if len(spatial) == 2 else (1, c, c)
-
-
 def block_tasks(grid: TileGrid, image: int, n_planes: int, block: int, blend: bool) -> list[Block]:
     """All blocks of one image, plane by plane, row-major. ``block`` is the edge in pixels (each axis)."""
     blocks = []
@@ -244,47 +237,18 @@ def output_paths(images: Sequence[Path], output: Path) -> list[Path]:
 # --- the output: OME-Zarr, chunk-aligned, with a manifest and block markers ----------------------------
 
 
-def _array_axes(lead_axes: str, nd: int) -> str:
-    """OME-Zarr axis order: time, other (custom) lead axes, channel, then space (lead Z, then spatial)."""
-    lead = list(lead_axes)
-    spatial = "ZYX"[-nd:]
-    if len(set(lead)) != len(lead) or set(lead) & {*spatial, "C"}:
-        raise UsageError(f"image axes '{lead_axes}' + '{spatial}' repeat a letter; OME-Zarr needs distinct axes",
-                         hint="pass --axes with distinct letters, e.g. TZYX")
-    return "".join([a for a in lead if a == "T"] + [a for a in lead if a not in "TZ"] + ["C"]
-                   + [a for a in lead if a == "Z"] + list(spatial))
-
-
-def _ome_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[str, Any]:
-    types = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
-    ome_axes: list[dict[str, str]] = []
-    scale: list[float] = []
-    for a in axes:
-        entry = {"name": a.lower()}
-        if a in types:
-            entry["type"] = types[a]
-        if types.get(a) == "space" and a in pixel_size:
-            entry["unit"] = "micrometer"
-        ome_axes.append(entry)
-        scale.append(float(pixel_size.get(a, 1.0)) if types.get(a) == "space" else 1.0)
-    return {"ome": {"version": "0.5", "multiscales": [{
-        "name": name, "axes": ome_axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}}
-
-
-def _create_output(root: Path, axes: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype[Any],
-                   attrs: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Create the Zarr group in the empty folder ``root``. The manifest comes first, so a part folder without
-    one was not started by us (we never delete it without ``--force``), and a part with one but no block
-    markers holds nothing to resume (it is started afresh)."""
-    import zarr
+def _create_output(root: Path, layout: Any, dtype: np.dtype[Any], attrs: dict[str, Any],
+                   manifest: dict[str, Any]) -> None:
+    """Create the OME-Zarr group in the empty folder ``root`` (``images.create_ome_zarr``, the layout the
+    single-process run writes). The manifest comes first, so a part folder without one was not started by
+    us (we never delete it without ``--force``), and a part with one but no block markers holds nothing to
+    resume (it is started afresh)."""
+    from .images import create_ome_zarr
 
     meta = root / _META
     (meta / _MARKERS).mkdir(parents=True, exist_ok=True)
     _atomic_write_text(meta / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    group = zarr.open_group(str(root), mode="a")  # "w" would wipe the manifest written above
-    group.attrs.update(attrs)
-    group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    create_ome_zarr(root, layout, dtype, attrs)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -317,20 +281,10 @@ def _markers(root: Path) -> set[str]:
 
 
 def read_output(path: Path | str) -> np.ndarray:
-    """An output of ``run_dask`` as ``(*planes, *spatial, C)``, the layout of the single-process Zarr output."""
-    import zarr
+    """An OME-Zarr output of ``czreg run`` (with or without ``--dask``) as ``(*planes, *spatial, C)``."""
+    from .images import read_ome_zarr
 
-    root = Path(path)
-    manifest = _read_manifest(root)
-    if manifest is None:
-        raise UsageError(f"{root} was not written by czreg run --dask")
-    axes: str = manifest["array_axes"]
-    lead: str = manifest["lead_axes"]
-    nd = len(manifest["spatial"])
-    data = np.asarray(zarr.open_array(str(root / "0"), mode="r")[...])
-    want = list(lead) + list("ZYX"[-nd:]) + ["C"]
-    order = [axes.index(a) for a in want]
-    return np.transpose(data, order)
+    return read_ome_zarr(path)
 
 
 # --- the workers ------------------------------------------------------------------------------------
@@ -402,13 +356,19 @@ def _source(job: ImageJob) -> Any:
 
 
 def _out_array(job: ImageJob) -> Any:
+    """The output's shard writer (``images.OmeZarrShards``), kept open between blocks."""
     import zarr
+
+    from .images import OmeZarrLayout, OmeZarrShards
 
     with _LOCK:
         if job.out_array not in _ARRAYS:
             if len(_ARRAYS) >= 16:
                 _ARRAYS.pop(next(iter(_ARRAYS)))
-            _ARRAYS[job.out_array] = zarr.open_array(job.out_array, mode="r+")
+            array = zarr.open_array(job.out_array, mode="r+")
+            layout = OmeZarrLayout(job.array_axes, job.lead_axes, tuple(array.shape), tuple(array.chunks),
+                                   tuple(array.shards or array.chunks))
+            _ARRAYS[job.out_array] = OmeZarrShards(array, layout)
         return _ARRAYS[job.out_array]
 
 
@@ -435,12 +395,11 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     predictor.run(1, read, sink.write)
     crop = tuple(slice(s - o, e - o) for (s, e), o in zip(block.region, block.offset))
     data = _convert(sink.array[crop], job.output_kind)  # type: ignore[arg-type]
-    # index the output array in its own axis order: lead axes by position, C whole, spatial by region
-    lead_pos = dict(zip(job.lead_axes, lead))
-    spatial_iter = iter(block.region)
-    key = tuple(slice(None) if a == "C" else lead_pos[a] if a in lead_pos else slice(*next(spatial_iter))
-                for a in job.array_axes)
-    _out_array(job)[key] = np.moveaxis(data, -1, 0)
+    # the block's region is on the shard grid (shards divide the block): whole shard files, no sharing
+    shards = _out_array(job)
+    origin = shards.layout.origin(lead, [s for s, _ in block.region])
+    for coords, part in shards.split(origin, shards.layout.to_array(data)):
+        shards.write(coords, part)
     seconds = time.perf_counter() - t0
     marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid()}
     _atomic_write_text(Path(job.markers) / f"{block.key}.done", json.dumps(marker))
@@ -721,7 +680,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     """
     from ..package import sha256_file
     from ..selection import load_session
-    from .images import InputAdapter, open_image
+    from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
     from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
     from .tiling import plan_tiles
 
@@ -758,8 +717,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
         backend, device = session.backend, session.device
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
         edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
-        if edge < 16 or (edge > _CHUNK and edge % _CHUNK):
-            raise UsageError(f"--block-size {edge}: use a multiple of {_CHUNK} (or 16..{_CHUNK})")
+        if edge < 16 or (edge > ZARR_CHUNK and edge % ZARR_CHUNK):
+            raise UsageError(f"--block-size {edge}: use a multiple of {ZARR_CHUNK} (or 16..{ZARR_CHUNK})")
         geom = None
         grid0: TileGrid | None = None
         in_ch = out_ch = 0
@@ -784,26 +743,23 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             kind = options.output_kind
             out_c = 1 if kind == "labels" else out_ch
             dtype = _out_dtype(kind, out_ch)
-            axes = _array_axes(lead_axes, nd)
-            sizes = dict(zip(lead_axes, lead_shape))
-            spatial_it, chunk_it = iter(spatial), iter(_chunks(spatial, edge))
-            shape = [out_c if a == "C" else sizes[a] if a in sizes else next(spatial_it) for a in axes]
-            chunks = [out_c if a == "C" else 1 if a in sizes else next(chunk_it) for a in axes]
+            layout = OmeZarrLayout.plan(lead_axes, lead_shape, spatial, out_c, edge)
+            axes = layout.axes
             n_planes = int(np.prod(lead_shape)) if lead_shape else 1
             plan = {"package_sha256": digest, "image": _image_identity(path), "grid": grid.to_dict(),
                     "lead_shape": list(lead_shape), "spatial": list(spatial), "output_kind": kind,
                     "blend": options.blend, "block": edge, "channels": list(options.channels or []),
-                    "axes": options.axes, "dtype": str(dtype), "array_axes": axes}
+                    "axes": options.axes, "dtype": str(dtype), "array_axes": axes,
+                    "shards": list(layout.shards)}
             manifest = {"plan": json.loads(json.dumps(plan)), "array_axes": axes, "lead_axes": lead_axes,
-                        "spatial": list(spatial), "format": "czregistry dask run 2"}
-            attrs = {**_ome_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
+                        "spatial": list(spatial), "format": "czregistry dask run 3"}
+            attrs = {**ome_zarr_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
                      "czregistry": {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
-                                    "classes": list(info.classes or []), "axes": axes}}
+                                    "classes": list(info.classes or []), "axes": axes, "lead_axes": lead_axes}}
 
-            def create(root: Path, axes: str = axes, shape: tuple[int, ...] = tuple(shape),
-                       chunks: tuple[int, ...] = tuple(chunks), dtype: np.dtype[Any] = dtype,
+            def create(root: Path, layout: OmeZarrLayout = layout, dtype: np.dtype[Any] = dtype,
                        attrs: dict[str, Any] = attrs, manifest: dict[str, Any] = manifest) -> None:
-                _create_output(root, axes, shape, chunks, dtype, attrs, manifest)
+                _create_output(root, layout, dtype, attrs, manifest)
 
             creators.append(create)
             manifests.append(manifest)
