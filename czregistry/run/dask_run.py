@@ -323,23 +323,38 @@ def _pin_gpu(device: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[number % len(ids)]
 
 
-def _session(job: ImageJob) -> Any:
+def _load(package: str, digest: str, backend: str | None, device: str) -> Any:
+    """This worker's session for ``digest`` (loaded once per process, checked against the file first)."""
     from ..package import open_package, sha256_file
     from ..selection import load_session
 
-    key = (job.digest, job.backend, job.device)
     with _LOCK:
-        if key not in _SESSIONS:
-            if sha256_file(job.package) != job.digest:
-                raise RunError(f"{job.package} changed since the run was planned (SHA-256 differs)",
-                               hint="do not replace the package during a run")
-            if not _SESSIONS:
-                _pin_gpu(job.device)
-            # the client audited this exact digest (or was told to trust it) before planning: not again per worker
-            _SESSIONS[key] = load_session(open_package(job.package), job.backend, job.device,  # type: ignore[arg-type]
-                                          trust_graph=True)
-            _LOADS[job.digest] = _LOADS.get(job.digest, 0) + 1
-        return _SESSIONS[key]
+        for (d, b, dev), session in _SESSIONS.items():
+            if d == digest and dev == device and backend in (None, b):
+                return session
+        if sha256_file(package) != digest:
+            raise RunError(f"{package} changed since the run was planned (SHA-256 differs)",
+                           hint="do not replace the package during a run")
+        if not _SESSIONS:
+            _pin_gpu(device)
+        # the client audited this exact digest (or was told to trust it) before planning: not again per worker
+        session = load_session(open_package(package), backend, device, trust_graph=True)  # type: ignore[arg-type]
+        _SESSIONS[(digest, session.backend, device)] = session
+        _LOADS[digest] = _LOADS.get(digest, 0) + 1
+        return session
+
+
+def _session(job: ImageJob) -> Any:
+    return _load(job.package, job.digest, job.backend, job.device)
+
+
+def _warm(package: str, digest: str, backend: str | None, device: str) -> str:
+    """Load the model on a worker while the client still probes and plans (``client.run`` on every worker):
+    the first block then starts predicting at once. A failure here is left for the block to report."""
+    try:
+        return str(_load(package, digest, backend, device).backend)
+    except Exception:  # the block that needs the model raises it again, with the block named
+        return ""
 
 
 def _source(job: ImageJob) -> Any:
@@ -375,7 +390,7 @@ def _out_array(job: ImageJob) -> Any:
 def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block with the runner's ``TiledPredictor``, write its chunks, then its marker."""
     global _BLOCKS_DONE
-    from .runner import ArrayWriter, TiledPredictor, _convert
+    from .runner import ArrayWriter, TiledPredictor, _convert, _out_dtype
 
     t0 = time.perf_counter()
     session = _session(job)
@@ -385,23 +400,53 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     # one read for the whole block: the union of its tiles, reflected past the far end like the runner's
     raw = src.read_padded(lead, block.offset, [o + n for o, n in zip(block.offset, grid.padded_shape)],
                           job.spatial)
-    x = job.adapter()(raw)
+    adapter = job.adapter()
+    # as in the runner: 8/16-bit pixels that need only scaling are divided into the batch by the predictor
+    # (the same float32 division), instead of a float32 copy of the whole block written and read again
+    scale = float(np.iinfo(raw.dtype).max) if adapter.passes_raw(raw.dtype, raw.shape[-1]) else None
+    x = raw if scale is not None else adapter(raw)
 
     def read(_plane: int, tile: Any) -> np.ndarray:
         return x[tile.read_slices]
 
-    sink = ArrayWriter((), grid.padded_shape, job.out_channels)
-    predictor = TiledPredictor(session, grid, job.out_channels, batch_size=job.batch_size, blend=job.blend)
-    predictor.run(1, read, sink.write)
-    crop = tuple(slice(s - o, e - o) for (s, e), o in zip(block.region, block.offset))
-    data = _convert(sink.array[crop], job.output_kind)  # type: ignore[arg-type]
-    # the block's region is on the shard grid (shards divide the block): whole shard files, no sharing
+    kind = job.output_kind
+    predictor = TiledPredictor(session, grid, job.out_channels, batch_size=job.batch_size, blend=job.blend,
+                               output_kind=kind)  # type: ignore[arg-type]
+    if predictor.emits_converted:  # tiles converted as they are placed, as in the runner
+        out_c = 1 if kind == "labels" else job.out_channels
+        sink = ArrayWriter((), grid.padded_shape, out_c, _out_dtype(kind, job.out_channels))  # type: ignore[arg-type]
+    else:
+        sink = ArrayWriter((), grid.padded_shape, job.out_channels)
+    # the block's region is on the shard grid (shards divide the block): whole shard files, no sharing.
+    # Each shard row is written as soon as its rows are assembled, on the predictor's writer thread, while
+    # later tiles are still predicted (writing the whole block afterwards left the cores idle meanwhile).
     shards = _out_array(job)
-    origin = shards.layout.origin(lead, [s for s, _ in block.region])
-    for coords, part in shards.split(origin, shards.layout.to_array(data)):
-        shards.write(coords, part)
+    converted = predictor.emits_converted or kind == "probabilities"
+    (r0, r1), rest = block.region[0], block.region[1:]
+    o0 = block.offset[0]
+    unit = shards.layout.shards[shards.layout.axes.index("ZYX"[-len(block.region)])]
+    written = r0  # image rows of the region written so far
+
+    def write(plane: int, start: int, rows: np.ndarray) -> None:
+        nonlocal written
+        sink.write(plane, start, rows)
+        ready = min(r1, o0 + start + rows.shape[0])
+        while written < r1 and (written + unit <= ready or ready == r1):
+            stop = min(written + unit, r1)
+            part = sink.array[(slice(written - o0, stop - o0),
+                               *(slice(s - o, e - o) for (s, e), o in zip(rest, block.offset[1:])))]
+            data = part if converted else _convert(part, kind)  # type: ignore[arg-type]
+            origin = shards.layout.origin(lead, [written, *(s for s, _ in rest)])
+            for coords, piece in shards.split(origin, shards.layout.to_array(data)):
+                shards.write(coords, piece)
+            written = stop
+
+    predictor.run(1, read, write, scale=scale)
+    if written < r1:
+        raise RunError(f"internal error: block rows {written}:{r1} were not written")
     seconds = time.perf_counter() - t0
-    marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid()}
+    marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid(),
+              "predict_seconds": round(predictor.predict_seconds, 3)}
     _atomic_write_text(Path(job.markers) / f"{block.key}.done", json.dumps(marker))
     _BLOCKS_DONE += 1
     return {"tiles": grid.n_tiles, "seconds": seconds, "predict_seconds": predictor.predict_seconds}
@@ -666,6 +711,45 @@ def _finish(root: Path, final: Path, force: bool) -> None:
     root.replace(final)
 
 
+class _ClusterStarter:
+    """Starts the cluster (``open_dask_client``) on a thread while the client loads, probes and plans, and
+    has every worker load the model as soon as it is up: starting a LocalCluster (worker processes importing
+    the backends) and loading the model in each took 3-4 s that the single-process run does not pay, and
+    both can overlap with the planning. ``get`` returns the client (or raises what starting raised);
+    ``close`` closes what was started, whenever it finishes starting."""
+
+    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str]) -> None:
+        self._cm = open_dask_client(scheduler)
+        self._warm = warm
+        self.client: Any = None
+        self.error: BaseException | None = None
+        self._futures: list[Any] = []
+        self._thread = threading.Thread(target=self._start, name="czreg-dask-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.client = self._cm.__enter__()
+            for address in self.client.scheduler_info().get("workers", {}):
+                self._futures.append(self.client.submit(_warm, *self._warm, workers=[address], pure=False,
+                                                        key=f"czreg-warm-{uuid.uuid4().hex[:8]}"))
+        except BaseException as exc:  # raised by ``get`` on the caller's thread
+            self.error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.client
+
+    def close(self) -> None:
+        self._thread.join()
+        self._futures.clear()
+        if self.client is not None:
+            self.client = None
+            self._cm.__exit__(None, None, None)
+
+
 def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | str, options: Any = None, *,
              scheduler: str = "local:2", client: Any = None, resume: bool = False, block: int | None = None,
              progress: Progress | None = None, on_plan: Callable[[int], None] | None = None,
@@ -679,10 +763,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     Nothing is left behind by a run that fails before its first block is written.
     """
     from ..package import sha256_file
-    from ..selection import load_session
-    from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
-    from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
-    from .tiling import plan_tiles
+    from .runner import RunOptions, open_tileable
 
     options = options or RunOptions()
     if options.batch_size < 1:
@@ -704,6 +785,27 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             raise _refuse_existing(o)  # before the model loads; --resume decides in _check_output
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
+    starter = None if client is not None else _ClusterStarter(
+        scheduler, (str(Path(package).resolve()), digest, options.backend, options.device))
+    try:
+        return _run_planned(package, paths, outs, options, pkg, info, digest, client, starter, scheduler=scheduler,
+                            resume=resume, block=block, progress=progress, on_plan=on_plan,
+                            on_dashboard=on_dashboard, force=force, t_start=t_start)
+    finally:
+        if starter is not None:
+            starter.close()
+
+
+def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], options: Any, pkg: Any, info: Any,
+                 digest: str, client: Any, starter: _ClusterStarter | None, *, scheduler: str, resume: bool,
+                 block: int | None, progress: Progress | None, on_plan: Callable[[int], None] | None,
+                 on_dashboard: Callable[[str], None] | None, force: bool, t_start: float) -> DaskRunResult:
+    """``run_dask`` once the package is open and the cluster is starting (``starter``, or ``client``)."""
+    from ..selection import load_session
+    from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
+    from .runner import _out_dtype, plan_for_model
+    from .tiling import plan_tiles
+
     bgr, color = info.bgr, info.color_handling  # the input facts, derived once (ModelInfo / InputAdapter)
     notes: list[str] = []
 
@@ -807,7 +909,9 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
         with contextlib.ExitStack() as stack:
             if todo:
                 if client is None:
-                    client = stack.enter_context(open_dask_client(scheduler))
+                    assert starter is not None
+                    client = starter.get()
+                    stack.callback(starter.close)
                 dashboard = _dashboard(client)
                 if dashboard and on_dashboard is not None:
                     on_dashboard(dashboard)
