@@ -96,7 +96,7 @@ def test_one_zarr_format_in_both_paths_and_equal_to_the_ome_tiff(client: Any, mo
     assert np.array_equal(read_output(tmp_path / "dask.zarr"), single) and np.array_equal(single, tiff)
     groups = [zarr.open_group(str(tmp_path / n), mode="r") for n in ("single.zarr", "dask.zarr")]
     arrays: list[Any] = [g["0"] for g in groups]
-    assert [g.attrs["ome"] for g in groups][0] == groups[1].attrs["ome"]
+    assert groups[0].attrs["ome"] == groups[1].attrs["ome"]
     ome = groups[0].attrs["ome"]
     assert ome["version"] == "0.5" and [a["name"] for a in ome["multiscales"][0]["axes"]] == ["c", "y", "x"]
     assert ome["multiscales"][0]["datasets"][0]["path"] == "0"

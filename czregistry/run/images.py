@@ -1155,24 +1155,37 @@ class ZarrWriterSink:
 
 def read_ome_zarr(path: Path | str) -> np.ndarray:
     """An OME-Zarr output of ``czreg run`` (either path) as ``(*planes, *spatial, C)``: lead axes in the
-    input's order, then space, then classes (the class axis moved last, as the OME-TIFF's samples)."""
+    input's order, then space, then classes (the class axis moved last, as the OME-TIFF's samples).
+
+    Anything else is a ``UsageError`` saying what was found (one line at the CLI)."""
     import zarr
 
     root = Path(path)
+    hint = "give the -o folder of czreg run (OME-Zarr 0.5); a plain Zarr array opens with zarr.open_array"
+    if not root.is_dir():
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run (no such folder)", hint=hint)
     try:
         group = zarr.open_group(str(root), mode="r")
+    except Exception as exc:
+        what = ("it holds a plain Zarr array (czreg run wrote those before its output was OME-Zarr)"
+                if type(exc).__name__ == "ContainsArrayError" else "it has no Zarr group metadata")
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run ({what})", hint=hint) from None
+    try:
         attrs: dict[str, Any] = dict(group.attrs)
         ours: dict[str, Any] = attrs.get("czregistry") or {}
         axes = str(ours.get("axes") or "".join(a["name"].upper() for a in
                                                 attrs["ome"]["multiscales"][0]["axes"]))
+        lead = str(ours.get("lead_axes", ""))
         array: Any = group["0"]
-        data = np.asarray(array[...])
-    except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
-        raise UsageError(f"{root} is not an OME-Zarr output of czreg run ({type(exc).__name__}: {exc})") from None
-    lead = str(ours.get("lead_axes", ""))
-    nd = len(axes) - len(lead) - 1
-    want = [*lead, *"ZYX"[-nd:], "C"]
-    return np.transpose(data, [axes.index(a) for a in want])
+        nd = len(axes) - len(lead) - 1
+        want = [*lead, *"ZYX"[-nd:], "C"]
+        order = [axes.index(a) for a in want]
+        if nd not in (2, 3) or len(axes) != len(array.shape) or sorted(order) != list(range(len(axes))):
+            raise ValueError(f"axes {axes} do not fit an array of shape {tuple(array.shape)}")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run (its OME metadata or array 0 is "
+                         f"missing or malformed: {type(exc).__name__})", hint=hint) from None
+    return np.transpose(np.asarray(array[...]), order)
 
 
 def output_format(path: Path) -> str:
