@@ -1,4 +1,5 @@
-"""Tiled runs on a Dask cluster: blocks of whole tiles, OME-Zarr written block by block, resumable.
+"""Tiled runs on a Dask cluster: blocks of whole tiles, OME-Zarr (the single-process run's format) written
+block by block, resumable.
 
 ``czreg run --dask local:N`` (a LocalCluster of N worker processes) or ``--dask tcp://host:8786`` (an
 existing scheduler: dask-jobqueue on SLURM/LSF, ``dask scheduler`` + ``dask worker``) cuts every image
@@ -13,8 +14,9 @@ to the single-process run (``czregistry.run.runner.run``):
   in the same order) as in the single-process run. Tiles on a block seam are predicted by both blocks
   (``tiles_run`` counts them; the redundancy is reported); the backend must give a tile the same result
   whatever else is in its batch, which the tests check for ONNX Runtime;
-* each block writes whole chunks of the output, and no two blocks share a chunk: no locks and no
-  read-modify-write, so workers write straight into the store on a shared file system.
+* each block writes whole shards of the output (``images.OmeZarrLayout``: shards divide the block), and
+  no two blocks share a shard file: no locks and no read-modify-write, so workers write straight into the
+  store on a shared file system.
 
 **Resume.** The output is built in ``.NAME.dask.part`` beside NAME with a manifest (``.czreg/run.json``:
 the package's SHA-256, the image's path and content SHA-256, grid, options) and renamed into place when

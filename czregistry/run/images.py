@@ -8,8 +8,9 @@ small). Every reader exposes the same ``ImageSource``: a lazily indexable array 
 spatial (T, scenes, and Z for 2D models) is iterated plane by plane.
 
 Writers take rows (2D) or slices (3D) in order and write them incrementally: OME-TIFF as compressed tiles
-fed to ``tifffile.TiffWriter.write`` from a background thread, Zarr chunk row by chunk row. Neither ever
-holds more than one chunk row of the output.
+fed to ``tifffile.TiffWriter.write`` from a background thread, OME-Zarr 0.5 (sharded Zarr v3, the format
+``czreg run --dask`` writes too) shard row by shard row. Neither ever holds more than about one chunk row
+of the output.
 """
 
 from __future__ import annotations
