@@ -944,6 +944,7 @@ class OmeZarrShards:
         self.compress: Callable[[Any], bytes] | None = None
         self.root: Path | None = None
         self.order: list[tuple[int, ...]] = list(itertools.product(*(range(n) for n in self.per)))
+        self._made: set[Path] = set()
         self.direct = self._direct()
 
     def _direct(self) -> bool:
@@ -1040,7 +1041,9 @@ class OmeZarrShards:
             path.unlink(missing_ok=True)
             return
         index_bytes = index.tobytes()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._made:  # one mkdir per folder, not per shard
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         try:
             with tmp.open("wb") as fh:
