@@ -718,10 +718,11 @@ def _finish(root: Path, final: Path, force: bool) -> None:
 
 
 class _ClusterStarter:
-    """Starts the cluster (``open_dask_client``) on a thread while the client loads, probes and plans, and
-    has every worker load the model as soon as it is up: starting a LocalCluster (worker processes importing
-    the backends) and loading the model in each took 3-4 s that the single-process run does not pay, and
-    both can overlap with the planning. ``get`` returns the client (or raises what starting raised);
+    """Starts the cluster (``open_dask_client``) on a thread while the client probes and plans (after its
+    audit of the graph has passed), and has every worker load the model as soon as it is up: starting a
+    LocalCluster (worker processes importing the backends) and loading the model in each took 3-4 s that
+    the single-process run does not pay, and both can overlap with the planning. ``get`` returns the
+    client (or raises what starting raised);
     ``close`` closes what was started, whenever it finishes starting."""
 
     def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str]) -> None:
@@ -791,22 +792,23 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             raise _refuse_existing(o)  # before the model loads; --resume decides in _check_output
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
-    starter = None if client is not None else _ClusterStarter(
-        scheduler, (str(Path(package).resolve()), digest, options.backend, options.device))
+    starters: list[_ClusterStarter] = []  # started by _run_planned once the client's audit has passed
     try:
-        return _run_planned(package, paths, outs, options, pkg, info, digest, client, starter, scheduler=scheduler,
-                            resume=resume, block=block, progress=progress, on_plan=on_plan,
+        return _run_planned(package, paths, outs, options, pkg, info, digest, client, starters,
+                            scheduler=scheduler, resume=resume, block=block, progress=progress, on_plan=on_plan,
                             on_dashboard=on_dashboard, force=force, t_start=t_start)
     finally:
-        if starter is not None:
+        for starter in starters:
             starter.close()
 
 
 def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], options: Any, pkg: Any, info: Any,
-                 digest: str, client: Any, starter: _ClusterStarter | None, *, scheduler: str, resume: bool,
+                 digest: str, client: Any, starters: list[_ClusterStarter], *, scheduler: str, resume: bool,
                  block: int | None, progress: Progress | None, on_plan: Callable[[int], None] | None,
                  on_dashboard: Callable[[str], None] | None, force: bool, t_start: float) -> DaskRunResult:
-    """``run_dask`` once the package is open and the cluster is starting (``starter``, or ``client``)."""
+    """``run_dask`` once the package is open. Without ``client`` the cluster is started (into ``starters``)
+    right after the client's own ``load_session`` has audited the graph, never before: a worker loads the
+    model with ``trust_graph=True`` (the client checked that digest), so no worker may start first."""
     from ..selection import load_session
     from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
     from .runner import _model_facts, _out_dtype, plan_for_model
@@ -823,6 +825,9 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
     manifests: list[dict[str, Any]] = []
     with load_session(pkg, options.backend, options.device, trust_graph=options.trust_graph) as session:
         backend, device = session.backend, session.device
+        if client is None:  # the audit passed: start the cluster now, while the client probes and plans
+            starters.append(_ClusterStarter(scheduler, (str(Path(package).resolve()), digest, backend,
+                                                        options.device)))
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
         edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
         if not block and nd == 2:  # the 4096 px default only where a block's output stays small
@@ -921,9 +926,8 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         with contextlib.ExitStack() as stack:
             if todo:
                 if client is None:
-                    assert starter is not None
-                    client = starter.get()
-                    stack.callback(starter.close)
+                    client = starters[0].get()
+                    stack.callback(starters[0].close)
                 dashboard = _dashboard(client)
                 if dashboard and on_dashboard is not None:
                     on_dashboard(dashboard)
