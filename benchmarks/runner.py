@@ -296,31 +296,53 @@ def child_dask(package: str, image: str, out: str, batch: int, workers: int, blo
             "blocks": res.blocks, "redundancy": res.redundancy, "workers": res.workers}
 
 
-def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, block: int) -> None:
-    import zarr
-
+def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, block: int, repeat: int = 1) -> None:
+    """Single process and ``--dask local:N``, interleaved ``repeat`` times (the machine may be shared: each
+    round runs every configuration back to back); medians with all runs in brackets."""
     from czregistry.run.dask_run import read_output
 
     package = build_package(tmp)
     me = str(Path(__file__).resolve())
     print(f"\nmodel: small U-Net (1 pooling), tile {TILE}, overlap {OVERLAP}, batch {batch}, ONNX Runtime CPU, "
-          f"{os.cpu_count()} cores; labels to Zarr; dask = czreg run --dask local:N (block {block or 'default'})\n")
-    print("| image | workers | wall s | vs single process | tiles predicted (grid) | blocks | identical |")
+          f"{os.cpu_count()} cores; labels to Zarr; dask = czreg run --dask local:N (block {block or 'default'}); "
+          f"{repeat} interleaved round(s)\n")
+    print("| image | workers | wall s, median (runs) | vs single process (per round) | tiles predicted (grid) "
+          "| blocks | identical |")
     print("|---|---|---|---|---|---|---|")
     for size in sizes:
         image = tmp / f"img{size}.tif"
         make_image(image, size)
         ref = tmp / f"single{size}.zarr"
-        single = _child([me, "--child", "zarr", str(package), str(image), str(ref), str(batch)])
-        want = np.asarray(zarr.open_array(str(ref), mode="r")[...])
-        print(f"| {size}x{size} | single process | {single['seconds']:.1f} | 1.00x | {single['tiles']} | - | - |")
+        runs: dict[str, list[float]] = {"single": [], **{f"local:{n}": [] for n in workers}}
+        info: dict[str, dict[str, Any]] = {}
+        same: dict[str, bool] = {}
+        ratios: dict[str, list[float]] = {f"local:{n}": [] for n in workers}
+        for _ in range(repeat):
+            shutil.rmtree(ref, ignore_errors=True)
+            single = _child([me, "--child", "zarr", str(package), str(image), str(ref), str(batch)])
+            runs["single"].append(single["seconds"])
+            info["single"] = single
+            want = read_output(ref)
+            for n in workers:
+                out = tmp / f"dask{size}-{n}.zarr"
+                d = _child([me, "--child", "dask", str(package), str(image), str(out), str(batch), str(n),
+                            str(block)])
+                runs[f"local:{n}"].append(d["seconds"])
+                ratios[f"local:{n}"].append(d["seconds"] / single["seconds"])
+                info[f"local:{n}"] = d
+                same[f"local:{n}"] = same.get(f"local:{n}", True) and bool(np.array_equal(read_output(out), want))
+                shutil.rmtree(out, ignore_errors=True)
+
+        def fmt(xs: list[float]) -> str:
+            return f"{float(np.median(xs)):.1f} ({'/'.join(f'{x:.1f}' for x in xs)})"
+
+        print(f"| {size}x{size} | single process | {fmt(runs['single'])} | 1.00x | {info['single']['tiles']} | - | - |")
         for n in workers:
-            out = tmp / f"dask{size}-{n}.zarr"
-            d = _child([me, "--child", "dask", str(package), str(image), str(out), str(batch), str(n), str(block)])
-            same = bool(np.array_equal(read_output(out), want))
-            print(f"| {size}x{size} | local:{n} | {d['seconds']:.1f} | {d['seconds'] / single['seconds']:.2f}x | "
-                  f"{d['tiles_run']} ({d['tiles']}, x{d['redundancy']:.2f}) | {d['blocks']} | {same} |", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            k = f"local:{n}"
+            d, r = info[k], ratios[k]
+            print(f"| {size}x{size} | {k} | {fmt(runs[k])} | {float(np.median(r)):.2f}x "
+                  f"({'/'.join(f'{x:.2f}' for x in r)}) | {d['tiles_run']} ({d['tiles']}, x{d['redundancy']:.2f}) | "
+                  f"{d['blocks']} | {same[k]} |", flush=True)
         shutil.rmtree(ref, ignore_errors=True)
         image.unlink()
 
@@ -383,7 +405,7 @@ def main() -> None:
     if args.dask:
         sizes = args.sizes if args.sizes != [4096, 8192, 16384] else [8192]
         try:
-            dask_table(tmp, sizes, args.workers, args.batch_size, args.block_size)
+            dask_table(tmp, sizes, args.workers, args.batch_size, args.block_size, args.repeat)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return

@@ -1158,7 +1158,6 @@ def test_run_dask_resume_is_bound_to_the_image_content_and_the_package(world: Wo
     import zipfile
 
     import numpy as np
-    import zarr
 
     from czregistry.run.dask_run import read_output
 
@@ -1206,7 +1205,7 @@ def test_run_dask_resume_is_bound_to_the_image_content_and_the_package(world: Wo
     res = json.loads(r.stdout)
     assert res["blocks_skipped"] == len(done) and res["blocks_run"] == 64 - len(done), res
     assert cli("run", str(pkg), str(img), "-o", str(tmp_path / "ref.zarr"), "-q").exit_code == 0
-    assert np.array_equal(read_output(out), np.asarray(zarr.open_array(str(tmp_path / "ref.zarr"), mode="r")[...]))
+    assert np.array_equal(read_output(out), read_output(tmp_path / "ref.zarr"))
     assert _parts(tmp_path) == []
 
     # a finished output, then the image replaced the same way: --resume refuses and keeps the output
@@ -1975,3 +1974,36 @@ def test_bioimageio_export_of_a_legacy_package_is_refused(tmp_path: Path) -> Non
     assert r.output == ("Error: old.czmodel is a legacy .czmodel package; only .czann packages with an ONNX model "
                         "export to bioimage.io\nHint: repack it as .czann (czreg pack ... -o NAME.czann)\n")
     assert not (tmp_path / "m.zip").exists()
+
+
+# --- issue 27: one OME-Zarr output format (read_output on foreign folders) ---
+
+
+def test_read_output_refuses_what_is_not_our_ome_zarr(tmp_path: Path) -> None:
+    """``read_output`` (both paths' OME-Zarr) answers a plain Zarr array (what czreg run wrote before), a
+    missing folder, a folder without Zarr metadata and a group whose OME axes do not fit its array with one
+    line each, and changes nothing."""
+    import zarr
+
+    from czregistry.errors import UsageError
+    from czregistry.run.dask_run import read_output
+
+    hint = "give the -o folder of czreg run (OME-Zarr 0.5); a plain Zarr array opens with zarr.open_array"
+    plain = tmp_path / "old.zarr"
+    zarr.open_array(str(plain), mode="w", shape=(4, 4, 1), dtype="u1")
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    bad = tmp_path / "bad.zarr"
+    group = zarr.open_group(str(bad), mode="w")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "c"}, {"name": "y"}, {"name": "x"}]}]}
+    group.create_array("0", shape=(4, 4), dtype="u1")  # 2 dims where the axes say 3
+    cases = {plain: "it holds a plain Zarr array (czreg run wrote those before its output was OME-Zarr)",
+             tmp_path / "none.zarr": "no such folder", empty: "it has no Zarr group metadata",
+             bad: "its OME metadata or array 0 is missing or malformed: ValueError"}
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    for path, why in cases.items():
+        with pytest.raises(UsageError) as err:
+            read_output(path)
+        assert err.value.message == f"{path} is not an OME-Zarr output of czreg run ({why})"
+        assert err.value.hint == hint
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before

@@ -314,9 +314,9 @@ def test_tensorflow_runs_converted_on_the_device_equal_host_conversion(model_cac
                 out = tmp_path / f"{backend}-{kind}.zarr"
                 run(package, tmp_path / "in.npy", out, RunOptions(output_kind=kind, backend=backend,  # type: ignore[arg-type]
                                                                   device="cpu", probe=False, batch_size=3))
-                import zarr
+                from czregistry.run.images import read_ome_zarr
 
-                outs.append(np.asarray(zarr.open_array(str(out), mode="r")[...]))
+                outs.append(read_ome_zarr(out))
             assert outs[0].dtype == np.uint8 and np.array_equal(outs[0], outs[1]), kind
             assert len(np.unique(outs[1])) > 1
     finally:

@@ -40,10 +40,8 @@ def client() -> Iterator[Any]:
 
 
 def _single(package: Path, image: Path, out: Path, options: RunOptions) -> np.ndarray:
-    import zarr
-
     run(package, image, out, options)
-    return np.asarray(zarr.open_array(str(out), mode="r")[...])
+    return read_output(out)
 
 
 def _image(path: Path, shape: tuple[int, ...], seed: int, dtype: Any = np.uint8) -> Path:
@@ -76,6 +74,40 @@ def test_2d_planes_equal_the_single_process_run(client: Any, model_cache: ModelC
 
     src = open_image(tmp_path / "out.zarr")
     assert src.axes == "TCYX" and src.shape == (2, want.shape[-1], 300, 420)
+
+
+@pytest.mark.parametrize("kind", ["labels", "uint8"])
+def test_one_zarr_format_in_both_paths_and_equal_to_the_ome_tiff(client: Any, model_cache: ModelCache,
+                                                                   tmp_path: Path, kind: str) -> None:
+    """``-o x.zarr`` is the same OME-Zarr 0.5 with or without --dask: the same metadata, array layout
+    (CYX, 256 px chunks, 2048 px sharded rows) and shard files byte for byte; the pixels equal the OME-TIFF
+    output's."""
+    import tifffile
+    import zarr
+
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (300, 2600), 4)
+    options = RunOptions(output_kind=kind)  # type: ignore[arg-type]
+    single = _single(pkg, img, tmp_path / "single.zarr", options)
+    run(pkg, img, tmp_path / "single.ome.tiff", options)
+    run_dask(pkg, [img], tmp_path / "dask.zarr", options, client=client)
+    tiff = tifffile.imread(tmp_path / "single.ome.tiff")
+    tiff = tiff[..., None] if tiff.ndim == 2 else tiff
+    assert np.array_equal(read_output(tmp_path / "dask.zarr"), single) and np.array_equal(single, tiff)
+    groups = [zarr.open_group(str(tmp_path / n), mode="r") for n in ("single.zarr", "dask.zarr")]
+    arrays: list[Any] = [g["0"] for g in groups]
+    assert groups[0].attrs["ome"] == groups[1].attrs["ome"]
+    ome = groups[0].attrs["ome"]
+    assert ome["version"] == "0.5" and [a["name"] for a in ome["multiscales"][0]["axes"]] == ["c", "y", "x"]
+    assert ome["multiscales"][0]["datasets"][0]["path"] == "0"
+    for a in arrays:
+        assert a.metadata.zarr_format == 3 and a.shape == (single.shape[-1], 300, 2600)
+        assert a.chunks == (single.shape[-1], 256, 256) and a.shards == (single.shape[-1], 256, 2048)
+
+    def shard_files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in (root / "0" / "c").rglob("*") if p.is_file()}
+
+    assert shard_files(tmp_path / "single.zarr") == shard_files(tmp_path / "dask.zarr")
 
 
 def test_3d_volume_equals_the_single_process_run(client: Any, model_cache: ModelCache, tmp_path: Path) -> None:

@@ -101,9 +101,9 @@ def test_cpu_sessions_keep_the_plain_path_by_default() -> None:
 
 def _read_output(path: Path) -> np.ndarray:
     if path.suffix == ".zarr":
-        import zarr
+        from czregistry.run.images import read_ome_zarr
 
-        return np.asarray(zarr.open_array(str(path), mode="r")[...])
+        return read_ome_zarr(path)
     import tifffile
 
     got = tifffile.imread(path)

@@ -17,6 +17,7 @@ from czregistry.cli import main
 from czregistry.errors import RunError, UsageError
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
+from czregistry.run.images import read_ome_zarr
 from czregistry.run.runner import OutputKind, RunOptions, predict_image, run
 from czregistry.run.tiling import reflect_indices
 from czregistry.selection import load_session
@@ -134,9 +135,11 @@ def test_memmapped_tiff_zarr_output_and_labels(unet: Path, tmp_path: Path) -> No
     tifffile.imwrite(src, img, metadata={"axes": "TYX"})  # uncompressed: read through a memory map
     out = tmp_path / "labels.zarr"
     result = run(unet, src, out, RunOptions(output_kind="labels"))
-    arr = zarr.open_array(str(out), mode="r")
-    assert arr.shape == (2, 260, 300, 1) and arr.dtype == np.uint8
-    assert result.planes == 2 and dict(arr.attrs)["axes"] == "TYXC"
+    group = zarr.open_group(str(out), mode="r")  # OME-Zarr 0.5: axes T, C, Y, X in the metadata
+    assert [a["name"] for a in group.attrs["ome"]["multiscales"][0]["axes"]] == ["t", "c", "y", "x"]
+    assert group["0"].shape == (2, 1, 260, 300) and group["0"].dtype == np.uint8
+    arr = read_ome_zarr(out)
+    assert arr.shape == (2, 260, 300, 1) and result.planes == 2
     for t in range(2):
         want = np.argmax(_expected(unet, img[t]), axis=-1)
         assert (arr[t, ..., 0] == want).mean() > 0.999  # argmax ties may flip on 1e-7 noise

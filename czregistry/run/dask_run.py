@@ -1,4 +1,5 @@
-"""Tiled runs on a Dask cluster: blocks of whole tiles, OME-Zarr written block by block, resumable.
+"""Tiled runs on a Dask cluster: blocks of whole tiles, OME-Zarr (the single-process run's format) written
+block by block, resumable.
 
 ``czreg run --dask local:N`` (a LocalCluster of N worker processes) or ``--dask tcp://host:8786`` (an
 existing scheduler: dask-jobqueue on SLURM/LSF, ``dask scheduler`` + ``dask worker``) cuts every image
@@ -13,8 +14,9 @@ to the single-process run (``czregistry.run.runner.run``):
   in the same order) as in the single-process run. Tiles on a block seam are predicted by both blocks
   (``tiles_run`` counts them; the redundancy is reported); the backend must give a tile the same result
   whatever else is in its batch, which the tests check for ONNX Runtime;
-* each block writes whole chunks of the output, and no two blocks share a chunk: no locks and no
-  read-modify-write, so workers write straight into the store on a shared file system.
+* each block writes whole shards of the output (``images.OmeZarrLayout``: shards divide the block), and
+  no two blocks share a shard file: no locks and no read-modify-write, so workers write straight into the
+  store on a shared file system.
 
 **Resume.** The output is built in ``.NAME.dask.part`` beside NAME with a manifest (``.czreg/run.json``:
 the package's SHA-256, the image's path and content SHA-256, grid, options) and renamed into place when
@@ -53,16 +55,19 @@ import numpy as np
 from ..errors import CzregError, RunError, UsageError
 from .tiling import Span, TileGrid
 
-__all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult", "ImageJob", "block_tasks",
-           "content_sha256", "max_local_workers", "open_dask_client", "output_paths", "parse_scheduler",
-           "read_output", "run_dask", "worker_stats"]
+__all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_2D_LARGE_OUTPUT", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult",
+           "ImageJob", "block_tasks", "content_sha256", "max_local_workers", "open_dask_client", "output_paths",
+           "parse_scheduler", "read_output", "run_dask", "worker_stats"]
 
-#: Default block edge (pixels per spatial axis). 2D: 2048 px (8 x 8 chunks): a 256 px tile grid repeats
-#: about 11% of its tiles per axis on block seams. 3D: 256 voxels per axis keeps a float32 block of a few
-#: classes near 0.3 GB per worker.
-DEFAULT_BLOCK_2D = 2048
+#: Default block edge (pixels per spatial axis). 2D: 4096 px when a block's output stays within
+#: ``_BLOCK_OUT_BYTES`` (labels, uint8, float32 up to 3 classes), else 2048 px: a 256 px tile grid repeats
+#: the tiles on block seams, 17% of them with 2048 px blocks and 5.5% with 4096 px (measured: ``--dask
+#: local:1`` took 1.30-1.46x the single process with 4096 px blocks against 1.47-1.65x with 2048).
+#: 3D: 256 voxels per axis keeps a float32 block of a few classes near 0.3 GB per worker.
+DEFAULT_BLOCK_2D = 4096
+DEFAULT_BLOCK_2D_LARGE_OUTPUT = 2048
+_BLOCK_OUT_BYTES = 256 * 1024 * 1024
 DEFAULT_BLOCK_3D = 256
-_CHUNK = 256
 _META = ".czreg"
 _MANIFEST = "run.json"
 _MARKERS = "blocks"
@@ -191,12 +196,6 @@ def _sub_grid(grid: TileGrid, region: Sequence[tuple[int, int]], blend: bool) ->
     return TileGrid(shape, shape, grid.tile, grid.border, grid.step, grid.geometry, tuple(axes)), tuple(offset)
 
 
-def _chunks(spatial: Sequence[int], block: int) -> tuple[int, ...]:
-    """Output chunk per spatial axis: 2D (c, c), 3D (1, c, c) with c = 256, or the block if smaller."""
-    c = min(_CHUNK, block)
-    return (c, c) if len(spatial) == 2 else (1, c, c)
-
-
 def block_tasks(grid: TileGrid, image: int, n_planes: int, block: int, blend: bool) -> list[Block]:
     """All blocks of one image, plane by plane, row-major. ``block`` is the edge in pixels (each axis)."""
     blocks = []
@@ -244,47 +243,18 @@ def output_paths(images: Sequence[Path], output: Path) -> list[Path]:
 # --- the output: OME-Zarr, chunk-aligned, with a manifest and block markers ----------------------------
 
 
-def _array_axes(lead_axes: str, nd: int) -> str:
-    """OME-Zarr axis order: time, other (custom) lead axes, channel, then space (lead Z, then spatial)."""
-    lead = list(lead_axes)
-    spatial = "ZYX"[-nd:]
-    if len(set(lead)) != len(lead) or set(lead) & {*spatial, "C"}:
-        raise UsageError(f"image axes '{lead_axes}' + '{spatial}' repeat a letter; OME-Zarr needs distinct axes",
-                         hint="pass --axes with distinct letters, e.g. TZYX")
-    return "".join([a for a in lead if a == "T"] + [a for a in lead if a not in "TZ"] + ["C"]
-                   + [a for a in lead if a == "Z"] + list(spatial))
-
-
-def _ome_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[str, Any]:
-    types = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
-    ome_axes: list[dict[str, str]] = []
-    scale: list[float] = []
-    for a in axes:
-        entry = {"name": a.lower()}
-        if a in types:
-            entry["type"] = types[a]
-        if types.get(a) == "space" and a in pixel_size:
-            entry["unit"] = "micrometer"
-        ome_axes.append(entry)
-        scale.append(float(pixel_size.get(a, 1.0)) if types.get(a) == "space" else 1.0)
-    return {"ome": {"version": "0.5", "multiscales": [{
-        "name": name, "axes": ome_axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}}
-
-
-def _create_output(root: Path, axes: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype[Any],
-                   attrs: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Create the Zarr group in the empty folder ``root``. The manifest comes first, so a part folder without
-    one was not started by us (we never delete it without ``--force``), and a part with one but no block
-    markers holds nothing to resume (it is started afresh)."""
-    import zarr
+def _create_output(root: Path, layout: Any, dtype: np.dtype[Any], attrs: dict[str, Any],
+                   manifest: dict[str, Any]) -> None:
+    """Create the OME-Zarr group in the empty folder ``root`` (``images.create_ome_zarr``, the layout the
+    single-process run writes). The manifest comes first, so a part folder without one was not started by
+    us (we never delete it without ``--force``), and a part with one but no block markers holds nothing to
+    resume (it is started afresh)."""
+    from .images import create_ome_zarr
 
     meta = root / _META
     (meta / _MARKERS).mkdir(parents=True, exist_ok=True)
     _atomic_write_text(meta / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    group = zarr.open_group(str(root), mode="a")  # "w" would wipe the manifest written above
-    group.attrs.update(attrs)
-    group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    create_ome_zarr(root, layout, dtype, attrs)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -317,20 +287,10 @@ def _markers(root: Path) -> set[str]:
 
 
 def read_output(path: Path | str) -> np.ndarray:
-    """An output of ``run_dask`` as ``(*planes, *spatial, C)``, the layout of the single-process Zarr output."""
-    import zarr
+    """An OME-Zarr output of ``czreg run`` (with or without ``--dask``) as ``(*planes, *spatial, C)``."""
+    from .images import read_ome_zarr
 
-    root = Path(path)
-    manifest = _read_manifest(root)
-    if manifest is None:
-        raise UsageError(f"{root} was not written by czreg run --dask")
-    axes: str = manifest["array_axes"]
-    lead: str = manifest["lead_axes"]
-    nd = len(manifest["spatial"])
-    data = np.asarray(zarr.open_array(str(root / "0"), mode="r")[...])
-    want = list(lead) + list("ZYX"[-nd:]) + ["C"]
-    order = [axes.index(a) for a in want]
-    return np.transpose(data, order)
+    return read_ome_zarr(path)
 
 
 # --- the workers ------------------------------------------------------------------------------------
@@ -369,23 +329,38 @@ def _pin_gpu(device: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[number % len(ids)]
 
 
-def _session(job: ImageJob) -> Any:
+def _load(package: str, digest: str, backend: str | None, device: str) -> Any:
+    """This worker's session for ``digest`` (loaded once per process, checked against the file first)."""
     from ..package import open_package, sha256_file
     from ..selection import load_session
 
-    key = (job.digest, job.backend, job.device)
     with _LOCK:
-        if key not in _SESSIONS:
-            if sha256_file(job.package) != job.digest:
-                raise RunError(f"{job.package} changed since the run was planned (SHA-256 differs)",
-                               hint="do not replace the package during a run")
-            if not _SESSIONS:
-                _pin_gpu(job.device)
-            # the client audited this exact digest (or was told to trust it) before planning: not again per worker
-            _SESSIONS[key] = load_session(open_package(job.package), job.backend, job.device,  # type: ignore[arg-type]
-                                          trust_graph=True)
-            _LOADS[job.digest] = _LOADS.get(job.digest, 0) + 1
-        return _SESSIONS[key]
+        for (d, b, dev), session in _SESSIONS.items():
+            if d == digest and dev == device and backend in (None, b):
+                return session
+        if sha256_file(package) != digest:
+            raise RunError(f"{package} changed since the run was planned (SHA-256 differs)",
+                           hint="do not replace the package during a run")
+        if not _SESSIONS:
+            _pin_gpu(device)
+        # the client audited this exact digest (or was told to trust it) before planning: not again per worker
+        session = load_session(open_package(package), backend, device, trust_graph=True)  # type: ignore[arg-type]
+        _SESSIONS[(digest, session.backend, device)] = session
+        _LOADS[digest] = _LOADS.get(digest, 0) + 1
+        return session
+
+
+def _session(job: ImageJob) -> Any:
+    return _load(job.package, job.digest, job.backend, job.device)
+
+
+def _warm(package: str, digest: str, backend: str | None, device: str) -> str:
+    """Load the model on a worker while the client still probes and plans (``client.run`` on every worker):
+    the first block then starts predicting at once. A failure here is left for the block to report."""
+    try:
+        return str(_load(package, digest, backend, device).backend)
+    except Exception:  # the block that needs the model raises it again, with the block named
+        return ""
 
 
 def _source(job: ImageJob) -> Any:
@@ -402,20 +377,26 @@ def _source(job: ImageJob) -> Any:
 
 
 def _out_array(job: ImageJob) -> Any:
+    """The output's shard writer (``images.OmeZarrShards``), kept open between blocks."""
     import zarr
+
+    from .images import OmeZarrLayout, OmeZarrShards
 
     with _LOCK:
         if job.out_array not in _ARRAYS:
             if len(_ARRAYS) >= 16:
                 _ARRAYS.pop(next(iter(_ARRAYS)))
-            _ARRAYS[job.out_array] = zarr.open_array(job.out_array, mode="r+")
+            array = zarr.open_array(job.out_array, mode="r+")
+            layout = OmeZarrLayout(job.array_axes, job.lead_axes, tuple(array.shape), tuple(array.chunks),
+                                   tuple(array.shards or array.chunks))
+            _ARRAYS[job.out_array] = OmeZarrShards(array, layout)
         return _ARRAYS[job.out_array]
 
 
 def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block with the runner's ``TiledPredictor``, write its chunks, then its marker."""
     global _BLOCKS_DONE
-    from .runner import ArrayWriter, TiledPredictor, _convert
+    from .runner import ArrayWriter, TiledPredictor, _convert, _out_dtype
 
     t0 = time.perf_counter()
     session = _session(job)
@@ -425,24 +406,53 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     # one read for the whole block: the union of its tiles, reflected past the far end like the runner's
     raw = src.read_padded(lead, block.offset, [o + n for o, n in zip(block.offset, grid.padded_shape)],
                           job.spatial)
-    x = job.adapter()(raw)
+    adapter = job.adapter()
+    # as in the runner: 8/16-bit pixels that need only scaling are divided into the batch by the predictor
+    # (the same float32 division), instead of a float32 copy of the whole block written and read again
+    scale = float(np.iinfo(raw.dtype).max) if adapter.passes_raw(raw.dtype, raw.shape[-1]) else None
+    x = raw if scale is not None else adapter(raw)
 
     def read(_plane: int, tile: Any) -> np.ndarray:
         return x[tile.read_slices]
 
-    sink = ArrayWriter((), grid.padded_shape, job.out_channels)
-    predictor = TiledPredictor(session, grid, job.out_channels, batch_size=job.batch_size, blend=job.blend)
-    predictor.run(1, read, sink.write)
-    crop = tuple(slice(s - o, e - o) for (s, e), o in zip(block.region, block.offset))
-    data = _convert(sink.array[crop], job.output_kind)  # type: ignore[arg-type]
-    # index the output array in its own axis order: lead axes by position, C whole, spatial by region
-    lead_pos = dict(zip(job.lead_axes, lead))
-    spatial_iter = iter(block.region)
-    key = tuple(slice(None) if a == "C" else lead_pos[a] if a in lead_pos else slice(*next(spatial_iter))
-                for a in job.array_axes)
-    _out_array(job)[key] = np.moveaxis(data, -1, 0)
+    kind = job.output_kind
+    predictor = TiledPredictor(session, grid, job.out_channels, batch_size=job.batch_size, blend=job.blend,
+                               output_kind=kind)  # type: ignore[arg-type]
+    if predictor.emits_converted:  # tiles converted as they are placed, as in the runner
+        out_c = 1 if kind == "labels" else job.out_channels
+        sink = ArrayWriter((), grid.padded_shape, out_c, _out_dtype(kind, job.out_channels))  # type: ignore[arg-type]
+    else:
+        sink = ArrayWriter((), grid.padded_shape, job.out_channels)
+    # the block's region is on the shard grid (shards divide the block): whole shard files, no sharing.
+    # Each shard row is written as soon as its rows are assembled, on the predictor's writer thread, while
+    # later tiles are still predicted (writing the whole block afterwards left the cores idle meanwhile).
+    shards = _out_array(job)
+    converted = predictor.emits_converted or kind == "probabilities"
+    (r0, r1), rest = block.region[0], block.region[1:]
+    o0 = block.offset[0]
+    unit = shards.layout.shards[shards.layout.axes.index("ZYX"[-len(block.region)])]
+    written = r0  # image rows of the region written so far
+
+    def write(plane: int, start: int, rows: np.ndarray) -> None:
+        nonlocal written
+        sink.write(plane, start, rows)
+        ready = min(r1, o0 + start + rows.shape[0])
+        while written < r1 and (written + unit <= ready or ready == r1):
+            stop = min(written + unit, r1)
+            part = sink.array[(slice(written - o0, stop - o0),
+                               *(slice(s - o, e - o) for (s, e), o in zip(rest, block.offset[1:])))]
+            data = part if converted else _convert(part, kind)  # type: ignore[arg-type]
+            origin = shards.layout.origin(lead, [written, *(s for s, _ in rest)])
+            for coords, piece in shards.split(origin, shards.layout.to_array(data)):
+                shards.write(coords, piece)
+            written = stop
+
+    predictor.run(1, read, write, scale=scale)
+    if written < r1:
+        raise RunError(f"internal error: block rows {written}:{r1} were not written")
     seconds = time.perf_counter() - t0
-    marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid()}
+    marker = {"tiles": grid.n_tiles, "seconds": round(seconds, 3), "pid": os.getpid(),
+              "predict_seconds": round(predictor.predict_seconds, 3)}
     _atomic_write_text(Path(job.markers) / f"{block.key}.done", json.dumps(marker))
     _BLOCKS_DONE += 1
     return {"tiles": grid.n_tiles, "seconds": seconds, "predict_seconds": predictor.predict_seconds}
@@ -707,6 +717,46 @@ def _finish(root: Path, final: Path, force: bool) -> None:
     root.replace(final)
 
 
+class _ClusterStarter:
+    """Starts the cluster (``open_dask_client``) on a thread while the client probes and plans (after its
+    audit of the graph has passed), and has every worker load the model as soon as it is up: starting a
+    LocalCluster (worker processes importing the backends) and loading the model in each took 3-4 s that
+    the single-process run does not pay, and both can overlap with the planning. ``get`` returns the
+    client (or raises what starting raised);
+    ``close`` closes what was started, whenever it finishes starting."""
+
+    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str]) -> None:
+        self._cm = open_dask_client(scheduler)
+        self._warm = warm
+        self.client: Any = None
+        self.error: BaseException | None = None
+        self._futures: list[Any] = []
+        self._thread = threading.Thread(target=self._start, name="czreg-dask-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.client = self._cm.__enter__()
+            for address in self.client.scheduler_info().get("workers", {}):
+                self._futures.append(self.client.submit(_warm, *self._warm, workers=[address], pure=False,
+                                                        key=f"czreg-warm-{uuid.uuid4().hex[:8]}"))
+        except BaseException as exc:  # raised by ``get`` on the caller's thread
+            self.error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.client
+
+    def close(self) -> None:
+        self._thread.join()
+        self._futures.clear()
+        if self.client is not None:
+            self.client = None
+            self._cm.__exit__(None, None, None)
+
+
 def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | str, options: Any = None, *,
              scheduler: str = "local:2", client: Any = None, resume: bool = False, block: int | None = None,
              progress: Progress | None = None, on_plan: Callable[[int], None] | None = None,
@@ -720,10 +770,7 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     Nothing is left behind by a run that fails before its first block is written.
     """
     from ..package import sha256_file
-    from ..selection import load_session
-    from .images import InputAdapter, open_image
-    from .runner import RunOptions, _out_dtype, open_tileable, plan_for_model
-    from .tiling import plan_tiles
+    from .runner import RunOptions, open_tileable
 
     options = options or RunOptions()
     if options.batch_size < 1:
@@ -745,6 +792,28 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             raise _refuse_existing(o)  # before the model loads; --resume decides in _check_output
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
+    starters: list[_ClusterStarter] = []  # started by _run_planned once the client's audit has passed
+    try:
+        return _run_planned(package, paths, outs, options, pkg, info, digest, client, starters,
+                            scheduler=scheduler, resume=resume, block=block, progress=progress, on_plan=on_plan,
+                            on_dashboard=on_dashboard, force=force, t_start=t_start)
+    finally:
+        for starter in starters:
+            starter.close()
+
+
+def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], options: Any, pkg: Any, info: Any,
+                 digest: str, client: Any, starters: list[_ClusterStarter], *, scheduler: str, resume: bool,
+                 block: int | None, progress: Progress | None, on_plan: Callable[[int], None] | None,
+                 on_dashboard: Callable[[str], None] | None, force: bool, t_start: float) -> DaskRunResult:
+    """``run_dask`` once the package is open. Without ``client`` the cluster is started (into ``starters``)
+    right after the client's own ``load_session`` has audited the graph, never before: a worker loads the
+    model with ``trust_graph=True`` (the client checked that digest), so no worker may start first."""
+    from ..selection import load_session
+    from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
+    from .runner import _model_facts, _out_dtype, plan_for_model
+    from .tiling import plan_tiles
+
     bgr, color = info.bgr, info.color_handling  # the input facts, derived once (ModelInfo / InputAdapter)
     notes: list[str] = []
 
@@ -756,10 +825,19 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     manifests: list[dict[str, Any]] = []
     with load_session(pkg, options.backend, options.device, trust_graph=options.trust_graph) as session:
         backend, device = session.backend, session.device
+        if client is None:  # the audit passed: start the cluster now, while the client probes and plans
+            starters.append(_ClusterStarter(scheduler, (str(Path(package).resolve()), digest, backend,
+                                                        options.device)))
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
         edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
-        if edge < 16 or (edge > _CHUNK and edge % _CHUNK):
-            raise UsageError(f"--block-size {edge}: use a multiple of {_CHUNK} (or 16..{_CHUNK})")
+        if not block and nd == 2:  # the 4096 px default only where a block's output stays small
+            _, _, out_ch0 = _model_facts(session, info, options.tile)
+            kind0 = options.output_kind
+            per_pixel = (1 if kind0 == "labels" else out_ch0) * _out_dtype(kind0, out_ch0).itemsize
+            if DEFAULT_BLOCK_2D ** 2 * per_pixel > _BLOCK_OUT_BYTES:
+                edge = DEFAULT_BLOCK_2D_LARGE_OUTPUT
+        if edge < 16 or (edge > ZARR_CHUNK and edge % ZARR_CHUNK):
+            raise UsageError(f"--block-size {edge}: use a multiple of {ZARR_CHUNK} (or 16..{ZARR_CHUNK})")
         geom = None
         grid0: TileGrid | None = None
         in_ch = out_ch = 0
@@ -784,26 +862,23 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
             kind = options.output_kind
             out_c = 1 if kind == "labels" else out_ch
             dtype = _out_dtype(kind, out_ch)
-            axes = _array_axes(lead_axes, nd)
-            sizes = dict(zip(lead_axes, lead_shape))
-            spatial_it, chunk_it = iter(spatial), iter(_chunks(spatial, edge))
-            shape = [out_c if a == "C" else sizes[a] if a in sizes else next(spatial_it) for a in axes]
-            chunks = [out_c if a == "C" else 1 if a in sizes else next(chunk_it) for a in axes]
+            layout = OmeZarrLayout.plan(lead_axes, lead_shape, spatial, out_c, edge)
+            axes = layout.axes
             n_planes = int(np.prod(lead_shape)) if lead_shape else 1
             plan = {"package_sha256": digest, "image": _image_identity(path), "grid": grid.to_dict(),
                     "lead_shape": list(lead_shape), "spatial": list(spatial), "output_kind": kind,
                     "blend": options.blend, "block": edge, "channels": list(options.channels or []),
-                    "axes": options.axes, "dtype": str(dtype), "array_axes": axes}
+                    "axes": options.axes, "dtype": str(dtype), "array_axes": axes,
+                    "shards": list(layout.shards)}
             manifest = {"plan": json.loads(json.dumps(plan)), "array_axes": axes, "lead_axes": lead_axes,
-                        "spatial": list(spatial), "format": "czregistry dask run 2"}
-            attrs = {**_ome_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
+                        "spatial": list(spatial), "format": "czregistry dask run 3"}
+            attrs = {**ome_zarr_attrs(axes, pixel_size, info.name or ""), "pixel_size_um": pixel_size,
                      "czregistry": {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
-                                    "classes": list(info.classes or []), "axes": axes}}
+                                    "classes": list(info.classes or []), "axes": axes, "lead_axes": lead_axes}}
 
-            def create(root: Path, axes: str = axes, shape: tuple[int, ...] = tuple(shape),
-                       chunks: tuple[int, ...] = tuple(chunks), dtype: np.dtype[Any] = dtype,
+            def create(root: Path, layout: OmeZarrLayout = layout, dtype: np.dtype[Any] = dtype,
                        attrs: dict[str, Any] = attrs, manifest: dict[str, Any] = manifest) -> None:
-                _create_output(root, axes, shape, chunks, dtype, attrs, manifest)
+                _create_output(root, layout, dtype, attrs, manifest)
 
             creators.append(create)
             manifests.append(manifest)
@@ -851,7 +926,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
         with contextlib.ExitStack() as stack:
             if todo:
                 if client is None:
-                    client = stack.enter_context(open_dask_client(scheduler))
+                    client = starters[0].get()
+                    stack.callback(starters[0].close)
                 dashboard = _dashboard(client)
                 if dashboard and on_dashboard is not None:
                     on_dashboard(dashboard)

@@ -8,8 +8,9 @@ small). Every reader exposes the same ``ImageSource``: a lazily indexable array 
 spatial (T, scenes, and Z for 2D models) is iterated plane by plane.
 
 Writers take rows (2D) or slices (3D) in order and write them incrementally: OME-TIFF as compressed tiles
-fed to ``tifffile.TiffWriter.write`` from a background thread, Zarr chunk row by chunk row. Neither ever
-holds more than one chunk row of the output.
+fed to ``tifffile.TiffWriter.write`` from a background thread, OME-Zarr 0.5 (sharded Zarr v3, the format
+``czreg run --dask`` writes too) shard row by shard row. Neither ever holds more than about one chunk row
+of the output.
 """
 
 from __future__ import annotations
@@ -33,8 +34,29 @@ import numpy as np
 from ..errors import RunError, UsageError, as_disk_full
 from .source import ImageSource, guess_axes
 
-__all__ = ["TIFF_SUFFIXES", "ImageSource", "InputAdapter", "OutputSpec", "TiffWriterSink", "Writer", "ZarrWriterSink",
-           "guess_axes", "open_image", "open_writer", "output_format", "scale_to_unit", "to_model_channels"]
+__all__ = [
+    "TIFF_SUFFIXES",
+    "ZARR_CHUNK",
+    "ZARR_SHARD_X",
+    "ImageSource",
+    "InputAdapter",
+    "OmeZarrLayout",
+    "OmeZarrShards",
+    "OutputSpec",
+    "TiffWriterSink",
+    "Writer",
+    "ZarrWriterSink",
+    "create_ome_zarr",
+    "guess_axes",
+    "ome_array_axes",
+    "ome_zarr_attrs",
+    "open_image",
+    "open_writer",
+    "output_format",
+    "read_ome_zarr",
+    "scale_to_unit",
+    "to_model_channels",
+]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -800,128 +822,278 @@ class TiffWriterSink:
             self._tw.close()
 
 
-class _ZarrChunkFiles:
-    """Encodes and writes the chunks of a local Zarr v3 array directly, so that many threads can share the
-    work: through ``array[key] = block`` every chunk went through Zarr's event loop one at a time (1-3 ms
-    per 256x256 chunk, most of it overhead, on one core).
+# --- OME-Zarr 0.5 output (both the single-process and the Dask run) ------------------------------------
 
-    Only the layout Zarr creates by default is handled, byte for byte as Zarr writes it (the tests compare
-    chunk files): a local store, the ``bytes`` codec in native (little-endian) order, optionally followed
-    by ``zstd``; edge chunks padded with the fill value; chunks that hold only the fill value not written
-    (unless the array's ``write_empty_chunks`` says so). ``create`` returns None for anything else, and
-    the writer falls back to Zarr's own API.
+#: Output chunk edge (pixels per Y/X), as the OME-TIFF tiles.
+ZARR_CHUNK = 256
+#: Shard width along X: one shard holds a row of up to 8 chunks (2048 px), so a 256-row block of an
+#: 8192 px wide image is 4 files instead of 32 (and 32 directories).
+ZARR_SHARD_X = 2048
+
+
+def ome_array_axes(lead_axes: str, nd: int) -> str:
+    """OME-Zarr axis order: time, other (custom) lead axes, channel, then space (lead Z, then spatial)."""
+    lead = list(lead_axes)
+    spatial = "ZYX"[-nd:]
+    if len(set(lead)) != len(lead) or set(lead) & {*spatial, "C"}:
+        raise UsageError(f"image axes '{lead_axes}' + '{spatial}' repeat a letter; OME-Zarr needs distinct axes",
+                         hint="pass --axes with distinct letters, e.g. TZYX")
+    return "".join([a for a in lead if a == "T"] + [a for a in lead if a not in "TZ"] + ["C"]
+                   + [a for a in lead if a == "Z"] + list(spatial))
+
+
+def ome_zarr_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[str, Any]:
+    """The group attributes of OME-Zarr 0.5: one multiscale with one dataset ``0``, pixel sizes as scale."""
+    types = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+    ome_axes: list[dict[str, str]] = []
+    scale: list[float] = []
+    for a in axes:
+        entry = {"name": a.lower()}
+        if a in types:
+            entry["type"] = types[a]
+        if types.get(a) == "space" and a in pixel_size:
+            entry["unit"] = "micrometer"
+        ome_axes.append(entry)
+        scale.append(float(pixel_size.get(a, 1.0)) if types.get(a) == "space" else 1.0)
+    return {"ome": {"version": "0.5", "multiscales": [{
+        "name": name, "axes": ome_axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}}
+
+
+@dataclass(frozen=True)
+class OmeZarrLayout:
+    """Shape, chunks and shards of the output array ``0`` in OME-Zarr axis order (``axes``).
+
+    Chunks are 256 x 256 (x 1 slice in 3D) with all classes in one chunk; a shard is one chunk high and up
+    to ``ZARR_SHARD_X`` wide, narrowed so that it divides ``block`` (the Dask block edge: no two blocks
+    share a shard file). The single-process run and the Dask run with its default block get the same layout.
     """
 
-    def __init__(self, root: Path, array: Any, compress: Callable[[Any], bytes] | None,
-                 write_empty: bool, fill: Any) -> None:
-        self.root, self.array, self.compress = root, array, compress
-        self.write_empty, self.fill = write_empty, fill
-        self.chunks = tuple(int(c) for c in array.chunks)
-        self.dtype = np.dtype(array.dtype)
-        self.made: set[Path] = set()
+    axes: str
+    lead_axes: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...]
 
     @classmethod
-    def create(cls, array: Any) -> _ZarrChunkFiles | None:
+    def plan(cls, lead_axes: str, lead_shape: Sequence[int], spatial: Sequence[int], channels: int,
+             block: int | None = None) -> OmeZarrLayout:
+        nd = len(spatial)
+        axes = ome_array_axes(lead_axes, nd)
+        c = ZARR_CHUNK if block is None else min(ZARR_CHUNK, block)
+        per = ZARR_SHARD_X // c
+        if block is not None:  # the shard must divide the block: the largest count of chunks that does
+            k = max(1, block // c)
+            per = max(d for d in range(1, min(per, k) + 1) if k % d == 0)
+        per = max(1, min(per, -(-int(spatial[-1]) // c)))  # no wider than the image needs
+        sizes = dict(zip(lead_axes, lead_shape))
+        sp_shape, sp_chunk = iter(spatial), iter((c, c) if nd == 2 else (1, c, c))
+        shape = tuple(int(channels) if a == "C" else int(sizes[a]) if a in sizes else int(next(sp_shape))
+                      for a in axes)
+        chunks = tuple(int(channels) if a == "C" else 1 if a in sizes else next(sp_chunk) for a in axes)
+        shards = (*chunks[:-1], chunks[-1] * per)
+        return cls(axes, lead_axes, shape, chunks, shards)
+
+    def to_array(self, data: np.ndarray) -> np.ndarray:
+        """One plane's ``(*spatial, C)`` data as a view in array axis order (lead axes of length 1)."""
+        view = np.moveaxis(data, -1, 0)
+        for i, a in enumerate(self.axes):
+            if a in self.lead_axes:
+                view = np.expand_dims(view, i)
+        return view
+
+    def origin(self, lead: Sequence[int], starts: Sequence[int]) -> tuple[int, ...]:
+        """The array index of a plane's ``(*starts)`` corner (channel 0)."""
+        pos = dict(zip(self.lead_axes, lead))
+        sp = iter(starts)
+        return tuple(0 if a == "C" else int(pos[a]) if a in pos else int(next(sp)) for a in self.axes)
+
+
+def create_ome_zarr(root: Path, layout: OmeZarrLayout, dtype: np.dtype[Any], attrs: dict[str, Any]) -> Any:
+    """Create the OME-Zarr group at ``root`` (existing files in it are kept) with the sharded array ``0``
+    (zstd inner chunks, Zarr's defaults); returns the array."""
+    import zarr
+
+    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    group.attrs.update(attrs)
+    return group.create_array("0", shape=layout.shape, chunks=layout.chunks, shards=layout.shards, dtype=dtype,
+                              fill_value=0)
+
+
+class OmeZarrShards:
+    """Writes shard-aligned regions of the output array, one shard file per task.
+
+    Through ``array[key] = block`` every chunk went through Zarr's event loop one at a time (1-3 ms per
+    256 x 256 chunk, most of it overhead, on one core), and without sharding every chunk was its own file
+    in its own directory (1-2 ms of ``mkdir`` + ``open`` on ext4). Here a shard's chunks are encoded with
+    the array's own codec (numcodecs' zstd, what Zarr calls) and written as one file: the chunks in
+    Zarr's (Morton) order, then the index (offset, length per chunk, ``2**64-1`` for a chunk holding only
+    the fill value, little-endian uint64, then its CRC32C), exactly Zarr's sharding format; a shard whose
+    chunks are all empty is not written. Files are written under a temporary name and renamed. Only the
+    layout ``create_ome_zarr`` makes on a local store is handled; ``direct`` is False for anything else and
+    shards then go through Zarr's own writes.
+    """
+
+    def __init__(self, array: Any, layout: OmeZarrLayout) -> None:
+        self.array, self.layout = array, layout
+        self.dtype = np.dtype(array.dtype)
+        self.shards = layout.shards
+        self.chunks = layout.chunks
+        self.per = tuple(s // c for s, c in zip(self.shards, self.chunks))
+        self.fill = 0
+        self.compress: Callable[[Any], bytes] | None = None
+        self.root: Path | None = None
+        self.order: list[tuple[int, ...]] = list(itertools.product(*(range(n) for n in self.per)))
+        self._made: set[Path] = set()
+        self.direct = self._direct()
+
+    def _direct(self) -> bool:
         import sys
 
         try:
-            from zarr.codecs import BytesCodec, ZstdCodec
+            import google_crc32c
+            from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
             from zarr.storage import LocalStore
 
-            meta = array.metadata
-            store = array.store
+            meta = self.array.metadata
+            store = self.array.store
             if meta.zarr_format != 3 or not isinstance(store, LocalStore) or sys.byteorder != "little":
-                return None
-            if getattr(array, "shards", None) is not None:
-                return None
+                return False
             codecs = tuple(meta.codecs)
-            if not codecs or type(codecs[0]) is not BytesCodec or len(codecs) > 2:
-                return None
-            endian = getattr(codecs[0].endian, "value", codecs[0].endian)
-            if endian not in (None, "little"):
-                return None
-            compress: Callable[[Any], bytes] | None = None
-            if len(codecs) == 2:
-                if type(codecs[1]) is not ZstdCodec:
-                    return None
+            if len(codecs) != 1 or type(codecs[0]) is not ShardingCodec:
+                return False
+            sharding = codecs[0]
+            inner, index = tuple(sharding.codecs), tuple(sharding.index_codecs)
+            if getattr(sharding.index_location, "value", sharding.index_location) != "end":
+                return False
+            if not inner or type(inner[0]) is not BytesCodec or len(inner) > 2:
+                return False
+            if len(index) != 2 or type(index[0]) is not BytesCodec or type(index[1]) is not Crc32cCodec:
+                return False
+            for codec in (inner[0], index[0]):
+                if getattr(codec.endian, "value", codec.endian) not in (None, "little"):
+                    return False
+            if len(inner) == 2:
+                if type(inner[1]) is not ZstdCodec:
+                    return False
                 from numcodecs import Zstd
 
-                zstd = Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
-                compress = zstd.encode
-            if meta.chunk_key_encoding.encode_chunk_key((0,) * len(array.shape)) != "/".join(
-                    ["c", *("0" * len(array.shape))]):
-                return None
-            root = Path(store.root) / array.path if array.path else Path(store.root)
-            fill = meta.fill_value
-            write_empty = bool(array.config.write_empty_chunks)
-        except Exception:  # an unexpected Zarr version or layout: use Zarr's own writes
-            return None
-        return cls(root, array, compress, write_empty, fill)
+                self.compress = Zstd(level=inner[1].level, checksum=inner[1].checksum).encode
+            if meta.chunk_key_encoding.encode_chunk_key((0,) * len(self.shards)) != "/".join(
+                    ["c", *("0" * len(self.shards))]):
+                return False
+            if bool(self.array.config.write_empty_chunks) or meta.fill_value != 0:
+                return False
+            try:
+                from zarr.core.indexing import morton_order_iter
 
-    def write_chunk(self, coords: tuple[int, ...], data: np.ndarray) -> None:
-        if data.shape != self.chunks:  # edge chunks are stored whole, padded with the fill value
-            full = np.full(self.chunks, self.fill, self.dtype)
-            full[tuple(slice(0, n) for n in data.shape)] = data
-            data = full
-        # one contiguous copy at most (none for padded edge chunks), handed over as a buffer: no bytes copies;
-        # made first, so the emptiness test reads contiguous memory (4x faster than the strided view)
-        data = np.ascontiguousarray(data, self.dtype)
-        if not self.write_empty:
-            empty = not data.any() if self.fill == 0 else bool(np.all(data == self.fill))
-            if empty:
-                return
-        raw = data.data.cast("B")
-        payload = self.compress(raw) if self.compress is not None else raw
+                self.order = list(morton_order_iter(self.per))
+            except ImportError:  # an older layout of Zarr's internals: C order reads the same
+                pass
+            self._crc = google_crc32c.value
+            self.root = Path(store.root) / self.array.path if self.array.path else Path(store.root)
+        except Exception:  # an unexpected Zarr version or layout: use Zarr's own writes
+            return False
+        return True
+
+    def split(self, origin: Sequence[int], data: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """Cut ``data`` (array axis order, placed at ``origin``, which lies on the shard grid; it covers
+        whole shards or reaches the array's end) into ``(shard coordinates, view)`` pairs."""
+        for o, s in zip(origin, self.shards):
+            if o % s:
+                raise RunError(f"internal error: a region at {tuple(origin)} is not on the shard grid {self.shards}")
+        parts = []
+        for offs in itertools.product(*(range(0, n, s) for n, s in zip(data.shape, self.shards))):
+            view = data[tuple(slice(o, o + s) for o, s in zip(offs, self.shards))]
+            parts.append((tuple((o + d) // s for o, d, s in zip(origin, offs, self.shards)), view))
+        return parts
+
+    def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
+        """Write one shard (``data`` may be short at the array's far edges)."""
+        if not self.direct:
+            key = tuple(slice(c * s, c * s + n) for c, s, n in zip(coords, self.shards, data.shape))
+            self.array[key] = data
+            return
+        assert self.root is not None
+        index = np.full((*self.per, 2), np.uint64(2**64 - 1), np.dtype("<u8"))
+        payloads: list[Any] = []
+        pos = 0
+        for inner in self.order:
+            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(inner, self.chunks))
+            part = data[region]
+            if part.size == 0:
+                continue
+            if part.shape != self.chunks:  # edge chunks are stored whole, padded with the fill value
+                full = np.zeros(self.chunks, self.dtype)
+                full[tuple(slice(0, k) for k in part.shape)] = part
+                chunk = full
+            else:  # one contiguous copy, made first: the emptiness test reads contiguous memory
+                chunk = np.ascontiguousarray(part, self.dtype)
+            if not chunk.any():
+                continue
+            raw = chunk.data.cast("B")
+            payload = self.compress(raw) if self.compress is not None else bytes(raw)
+            payloads.append(payload)
+            index[inner] = (pos, len(payload))
+            pos += len(payload)
         path = self.root.joinpath("c", *(str(c) for c in coords))
-        parent = path.parent
-        if parent not in self.made:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.made.add(parent)
-        path.write_bytes(payload)
+        if not payloads:  # all fill value: no file (an earlier, interrupted run's one goes)
+            path.unlink(missing_ok=True)
+            return
+        index_bytes = index.tobytes()
+        if path.parent not in self._made:  # one mkdir per folder, not per shard
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            with tmp.open("wb") as fh:
+                for payload in payloads:
+                    fh.write(payload)
+                fh.write(index_bytes)
+                fh.write(np.uint32(self._crc(index_bytes)).astype("<u4").tobytes())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class ZarrWriterSink:
-    """A Zarr array ``(*lead, *spatial, C)`` chunked like the OME-TIFF tiles; attrs carry axes and pixel size.
+    """OME-Zarr 0.5 (Zarr v3): a group with ``multiscales`` metadata and one sharded array ``0`` in OME axis
+    order (``TCYX``, ``CZYX``, ...), the layout ``czreg run --dask`` writes (``OmeZarrLayout``).
 
-    Chunks are encoded and written by a small thread pool (zstd and file writes release the GIL), so the
-    caller only hands rows over; see ``_ZarrChunkFiles``. Each row block is cut into ``workers`` runs of
-    consecutive chunks, one task each: a task per chunk cost a thread hand-over per chunk, which on 2
-    cores took more CPU than encoding and writing the chunk. What is in flight is bounded by bytes, not
-    by count: a run costs the part of the row block it keeps alive plus two chunks (the contiguous or
-    padded copy and the encoded bytes of the chunk being written), and all in flight together may cost
-    one row block of the output (``unit`` rows, full width) plus those copies (one run always goes). So
-    the writer adds at most about one row block to the runner's memory, as before, while every thread of
-    the pool has work.
+    Shards are encoded and written by a small thread pool (zstd and file writes release the GIL), so the
+    caller only hands rows over; see ``OmeZarrShards``. Each row block is cut into ``workers`` runs of
+    consecutive shards, one task each. What is in flight is bounded by bytes, not by count: a run costs
+    the part of the row block it keeps alive plus two shards (the contiguous copies and the encoded bytes
+    of the shard being written), and all in flight together may cost one row block of the output (``unit``
+    rows, full width) plus those copies (one run always goes). So the writer adds at most about one row
+    block to the runner's memory, while every thread of the pool has work.
     """
 
     def __init__(self, path: Path, spec: OutputSpec) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        import zarr
-
-        self.spec = spec
+        self.spec, self.path = spec, path
         self.buffer = _RowBuffer(spec)
-        sp = len(spec.spatial)
-        chunks = (*(1,) * len(spec.lead_shape), *((spec.chunk, spec.chunk) if sp == 2 else (1, spec.chunk,
-                                                                                              spec.chunk)),
-                  spec.channels)
-        self.chunks = chunks
-        self.array = zarr.open_array(str(path), mode="w", shape=(*spec.lead_shape, *spec.spatial, spec.channels),
-                                     chunks=chunks, dtype=spec.dtype)
-        self.array.attrs.update({"axes": spec.lead_axes + ("ZYX" if sp == 3 else "YX") + "C",
-                                 "pixel_size_um": spec.pixel_size, **spec.attrs})
-        self.direct = _ZarrChunkFiles.create(self.array)
-        self.workers = max(1, min(8, os.cpu_count() or 1)) if self.direct is not None else 1
+        self.layout = OmeZarrLayout.plan(spec.lead_axes, spec.lead_shape, spec.spatial, spec.channels)
+        self.chunks = self.layout.chunks
+        path.mkdir(parents=True, exist_ok=False)
+        attrs = {**ome_zarr_attrs(self.layout.axes, spec.pixel_size, str(spec.attrs.get("name", ""))),
+                 "pixel_size_um": spec.pixel_size, "czregistry": {**spec.attrs, "axes": self.layout.axes,
+                                                                "lead_axes": spec.lead_axes}}
+        self.array = create_ome_zarr(path, self.layout, spec.dtype, attrs)
+        self.shards = OmeZarrShards(self.array, self.layout)
+        self.workers = max(1, min(8, os.cpu_count() or 1)) if self.shards.direct else 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-zarr")
         self._pending: collections.deque[tuple[Any, int]] = collections.deque()  # (future, bytes)
         self._pending_bytes = 0
         itemsize = np.dtype(spec.dtype).itemsize
-        #: bytes of one chunk; a chunk being written costs twice that (its contiguous or padded copy and
-        #: the encoded bytes)
-        self.chunk_bytes = math.prod(chunks) * itemsize
+        #: bytes of one shard; a shard being written costs about twice that (its chunks' contiguous
+        #: copies and the encoded bytes)
+        self.shard_bytes = math.prod(self.layout.shards) * itemsize
         #: the most that runs queued or being written may cost together (one run always goes)
         self.max_pending_bytes = (spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
-                                  + 2 * self.workers * self.chunk_bytes)
+                                  + 2 * self.workers * self.shard_bytes)
         self._lock = threading.Lock()
         #: seconds the pool's threads were busy encoding and writing, summed over threads
         self.busy_seconds = 0.0
@@ -946,37 +1118,24 @@ class ZarrWriterSink:
         self._pending.append((self._pool.submit(self._timed, fn, *args), cost))
         self._pending_bytes += cost
 
-    def _set(self, key: tuple[Any, ...], block: np.ndarray) -> None:
-        self.array[key] = block
-
     def write(self, plane: int, start: int, block: np.ndarray) -> None:
         lead = tuple(int(i) for i in np.unravel_index(plane, self.spec.lead_shape)) if self.spec.lead_shape else ()
         chunks = list(self.buffer.push(start, block))
         if start + block.shape[0] == self.spec.spatial[0]:
             chunks += list(self.buffer.flush())
-        for s, chunk in chunks:
-            if self.direct is None:
-                self._submit(2 * chunk.nbytes, self._set, (*lead, slice(s, s + chunk.shape[0])), chunk)
-                continue
-            # rows start on a chunk boundary (the buffer releases whole units): split the rest of the axes
-            shape = self.chunks[len(lead):]
-            row = s // shape[0]
-            grid = [range(0, n, c) for n, c in zip(chunk.shape[1:], shape[1:])]
-            parts = []
-            for origin in itertools.product(*grid):
-                region = (slice(None), *(slice(o, o + c) for o, c in zip(origin, shape[1:])))
-                coords = (*lead, row, *(o // c for o, c in zip(origin, shape[1:])))
-                parts.append((coords, chunk[region][(None,) * len(lead)]))
+        for s, rows in chunks:
+            # rows start on a chunk row (the buffer releases whole units), which is the shard grid
+            origin = self.layout.origin(lead, (s, *(0,) * (len(self.spec.spatial) - 1)))
+            parts = self.shards.split(origin, self.layout.to_array(rows))
             size = -(-len(parts) // self.workers)
             for i in range(0, len(parts), size):
                 run = parts[i:i + size]
-                cost = sum(part.nbytes for _, part in run) + 2 * self.chunk_bytes
-                self._submit(cost, self._write_chunks, run)
+                cost = sum(part.nbytes for _, part in run) + 2 * self.shard_bytes
+                self._submit(cost, self._write_shards, run)
 
-    def _write_chunks(self, parts: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
-        assert self.direct is not None
+    def _write_shards(self, parts: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
         for coords, data in parts:
-            self.direct.write_chunk(coords, data)
+            self.shards.write(coords, data)
 
     def close(self) -> None:
         try:
@@ -986,7 +1145,8 @@ class ZarrWriterSink:
             self.abort()
             if isinstance(exc, RunError):
                 raise
-            raise RunError(f"writing the Zarr output failed: {exc}") from exc
+            raise as_disk_full(exc, str(self.path.parent)) or RunError(
+                f"writing the Zarr output failed: {exc}") from exc
         self._pool.shutdown(wait=True)
 
     def abort(self) -> None:
@@ -995,6 +1155,41 @@ class ZarrWriterSink:
         self._pending.clear()
         self._pending_bytes = 0
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_ome_zarr(path: Path | str) -> np.ndarray:
+    """An OME-Zarr output of ``czreg run`` (either path) as ``(*planes, *spatial, C)``: lead axes in the
+    input's order, then space, then classes (the class axis moved last, as the OME-TIFF's samples).
+
+    Anything else is a ``UsageError`` saying what was found (one line at the CLI)."""
+    import zarr
+
+    root = Path(path)
+    hint = "give the -o folder of czreg run (OME-Zarr 0.5); a plain Zarr array opens with zarr.open_array"
+    if not root.is_dir():
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run (no such folder)", hint=hint)
+    try:
+        group = zarr.open_group(str(root), mode="r")
+    except Exception as exc:
+        what = ("it holds a plain Zarr array (czreg run wrote those before its output was OME-Zarr)"
+                if type(exc).__name__ == "ContainsArrayError" else "it has no Zarr group metadata")
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run ({what})", hint=hint) from None
+    try:
+        attrs: dict[str, Any] = dict(group.attrs)
+        ours: dict[str, Any] = attrs.get("czregistry") or {}
+        axes = str(ours.get("axes") or "".join(a["name"].upper() for a in
+                                                attrs["ome"]["multiscales"][0]["axes"]))
+        lead = str(ours.get("lead_axes", ""))
+        array: Any = group["0"]
+        nd = len(axes) - len(lead) - 1
+        want = [*lead, *"ZYX"[-nd:], "C"]
+        order = [axes.index(a) for a in want]
+        if nd not in (2, 3) or len(axes) != len(array.shape) or sorted(order) != list(range(len(axes))):
+            raise ValueError(f"axes {axes} do not fit an array of shape {tuple(array.shape)}")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{root} is not an OME-Zarr output of czreg run (its OME metadata or array 0 is "
+                         f"missing or malformed: {type(exc).__name__})", hint=hint) from None
+    return np.transpose(np.asarray(array[...]), order)
 
 
 def output_format(path: Path) -> str:

@@ -950,7 +950,8 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 backend=session.backend, device=session.device, grid=grid.to_dict(),
                 geometry={"stride": list(geom.stride), "halo": list(geom.halo), "source": geom.source,
                           "global_context": geom.global_context},
-                pixel_size_um=pixel_size, notes=notes, compression=compression if fmt == "tiff" else "zarr default",
+                pixel_size_um=pixel_size, notes=notes,
+                compression=compression if fmt == "tiff" else "zstd (sharded OME-Zarr)",
                 stage_seconds={k: round(v, 3) for k, v in {
                     "read": predictor.stage_seconds["read"], "predict": predictor.predict_seconds,
                     "assemble": predictor.stage_seconds["assemble"],
