@@ -33,7 +33,15 @@ from .audit import _ACTING, acting_as, acting_host, acting_user, iso_time, utc_n
 from .location import RegistryLocation, private_files, require_existing, resolve_location
 from .models import Alias, Event, Model, Signature, Tag, Tombstone, Version
 from .names import like_pattern
-from .records import PublishResult, PullResult, RecordedEvaluation, Resolved, StoredSignature, VersionRecord
+from .records import (
+    PublishResult,
+    PullResult,
+    RecordedEvaluation,
+    Resolved,
+    StoredSignature,
+    VersionRecord,
+    signature_for,
+)
 from .store import CHUNK, BlobStore, open_blob_store
 
 if TYPE_CHECKING:
@@ -504,7 +512,7 @@ class Registry:
             raise RegistryError(f"the blob of {label} (sha256:{digest[:12]}) is missing from the blob store "
                                 f"{self.store.location}", hint="run czreg verify; restore the blob or purge the version"
                                 ) from None
-        stored = self._signature_for(v, key, label) if key is not None else None
+        stored = signature_for(self, v, key, label) if key is not None else None
         h = hashlib.sha256()
         verified = None
         with src, atomic_output(out) as tmp:
@@ -550,23 +558,6 @@ class Registry:
         from .evaluations import find_evaluation
 
         return find_evaluation(self, package_digest, dataset_digest, definition)
-
-    def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
-        """The stored (signature, attestation) of version ``v`` made with ``key``."""
-        from ..errors import SignatureError
-        from ..sharing.signing import key_id
-
-        wanted = key_id(key)
-        stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
-        if not stored:
-            raise SignatureError(f"{label} is not signed; nothing written",
-                                 hint="ask the publisher to publish it with --sign, or pull without --key")
-        match = next((x for x in stored if x["key_id"] == wanted), None)
-        if match is None:
-            raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
-                                 f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
-                                 hint="use the publisher's public key")
-        return match["signature"].encode(), match["attestation"].encode()
 
     # --- settings ------------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .versions import Bump
 
 __all__ = ["EvaluationRecord", "Evidence", "Identity", "PublishResult", "PullResult", "RecordedEvaluation",
-           "RegistryClient", "Resolved", "SignatureRecord", "StoredSignature", "Transactional", "VersionRecord"]
+           "RegistryClient", "Resolved", "SignatureRecord", "StoredSignature", "Transactional", "VersionRecord",
+           "signature_for"]
 
 
 class VersionRecord(TypedDict, total=False):
@@ -241,3 +242,23 @@ class Transactional(Protocol):
     def record_event(self, s: Session, action: str, model: str, *, version: str | None = None,
                      alias: str | None = None, from_version: str | None = None, to_version: str | None = None,
                      **detail: Any) -> None: ...
+
+
+def signature_for(client: RegistryClient, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
+    """The stored (signature, attestation) of version ``v`` made with ``key``, asked of either registry through
+    the contract (``client.signatures``): one rule for what ``pull --key`` accepts, locally and remotely.
+    ``SignatureError`` (exit 10) when the version is unsigned or signed only with other keys."""
+    from ..errors import SignatureError
+    from ..sharing.signing import key_id
+
+    wanted = key_id(key)
+    stored = client.signatures(f"{v['canonical_name']}=={v['version']}")
+    if not stored:
+        raise SignatureError(f"{label} is not signed; nothing written",
+                             hint="ask the publisher to publish it with --sign, or pull without --key")
+    match = next((x for x in stored if x["key_id"] == wanted), None)
+    if match is None:
+        raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
+                             f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
+                             hint="use the publisher's public key")
+    return match["signature"].encode(), match["attestation"].encode()

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
         RecordedEvaluation,
         Resolved,
         StoredSignature,
-        VersionRecord,
     )
     from .versions import Bump
 
@@ -262,13 +261,13 @@ class RemoteRegistry:
         file gets its name only if the SHA-256 is the version's digest."""
         from ..package import atomic_output, check_overwrite
         from .api import pull_target
-        from .records import PullResult
+        from .records import PullResult, signature_for
 
         resolved = self.resolve(requirement, prereleases=prereleases)
         v = resolved.version
         digest, out, label = pull_target(v, dest)
         check_overwrite(out, force=force, sha256=digest)  # identical bytes are not an overwrite
-        stored = self._signature_for(v, key, label) if key is not None else None
+        stored = signature_for(self, v, key, label) if key is not None else None
         verified = None
         r = self._open("GET", f"/blobs/sha256:{digest}", headers={"Accept": "application/octet-stream"})
         h, got = hashlib.sha256(), 0
@@ -305,22 +304,6 @@ class RemoteRegistry:
         out: list[StoredSignature] = self._json("GET", "/signatures", {"requirement": requirement,
                                                                         "pre": prereleases})
         return out
-
-    def _signature_for(self, v: VersionRecord, key: Path | str, label: str) -> tuple[bytes, bytes]:
-        from ..errors import SignatureError
-        from ..sharing.signing import key_id
-
-        wanted = key_id(key)
-        stored = self.signatures(f"{v['canonical_name']}=={v['version']}")
-        if not stored:
-            raise SignatureError(f"{label} is not signed; nothing written",
-                                 hint="ask the publisher to publish it with --sign, or pull without --key")
-        match = next((x for x in stored if x["key_id"] == wanted), None)
-        if match is None:
-            raise SignatureError(f"{label} is signed, but not with this key (key id {wanted[:16]}...; signed by "
-                                 f"{', '.join(x['key_id'][:16] + '...' for x in stored)}); nothing written",
-                                 hint="use the publisher's public key")
-        return match["signature"].encode(), match["attestation"].encode()
 
     # --- evaluations and settings --------------------------------------------------------------------------
 
