@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["LEN", "VARINT", "WireError", "fields", "messages", "string_field", "strings"]
+__all__ = ["LEN", "VARINT", "WireError", "fields", "messages", "string_field", "strings", "text"]
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
@@ -73,14 +73,15 @@ def messages(buf: bytes | memoryview, number: int, start: int = 0, end: int | No
             yield a, b
 
 
-def _text(buf: bytes | memoryview, a: int, b: int) -> str:
+def text(buf: bytes | memoryview, a: int, b: int) -> str:
+    """``buf[a:b]`` as text, decoded leniently: names are only reported, never trusted."""
     return bytes(buf[a:b]).decode("utf-8", errors="replace")
 
 
 def strings(buf: bytes | memoryview, number: int, start: int = 0, end: int | None = None) -> Iterator[str]:
     """Every string field ``number`` (repeated strings), decoded leniently: names are only reported."""
     for a, b in messages(buf, number, start, end):
-        yield _text(buf, a, b)
+        yield text(buf, a, b)
 
 
 def string_field(buf: bytes | memoryview, number: int, start: int = 0, end: int | None = None) -> str:

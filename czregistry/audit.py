@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ._protowire import LEN, VARINT, WireError, fields, messages, string_field, strings
+from ._protowire import LEN, VARINT, WireError, fields, messages, string_field, strings, text
 from .errors import UnsafeGraphError
 
 if TYPE_CHECKING:
@@ -227,11 +227,11 @@ def _tf_node(buf: memoryview, a: int, b: int, audit: GraphAudit) -> _TfNode:
         if wire != LEN:
             continue
         if n == 1:
-            name = bytes(buf[s:e]).decode("utf-8", "replace")
+            name = text(buf, s, e)
         elif n == 2:
-            op = bytes(buf[s:e]).decode("utf-8", "replace")
+            op = text(buf, s, e)
         elif n == 3:
-            inputs.append(bytes(buf[s:e]).decode("utf-8", "replace"))
+            inputs.append(text(buf, s, e))
         elif n == 5:  # attr map entry: key = 1, value = 2
             key = string_field(buf, 1, s, e)
             for vs, ve in messages(buf, 2, s, e):
@@ -444,11 +444,11 @@ class _OnnxWalk:
             if wire != LEN:
                 continue
             if n == 4:
-                op = bytes(buf[s:e]).decode("utf-8", "replace")
+                op = text(buf, s, e)
             elif n == 7:
-                domain = bytes(buf[s:e]).decode("utf-8", "replace")
+                domain = text(buf, s, e)
             elif n == 3:
-                name = bytes(buf[s:e]).decode("utf-8", "replace")
+                name = text(buf, s, e)
             elif n == 5:
                 attributes.append((s, e))
         label = op if domain in ("", "ai.onnx") else f"{domain}::{op}"
