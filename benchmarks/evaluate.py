@@ -54,7 +54,8 @@ def main() -> None:
     from czregistry import pack
     from czregistry.evaluate import EvalOptions, evaluate
     from czregistry.examples import EXAMPLE_CLASSES, EXAMPLE_NORMALIZATION, build_example_model, synthetic_nuclei
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     tmp = Path(tempfile.mkdtemp(prefix="czreg-bench-eval-"))
     try:

@@ -136,10 +136,10 @@ def _session_classes() -> tuple[type[Any], type[Any]]:
             return self.device_convert and kind in ("labels", "uint8")
 
         def predict_converted(self, batch: np.ndarray, kind: str) -> np.ndarray:
-            from czregistry.run.runner import _convert
+            from czregistry.run.assemble import convert_output
 
             y = self.predict(batch)
-            return self._cached((kind, *batch.shape[:-1]), lambda: _convert(y, kind))  # type: ignore[arg-type]
+            return self._cached((kind, *batch.shape[:-1]), lambda: convert_output(y, kind))  # type: ignore[arg-type]
 
     class NullBackend(Backend):
         name = NULL_BACKEND

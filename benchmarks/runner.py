@@ -142,7 +142,8 @@ def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, 
     """Run the pipeline with the null backend, returning ``profile``'s output (``null_backend.PROFILES``),
     for each ``(output kind, suffix, compression)`` case, ``repeat`` times; each row keeps the median run
     (the machine may be shared) and all runs' tiles/s."""
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
     from czregistry.run.tiling import plan_tiles
 
     sys.path.insert(0, str(ROOT))
@@ -213,7 +214,8 @@ def print_host(rows: list[dict[str, Any]], size: int, batch: int, bw: dict[str, 
 
 
 def child_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     t0 = time.perf_counter()
     res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
@@ -278,7 +280,8 @@ print(json.dumps({"seconds": dt, "rss_mb": int(hwm) / 1024}))
 
 
 def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[str, Any]:
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     t0 = time.perf_counter()
     res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
@@ -287,7 +290,7 @@ def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[st
 
 def child_dask(package: str, image: str, out: str, batch: int, workers: int, block: int) -> dict[str, Any]:
     from czregistry.run.dask_run import run_dask
-    from czregistry.run.runner import RunOptions
+    from czregistry.run.plan import RunOptions
 
     t0 = time.perf_counter()
     res = run_dask(package, [image], out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"),

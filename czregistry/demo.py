@@ -81,7 +81,8 @@ def run_demo(workdir: Path | str, *, registry: str | None = None, size: int = 20
     from .pack.core import pack
     from .registry.api import open_registry
     from .report import render_text
-    from .run.runner import RunOptions, run
+    from .run.plan import RunOptions
+    from .run.runner import run
     from .validate import validate
 
     work = Path(workdir)

@@ -55,7 +55,7 @@ class ModelInfo:
     format_version: str | None
     #: Input facts, derived here once so every path that feeds pixels (run, Dask, smoke, evaluate, validate)
     #: agrees: legacy ``Bgr*`` pixel types take colour in BGR order; ``ColorHandling`` (``SplitRgb`` keeps RGB
-    #: channels apart instead of converting to monochrome). See ``czregistry.run.images.InputAdapter``.
+    #: channels apart instead of converting to monochrome). See ``czregistry.run.adapt.InputAdapter``.
     bgr: bool = False
     color_handling: str | None = None
 

@@ -260,7 +260,7 @@ def test_tensorflow_conversion_equals_the_runner_bit_for_bit(classes: int) -> No
     from czregistry_tensorflow.backend import convert_tensor
 
     from czregistry._quiet import import_tensorflow_quietly
-    from czregistry.run.runner import _convert
+    from czregistry.run.assemble import convert_output
 
     import_tensorflow_quietly()
     import tensorflow as tf
@@ -277,9 +277,9 @@ def test_tensorflow_conversion_equals_the_runner_bit_for_bit(classes: int) -> No
         y[2, 0, 0, -1] = np.float32(0.9)
         y[2, 0, 1, 0] = np.nan
     labels = convert_tensor(tf, tf.constant(y), "labels").numpy()
-    assert labels.dtype == np.uint8 and np.array_equal(labels, _convert(y, "labels"))
+    assert labels.dtype == np.uint8 and np.array_equal(labels, convert_output(y, "labels"))
     u8 = convert_tensor(tf, tf.constant(finite), "uint8").numpy()
-    assert u8.dtype == np.uint8 and np.array_equal(u8, _convert(finite, "uint8"))
+    assert u8.dtype == np.uint8 and np.array_equal(u8, convert_output(finite, "uint8"))
 
 
 def test_tensorflow_runs_converted_on_the_device_equal_host_conversion(model_cache: Callable[..., Path],
@@ -288,7 +288,8 @@ def test_tensorflow_runs_converted_on_the_device_equal_host_conversion(model_cac
     the run that converts on the host."""
     from czregistry.hookspecs import hookimpl
     from czregistry.plugins import get_host
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     class PipelineBackend(TensorFlowBackend):
         name = "tensorflow-pipeline"
@@ -314,7 +315,7 @@ def test_tensorflow_runs_converted_on_the_device_equal_host_conversion(model_cac
                 out = tmp_path / f"{backend}-{kind}.zarr"
                 run(package, tmp_path / "in.npy", out, RunOptions(output_kind=kind, backend=backend,  # type: ignore[arg-type]
                                                                   device="cpu", probe=False, batch_size=3))
-                from czregistry.run.images import read_ome_zarr
+                from czregistry.run.omezarr import read_ome_zarr
 
                 outs.append(read_ome_zarr(out))
             assert outs[0].dtype == np.uint8 and np.array_equal(outs[0], outs[1]), kind

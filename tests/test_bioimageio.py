@@ -221,7 +221,9 @@ def test_trained_unet_imports_validates_and_tiles_like_the_whole_image(tmp_path:
     import torch
 
     from czregistry.package import open_package
-    from czregistry.run.runner import RunOptions, open_tileable, predict_image
+    from czregistry.run.pipeline import predict_image
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import open_tileable
     from czregistry.selection import load_session
 
     from .bioimageio_packages import train_denoiser

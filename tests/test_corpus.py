@@ -90,7 +90,8 @@ def tiled_minus_whole(path: Path, shape: tuple[int, ...], *, tile: tuple[int, ..
     inner tile edges) against one prediction of the whole image (reflected out as the runner pads it)."""
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
-    from czregistry.run.runner import ModelGeometry, RunOptions, predict_image
+    from czregistry.run.pipeline import predict_image
+    from czregistry.run.plan import ModelGeometry, RunOptions
     from czregistry.run.tiling import reflect_indices
     from czregistry.selection import load_session
 
@@ -289,7 +290,7 @@ def test_a_batch_fixed_above_one_is_refused_clearly(tmp_path: Path, corpus: Call
     from czregistry.errors import RunError
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package, write_package
-    from czregistry.run.runner import predict_image
+    from czregistry.run.pipeline import predict_image
     from czregistry.selection import load_session
 
     src = open_package(corpus("care-unet-batch1"))

@@ -56,7 +56,8 @@ def test_rgb_is_turned_from_bgr_into_rgb_and_planes_are_leading_axes(tmp_path: P
 def test_runner_on_czi_equals_runner_on_tiff(tmp_path: Path, model_cache) -> None:
     import tifffile
 
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     image = (np.random.default_rng(2).random((150, 170)) * 255).astype(np.uint8)
     czi = _write(tmp_path / "img.czi", {(0, 0, 0): image})

@@ -25,7 +25,8 @@ from czregistry.cli import main
 from czregistry.errors import RunError
 from czregistry.package import sha256_file
 from czregistry.run.dask_run import open_dask_client, read_output, run_dask, worker_stats
-from czregistry.run.runner import RunOptions, run
+from czregistry.run.plan import RunOptions
+from czregistry.run.runner import run
 
 ModelCache = Callable[..., Path]
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_2d_planes_equal_the_single_process_run(client: Any, model_cache: ModelC
     assert len(list((tmp_path / "out.zarr" / ".czreg" / "blocks").glob("*.done"))) == res.blocks
     assert not list(tmp_path.glob(".out.zarr*"))  # the part folder was renamed into place
     # a valid OME-Zarr group that czreg's own reader opens (channel axis before space)
-    from czregistry.run.images import open_image
+    from czregistry.run.readers import open_image
 
     src = open_image(tmp_path / "out.zarr")
     assert src.axes == "TCYX" and src.shape == (2, want.shape[-1], 300, 420)

@@ -42,7 +42,8 @@ def dataset(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _labels_from_runner(package: Path, image: Path, tmp: Path) -> np.ndarray:
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     out = tmp / f"{image.stem}-pred.ome.tiff"
     run(package, image, out, RunOptions(output_kind="labels"))
@@ -77,7 +78,8 @@ def test_regression_package(model_cache: Callable[..., Path], tmp_path: Path) ->
     np.save(targets / "a.npy", img)
     data = evaluate(package, images, targets).data
     assert data["task"] == "regression"
-    from czregistry.run.runner import RunOptions, run
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
 
     run(package, images / "a.npy", tmp_path / "p.ome.tiff", RunOptions())
     pred = np.squeeze(tifffile.imread(tmp_path / "p.ome.tiff")).astype(np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from czregistry.metadata import ModelInfo
-from czregistry.run.images import InputAdapter
+from czregistry.run.adapt import InputAdapter
 
 
 def _legacy(pixel_types: list[str], color: str = "ConvertToMonochrome") -> ModelInfo:

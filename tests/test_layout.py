@@ -133,7 +133,8 @@ def test_no_module_imports_a_plugin_package_by_name() -> None:
 def test_the_wings_are_subpackages() -> None:
     for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "unpack"),
                           "onnx": ("graph", "session", "source"), "sharing": ("signing", "oci", "_smallfile"),
-                          "run": ("runner", "images", "source", "tiling", "czi", "smoke", "dask_run")}.items():
+                          "run": ("runner", "plan", "readers", "adapt", "pipeline", "assemble", "writers", "omezarr",
+                                  "source", "tiling", "czi", "smoke", "dask_run")}.items():
         for member in members:
             assert (PKG / wing / f"{member}.py").is_file(), f"czregistry/{wing}/{member}.py"
     assert not list(PKG.glob("_pack_*.py")), "packing modules belong in czregistry/pack/"

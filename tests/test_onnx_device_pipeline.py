@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from czregistry.onnx.session import CONVERTED_OUTPUTS, OnnxSession, with_converted_outputs
-from czregistry.run.runner import OutputKind, RunOptions, _convert, run
+from czregistry.run.assemble import convert_output
+from czregistry.run.plan import OutputKind, RunOptions
+from czregistry.run.runner import run
 
 torch = pytest.importorskip("torch")
 with contextlib.suppress(ImportError):  # before anything imports TensorFlow (see test_pack_torch)
@@ -74,10 +76,10 @@ def test_graph_conversion_equals_the_runner_bit_for_bit(classes: int) -> None:
         y = _awkward(classes, seed)
         assert np.array_equal(session.predict(y), y, equal_nan=True)
         labels = session.predict_converted(y, "labels")
-        assert labels.dtype == np.uint8 and np.array_equal(labels, _convert(y, "labels"))
+        assert labels.dtype == np.uint8 and np.array_equal(labels, convert_output(y, "labels"))
         finite = np.where(np.isnan(y), np.float32(0.3), y)  # NaN -> uint8 is undefined in numpy and ONNX alike
         u8 = session.predict_converted(finite, "uint8")
-        assert u8.dtype == np.uint8 and np.array_equal(u8, _convert(finite, "uint8"))
+        assert u8.dtype == np.uint8 and np.array_equal(u8, convert_output(finite, "uint8"))
 
 
 def test_models_the_graph_cannot_convert_keep_host_conversion() -> None:
@@ -101,7 +103,7 @@ def test_cpu_sessions_keep_the_plain_path_by_default() -> None:
 
 def _read_output(path: Path) -> np.ndarray:
     if path.suffix == ".zarr":
-        from czregistry.run.images import read_ome_zarr
+        from czregistry.run.omezarr import read_ome_zarr
 
         return read_ome_zarr(path)
     import tifffile
@@ -183,7 +185,7 @@ def test_tiled_run_converted_in_the_graph_equals_host_conversion(unet3: Path, pi
         a = _read_output(tmp_path / f"host-{kind}{suffix}")
         b = _read_output(tmp_path / f"graph-{kind}{suffix}")
         assert a.dtype == b.dtype == np.uint8 and np.array_equal(a, b), kind
-        assert np.array_equal(b, _convert(p, kind)), kind
+        assert np.array_equal(b, convert_output(p, kind)), kind
         assert len(np.unique(b)) > 2  # three classes really present, not a constant
 
 
@@ -199,7 +201,7 @@ def test_a_failing_binding_falls_back_to_plain_runs_and_a_refused_batch_still_fa
         raise RuntimeError("no such device")
 
     session._session.io_binding = broken  # type: ignore[method-assign]
-    assert np.array_equal(session.predict_converted(y, "labels"), _convert(y, "labels"))
+    assert np.array_equal(session.predict_converted(y, "labels"), convert_output(y, "labels"))
     assert session._bind_device is None and session.converts_on_device("labels")
     assert np.array_equal(session.predict(y), y, equal_nan=True)
 

@@ -17,8 +17,10 @@ from czregistry.cli import main
 from czregistry.errors import RunError, UsageError
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
-from czregistry.run.images import read_ome_zarr
-from czregistry.run.runner import OutputKind, RunOptions, predict_image, run
+from czregistry.run.omezarr import read_ome_zarr
+from czregistry.run.pipeline import predict_image
+from czregistry.run.plan import OutputKind, RunOptions
+from czregistry.run.runner import run
 from czregistry.run.tiling import reflect_indices
 from czregistry.selection import load_session
 
@@ -170,11 +172,11 @@ def test_tile_by_tile_reading_matches_band_reading(unet: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import tifffile
 
-    import czregistry.run.runner
+    import czregistry.run.pipeline
 
     np.save(tmp_path / "a.npy", _as_uint16(9, (130, 250)))
     run(unet, tmp_path / "a.npy", tmp_path / "band.tif")
-    monkeypatch.setattr(czregistry.run.runner, "_MAX_BAND_BYTES", 0)  # as for a very wide image
+    monkeypatch.setattr(czregistry.run.pipeline, "MAX_BAND_BYTES", 0)  # as for a very wide image
     run(unet, tmp_path / "a.npy", tmp_path / "tiles.tif")
     assert np.array_equal(tifffile.imread(tmp_path / "band.tif"), tifffile.imread(tmp_path / "tiles.tif"))
 
@@ -296,11 +298,11 @@ def test_cli_run_json_and_exit_codes(unet: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 300])
 def test_fast_argmax_matches_numpy(classes: int) -> None:
-    from czregistry.run.runner import _argmax_labels
+    from czregistry.run.assemble import argmax_labels
 
     block = np.random.default_rng(classes).random((7, 9, classes), dtype=np.float32)
     block[0, 0, :] = 0.5  # a tie goes to the lower class, as with np.argmax
-    got = _argmax_labels(block)
+    got = argmax_labels(block)
     assert got.shape == (7, 9, 1) and got.dtype == (np.uint8 if classes <= 256 else np.uint16)
     assert np.array_equal(got[..., 0], np.argmax(block, axis=-1))
 
@@ -314,7 +316,7 @@ def test_deflated_chunks_inflate_as_tifffile_decodes_them(dtype: str, predictor:
     byte orders, one and three samples, horizontal differencing, a short last strip, edge tiles."""
     import tifffile
 
-    from czregistry.run.images import _TiffChunkArray, open_image
+    from czregistry.run.readers import TiffChunkArray, open_image
 
     rng = np.random.default_rng(7)
     info = np.iinfo(np.dtype(dtype))
@@ -326,7 +328,7 @@ def test_deflated_chunks_inflate_as_tifffile_decodes_them(dtype: str, predictor:
                          photometric="rgb" if samples == 3 else "minisblack", **layout_args)
         src = open_image(tmp_path / "a.tif")
         try:
-            assert isinstance(src.array, _TiffChunkArray) and src.array._inflate is not None
+            assert isinstance(src.array, TiffChunkArray) and src.array._inflate is not None
             src.array.workers = 2  # the parallel path, whatever this machine's core count
             assert np.array_equal(src.array[0:300, 0:280], img)
             assert np.array_equal(src.array[130:131, 5:270], img[130:131, 5:270])
@@ -339,14 +341,14 @@ def test_other_codecs_are_decoded_by_tifffile_in_parallel(case: str, tmp_path: P
     """Codecs and sample formats the ISA-L path leaves alone (the ones tifffile writes without imagecodecs)."""
     import tifffile
 
-    from czregistry.run.images import _TiffChunkArray, open_image
+    from czregistry.run.readers import TiffChunkArray, open_image
 
     compression, dtype = case.split("-")
     img = (np.random.default_rng(8).random((200, 260)) * 60000).astype(dtype)
     tifffile.imwrite(tmp_path / "a.tif", img, tile=(64, 64), compression=compression)
     src = open_image(tmp_path / "a.tif")
     try:
-        assert isinstance(src.array, _TiffChunkArray) and src.array._inflate is None
+        assert isinstance(src.array, TiffChunkArray) and src.array._inflate is None
         src.array.workers = 2
         assert np.array_equal(src.array[0:200, 0:260], img)
     finally:
@@ -372,7 +374,7 @@ _LAYOUTS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.run.images import _TiffChunkArray, open_image
+    from czregistry.run.readers import TiffChunkArray, open_image
 
     kwargs, shape = _LAYOUTS[layout]
     rng = np.random.default_rng(len(layout))
@@ -380,7 +382,7 @@ def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None
     tifffile.imwrite(tmp_path / "a.tif", img, **kwargs)
     src = open_image(tmp_path / "a.tif")
     try:
-        assert isinstance(src.array, _TiffChunkArray)  # not Zarr: these layouts take the direct path
+        assert isinstance(src.array, TiffChunkArray)  # not Zarr: these layouts take the direct path
         lead = len(shape) - (3 if src.axes.endswith("C") else 2)
         for _ in range(60):  # random regions, random order: the chunk cache must never serve stale data
             key: list[Any] = [int(rng.integers(0, n)) for n in shape[:lead]]
@@ -402,13 +404,13 @@ def test_tiff_chunk_reader_matches_tifffile(layout: str, tmp_path: Path) -> None
 def test_planar_tiff_falls_back_to_zarr_and_still_runs(unet: Path, tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.run.images import _TiffChunkArray, open_image
+    from czregistry.run.readers import TiffChunkArray, open_image
 
     img = _as_uint16(11, (2, 72, 96))  # two channels stored as separate planes (planar configuration)
     tifffile.imwrite(tmp_path / "p.tif", img, tile=(32, 32), planarconfig="separate", photometric="minisblack",
                      metadata={"axes": "CYX"})
     src = open_image(tmp_path / "p.tif")
-    assert not isinstance(src.array, _TiffChunkArray)
+    assert not isinstance(src.array, TiffChunkArray)
     assert np.array_equal(np.asarray(src.array[:, 5:60, 3:80]), img[:, 5:60, 3:80])
     src.close()
     run(unet, tmp_path / "p.tif", tmp_path / "o.tif", RunOptions(channels=(1,)))
@@ -456,14 +458,14 @@ def test_stage_timings_are_reported(unet: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["probabilities", "uint8", "labels"])
 def test_packer_emits_aligned_converted_blocks(kind: str) -> None:
-    from czregistry.run.runner import _convert, _out_dtype, _Packer
+    from czregistry.run.assemble import Packer, convert_output, out_dtype
 
     classes = 3
     rows = np.random.default_rng(14).random((2, 700, 50, classes), dtype=np.float32)
     got: list[tuple[int, int, np.ndarray]] = []
     out_c = 1 if kind == "labels" else classes
-    packer = _Packer(lambda p, s, b: got.append((p, s, b.copy())), kind,  # type: ignore[arg-type]
-                     256, (700, 50), out_c, _out_dtype(kind, classes))  # type: ignore[arg-type]
+    packer = Packer(lambda p, s, b: got.append((p, s, b.copy())), kind,  # type: ignore[arg-type]
+                     256, (700, 50), out_c, out_dtype(kind, classes))  # type: ignore[arg-type]
     for plane in range(2):
         for start, stop in ((0, 224), (224, 448), (448, 600), (600, 700)):  # tile-row steps, not 256
             packer(plane, start, rows[plane, start:stop])
@@ -471,22 +473,22 @@ def test_packer_emits_aligned_converted_blocks(kind: str) -> None:
                                                        for s, n in ((0, 256), (256, 256), (512, 188))]
     for plane in range(2):
         whole = np.concatenate([b for p, _, b in got if p == plane])
-        assert np.array_equal(whole, _convert(rows[plane], kind))  # type: ignore[arg-type]
+        assert np.array_equal(whole, convert_output(rows[plane], kind))  # type: ignore[arg-type]
     with pytest.raises(RunError, match="out of order"):
         packer(0, 10, rows[0, 10:20])
 
 
 @pytest.mark.parametrize("classes", [2, 3])
 def test_convert_into_a_buffer_equals_convert(classes: int) -> None:
-    from czregistry.run.runner import _convert, _out_dtype
+    from czregistry.run.assemble import convert_output, out_dtype
 
     block = np.random.default_rng(classes).random((9, 11, classes), dtype=np.float32)
     block[0, 0] = 0.5  # ties
     kinds: tuple[OutputKind, ...] = ("probabilities", "uint8", "labels")
     for kind in kinds:
-        want = _convert(block, kind)
-        out = np.full(want.shape, 7, _out_dtype(kind, classes))
-        assert _convert(block, kind, out) is out
+        want = convert_output(block, kind)
+        out = np.full(want.shape, 7, out_dtype(kind, classes))
+        assert convert_output(block, kind, out) is out
         assert np.array_equal(out, want), kind
 
 
@@ -505,12 +507,12 @@ def test_cli_compression_option(unet: Path, tmp_path: Path) -> None:
 def test_tiff_chunk_cache_is_bounded(tmp_path: Path) -> None:
     import tifffile
 
-    from czregistry.run.images import _TiffChunkArray
+    from czregistry.run.readers import TiffChunkArray
 
     img = _as_uint16(16, (256, 512))
     tifffile.imwrite(tmp_path / "a.tif", img, tile=(32, 32), compression="zlib")
     with tifffile.TiffFile(tmp_path / "a.tif") as tif:
-        arr = _TiffChunkArray(tif, tif.series[0], cache_bytes=10 * 32 * 32 * 2)  # ten chunks
+        arr = TiffChunkArray(tif, tif.series[0], cache_bytes=10 * 32 * 32 * 2)  # ten chunks
         for y in range(0, 200, 24):  # overlapping full-width bands, as the runner reads them
             assert np.array_equal(arr[y:y + 56, :], img[y:y + 56, :])
             assert len(arr.cache) <= 10 and arr.cached == sum(a.nbytes for a in arr.cache.values())

@@ -16,10 +16,14 @@ import pytest
 from czregistry.backends import Session, Signature, TensorInfo
 from czregistry.metadata import ModelInfo
 from czregistry.package import open_package
-from czregistry.run.images import OutputSpec, ZarrWriterSink
-from czregistry.run.runner import ArrayWriter, OutputKind, RunOptions, TiledPredictor, _convert, plan_for_model, run
+from czregistry.run.assemble import convert_output
+from czregistry.run.omezarr import ZarrWriterSink
+from czregistry.run.pipeline import TiledPredictor
+from czregistry.run.plan import OutputKind, RunOptions, plan_for_model
+from czregistry.run.runner import run
 from czregistry.run.source import _take_runs
 from czregistry.run.tiling import plan_tiles, reflect_indices
+from czregistry.run.writers import ArrayWriter, OutputSpec
 from czregistry.selection import load_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +41,7 @@ def unet(model_cache: Callable[..., Path]) -> Path:
 
 def _read_output(path: Path) -> np.ndarray:
     if path.suffix == ".zarr":
-        from czregistry.run.images import read_ome_zarr
+        from czregistry.run.omezarr import read_ome_zarr
 
         return read_ome_zarr(path)
     import tifffile
@@ -101,8 +105,8 @@ def test_blended_uint8_equals_converting_blended_probabilities(unet: Path, tmp_p
     for kind in ("probabilities", "uint8", "labels"):
         run(unet, tmp_path / "in.npy", tmp_path / f"{kind}.zarr", RunOptions(output_kind=kind, blend=True))  # type: ignore[arg-type]
     p = _read_output(tmp_path / "probabilities.zarr")
-    assert np.array_equal(_read_output(tmp_path / "uint8.zarr"), _convert(p, "uint8"))
-    assert np.array_equal(_read_output(tmp_path / "labels.zarr"), _convert(p, "labels"))
+    assert np.array_equal(_read_output(tmp_path / "uint8.zarr"), convert_output(p, "uint8"))
+    assert np.array_equal(_read_output(tmp_path / "labels.zarr"), convert_output(p, "labels"))
 
 
 def test_device_side_conversion_gives_the_same_files(tmp_path: Path) -> None:
@@ -179,7 +183,7 @@ def test_recycled_batch_buffers_never_leak_into_outputs() -> None:
 def test_raw_pixels_scaled_into_the_batch_equal_scale_to_unit(dtype: Any) -> None:
     """``run`` hands 8/16-bit pixels to the predictor unscaled (``scale``): every possible value must come
     out with exactly the bits ``scale_to_unit`` gives."""
-    from czregistry.run.images import scale_to_unit
+    from czregistry.run.adapt import scale_to_unit
 
     top = int(np.iinfo(dtype).max)
     side = 256 if dtype == np.uint16 else 16
@@ -218,7 +222,7 @@ def test_zarr_shard_files_are_zarrs_own(tmp_path: Path, case: tuple[str, int, tu
     order, the index and its CRC32C); all-empty shards and empty chunks are left out as Zarr leaves them."""
     import zarr
 
-    from czregistry.run.images import read_ome_zarr
+    from czregistry.run.omezarr import read_ome_zarr
 
     dtype, channels, lead, spatial = case
     data = (np.random.default_rng(len(spatial)).random((*lead, *spatial, channels))
@@ -250,7 +254,7 @@ def test_zarr_shard_files_are_zarrs_own(tmp_path: Path, case: tuple[str, int, tu
 
 
 def test_zarr_fallback_path_writes_the_same_array(tmp_path: Path) -> None:
-    from czregistry.run.images import read_ome_zarr
+    from czregistry.run.omezarr import read_ome_zarr
 
     data = np.random.default_rng(3).random((300, 520, 2)).astype(np.float32)
     spec = OutputSpec("", (), (300, 520), 2, np.dtype(np.float32))
@@ -268,7 +272,7 @@ import numpy as np
 import torch
 from czregistry_torch import TorchBackend, _convert_tensor
 from czregistry.package import open_package
-from czregistry.run.runner import _convert
+from czregistry.run.assemble import convert_output
 
 rng = np.random.default_rng(11)
 for classes in (1, 2, 3, 5):
@@ -278,13 +282,13 @@ for classes in (1, 2, 3, 5):
     y[2, :3, :3] = rng.integers(0, 2, (3, 3, classes)).astype(np.float32) / 2  # x.5 for rint
     for kind in ("uint8", "labels"):
         got = _convert_tensor(torch.from_numpy(y), kind).numpy()
-        assert got.dtype == np.uint8 and np.array_equal(got, _convert(y, kind)), (classes, kind)
+        assert got.dtype == np.uint8 and np.array_equal(got, convert_output(y, kind)), (classes, kind)
 with TorchBackend().load(open_package(sys.argv[1]), "cpu") as session:
     x = rng.random((3, 64, 64, 1), dtype=np.float32)
     p = session.predict(x)
     assert session.converts_on_device("labels") and session.converts_on_device("uint8")
     for kind in ("uint8", "labels"):
-        assert np.array_equal(session.predict_converted(x, kind), _convert(p, kind)), kind
+        assert np.array_equal(session.predict_converted(x, kind), convert_output(p, kind)), kind
     session.hold_outputs(5)
     assert np.array_equal(session.predict(x), p)
     assert session.suggest_batch_size((64, 64, 1)) is None  # CPU: keep the caller's batch

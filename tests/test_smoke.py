@@ -135,7 +135,8 @@ def test_fixed_size_seams_are_found_when_the_border_is_too_small(model_cache: Mo
     from czregistry.metadata import ModelInfo
     from czregistry.package import open_package
     from czregistry.report import Report
-    from czregistry.run.runner import RunOptions, model_geometry, predict_image
+    from czregistry.run.pipeline import predict_image
+    from czregistry.run.plan import RunOptions, model_geometry
     from czregistry.run.smoke import _compare_fixed_tiles, _compare_whole
     from czregistry.selection import load_session
 

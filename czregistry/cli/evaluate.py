@@ -83,7 +83,7 @@ def _inference_opts(fn: Any) -> Any:
 
 def run_options(batch_size: int, device: str, backend: str | None, tile: tuple[int, ...] | None,
                 channels: str | None, axes: str | None, no_probe: bool, trust_graph: bool = False) -> Any:
-    from ..run.runner import RunOptions
+    from ..run.plan import RunOptions
 
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None

@@ -111,7 +111,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
     interrupted. With --dask, blocks of tiles run on a Dask cluster (output identical to the single-process
     run), several images are allowed, and --resume continues a killed run.
     """
-    from ..run.runner import RunOptions
+    from ..run.plan import RunOptions
     from ..run.runner import run as run_tiled
 
     with handle_errors():

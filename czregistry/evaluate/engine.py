@@ -106,7 +106,7 @@ def _model_input(raw: np.ndarray, info: ModelInfo, in_ch: int, select: tuple[int
     """The plane as ``predict_image`` takes it, through the one ``InputAdapter``. When only scaling is needed it
     is passed as read, and the runner scales each band as it cuts tiles (as ``czreg run`` does): no float copy of
     the whole plane."""
-    from ..run.images import InputAdapter
+    from ..run.adapt import InputAdapter
 
     adapter = InputAdapter.for_model(info, in_ch, select)
     if select is None and raw.shape[-1] == in_ch and not (adapter.bgr and in_ch >= 3):
@@ -168,7 +168,7 @@ class _LabelFeed:
         self.l_lead: tuple[int, ...] = ()
 
     def open(self, image_shape: tuple[int, ...], lead_shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
-        from ..run.images import open_image
+        from ..run.readers import open_image
 
         self.src = open_image(self.pair.label)
         _, l_lead, l_spatial = self.src.layout(self.nd)
@@ -179,7 +179,7 @@ class _LabelFeed:
         self.l_lead = tuple(l_lead)
 
     def plane(self, lead: tuple[int, ...], spatial: tuple[int, ...]) -> Any:
-        from ..run.images import scale_to_unit
+        from ..run.adapt import scale_to_unit
 
         if self.src is None:  # open failed; its future carries the error
             return None
@@ -206,8 +206,9 @@ def evaluate(package: Path | str, images: Path | str, labels: Path | str, option
     from .. import __version__
     from ..metadata import ModelInfo
     from ..package import open_package, sha256_file
-    from ..run.images import open_image
-    from ..run.runner import ModelGeometry, RunOptions, model_geometry, predict_image
+    from ..run.pipeline import predict_image
+    from ..run.plan import ModelGeometry, RunOptions, model_geometry
+    from ..run.readers import open_image
     from ..selection import load_session
 
     options = options or EvalOptions()

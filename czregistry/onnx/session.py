@@ -48,7 +48,7 @@ def _augment(model_bytes: bytes) -> bytes | None:
 
 def with_converted_outputs(model_bytes: bytes) -> bytes | None:
     """The model with two more outputs computed from its first one (channels last, float32), exactly as the
-    runner's numpy ``_convert`` computes them:
+    runner's numpy ``convert_output`` computes them:
 
     - ``czregistry_uint8``: ``rint(p * 255)`` clipped to [0, 255], as uint8 (ONNX ``Round`` rounds half to
       even, like ``np.rint``; float32 times float32 is the same IEEE product everywhere);
@@ -102,7 +102,7 @@ def with_converted_outputs(model_bytes: bytes) -> bytes | None:
     scaled = node("Round", [node("Mul", [y, const("f255", 255.0)], "scaled")], "rounded")
     clipped = node("Clip", [scaled, const("zero", 0.0), const("max", 255.0)], "clipped")
     node("Cast", [clipped], "uint8", CONVERTED_OUTPUTS["uint8"], to=TensorProto.UINT8)
-    # labels: a running comparison over the classes, as czregistry.run.runner._argmax_labels
+    # labels: a running comparison over the classes, as czregistry.run.runner.argmax_labels
     last = const("axis", -1, TensorProto.INT64, (1,))
 
     def channel(c: int) -> str:

@@ -1,7 +1,7 @@
 """CZI input for the tiled runner, through ZEISS's own reader ``pylibCZIrw`` (the ``czi`` extra).
 
 A CZI is a collection of sub-blocks, not an array, so ``CziArray`` adapts it to the lazily indexable
-array that ``images.ImageSource`` expects: every read becomes one ``CziReader.read`` of a region of
+array that ``source.ImageSource`` expects: every read becomes one ``CziReader.read`` of a region of
 interest per CZI channel, so a slide of many gigabytes is never loaded whole. T and Z planes become
 leading (iterated) axes; the CZI channels, with RGB pixel types expanded to three samples and turned from
 the file's BGR into RGB, become the ``C`` axis. Scenes are read as their joint mosaic (the total bounding

@@ -14,7 +14,7 @@ to the single-process run (``czregistry.run.runner.run``):
   in the same order) as in the single-process run. Tiles on a block seam are predicted by both blocks
   (``tiles_run`` counts them; the redundancy is reported); the backend must give a tile the same result
   whatever else is in its batch, which the tests check for ONNX Runtime;
-* each block writes whole shards of the output (``images.OmeZarrLayout``: shards divide the block), and
+* each block writes whole shards of the output (``omezarr.OmeZarrLayout``: shards divide the block), and
   no two blocks share a shard file: no locks and no read-modify-write, so workers write straight into the
   store on a shared file system.
 
@@ -104,7 +104,7 @@ class ImageJob:
 
     def adapter(self) -> Any:
         """The package's ``InputAdapter`` (the same one ``czreg run`` uses in one process)."""
-        from .images import InputAdapter
+        from .adapt import InputAdapter
 
         return InputAdapter(self.in_channels, self.bgr, self.color_handling, self.select)
 
@@ -245,11 +245,11 @@ def output_paths(images: Sequence[Path], output: Path) -> list[Path]:
 
 def _create_output(root: Path, layout: Any, dtype: np.dtype[Any], attrs: dict[str, Any],
                    manifest: dict[str, Any]) -> None:
-    """Create the OME-Zarr group in the empty folder ``root`` (``images.create_ome_zarr``, the layout the
+    """Create the OME-Zarr group in the empty folder ``root`` (``omezarr.create_ome_zarr``, the layout the
     single-process run writes). The manifest comes first, so a part folder without one was not started by
     us (we never delete it without ``--force``), and a part with one but no block markers holds nothing to
     resume (it is started afresh)."""
-    from .images import create_ome_zarr
+    from .omezarr import create_ome_zarr
 
     meta = root / _META
     (meta / _MARKERS).mkdir(parents=True, exist_ok=True)
@@ -288,7 +288,7 @@ def _markers(root: Path) -> set[str]:
 
 def read_output(path: Path | str) -> np.ndarray:
     """An OME-Zarr output of ``czreg run`` (with or without ``--dask``) as ``(*planes, *spatial, C)``."""
-    from .images import read_ome_zarr
+    from .omezarr import read_ome_zarr
 
     return read_ome_zarr(path)
 
@@ -364,7 +364,7 @@ def _warm(package: str, digest: str, backend: str | None, device: str) -> str:
 
 
 def _source(job: ImageJob) -> Any:
-    from .images import open_image
+    from .readers import open_image
 
     key = (job.image, job.axes)
     with _LOCK:
@@ -377,10 +377,10 @@ def _source(job: ImageJob) -> Any:
 
 
 def _out_array(job: ImageJob) -> Any:
-    """The output's shard writer (``images.OmeZarrShards``), kept open between blocks."""
+    """The output's shard writer (``omezarr.OmeZarrShards``), kept open between blocks."""
     import zarr
 
-    from .images import OmeZarrLayout, OmeZarrShards
+    from .omezarr import OmeZarrLayout, OmeZarrShards
 
     with _LOCK:
         if job.out_array not in _ARRAYS:
@@ -396,7 +396,9 @@ def _out_array(job: ImageJob) -> Any:
 def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block with the runner's ``TiledPredictor``, write its chunks, then its marker."""
     global _BLOCKS_DONE
-    from .runner import ArrayWriter, TiledPredictor, _convert, _out_dtype
+    from .assemble import convert_output, out_dtype
+    from .pipeline import TiledPredictor
+    from .writers import ArrayWriter
 
     t0 = time.perf_counter()
     session = _session(job)
@@ -420,7 +422,7 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
                                output_kind=kind)  # type: ignore[arg-type]
     if predictor.emits_converted:  # tiles converted as they are placed, as in the runner
         out_c = 1 if kind == "labels" else job.out_channels
-        sink = ArrayWriter((), grid.padded_shape, out_c, _out_dtype(kind, job.out_channels))  # type: ignore[arg-type]
+        sink = ArrayWriter((), grid.padded_shape, out_c, out_dtype(kind, job.out_channels))  # type: ignore[arg-type]
     else:
         sink = ArrayWriter((), grid.padded_shape, job.out_channels)
     # the block's region is on the shard grid (shards divide the block): whole shard files, no sharing.
@@ -441,7 +443,7 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
             stop = min(written + unit, r1)
             part = sink.array[(slice(written - o0, stop - o0),
                                *(slice(s - o, e - o) for (s, e), o in zip(rest, block.offset[1:])))]
-            data = part if converted else _convert(part, kind)  # type: ignore[arg-type]
+            data = part if converted else convert_output(part, kind)  # type: ignore[arg-type]
             origin = shards.layout.origin(lead, [written, *(s for s, _ in rest)])
             for coords, piece in shards.split(origin, shards.layout.to_array(data)):
                 shards.write(coords, piece)
@@ -770,7 +772,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     Nothing is left behind by a run that fails before its first block is written.
     """
     from ..package import sha256_file
-    from .runner import RunOptions, open_tileable
+    from .plan import RunOptions
+    from .runner import open_tileable
 
     options = options or RunOptions()
     if options.batch_size < 1:
@@ -810,8 +813,11 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
     right after the client's own ``load_session`` has audited the graph, never before: a worker loads the
     model with ``trust_graph=True`` (the client checked that digest), so no worker may start first."""
     from ..selection import load_session
-    from .images import ZARR_CHUNK, InputAdapter, OmeZarrLayout, ome_zarr_attrs, open_image
-    from .runner import _model_facts, _out_dtype, plan_for_model
+    from .adapt import InputAdapter
+    from .assemble import out_dtype
+    from .omezarr import ZARR_CHUNK, OmeZarrLayout, ome_zarr_attrs
+    from .plan import model_facts, plan_for_model
+    from .readers import open_image
     from .tiling import plan_tiles
 
     bgr, color = info.bgr, info.color_handling  # the input facts, derived once (ModelInfo / InputAdapter)
@@ -831,9 +837,9 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
         edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
         if not block and nd == 2:  # the 4096 px default only where a block's output stays small
-            _, _, out_ch0 = _model_facts(session, info, options.tile)
+            _, _, out_ch0 = model_facts(session, info, options.tile)
             kind0 = options.output_kind
-            per_pixel = (1 if kind0 == "labels" else out_ch0) * _out_dtype(kind0, out_ch0).itemsize
+            per_pixel = (1 if kind0 == "labels" else out_ch0) * out_dtype(kind0, out_ch0).itemsize
             if DEFAULT_BLOCK_2D ** 2 * per_pixel > _BLOCK_OUT_BYTES:
                 edge = DEFAULT_BLOCK_2D_LARGE_OUTPUT
         if edge < 16 or (edge > ZARR_CHUNK and edge % ZARR_CHUNK):
@@ -861,7 +867,7 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
                 pixel_size = {ax: v * 1e6 for ax, v in zip("XYZ", info.scaling)}
             kind = options.output_kind
             out_c = 1 if kind == "labels" else out_ch
-            dtype = _out_dtype(kind, out_ch)
+            dtype = out_dtype(kind, out_ch)
             layout = OmeZarrLayout.plan(lead_axes, lead_shape, spatial, out_c, edge)
             axes = layout.axes
             n_planes = int(np.prod(lead_shape)) if lead_shape else 1

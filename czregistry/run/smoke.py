@@ -53,7 +53,8 @@ def synthetic_image(shape: tuple[int, ...], channels: int, seed: int = 0) -> np.
 def _load_given(image: Path | str, info: ModelInfo, spatial_ndim: int, channels: int, max_pixels: int) -> np.ndarray:
     """A corner of the given image as model input, through the same ``InputAdapter`` as ``czreg run`` (legacy BGR
     order, ``ColorHandling``, 8/16-bit scaling), so the smoke test checks the input the package will be run on."""
-    from .images import InputAdapter, open_image
+    from .adapt import InputAdapter
+    from .readers import open_image
 
     src = open_image(image)
     try:
@@ -101,7 +102,8 @@ def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: st
     audit refuses is ``model.graph.unsafe_ops`` and nothing runs, unless ``trust_graph``).
     """
     from ..package import open_package
-    from .runner import ModelGeometry, RunOptions, model_geometry, plan_for_model, predict_image
+    from .pipeline import predict_image
+    from .plan import ModelGeometry, RunOptions, model_geometry, plan_for_model
 
     report = Report(path=str(path))
     meas = report.measurements

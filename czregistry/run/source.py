@@ -1,6 +1,6 @@
 """``ImageSource``: the one shape every image reader returns (a lazily indexable array plus its axes).
 
-Kept apart from the readers (``images``, ``czi``) so that each reader depends on it and none on another.
+Kept apart from the readers (``readers``, ``czi``) so that each reader depends on it and none on another.
 """
 
 from __future__ import annotations

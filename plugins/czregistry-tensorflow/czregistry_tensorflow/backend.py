@@ -217,7 +217,7 @@ class TensorFlowSession(Session):
 
 
 def convert_tensor(tf: Any, out: Any, kind: str) -> Any:
-    """The runner's ``_convert`` in TensorFlow, step for step (see ``czregistry.run.runner._argmax_labels``):
+    """The runner's ``convert_output`` in TensorFlow, step for step (see ``czregistry.run.runner.argmax_labels``):
     uint8 is ``round(p * 255)`` (``tf.math.round`` rounds half to even, like ``np.rint``) clipped and cast;
     labels are a running ``>`` comparison over the classes, so ties go to the lower class and a NaN is
     carried through the running maximum as ``np.maximum`` carries it."""

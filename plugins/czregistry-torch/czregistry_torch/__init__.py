@@ -392,7 +392,7 @@ class TorchSession(Session):
 
 
 def _convert_tensor(out: Any, kind: str) -> Any:
-    """The runner's ``_convert`` in torch, step for step (see ``czregistry.run.runner._argmax_labels``)."""
+    """The runner's ``convert_output`` in torch, step for step (see ``czregistry.run.runner.argmax_labels``)."""
     import torch
 
     if kind == "uint8":
