@@ -143,3 +143,56 @@ def test_a_window_partition_that_follows_the_input_runs_on_multiples_of_the_wind
     assert m["stride"] == [TILE, TILE] and m["global_context"] is False  # context within a window only
     border = next(f for f in report.findings if f.check == "model.receptive_field.border")
     assert border.severity is Severity.WARNING and "tiles will show seams" in border.message
+
+
+@pytest.fixture(scope="module")
+def validated(packages: dict[str, Path]) -> dict[str, Report]:
+    return {name: validate(packages[name], ValidateOptions(time_budget=120)) for name in ("pos", "windows-traced")}
+
+
+@pytest.mark.parametrize("name", ["pos", "windows-traced"])
+def test_validate_and_smoke_agree_on_a_graph_that_runs_at_one_size(
+        name: str, packages: dict[str, Path], validated: dict[str, Report]) -> None:
+    """The runtime refuses smoke's whole image, so smoke measures the seams as ZEN tiles such a graph (fixed-size
+    tiles centred on the cuts, at the declared overlap) instead of passing with an info line: it fails where
+    validate warns, with a seam error within 2x of validate's."""
+    from czregistry.run.smoke import smoke_test
+
+    report = validated[name]
+    smoke = smoke_test(packages[name], device="cpu")
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    assert border.severity is Severity.WARNING and "tiles will show seams" in border.message
+    seams = next(f for f in smoke.findings if f.check == "smoke.seams")
+    assert seams.severity is Severity.ERROR, smoke.to_json()
+    assert seams.message.startswith(f"fixed tile size [{TILE}, {TILE}], overlap [8, 8]: the stitched output differs")
+    assert seams.hint is not None and "no overlap or tile removes the seams" in seams.hint
+    m = smoke.measurements
+    assert m["smoke.seam_method"].endswith("fixed-size tiles centred on the cuts (the graph refused the whole image)")
+    assert m["smoke.whole_refused"].startswith("ONNX Runtime failed on input of shape (1, ")
+    v, s = report.measurements["seam_error"], m["smoke.seam_error"]
+    assert v > 1e-3 and 0.5 <= v / s <= 2, (v, s)
+    # the traced window partition also fixes the batch at 1: smoke says so and measures at batch 1
+    batch = [f for f in smoke.findings if f.check == "smoke.batch"]
+    if name == "windows-traced":
+        assert len(batch) == 1 and batch[0].severity is Severity.WARNING
+        assert batch[0].message == ("the graph fails at batch 4 but runs at batch 1 (ONNX Runtime failed on input "
+                                    f"of shape (4, {TILE}, {TILE}, 1))")
+    else:
+        assert not batch
+
+
+def test_position_embedding_seams_get_no_tile_or_overlap_hint(validated: dict[str, Report]) -> None:
+    """No overlap or tile removes seams that come from where the tile sits: the error barely falls from the
+    declared overlap to the largest one, on a graph that runs only at its tile, and the hint says so instead of
+    suggesting a larger tile."""
+    report = validated["pos"]
+    border = next(f for f in report.findings if f.check == "model.receptive_field.border")
+    m = report.measurements
+    assert m["min_overlap_needed"] is None and m["seams_depend_on_tile_position"] is True
+    assert m["recommended_overlap_seam_error"] > 0.5 * m["seam_error"]
+    assert border.hint == (
+        f"no overlap or tile removes them: the seam error does not fall with the overlap ({m['seam_error']:.3g} at "
+        f"[8, 8], {m['recommended_overlap_seam_error']:.3g} at [{TILE - 1}, {TILE - 1}]) on a graph that runs only at "
+        f"[{TILE}, {TILE}], so the output depends on where the tile sits (position embeddings or global context); "
+        "such a model cannot be tiled without seams")
+    assert "czreg pack --tile" not in border.hint and "MinOverlap" not in border.hint

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKS", "SOFTMAX_TOLERANCE", "get_prober"]
 
+#: On a fixed tile, seams that stay above this fraction of the declared overlap's at the largest overlap tried
+#: do not fall with the overlap (the output depends on where the tile sits).
+FLAT_SEAM_RATIO = 0.5
 #: Largest allowed ``|sum over classes - 1|`` and overshoot of [0, 1] for class probabilities (segmentation and
 #: classification outputs). float32
 #: softmax sums to 1 within ~1e-6; 1e-3 also admits float16 networks, and still catches sigmoid or logit
@@ -507,9 +510,25 @@ class ReceptiveFieldCheck(_SpatialCheck):
                    f"{_fmt(o // 2 for o in seam.overlap)} px) tiles differ from a tile centred on the cut by up to "
                    f"{seam.seam_error:.3g} ({rel:.3g}% of the output range): tiles will show seams; the halo is "
                    f"at least {_fmt(bound)} px (a lower bound: the fixed tile is too small to see all of it)")
+        # The seams stay (within 2x) however far the overlap moves the cut from the tile's edges, and the graph
+        # refused every other size though it claims free dims (a position embedding or a window partition traced
+        # at one size), or it is globally dependent: the output depends on where the tile sits, so neither a
+        # larger overlap nor a larger tile helps. (A graph fixed by its export, e.g. a U-Net whose receptive
+        # field exceeds its tile, looks alike on its one tile but does tile cleanly at a larger one.)
+        flat = (worst_tried.seam_error is not None and seam.seam_error is not None
+                and worst_tried.seam_error > FLAT_SEAM_RATIO * seam.seam_error)
+        positional = inv.global_context or (flat and prober.graph_fixed is None)
+        ctx.measure("seams_depend_on_tile_position", bool(fixed_at is None and positional))
         if fixed_at is not None:
             want = (_fmt(fixed_at.overlap) if info.kind == "czann" else str(max(fixed_at.overlap) // 2))
             hint = f"set {declared_name} to {want}: the tiles then equal the centred tile within the tolerance"
+        elif positional:
+            why = ("the graph uses global context" if inv.global_context else
+                   f"the seam error does not fall with the overlap ({seam.seam_error:.3g} at {_fmt(seam.overlap)}, "
+                   f"{worst_tried.seam_error:.3g} at {_fmt(worst_tried.overlap)}) on a graph that runs only at "
+                   f"{_fmt(tile)}")
+            hint = (f"no overlap or tile removes them: {why}, so the output depends on where the tile sits "
+                    "(position embeddings or global context); such a model cannot be tiled without seams")
         else:
             min_tile = [-(-(2 * b + 2 * seam_band(b, 8 * b) + g) // g) * g for b, g in zip(bound, grid)]
             hint = (f"no overlap that fits the {_fmt(tile)} tile removes them (at {_fmt(worst_tried.overlap)}: "
