@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-__all__ = ["ONNX_BYTES", "czann_meta", "fake_onnx", "legacy_xml"]
+__all__ = ["ONNX_BYTES", "conv_onnx", "czann_meta", "fake_onnx", "legacy_xml"]
 
 
 def _len_field(number: int, payload: bytes) -> bytes:
@@ -34,6 +34,25 @@ def fake_onnx(payload: bytes = b"\x00" * 64) -> bytes:
     graph = _len_field(1, node) + _len_field(2, b"g")
     return (b"\x08\x07" + _len_field(2, b"tf2onnx") + _len_field(8, b"\x10\x0b") + _len_field(7, graph)
             + _len_field(6, payload))
+
+
+def conv_onnx() -> bytes:
+    """A runnable model for tests that need one to run in milliseconds: NHWC in, 2-class softmax out, free
+    batch and spatial dims, one 3x3 convolution with fixed random weights (scaled so the softmax is decisive)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 1])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "H", "W", 2])
+    w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((2, 1, 3, 3)) * 4).astype(np.float32), "w")
+    nodes = [helper.make_node("Transpose", ["input"], ["a"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["a", "w"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["b"], ["c"], axis=1),
+             helper.make_node("Transpose", ["c"], ["output"], perm=[0, 2, 3, 1])]
+    model = helper.make_model(helper.make_graph(nodes, "conv", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 18)], producer_name="test")
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
 
 
 #: Starts like an ONNX ModelProto (field 1, ir_version), so the reader sniffs "onnx"; not a runnable model.

@@ -2007,3 +2007,36 @@ def test_read_output_refuses_what_is_not_our_ome_zarr(tmp_path: Path) -> None:
         assert err.value.message == f"{path} is not an OME-Zarr output of czreg run ({why})"
         assert err.value.hint == hint
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+
+
+# --- the graph audit, through every command that would run a model (tests/test_untrusted.py has the rest) ---
+
+
+def test_a_custom_operator_graph_is_refused_in_one_line_by_every_command_that_would_run_it(
+        world: World, tmp_path: Path) -> None:
+    """A package whose ONNX graph calls an operator from a custom domain: each command answers in its own
+    exit code with one error line (and a hint), never a traceback, and writes nothing."""
+    from czregistry.package import write_package
+    from tests.models import metadata_for
+    from tests.untrusted_models import onnx_model
+
+    pkg = write_package(tmp_path / "custom.czann", metadata_for("unet", overlap=4), onnx_model("custom_domain"))
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = f"Error: refusing to run the model of {pkg.name}: org.evil::Exfiltrate comes from the custom domain"
+    cases = [
+        (["run", str(pkg), str(world.image), "-o", str(out / "x.tif")], 5, refused),
+        (["run", str(pkg), str(world.image), "-o", str(out / "x.zarr"), "--dask", "local:1"], 5, refused),
+        (["evaluate", str(pkg), "--images", str(world.eval_images), "--labels", str(world.eval_labels),
+          "--report", str(out / "e.html"), "-q"], 5, refused),
+    ]
+    for argv, code, first in cases:
+        r = cli(*argv)
+        lines = r.output.splitlines()
+        assert r.exit_code == code and lines[0].startswith(first), (argv, r.output)
+        assert len(lines) == 2 and lines[1].startswith("Hint: see 'czreg validate --static"), r.output
+    for argv in (["validate", str(pkg), "--static"], ["validate", str(pkg)], ["smoke", str(pkg)]):
+        r = cli(*argv)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert next(x for x in r.output.splitlines() if "ERROR" in x).split()[1] == "model.graph.unsafe_ops:"
+    assert list(out.iterdir()) == []

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from czregistry_tensorflow import LAYER_SPECS
 from czregistry_tensorflow.compose import prepend_and_append
 from czregistry_tensorflow.export import export_savedmodel_zip, to_onnx
 
+from czregistry.builtin_layers import LAYER_SPECS
 from czregistry.errors import PackError, UsageError
 from czregistry.layers import LayerSpec
 from czregistry.selection import parse_layer

@@ -24,6 +24,7 @@ from czregistry.package import write_package
 from czregistry.registry import open_registry
 from tests.models import metadata_for
 from tests.postgres_env import skip_reason as postgres_skip_reason
+from tests.static_packages import conv_onnx
 from tests.test_registry import PG_URL, fresh_postgres_database, make_package
 from tests.test_serve import _start
 
@@ -152,23 +153,6 @@ def test_signatures_and_the_require_signatures_setting(backend: Backend, tmp_pat
     assert [s["bound"] for s in shown["signatures"]] == [False]
 
 
-def _conv_onnx() -> bytes:
-    """NHWC in, 2-class softmax out: one 3x3 convolution (runs in milliseconds)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 1])
-    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "H", "W", 2])
-    w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((2, 1, 3, 3)) * 4).astype(np.float32), "w")
-    nodes = [helper.make_node("Transpose", ["input"], ["a"], perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["a", "w"], ["b"], pads=[1, 1, 1, 1]),
-             helper.make_node("Softmax", ["b"], ["c"], axis=1),
-             helper.make_node("Transpose", ["c"], ["output"], perm=[0, 2, 3, 1])]
-    model = helper.make_model(helper.make_graph(nodes, "conv", [x], [y], [w]),
-                              opset_imports=[helper.make_opsetid("", 18)], producer_name="test")
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 @pytest.fixture(scope="module")
 def runnable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A runnable package and a two-image labelled dataset."""
@@ -178,7 +162,7 @@ def runnable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     meta = metadata_for("unet", tile=64)
     meta["ModelName"] = "gated"
     pkg = tmp / "gated.czann"
-    write_package(pkg, meta, _conv_onnx())
+    write_package(pkg, meta, conv_onnx())
     images, labels = tmp / "images", tmp / "labels"
     images.mkdir()
     labels.mkdir()

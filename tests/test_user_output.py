@@ -15,33 +15,17 @@ import pytest
 from click.testing import CliRunner, Result
 
 from czregistry.cli import main
+from tests.static_packages import conv_onnx
 
 SEG = ["--type", "SingleClassSemanticSegmentation", "--classes", "background,cell", "--min-overlap", "8"]
 #: Python's spellings that must never reach a human-readable output.
 REPR = re.compile(r"None|\{'|\['|\[\{|dict\(|NonexNone")
 
 
-def _conv_onnx() -> bytes:
-    """NHWC in, 2-class softmax out, free batch and spatial dims: one 3x3 convolution."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 1])
-    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "H", "W", 2])
-    w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((2, 1, 3, 3)) * 4).astype(np.float32), "w")
-    nodes = [helper.make_node("Transpose", ["input"], ["a"], perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["a", "w"], ["b"], pads=[1, 1, 1, 1]),
-             helper.make_node("Softmax", ["b"], ["c"], axis=1),
-             helper.make_node("Transpose", ["c"], ["output"], perm=[0, 2, 3, 1])]
-    model = helper.make_model(helper.make_graph(nodes, "conv", [x], [y], [w]),
-                              opset_imports=[helper.make_opsetid("", 18)], producer_name="test")
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 @pytest.fixture()
 def onnx_file(tmp_path: Path) -> Path:
     path = tmp_path / "conv.onnx"
-    path.write_bytes(_conv_onnx())
+    path.write_bytes(conv_onnx())
     return path
 
 

@@ -173,22 +173,29 @@ class _Client:
 
     def request(self, method: str, url: str, *, what: str, ok: tuple[int, ...] = (200, 201, 202),
                 allow: tuple[int, ...] = (), **kwargs: Any) -> Any:
-        import requests
-
         try:
-            resp = self.reg.do_request(url, method, **kwargs)
-        except requests.exceptions.SSLError:
-            raise OciError(f"TLS failed talking to {self.ref.host} ({what})",
-                           hint="for a registry without TLS (e.g. on localhost) pass --plain-http") from None
-        except requests.exceptions.RequestException as exc:
-            raise OciError(f"cannot reach the registry {self.ref.host} ({what}): {_reason(exc)}",
-                           hint="check the host and port, and --plain-http for a registry without TLS") from None
+            with self._transport(f" ({what})"):
+                resp = self.reg.do_request(url, method, **kwargs)
         except ValueError as exc:  # oras-py: an auth challenge it cannot answer
             raise OciError(f"{self.ref.host} refused {what}: {first_line(exc)}",
                            hint="log in with docker login, or pass --username and --password-stdin") from None
         if resp.status_code in ok or resp.status_code in allow:
             return resp
         raise self._error(resp, what)
+
+    @contextlib.contextmanager
+    def _transport(self, label: str) -> Iterator[None]:
+        """TLS and connection failures as one ``OciError`` line each (``label``: what was being done)."""
+        import requests
+
+        try:
+            yield
+        except requests.exceptions.SSLError:
+            raise OciError(f"TLS failed talking to {self.ref.host}{label}",
+                           hint="for a registry without TLS (e.g. on localhost) pass --plain-http") from None
+        except requests.exceptions.RequestException as exc:
+            raise OciError(f"cannot reach the registry {self.ref.host}{label}: {_reason(exc)}",
+                           hint="check the host and port, and --plain-http for a registry without TLS") from None
 
     def _error(self, resp: Any, what: str) -> OciError:
         message = ""
@@ -207,16 +214,8 @@ class _Client:
     def _authenticate(self, username: str | None, password: str | None, auth_mod: Any) -> None:
         """Ping ``/v2/``; answer a Basic challenge (htpasswd registries) with credentials sent on every request,
         and leave Bearer challenges (token servers) to oras-py's token flow."""
-        import requests
-
-        try:  # straight through the session: oras-py would try to answer the challenge itself
+        with self._transport(""):  # straight through the session: oras-py would try to answer the challenge itself
             resp = self.reg.session.get(self._url(""))
-        except requests.exceptions.SSLError:
-            raise OciError(f"TLS failed talking to {self.ref.host}",
-                           hint="for a registry without TLS (e.g. on localhost) pass --plain-http") from None
-        except requests.exceptions.RequestException as exc:
-            raise OciError(f"cannot reach the registry {self.ref.host}: {_reason(exc)}",
-                           hint="check the host and port, and --plain-http for a registry without TLS") from None
         if resp.status_code not in (200, 401):
             raise self._error(resp, "the API check (is this an OCI registry?)")
         challenge = resp.headers.get("WWW-Authenticate", "") if resp.status_code == 401 else ""

@@ -89,6 +89,14 @@ def _int64(name: str, values: list[int]) -> Any:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
+def _axes_node(builder: OpsBuilder, op: str, x: str, axes: list[int], name: str) -> str:
+    """``Squeeze``/``Unsqueeze`` of ``axes``: an input tensor from opset 13 on, an attribute before."""
+    if builder.opset >= 13:
+        builder.m.initializers.append(_int64(name, axes))
+        return builder.node(op, [x, name])
+    return builder.node(op, [x], axes=axes)
+
+
 def _torchscript_onnx(data: bytes, example: Any, ids: list[str], opset: int) -> bytes:
     import io
 
@@ -156,12 +164,7 @@ def wrap_network(net: bytes, descr: Any) -> tuple[bytes, Mapping]:
     x = pre.node("Mul", ["input", pre.const(host_scale(inp))])
     x = pre.node("Transpose", [x], perm=[order.index(a) for a in [*in_ids, *missing]])
     if missing:
-        squeeze = list(range(len(in_ids), len(in_ids) + len(missing)))
-        if opset >= 13:
-            mapping.initializers.append(_int64("czbio_sq", squeeze))
-            x = pre.node("Squeeze", [x, "czbio_sq"])
-        else:
-            x = pre.node("Squeeze", [x], axes=squeeze)
+        x = _axes_node(pre, "Squeeze", x, list(range(len(in_ids), len(in_ids) + len(missing))), "czbio_sq")
     if str(inp.data.type) != "float32" and not inp.preprocessing:
         x = pre.node("Cast", [pre.node("Round", [x])], to=int(ins[0].type.tensor_type.elem_type))
     pre.tensor_id = str(inp.id)
@@ -175,12 +178,7 @@ def wrap_network(net: bytes, descr: Any) -> tuple[bytes, Mapping]:
     out_order = host_order(out_ids)
     out_missing = [a for a in ("batch", "channel") if a not in out_ids]
     if out_missing:
-        unsq = list(range(len(out_ids), len(out_ids) + len(out_missing)))
-        if opset >= 13:
-            mapping.initializers.append(_int64("czbio_unsq", unsq))
-            y = post.node("Unsqueeze", [y, "czbio_unsq"])
-        else:
-            y = post.node("Unsqueeze", [y], axes=unsq)
+        y = _axes_node(post, "Unsqueeze", y, list(range(len(out_ids), len(out_ids) + len(out_missing))), "czbio_unsq")
     full = [*out_ids, *out_missing]
     mapping.nodes.append(helper.make_node("Transpose", [y], ["output"], name="czbio_to_host",
                                           perm=[full.index(a) for a in out_order]))

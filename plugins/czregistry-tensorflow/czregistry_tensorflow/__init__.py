@@ -10,20 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from czregistry.builtin_layers import LAYER_SPECS as _BUILTIN_SPECS
 from czregistry.hookspecs import hookimpl
-from czregistry.layers import LayerSpec
 
 from .backend import TensorFlowBackend
 from .source import KerasSource
 
-__all__ = ["LAYER_SPECS", "KerasSource", "TensorFlowBackend"]
-
-
-#: The built-in layers, with their Keras forms (``factory``) and ONNX forms (``onnx``). They moved to the core
-#: (``czregistry.builtin_layers``, registered there through ``register_layers``), so a PyTorch or ONNX user has
-#: them without TensorFlow; this name stays for code that imported it from here.
-LAYER_SPECS: tuple[LayerSpec, ...] = _BUILTIN_SPECS
+__all__ = ["KerasSource", "TensorFlowBackend"]
 
 
 @hookimpl
