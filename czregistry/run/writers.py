@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,23 @@ def _deflate() -> Callable[[Any], bytes]:
     return lambda data: bytes(isal_zlib.compress(data, 1))
 
 
+def _split_classes(tile: np.ndarray) -> list[np.ndarray]:
+    """The class planes of a contiguous ``(Y, X, C)`` tile, each contiguous.
+
+    When a pixel's classes fill 2, 4 or 8 bytes (two uint8 classes, two float32, four uint8), the pixel is
+    read as one little-endian unsigned integer and each class is a shift and a narrowing cast away: for the
+    usual two-class uint8 tile that is 23 us against 100-130 us for numpy's strided copy (``tile[..., c]``
+    or a transposing ``moveaxis``), which would cost more than deflating the planes of a confident
+    segmentation."""
+    channels, size = tile.shape[-1], tile.dtype.itemsize
+    if channels * size in (2, 4, 8) and size < channels * size and sys.byteorder == "little" \
+            and tile.dtype.byteorder in ("=", "<", "|"):
+        whole = tile.view(f"<u{channels * size}")[..., 0]
+        return [(whole >> (8 * size * c) if c else whole).astype(f"<u{size}").view(tile.dtype)
+                for c in range(channels)]
+    return [np.ascontiguousarray(tile[..., c]) for c in range(channels)]
+
+
 class TiffWriterSink:
     """OME-TIFF, 256x256 tiles, written by a background thread as rows arrive.
 
@@ -243,9 +261,7 @@ class TiffWriterSink:
             return lambda tile: [pack(np.ascontiguousarray(pad(tile), dtype).data)]
 
         def planes(tile: np.ndarray) -> list[bytes]:
-            # one transposing copy per tile; each class plane is then contiguous
-            split = np.ascontiguousarray(np.moveaxis(pad(tile), -1, 0), dtype)
-            return [pack(plane.data) for plane in split]
+            return [pack(plane.data) for plane in _split_classes(np.ascontiguousarray(pad(tile), dtype))]
 
         return planes
 
