@@ -205,8 +205,8 @@ def print_host(rows: list[dict[str, Any]], size: int, batch: int, bw: dict[str, 
           f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; tiles/s is the median of the runs listed; CPU ms/tile "
           "counts all threads; stage columns are tiles/s of each stage's busy time alone (stages overlap, "
           "the slowest bounds the run)")
-    head = ("| output | profile | compression | tiles | tiles/s | runs | load (1 min) | CPU ms/tile | output MB | raw MB/s | "
-            + " | ".join(STAGES) + " |")
+    head = ("| output | profile | compression | tiles | tiles/s | runs | load (1 min) | CPU ms/tile | output MB | "
+            "raw MB/s | " + " | ".join(STAGES) + " |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     for r in rows:

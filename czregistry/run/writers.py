@@ -323,7 +323,7 @@ class TiffWriterSink:
         the plane (or, in 3D, the slice) is done. They are removed on close, abort and failure."""
         t = self.spec.chunk
         per_page = math.prod(-(-n // t) for n in self.spec.spatial[-2:])
-        self._spools = [open(p, "w+b") for p in self.spool_paths]  # noqa: SIM115 - closed by _remove_spools
+        self._spools = [p.open("w+b") for p in self.spool_paths]  # closed by _remove_spools
         lengths: list[list[int]] = [[] for _ in self._spools]
         try:
             n = 0
