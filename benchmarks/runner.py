@@ -137,11 +137,13 @@ def bandwidth(tmp: Path, mb: int = 256) -> dict[str, float]:
     return {"memcpy_mb_s": mb / best, "disk_write_mb_s": mb / disk}
 
 
-def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str]], repeat: int = 1,
+def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, str, str]], repeat: int = 1,
                   device_convert: bool = False, profile: str = "demo") -> list[dict[str, Any]]:
     """Run the pipeline with the null backend, returning ``profile``'s output (``null_backend.PROFILES``),
-    for each ``(output kind, suffix, compression)`` case, ``repeat`` times; each row keeps the median run
-    (the machine may be shared) and all runs' tiles/s."""
+    for each ``(output kind, suffix, compression, OME-TIFF layout)`` case, ``repeat`` times; each row keeps
+    the median run (the machine may be shared) and all runs' tiles/s. Cases that differ only in their
+    layout run back to back in each round (interleaved, planar, interleaved, planar, ...), so the machine's
+    drift hits both alike."""
     from czregistry.run.plan import RunOptions
     from czregistry.run.runner import run
     from czregistry.run.tiling import plan_tiles
@@ -156,35 +158,44 @@ def host_overhead(tmp: Path, size: int, batch: int, cases: list[tuple[str, str, 
     # the null outputs are computed once per process, before any timed run
     tiles = plan_tiles((size, size), (TILE, TILE), border=OVERLAP // 2, step=(2, 2)).n_tiles
     warm(batch, TILE, tiles=tiles, kinds=("uint8", "labels") if device_convert else (), profile=profile)
+    groups: dict[tuple[str, str, str], list[tuple[str, str, str, str]]] = {}
+    for case in cases:
+        groups.setdefault(case[:3], []).append(case)
     rows = []
-    for kind, suffix, compression in cases:
-        runs = []
+    for group in groups.values():
+        runs: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {case: [] for case in group}
         for i in range(repeat):
-            out = tmp / f"host-out-{profile}-{kind}-{i}{suffix}"
-            # the null model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
-            cpu0 = _cpu_seconds()
-            res = run(package, image, out, RunOptions(batch_size=batch, output_kind=kind, backend="null",  # type: ignore[arg-type]
-                                                       compression=compression, probe=False, step=2))  # type: ignore[arg-type]
-            cpu = _cpu_seconds() - cpu0
-            nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
-            pixels = int(np.prod(res.shape))
-            raw_mb = pixels * np.dtype(res.dtype).itemsize / 1e6
-            runs.append({"kind": kind, "profile": profile, "format": res.format, "compression": res.compression,
-                         "tiles": res.tiles,
-                         "pipeline_s": res.pipeline_seconds,
-                         "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
-                         "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
-                         "stage_tiles_per_s": {k: (res.tiles / v if v > 0 else None)
-                                               for k, v in res.stage_seconds.items()},
-                         "cpu_ms_per_tile": cpu / res.tiles * 1000, "mb": nbytes / 1e6,
-                         "raw_mb_per_s": raw_mb / res.pipeline_seconds})
-            # Zarr outputs stay until the benchmark ends: deleting ~1,400 chunk files right before the next
-            # run made ext4's inode allocator (its scan past recently deleted inodes) the bottleneck, over
-            # half of all CPU time in the kernel, which a real run never meets
-            if not out.is_dir():
-                out.unlink()
-        median = sorted(runs, key=lambda r: r["tiles_per_s"])[(len(runs) - 1) // 2]
-        rows.append({**median, "runs_tiles_per_s": [round(r["tiles_per_s"], 1) for r in runs]})
+            for case in group:
+                kind, suffix, compression, layout = case
+                out = tmp / f"host-out-{profile}-{kind}-{layout}-{i}{suffix}"
+                # the null model cannot be probed: give the U-Net's grid (stride 2, border 16) directly
+                cpu0 = _cpu_seconds()
+                load = os.getloadavg()[0]
+                res = run(package, image, out, RunOptions(
+                    batch_size=batch, output_kind=kind, backend="null",  # type: ignore[arg-type]
+                    compression=compression, tiff_layout=layout, probe=False, step=2))  # type: ignore[arg-type]
+                cpu = _cpu_seconds() - cpu0
+                nbytes = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+                pixels = int(np.prod(res.shape))
+                raw_mb = pixels * np.dtype(res.dtype).itemsize / 1e6
+                runs[case].append({
+                    "kind": kind, "profile": profile, "format": res.format, "compression": res.compression,
+                    "tiff_layout": res.tiff_layout, "tiles": res.tiles, "pipeline_s": res.pipeline_seconds,
+                    "ms_per_tile": res.pipeline_seconds / res.tiles * 1000,
+                    "tiles_per_s": res.tiles / res.pipeline_seconds, "stages": res.stage_seconds,
+                    "stage_tiles_per_s": {k: (res.tiles / v if v > 0 else None) for k, v in res.stage_seconds.items()},
+                    "cpu_ms_per_tile": cpu / res.tiles * 1000, "mb": nbytes / 1e6,
+                    "raw_mb_per_s": raw_mb / res.pipeline_seconds, "load": load})
+                # Zarr outputs stay until the benchmark ends: deleting ~1,400 chunk files right before the
+                # next run made ext4's inode allocator (its scan past recently deleted inodes) the
+                # bottleneck, over half of all CPU time in the kernel, which a real run never meets
+                if not out.is_dir():
+                    out.unlink()
+        for case in group:
+            done = runs[case]
+            median = sorted(done, key=lambda r: r["tiles_per_s"])[(len(done) - 1) // 2]
+            rows.append({**median, "runs_tiles_per_s": [round(r["tiles_per_s"], 1) for r in done],
+                         "runs_load": [round(r["load"], 2) for r in done]})
     image.unlink()
     return rows
 
@@ -194,15 +205,17 @@ def print_host(rows: list[dict[str, Any]], size: int, batch: int, bw: dict[str, 
           f"tile {TILE}, batch {batch}, {os.cpu_count()} cores; tiles/s is the median of the runs listed; CPU ms/tile "
           "counts all threads; stage columns are tiles/s of each stage's busy time alone (stages overlap, "
           "the slowest bounds the run)")
-    head = ("| output | profile | compression | tiles | tiles/s | runs | CPU ms/tile | output MB | raw MB/s | "
-            + " | ".join(STAGES) + " |")
+    head = ("| output | profile | compression | tiles | tiles/s | runs | load (1 min) | CPU ms/tile | output MB | "
+            "raw MB/s | " + " | ".join(STAGES) + " |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     for r in rows:
         st = r["stage_tiles_per_s"]
-        print(f"| {r['kind']} {r['format']} | {r['profile']} | {r['compression']} | {r['tiles']} | "
+        layout = f" {r['tiff_layout']}" if r["tiff_layout"] and r["kind"] != "labels" else ""
+        print(f"| {r['kind']} {r['format']}{layout} | {r['profile']} | {r['compression']} | {r['tiles']} | "
               f"{r['tiles_per_s']:.0f} | "
-              f"{'/'.join(f'{x:.0f}' for x in r['runs_tiles_per_s'])} | {r['cpu_ms_per_tile']:.2f} | "
+              f"{'/'.join(f'{x:.0f}' for x in r['runs_tiles_per_s'])} | "
+              f"{'/'.join(f'{x:.1f}' for x in r['runs_load'])} | {r['cpu_ms_per_tile']:.2f} | "
               f"{r['mb']:.0f} | {r['raw_mb_per_s']:.0f} | "
               + " | ".join("-" if st.get(k) is None else f"{st[k]:.0f}" for k in STAGES) + " |")
     if bw:
@@ -381,6 +394,9 @@ def main() -> None:
                     help="with --backend null: the session converts to labels/uint8 itself, as a GPU backend does")
     ap.add_argument("--only", nargs="+", default=None, metavar="KIND:FORMAT",
                     help="with --backend null: only these configurations, e.g. labels:tiff uint8:zarr")
+    ap.add_argument("--tiff-layouts", nargs="+", choices=["interleaved", "planar"], default=None,
+                    metavar="LAYOUT", help="with --backend null: OME-TIFF layouts of multi-class outputs, run back "
+                                           "to back in each round (default: the runner's default only)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--compare-zlib", action="store_true",
                     help="with --backend null: also run float32 output with --compression zlib (the old default)")
@@ -413,10 +429,14 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         return
     if args.host or args.backend == "null":
-        cases = [(kind, suffix, "auto") for kind, suffix in CASES
-                 if not args.only or f"{kind}:{'zarr' if suffix == '.zarr' else 'tiff'}" in args.only]
-        if args.compare_zlib:
-            cases.insert(1, ("probabilities", ".ome.tif", "zlib"))
+        from czregistry.run.plan import RunOptions
+
+        layouts = args.tiff_layouts or [RunOptions().tiff_layout]
+        cases = [(kind, suffix, compression, layout) for kind, suffix in CASES
+                 if not args.only or f"{kind}:{'zarr' if suffix == '.zarr' else 'tiff'}" in args.only
+                 for compression in ("auto", *(("zlib",) if args.compare_zlib and kind == "probabilities"
+                                               and suffix != ".zarr" else ()))
+                 for layout in (layouts if suffix != ".zarr" and kind != "labels" else layouts[:1])]
         sizes = args.sizes if args.sizes != DEFAULT_SIZES else [8192]
         try:
             bw = bandwidth(tmp)

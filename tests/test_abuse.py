@@ -2040,3 +2040,78 @@ def test_a_custom_operator_graph_is_refused_in_one_line_by_every_command_that_wo
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert next(x for x in r.output.splitlines() if "ERROR" in x).split()[1] == "model.graph.unsafe_ops:"
     assert list(out.iterdir()) == []
+
+
+# --- planar OME-TIFF ---
+
+
+def test_tiff_layout_with_an_ome_zarr_output_is_one_line_exit_2(world: World, tmp_path: Path) -> None:
+    for extra in (["-o", str(tmp_path / "o.zarr")], ["-o", str(tmp_path / "o.zarr"), "--dask", "local:1"]):
+        r = cli("run", str(world.pkg), str(world.image), *extra, "--tiff-layout", "planar", "-q")
+        assert r.exit_code == 2, r.output
+        _assert_one_line(r.output)
+        assert "--tiff-layout applies to OME-TIFF outputs" in r.output
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(tmp_path / "o.ome.tiff"), "--tiff-layout", "CYX")
+    assert r.exit_code == 2 and "'CYX' is not one of 'planar', 'interleaved'" in r.output, r.output
+    assert _files(tmp_path) == []
+
+
+def _spools(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*spool*.part"))
+
+
+def test_interrupted_planar_run_leaves_no_spool_nor_part(world: World, tmp_path: Path) -> None:
+    """Ctrl-C while class 1's tiles wait in their spool file: neither the spool nor the part file stays."""
+    from czregistry.run.plan import RunOptions
+    from czregistry.run.runner import run
+
+    out = tmp_path / "mask.ome.tiff"
+    seen: list[str] = []
+
+    def interrupt(done: int, total: int) -> None:
+        seen.extend(p.name for p in _spools(tmp_path))  # opened by the writer thread with the first tile row
+        if seen:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(world.pkg, world.big_image, out, RunOptions(output_kind="uint8", tiff_layout="planar"),
+            progress=interrupt)
+    assert seen and all(name.startswith(".mask.ome.tiff.") for name in seen), seen
+    assert _files(tmp_path) == []
+
+
+def test_a_failing_planar_writer_removes_its_spools(tmp_path: Path) -> None:
+    """The writer thread fails mid-file (a row block that does not fit the file: 3 classes for 2): the
+    caller gets one ``RunError`` and no spool file stays, although the stored traceback keeps the failed
+    tile generator (and so its ``finally``) alive."""
+    import numpy as np
+
+    from czregistry.errors import RunError
+    from czregistry.run.writers import OutputSpec, TiffWriterSink
+
+    spec = OutputSpec("", (), (1024, 512), 2, np.dtype(np.uint8), tiff_layout="planar")
+    writer = TiffWriterSink(tmp_path / ".o.ome.tiff.1-ab.part", spec)
+    rows = np.zeros((256, 512, 2), np.uint8)
+    writer.write(0, 0, rows)
+    deadline = time.monotonic() + 20
+    while not _spools(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [p.name for p in _spools(tmp_path)] == [".o.ome.tiff.1-ab-spool1.part"]
+    with pytest.raises(RunError, match="writing the OME-TIFF failed"):
+        writer.write(0, 256, np.zeros((256, 512, 3), np.uint8))
+        for start in range(512, 1024, 256):
+            writer.write(0, start, rows)
+        writer.close()
+    assert _spools(tmp_path) == []
+
+
+def test_stale_spool_of_a_dead_planar_run_is_swept(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "mask.ome.tiff"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = tmp_path / f".mask.ome.tiff.{dead}-0badc0de-spool1.part"
+    stale.write_bytes(b"encoded tiles")
+    r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q", "--output-kind", "uint8",
+            "--tiff-layout", "planar")
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and not stale.exists() and _files(tmp_path) == ["mask.ome.tiff"]

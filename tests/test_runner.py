@@ -492,6 +492,128 @@ def test_convert_into_a_buffer_equals_convert(classes: int) -> None:
         assert np.array_equal(out, want), kind
 
 
+def test_planar_tiff_layout_equals_interleaved_pixel_for_pixel(unet: Path, tmp_path: Path) -> None:
+    """``--tiff-layout planar``: a page per class, read by tifffile as ``CYX`` with one named OME channel per
+    class, holding exactly the interleaved file's pixels; no spool file stays behind; labels are one page."""
+    import re
+
+    import tifffile
+
+    from czregistry.run.readers import open_image
+
+    img = _as_uint16(21, (300, 532))  # edge tiles in both directions
+    tifffile.imwrite(tmp_path / "a.tif", img, tile=(64, 64), compression="zlib")
+    info = ModelInfo.from_package(open_package(unet))
+    for kind in ("uint8", "probabilities"):
+        got = {}
+        for layout in ("interleaved", "planar"):
+            out = tmp_path / f"{kind}-{layout}.ome.tif"
+            res = run(unet, tmp_path / "a.tif", out, RunOptions(output_kind=kind, tiff_layout=layout))
+            assert res.tiff_layout == layout
+            with tifffile.TiffFile(out) as tif:
+                series = tif.series[0]
+                got[layout] = series.asarray()
+                xml = tif.ome_metadata or ""
+                pages = len(tif.pages)
+            pixels = re.search(r"<Pixels\b[^>]*>", xml)
+            assert pixels is not None
+            if layout == "planar":
+                assert series.axes == "CYX" and series.shape == (2, 300, 532) and pages == 2
+                assert 'DimensionOrder="XYCZT"' in pixels.group(0) and 'SizeC="2"' in pixels.group(0)
+                assert 'Interleaved="true"' not in pixels.group(0)
+                assert re.findall(r'<Channel [^>]*SamplesPerPixel="1"', xml) and len(
+                    re.findall(r"<Channel ", xml)) == 2
+                if info.classes:
+                    assert re.findall(r'<Channel [^>]*Name="([^"]*)"', xml) == list(info.classes)
+                assert np.array_equal(tifffile.imread(out), got[layout])
+            else:
+                assert series.axes == "YXS" and series.shape == (300, 532, 2) and pages == 1
+        assert np.array_equal(np.moveaxis(got["planar"], 0, -1), got["interleaved"]), kind
+        # the runner reads its own planar output back as an input image, classes as channels
+        src = open_image(tmp_path / f"{kind}-planar.ome.tif")
+        try:
+            assert src.channels == 2 and src.layout(2) == ("", (), (300, 532))
+            assert np.array_equal(src.read((), [slice(0, 300), slice(0, 532)]), got["interleaved"])
+        finally:
+            src.close()
+    for layout in ("interleaved", "planar"):
+        run(unet, tmp_path / "a.tif", tmp_path / f"l-{layout}.ome.tif",
+            RunOptions(output_kind="labels", tiff_layout=layout))
+    labels = {}
+    for layout in ("interleaved", "planar"):
+        with tifffile.TiffFile(tmp_path / f"l-{layout}.ome.tif") as tif:
+            labels[layout] = (tif.series[0].axes, len(tif.pages), tif.series[0].asarray())
+    assert labels["planar"][:2] == labels["interleaved"][:2] == ("YX", 1)
+    assert np.array_equal(labels["planar"][2], labels["interleaved"][2])
+    assert not [p.name for p in tmp_path.iterdir() if "spool" in p.name or p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("case", ["uint8-zlib-2d", "float32-none-2d", "uint8-zlib-3d", "float32-zlib-planes",
+                                  "uint8-none-3classes"])
+def test_planar_writer_matches_interleaved_for_planes_volumes_and_classes(case: str, tmp_path: Path) -> None:
+    """The writer alone, fed rows in small blocks as the runner feeds them: T planes (a spool per plane),
+    3D volumes (``ZCYX``: a slice's classes follow each other), 3 classes, with and without deflate."""
+    import tifffile
+
+    from czregistry.run.writers import OutputSpec, TiffWriterSink
+
+    dtype_name, compression, shape_name = case.split("-")
+    dtype = np.dtype(dtype_name)
+    lead, spatial, classes = {"2d": ((), (530, 300), 2), "3d": ((), (3, 270, 300), 2),
+                              "planes": ((2,), (300, 270), 2), "3classes": ((), (300, 520), 3)}[shape_name]
+    data = (np.random.default_rng(5).random((*lead, *spatial, classes)) * 200).astype(dtype)
+    files = {}
+    for layout in ("interleaved", "planar"):
+        spec = OutputSpec("T" if lead else "", lead, spatial, classes, dtype, {"X": 0.5, "Y": 0.5},
+                          {"name": "m", "classes": [f"c{i}" for i in range(classes)]},
+                          compression=compression, tiff_layout=layout)
+        files[layout] = tmp_path / f"{layout}.ome.tif"
+        writer = TiffWriterSink(files[layout], spec)
+        step = 100 if len(spatial) == 2 else 1
+        for plane, pixels in enumerate(data.reshape(-1, *spatial, classes)):
+            for start in range(0, spatial[0], step):
+                writer.write(plane, start, pixels[start:start + step])
+        writer.close()
+    with tifffile.TiffFile(files["planar"]) as tif:
+        axes, planar = tif.series[0].axes, tif.series[0].asarray()
+    assert axes == {"2d": "CYX", "3d": "ZCYX", "planes": "TCYX", "3classes": "CYX"}[shape_name]
+    assert np.array_equal(np.moveaxis(planar, -3, -1), tifffile.imread(files["interleaved"]))
+    assert np.array_equal(np.moveaxis(planar, -3, -1), data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interleaved.ome.tif", "planar.ome.tif"]
+
+
+@pytest.mark.parametrize("dtype,classes", [("uint8", 2), ("uint8", 4), ("uint8", 8), ("uint8", 3), ("uint16", 2),
+                                           ("float32", 2), ("float32", 3), (">f4", 2)])
+def test_split_classes_gives_contiguous_class_planes(dtype: str, classes: int) -> None:
+    from czregistry.run.writers import _split_classes
+
+    tile = (np.random.default_rng(3).random((64, 48, classes)) * 250).astype(dtype)
+    planes = _split_classes(tile)
+    assert len(planes) == classes
+    for c, plane in enumerate(planes):
+        assert plane.flags.c_contiguous and plane.dtype == tile.dtype
+        assert np.array_equal(plane, tile[..., c])
+
+
+def test_cli_tiff_layout_option(unet: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    np.save(tmp_path / "a.npy", np.random.default_rng(16).random((80, 96), dtype=np.float32))
+    res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o.ome.tif"),
+                                    "--tiff-layout", "planar", "--output-kind", "uint8", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tiff_layout"] == "planar"
+    assert tifffile.TiffFile(tmp_path / "o.ome.tif").series[0].axes == "CYX"
+    res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "d.ome.tif"),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tiff_layout"] == "interleaved"
+    res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "z.zarr"),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tiff_layout"] == ""
+
+
 def test_cli_compression_option(unet: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.random.default_rng(15).random((80, 96), dtype=np.float32))
     res = CliRunner().invoke(main, ["run", str(unet), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o.ome.tif"),

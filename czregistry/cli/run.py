@@ -73,6 +73,10 @@ class _Progress:
 @click.option("--compression", type=click.Choice(["auto", "zlib", "none"]), default="auto", show_default=True,
               help="OME-TIFF tiles: auto = zlib for uint8/labels, none for float32 (zlib barely shrinks "
                    "float probabilities and was the slowest step).")
+@click.option("--tiff-layout", type=click.Choice(["planar", "interleaved"]), default=None,
+              help="OME-TIFF outputs with several classes: interleaved = all classes in each pixel (YXS; "
+                   "default, the faster), planar = a page per class (OME's CYX, one named channel per class). "
+                   "Labels: no difference.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call (default: 4; on a GPU whose backend can measure it, the largest power "
                    "of two up to 32 that fits in half the free device memory).")
@@ -100,7 +104,7 @@ class _Progress:
               help="With --dask: block edge in pixels, a multiple of 256 (default 2048 in 2D, 256 in 3D).")
 @json_option
 def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: str, compression: str,
-            batch_size: int | None, device: str,
+            tiff_layout: str | None, batch_size: int | None, device: str,
             backend: str | None, tile: tuple[int, ...] | None, tile3: tuple[int, ...] | None, geometry: str,
             border: int | None, blend: bool, channels: str | None, axes: str | None, no_probe: bool,
             trust_graph: bool, quiet: bool, force: bool, dask_scheduler: str | None, resume: bool,
@@ -124,6 +128,9 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                 raise UsageError(f"{'--resume' if resume else '--block-size'} needs --dask",
                                  hint="e.g. --dask local:2")
             refuse_existing_output(output, force)
+        if tiff_layout is not None and (dask_scheduler is not None or output.name.lower().endswith(".zarr")):
+            raise UsageError("--tiff-layout applies to OME-TIFF outputs; this run writes OME-Zarr",
+                             hint="drop --tiff-layout, or write -o NAME.ome.tiff without --dask")
         warn_plugin_failures()
     try:
         chans = tuple(int(c) for c in channels.split(",")) if channels else None
@@ -135,6 +142,7 @@ def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: 
                          tile=tuple(tile3 or tile or ()) or None, geometry=geometry,  # type: ignore[arg-type]
                          output_kind=output_kind, border=border, blend=blend,  # type: ignore[arg-type]
                          compression=compression,  # type: ignore[arg-type]
+                         tiff_layout=tiff_layout or RunOptions.tiff_layout,  # type: ignore[arg-type]
                          channels=chans, axes=axes, probe=not no_probe, trust_graph=trust_graph)
     # the progress bar only on a terminal: a log file would get one stray "tiles" line
     progress = _Progress(quiet or as_json or not sys.stderr.isatty())

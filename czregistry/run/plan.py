@@ -13,13 +13,16 @@ from ..errors import RunError, UsageError
 from ..metadata import ModelInfo
 from .tiling import Geometry, TileGrid, plan_tiles
 
-__all__ = ["Compression", "ModelGeometry", "OutputKind", "RunOptions", "model_facts", "model_geometry",
-           "plan_for_model", "tile_borders"]
+__all__ = ["Compression", "ModelGeometry", "OutputKind", "RunOptions", "TiffLayout", "model_facts",
+           "model_geometry", "plan_for_model", "tile_borders"]
 
 OutputKind = Literal["probabilities", "uint8", "labels"]
 #: OME-TIFF compression: ``auto`` is zlib for uint8/label outputs (which shrink 10x or more) and none for
 #: float32 (zlib shrinks noisy probabilities by ~12% at ~40 MB/s per core: it was the pipeline's bottleneck).
 Compression = Literal["auto", "zlib", "none"]
+#: OME-TIFF layout of several classes: a page per class (``planar``, OME's ``CYX``) or all classes in each
+#: pixel (``interleaved``, ``YXS``). Labels and other one-channel outputs are the same file either way.
+TiffLayout = Literal["planar", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class RunOptions:
     geometry: Geometry = "stride"
     output_kind: OutputKind = "probabilities"
     compression: Compression = "auto"
+    tiff_layout: TiffLayout = "interleaved"
     border: int | None = None
     step: int | None = None
     blend: bool = False

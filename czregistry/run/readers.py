@@ -11,6 +11,7 @@ spatial (T, scenes, and Z for 2D models) is iterated plane by plane.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -213,8 +214,23 @@ class TiffChunkArray:
         key = (*(key if isinstance(key, tuple) else (key,)),)
         key = key + (slice(None),) * (len(self.shape) - len(key))  # numpy: missing trailing axes are whole
         lead_key, page_key = key[:len(self.lead_shape)], key[len(self.lead_shape):]
+        if any(isinstance(k, slice) for k in lead_key):
+            # a range of pages, e.g. all classes of a planar (CYX) file: one page at a time, stacked
+            ranges = [range(*k.indices(n)) if isinstance(k, slice) else range(int(k), int(k) + 1)
+                      for k, n in zip(lead_key, self.lead_shape)]
+            indices = list(itertools.product(*ranges))
+            pages = {int(np.ravel_multi_index(i, self.lead_shape)) for i in indices}
+            parts = [self._page(int(np.ravel_multi_index(i, self.lead_shape)), page_key, pages) for i in indices]
+            kept = [len(r) for k, r in zip(lead_key, ranges) if isinstance(k, slice)]
+            if not parts:
+                raise ValueError("empty reads are not supported")
+            return np.stack(parts).reshape(*kept, *parts[0].shape)
         page_index = int(np.ravel_multi_index(tuple(int(i) for i in lead_key), self.lead_shape)) \
             if self.lead_shape else 0
+        return self._page(page_index, page_key, {page_index})
+
+    def _page(self, page_index: int, page_key: tuple[Any, ...], keep_pages: set[int]) -> np.ndarray:
+        """``page_key`` of one page; cached chunks of ``keep_pages`` (the request's pages) stay."""
         h, w = self.shape[len(self.lead_shape):][:2]
         ys, xs = (k if isinstance(k, slice) else slice(int(k), int(k) + 1) for k in page_key[:2])
         y0, y1, sy = ys.indices(h)
@@ -226,7 +242,7 @@ class TiffChunkArray:
         ch, cw = self.chunk
         r0 = y0 // ch
         # drop what the row-by-row reader will not ask for again: other planes, rows above this request
-        for k in [k for k in self.cache if k[0] != page_index or k[1] < r0]:
+        for k in [k for k in self.cache if k[0] not in keep_pages or k[1] < r0]:
             self.cached -= self.cache.pop(k).nbytes
         rows = range(r0, (y1 - 1) // ch + 1 if y1 > y0 else r0)
         cols = range(x0 // cw, (x1 - 1) // cw + 1 if x1 > x0 else 0)

@@ -65,6 +65,8 @@ class RunResult:
     #: compression and file writes, in the TIFF writer's own thread). The slowest stage bounds the run.
     stage_seconds: dict[str, float] = field(default_factory=dict)
     compression: str = ""
+    #: OME-TIFF outputs: ``planar`` (a page per class) or ``interleaved``; "" for Zarr
+    tiff_layout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,7 +220,8 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                 compression = "none" if dtype == np.float32 else "zlib"
             spec = OutputSpec(lead_axes, lead_shape, spatial, out_c, dtype, pixel_size,
                               {"name": info.name or "", "model_id": info.id or "", "output_kind": kind,
-                               "classes": list(info.classes or [])}, compression=compression)
+                               "classes": list(info.classes or [])}, compression=compression,
+                              tiff_layout=options.tiff_layout)
             if on_plan is not None:
                 on_plan(n_planes * grid.n_tiles)
             batch_size = options.batch_size
@@ -253,6 +256,7 @@ def run(package: Path | str, image: Path | str, output: Path | str, options: Run
                           "global_context": geom.global_context},
                 pixel_size_um=pixel_size, notes=notes,
                 compression=compression if fmt == "tiff" else "zstd (sharded OME-Zarr)",
+                tiff_layout=options.tiff_layout if fmt == "tiff" else "",
                 stage_seconds={k: round(v, 3) for k, v in {
                     "read": predictor.stage_seconds["read"], "predict": predictor.predict_seconds,
                     "assemble": predictor.stage_seconds["assemble"],

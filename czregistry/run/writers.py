@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..errors import RunError, UsageError, as_disk_full
 
-__all__ = ["ArrayWriter", "OutputSpec", "RowBuffer", "TiffWriterSink", "Writer"]
+__all__ = ["TIFF_LAYOUTS", "ArrayWriter", "OutputSpec", "RowBuffer", "TiffWriterSink", "Writer"]
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -39,6 +40,9 @@ class OutputSpec:
     chunk: int = 256
     #: OME-TIFF tile compression: "zlib" (deflate, level 1) or "none". Zarr uses its default codec.
     compression: str = "zlib"
+    #: OME-TIFF layout of several channels: "interleaved" (one page per plane, the classes as samples of
+    #: each pixel) or "planar" (a page per class: OME's usual ``CYX``). One channel is the same either way.
+    tiff_layout: str = "interleaved"
 
     @property
     def n_planes(self) -> int:
@@ -96,10 +100,21 @@ class RowBuffer:
         self.parts, self.start, self.rows = [], 0, 0
 
 
+TIFF_LAYOUTS = ("interleaved", "planar")
+
+
 def _ome_axes(spec: OutputSpec) -> tuple[str, tuple[int, ...]]:
+    """tifffile's axes and shape for ``spec``: ``[T|Z] (Z)YX S`` interleaved, ``[T|Z] (Z) C YX`` planar.
+
+    Planar puts the class axis right above the page's ``YX``: the pages of one 2D plane (or one slice of a
+    3D volume) are its classes in turn, so the writer never has to hold more than one plane's pages back.
+    OME's ``DimensionOrder`` is then ``XYCZT``, one ``Channel`` per class, one page each."""
     lead = spec.lead_axes if spec.lead_axes and set(spec.lead_axes) <= set("TZ") and len(
         set(spec.lead_axes)) == len(spec.lead_axes) else ("T" if spec.lead_shape else "")
     lead_shape = spec.lead_shape if lead == spec.lead_axes else ((spec.n_planes,) if spec.lead_shape else ())
+    depth = ("Z", spec.spatial[:1]) if len(spec.spatial) == 3 else ("", ())
+    if spec.channels > 1 and spec.tiff_layout == "planar":
+        return lead + depth[0] + "CYX", (*lead_shape, *depth[1], spec.channels, *spec.spatial[-2:])
     sp = "ZYX" if len(spec.spatial) == 3 else "YX"
     axes = lead + sp + ("S" if spec.channels > 1 else "")
     return axes, (*lead_shape, *spec.spatial, *((spec.channels,) if spec.channels > 1 else ()))
@@ -121,6 +136,23 @@ def _deflate() -> Callable[[Any], bytes]:
     return lambda data: bytes(isal_zlib.compress(data, 1))
 
 
+def _split_classes(tile: np.ndarray) -> list[np.ndarray]:
+    """The class planes of a contiguous ``(Y, X, C)`` tile, each contiguous.
+
+    When a pixel's classes fill 2, 4 or 8 bytes (two uint8 classes, two float32, four uint8), the pixel is
+    read as one little-endian unsigned integer and each class is a shift and a narrowing cast away: for the
+    usual two-class uint8 tile that is 23 us against 100-130 us for numpy's strided copy (``tile[..., c]``
+    or a transposing ``moveaxis``), which would cost more than deflating the planes of a confident
+    segmentation."""
+    channels, size = tile.shape[-1], tile.dtype.itemsize
+    if channels * size in (2, 4, 8) and size < channels * size and sys.byteorder == "little" \
+            and tile.dtype.byteorder in ("=", "<", "|"):
+        whole = tile.view(f"<u{channels * size}")[..., 0]
+        return [(whole >> (8 * size * c) if c else whole).astype(f"<u{size}").view(tile.dtype)
+                for c in range(channels)]
+    return [np.ascontiguousarray(tile[..., c]) for c in range(channels)]
+
+
 class TiffWriterSink:
     """OME-TIFF, 256x256 tiles, written by a background thread as rows arrive.
 
@@ -128,6 +160,10 @@ class TiffWriterSink:
     in a small thread pool, pipelined with the file writes: zlib releases the GIL, and one core manages
     only ~40 MB/s on float32 probabilities. "none" writes tiles as they are (fastest; float32 output
     barely compresses anyway).
+
+    ``spec.tiff_layout`` "planar" writes a page per class (see ``_planar_tiles`` for how it stays bounded
+    in memory although ``tifffile`` writes the pages in file order); "interleaved" one page whose pixels
+    hold all classes.
     """
 
     _DONE = object()
@@ -137,6 +173,8 @@ class TiffWriterSink:
 
         if spec.compression not in ("zlib", "none"):
             raise UsageError(f"unknown OME-TIFF compression '{spec.compression}'", hint="use zlib or none")
+        if spec.tiff_layout not in TIFF_LAYOUTS:
+            raise UsageError(f"unknown OME-TIFF layout '{spec.tiff_layout}'", hint="use interleaved or planar")
         self.spec = spec
         self.buffer = RowBuffer(spec)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
@@ -145,6 +183,7 @@ class TiffWriterSink:
         #: seconds the writer thread was busy (encoding, waiting for its encoders, writing), not waiting for rows
         self.busy_seconds = 0.0
         self.workers = max(1, min(8, os.cpu_count() or 1)) if spec.compression == "zlib" else 0
+        self.planar = spec.channels > 1 and spec.tiff_layout == "planar"
         axes, shape = _ome_axes(spec)
         metadata: dict[str, Any] = {"axes": axes}
         for ax in "XYZ":
@@ -153,13 +192,21 @@ class TiffWriterSink:
                 metadata[f"PhysicalSize{ax}Unit"] = "µm"
         if spec.attrs.get("name"):
             metadata["Name"] = str(spec.attrs["name"])
+        classes = [str(c) for c in spec.attrs.get("classes") or []]
+        if self.planar and len(classes) == spec.channels:
+            metadata["Channel"] = {"Name": classes}
         self.path = path
+        #: where the encoded tiles of classes 1.. wait while class 0's page is written (planar only). Named
+        #: like the runner's temp output (``.NAME.<pid>-<id>-spoolK.part``), so a killed run's are swept too.
+        self.spool_paths = [path.with_name(f"{path.name.removesuffix('.part')}-spool{k}.part")
+                            for k in range(1, spec.channels)] if self.planar else []
+        self._spools: list[Any] = []
         self._tw = tifffile.TiffWriter(path, bigtiff=True, ome=True)
         # with zlib the tiles arrive as encoded bytes: tifffile only writes them and sets the tag
         self._kwargs: dict[str, Any] = {"shape": shape, "dtype": spec.dtype, "tile": (spec.chunk, spec.chunk),
                                         "compression": "zlib" if self.workers else None,
                                         "photometric": "minisblack", "metadata": metadata, "maxworkers": 1}
-        if spec.channels > 1:
+        if spec.channels > 1 and not self.planar:
             self._kwargs["planarconfig"] = "contig"
             self._kwargs["extrasamples"] = ["unspecified"] * (spec.channels - 1)
         self._thread = threading.Thread(target=self._run, name="czreg-tiff-writer", daemon=True)
@@ -189,12 +236,38 @@ class TiffWriterSink:
                         yield page[y:y + t, x:x + t]
 
     def _tiles(self) -> Iterator[np.ndarray] | Iterator[bytes]:
+        if self.planar:
+            return self._planar_tiles()
         if not self.workers:
             return self._raw_tiles()
-        return self._encoded_tiles()
+        return (pieces[0] for pieces in self._tile_pieces())
 
-    def _encoded_tiles(self) -> Iterator[bytes]:
-        """zlib-compressed full-size tiles, in order, encoded ahead by ``workers`` threads.
+    def _encoder(self) -> Callable[[np.ndarray], list[bytes]]:
+        """What one tile becomes: one deflated tile (interleaved), or one piece per class (planar: deflated,
+        or the raw bytes without compression). Edge tiles are padded with zeros, as tifffile does."""
+        t = self.spec.chunk
+        shape = (t, t, self.spec.channels) if self.spec.channels > 1 else (t, t)
+        dtype = self.spec.dtype
+        pack: Callable[[Any], bytes] = _deflate() if self.workers else bytes
+
+        def pad(tile: np.ndarray) -> np.ndarray:
+            if tile.shape == shape:
+                return tile
+            full = np.zeros(shape, dtype)
+            full[tuple(slice(0, n) for n in tile.shape)] = tile
+            return full
+
+        if not self.planar:
+            return lambda tile: [pack(np.ascontiguousarray(pad(tile), dtype).data)]
+
+        def planes(tile: np.ndarray) -> list[bytes]:
+            return [pack(plane.data) for plane in _split_classes(np.ascontiguousarray(pad(tile), dtype))]
+
+        return planes
+
+    def _tile_pieces(self) -> Iterator[list[bytes]]:
+        """Each tile's encoded pieces (``_encoder``), in order, encoded ahead by ``workers`` threads (none:
+        in this thread, for uncompressed planar tiles, which only need their class planes cut out).
 
         Each row block is cut into ``workers`` runs of consecutive tiles, one task each: a task per tile
         cost a thread hand-over (a futex wake-up and a GIL switch) per tile, as much CPU as deflating a
@@ -205,19 +278,10 @@ class TiffWriterSink:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         t = self.spec.chunk
-        shape = (t, t, self.spec.channels) if self.spec.channels > 1 else (t, t)
-        dtype = self.spec.dtype
-        deflate = _deflate()
+        encode_one = self._encoder()
 
-        def encode(tiles: list[np.ndarray]) -> list[bytes]:
-            out = []
-            for tile in tiles:
-                if tile.shape != shape:  # edge tiles are padded with zeros, as tifffile does
-                    full = np.zeros(shape, dtype)
-                    full[tuple(slice(0, n) for n in tile.shape)] = tile
-                    tile = full
-                out.append(deflate(np.ascontiguousarray(tile, dtype).data))
-            return out
+        def encode(tiles: list[np.ndarray]) -> list[list[bytes]]:
+            return [encode_one(tile) for tile in tiles]
 
         def runs(item: np.ndarray) -> Iterator[list[np.ndarray]]:
             block = item if self.spec.channels > 1 else item[..., 0]
@@ -225,11 +289,16 @@ class TiffWriterSink:
             for page in pages:
                 tiles = [page[y:y + t, x:x + t] for y in range(0, page.shape[0], t)
                          for x in range(0, page.shape[1], t)]
-                size = -(-len(tiles) // self.workers)
+                size = -(-len(tiles) // max(1, self.workers))
                 for i in range(0, len(tiles), size):
                     yield tiles[i:i + size]
 
-        pending: deque[Future[list[bytes]]] = deque()
+        if not self.workers:
+            for item in self._blocks():
+                for group in runs(item):
+                    yield from encode(group)
+            return
+        pending: deque[Future[list[list[bytes]]]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-zlib") as pool:
             try:
                 for item in self._blocks():
@@ -242,6 +311,49 @@ class TiffWriterSink:
             finally:
                 for f in pending:
                     f.cancel()
+
+    def _planar_tiles(self) -> Iterator[bytes]:
+        """The pages of a planar file in file order, from rows that arrive with all classes at once.
+
+        ``tifffile`` writes tiles in file order, and in a planar file a 2D plane's class 1 page follows the
+        whole class 0 page. So class 0's tiles go straight to the file, and the encoded tiles of classes
+        1.. are appended to one spool file per class beside the output (compressed bytes: ~1/16 of the raw
+        plane for a confident uint8 segmentation); when the class 0 page is complete they are read back in
+        order. Memory stays at one row block whatever the image height; the disk holds the spools until
+        the plane (or, in 3D, the slice) is done. They are removed on close, abort and failure."""
+        t = self.spec.chunk
+        per_page = math.prod(-(-n // t) for n in self.spec.spatial[-2:])
+        self._spools = [p.open("w+b") for p in self.spool_paths]  # closed by _remove_spools
+        lengths: list[list[int]] = [[] for _ in self._spools]
+        try:
+            n = 0
+            for pieces in self._tile_pieces():
+                yield pieces[0]
+                for fh, sizes, piece in zip(self._spools, lengths, pieces[1:]):
+                    fh.write(piece)
+                    sizes.append(len(piece))
+                n += 1
+                if n == per_page:
+                    n = 0
+                    for fh, sizes in zip(self._spools, lengths):
+                        fh.seek(0)
+                        for size in sizes:
+                            yield fh.read(size)
+                        fh.seek(0)
+                        sizes.clear()
+        finally:
+            self._remove_spools()
+
+    def _remove_spools(self) -> None:
+        """Close and delete the planar spool files (idempotent; also called from ``close``/``abort``, since a
+        failed write keeps the generator, and with it its ``finally``, alive in the stored traceback)."""
+        spools, self._spools = self._spools, []
+        for fh in spools:
+            with contextlib.suppress(OSError):
+                fh.close()
+        for p in self.spool_paths:
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
 
     def _run(self) -> None:
         t0 = time.perf_counter()
@@ -278,9 +390,12 @@ class TiffWriterSink:
                 self._put(chunk)
 
     def close(self) -> None:
-        self._put(self._DONE)
-        self._thread.join()
-        self._tw.close()
+        try:
+            self._put(self._DONE)
+            self._thread.join()
+            self._tw.close()
+        finally:
+            self._remove_spools()
         if self.error is not None:
             raise self._failure()
 
@@ -298,8 +413,7 @@ class TiffWriterSink:
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
             self._tw.close()
-
-
+        self._remove_spools()
 
 
 class ArrayWriter:
