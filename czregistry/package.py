@@ -212,7 +212,9 @@ class PackageSnapshot:
             max_size=SNAPSHOT_MEMORY_BYTES, prefix="czreg-snapshot-")
         h, size = hashlib.sha256(), 0
         try:
-            with path.open("rb") as fh:
+            # O_NONBLOCK: a FIFO put in the package's place cannot block the open; refused on the descriptor
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            with os.fdopen(fd, "rb") as fh:
                 if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                     raise PackageError(f"{path} is not a regular file", hint="name the package file itself")
                 while chunk := fh.read(_CHUNK):
