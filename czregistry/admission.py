@@ -190,6 +190,10 @@ def _admit(snapshot: PackageSnapshot, name: str | None, static: bool, smoke: boo
         from .evaluate.gate import evaluation_failures, refuse
 
         evaluation = evaluate(path, images, labels, eval_options).data
+        measured = (evaluation.get("package") or {}).get("sha256")
+        if measured != snapshot.sha256:  # the runner reads the file itself: it must have read these bytes
+            raise RegistryError(f"{path.name} changed while it was being evaluated; not published",
+                                hint="publish again")
         failures = evaluation_failures(reg, evaluation, gates or [], baseline, images, labels, eval_options)
         if failures:
             raise refuse(path.name, failures)
