@@ -39,6 +39,7 @@ __all__ = [
     "ModelFormat",
     "Package",
     "PackageKind",
+    "PackageSnapshot",
     "ReadLimits",
     "archive_findings",
     "check_overwrite",
@@ -65,6 +66,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _LICENSE_RE = re.compile(r"^(licen[cs]e|copying|notice)([._-].*)?$", re.IGNORECASE)
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _CHUNK = 1 * MiB
+#: Largest model member a snapshot keeps in memory once inflated (the ONNX protobuf limit; the audit and the
+#: ONNX backends read the whole model anyway). Larger ones are inflated again when asked.
+MAX_KEPT_MODEL_BYTES = 2 * GiB
+#: A snapshot holds at most this much in memory; a larger package goes to one private, unlinked temp file.
+SNAPSHOT_MEMORY_BYTES = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -103,23 +109,43 @@ class Package:
     model_format: ModelFormat
     findings: list[Finding] = field(default_factory=list)
     limits: ReadLimits = field(default_factory=ReadLimits)
-    #: Facts computed once per opened package and shared by its readers (the graph audit).
+    #: Facts computed once per opened package and shared by its readers (the graph audit; the model bytes of
+    #: a package read from a snapshot).
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The bytes this package was read from, when it came from a ``PackageSnapshot``: every later read of a
+    #: member reads them, never ``path`` again (which may have changed since).
+    snapshot: PackageSnapshot | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return not any(f.severity is Severity.ERROR for f in self.findings)
 
+    def _archive(self) -> zipfile.ZipFile:
+        return zipfile.ZipFile(self.snapshot.stream() if self.snapshot is not None else self.path)
+
     @contextlib.contextmanager
     def open_model(self) -> Iterator[IO[bytes]]:
-        """Stream the model member; ``zipfile`` verifies its CRC when the stream is read to the end."""
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.model_member) as fh:
+        """Stream the model member; ``zipfile`` verifies its CRC when the stream is read to the end. A model a
+        snapshot already inflated (and CRC-checked) is streamed from memory."""
+        kept = self.cache.get("model_bytes")
+        if isinstance(kept, bytes):
+            yield io.BytesIO(kept)
+            return
+        with self._archive() as zf, zf.open(self.model_member) as fh:
             yield fh
 
     def read_model_bytes(self) -> bytes:
-        """The whole model in memory: only for backends that need bytes (ONNX Runtime sessions)."""
+        """The whole model in memory: only for backends that need bytes (ONNX Runtime sessions). A package
+        read from a snapshot keeps them (up to ``MAX_KEPT_MODEL_BYTES``), so the audit, the session and the
+        smoke test share one decompression."""
+        kept = self.cache.get("model_bytes")
+        if isinstance(kept, bytes):
+            return kept
         with self.open_model() as fh:
-            return fh.read()
+            data = fh.read()
+        if self.snapshot is not None and len(data) <= MAX_KEPT_MODEL_BYTES:
+            self.cache["model_bytes"] = data
+        return data
 
     @contextlib.contextmanager
     def model_file(self) -> Iterator[Path]:
@@ -133,7 +159,7 @@ class Package:
     def read_license(self) -> str | None:
         if self.license_member is None:
             return None
-        with zipfile.ZipFile(self.path) as zf:
+        with self._archive() as zf:
             return zf.read(self.license_member).decode("utf-8", errors="replace")
 
 
@@ -153,6 +179,96 @@ def sha256_file(path: Path | str) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class PackageSnapshot:
+    """The bytes of one package file, read once, hashed while they are read, and every later reader's source.
+
+    Admission (``czregistry.admission``) validates, smoke-tests, signs and stores a package; reading the file
+    for each step both costs (the archive opened, hashed and inflated again and again) and weakens the
+    evidence: a file replaced between two reads gets a report about one set of bytes and a signature or blob
+    of another. A snapshot closes that window: its ``sha256`` is of the very bytes every step reads and the
+    registry stores. They live in memory up to ``SNAPSHOT_MEMORY_BYTES``, beyond that in one private temp file
+    that is unlinked at once (nobody else can open or change it); at most ``limits.max_total_bytes`` (plus a
+    MiB of zip structure) are read, so a file no package can be is refused before it fills memory or disk.
+
+    The package parsed from it is cached per ``ReadLimits`` (``inspect``), so identity, validation and the
+    smoke test share one ``Package``: one CRC pass that keeps the model bytes, one graph audit. Not for
+    concurrent threads (one shared file position).
+    """
+
+    def __init__(self, path: Path, spool: IO[bytes], size: int, sha256: str) -> None:
+        self.path, self.size, self.sha256 = path, size, sha256
+        self._spool: IO[bytes] | None = spool
+        self._inspected: dict[tuple[ReadLimits, bool], tuple[Package | None, list[Finding]]] = {}
+
+    @classmethod
+    def read(cls, path: Path | str, limits: ReadLimits | None = None) -> PackageSnapshot:
+        """Read ``path`` once. ``PackageError`` when it cannot be read or is larger than any package."""
+        path = Path(path)
+        bound = (limits or ReadLimits()).max_total_bytes + MiB
+        # the spool lives as long as the snapshot (closed by close() / the with block), not this function
+        spool: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=SNAPSHOT_MEMORY_BYTES, prefix="czreg-snapshot-")
+        h, size = hashlib.sha256(), 0
+        try:
+            # O_NONBLOCK: a FIFO put in the package's place cannot block the open; refused on the descriptor
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise PackageError(f"{path} is not a regular file", hint="name the package file itself")
+                while chunk := fh.read(_CHUNK):
+                    size += len(chunk)
+                    if size > bound:
+                        raise PackageError(f"{path} is over {bound:,} bytes, larger than any package the reader "
+                                           "accepts", hint="this is not a .czann/.czmodel package")
+                    h.update(chunk)
+                    spool.write(chunk)
+        except OSError as exc:
+            spool.close()
+            raise PackageError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
+        except BaseException:
+            spool.close()
+            raise
+        spool.flush()
+        return cls(path, spool, size, h.hexdigest())
+
+    @property
+    def closed(self) -> bool:
+        return self._spool is None
+
+    def stream(self) -> IO[bytes]:
+        """The bytes from the start (one shared file object: read it to the end before the next reader)."""
+        if self._spool is None:
+            raise PackageError(f"the snapshot of {self.path.name} is closed", hint="report this as a bug")
+        self._spool.seek(0)
+        return self._spool
+
+    def inspect(self, limits: ReadLimits | None = None, *,
+                verify_crc: bool = True) -> tuple[Package | None, list[Finding]]:
+        """``inspect_package`` of these bytes, once per ``limits``; ``verify_crc=False`` reuses a full read."""
+        limits = limits or ReadLimits()
+        for key in ((limits, True), (limits, verify_crc)):
+            if key in self._inspected:
+                return self._inspected[key]
+        out = _inspect(self.path, self, limits, verify_crc)
+        self._inspected[(limits, verify_crc)] = out
+        return out
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        for package, _ in self._inspected.values():
+            if package is not None:
+                package.cache.pop("model_bytes", None)
+        self._inspected.clear()
+
+    def __enter__(self) -> PackageSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_license_name(name: str) -> bool:
@@ -291,25 +407,35 @@ def _verify_crc(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
             pass
 
 
-def inspect_package(path: Path | str, limits: ReadLimits | None = None,
+def inspect_package(path: Path | str | PackageSnapshot, limits: ReadLimits | None = None,
                     *, verify_crc: bool = True) -> tuple[Package | None, list[Finding]]:
     """Read a package's structure and metadata; never raises for anything inside the file.
 
     Returns ``(package, findings)``; ``package`` is ``None`` when the archive is unusable (not a zip,
-    unsafe, a required member missing). ``findings`` are also stored on the returned package.
+    unsafe, a required member missing). ``findings`` are also stored on the returned package. A
+    ``PackageSnapshot`` is read from its bytes (and its result cached there).
     """
-    limits = limits or ReadLimits()
-    path = Path(path)
+    if isinstance(path, PackageSnapshot):
+        return path.inspect(limits, verify_crc=verify_crc)
+    return _inspect(Path(path), None, limits or ReadLimits(), verify_crc)
+
+
+def _inspect(path: Path, snapshot: PackageSnapshot | None, limits: ReadLimits,
+             verify_crc: bool) -> tuple[Package | None, list[Finding]]:
     findings: list[Finding] = []
+    if snapshot is not None:
+        size = snapshot.size
+        head = snapshot.stream().read(4)
+    else:
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(4)
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+        except OSError as exc:
+            raise PackageError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
     try:
-        with path.open("rb") as fh:
-            head = fh.read(4)
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-    except OSError as exc:
-        raise PackageError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
-    try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(snapshot.stream() if snapshot is not None else path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         if head == b"PK\x03\x04":
             findings.append(Finding.error(
@@ -375,13 +501,21 @@ def inspect_package(path: Path | str, limits: ReadLimits | None = None,
                 location=meta_name, hint="metadata is a few hundred bytes; this file is not a real package",
             ))
             return None, findings
+        model_bytes: bytes | None = None
         try:
             meta_bytes = _read_bounded(zf, meta_info)
             with zf.open(model_info) as fh:
                 model_head = fh.read(8)
             if verify_crc:
                 for info in files:
-                    if info is not meta_info:
+                    if info is meta_info:
+                        continue
+                    if (snapshot is not None and info is model_info and sniff_model_format(model_head) == "onnx"
+                            and info.file_size <= MAX_KEPT_MODEL_BYTES):
+                        # the CRC pass inflates the model anyway: a snapshot keeps it for the audit and the
+                        # session (zipfile checks the CRC at the end of the read, never inflates past the size)
+                        model_bytes = _read_bounded(zf, info)
+                    else:
                         _verify_crc(zf, info)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as exc:
             findings.append(Finding.error(
@@ -395,8 +529,10 @@ def inspect_package(path: Path | str, limits: ReadLimits | None = None,
         path=path, kind=kind, metadata_member=meta_name, model_member=model_name,
         license_member=license_member, metadata_bytes=meta_bytes, metadata=metadata,
         model_size=model_info.file_size, model_format=sniff_model_format(model_head),
-        findings=findings, limits=limits,
+        findings=findings, limits=limits, snapshot=snapshot,
     )
+    if model_bytes is not None:
+        package.cache["model_bytes"] = model_bytes
     if package.model_format == "unknown":
         findings.append(Finding.error(
             "archive.model_format", f"'{model_name}' is neither an ONNX model nor a zipped SavedModel",
@@ -488,14 +624,15 @@ def parse_legacy_xml(data: bytes) -> dict[str, Any]:
     return out
 
 
-def open_package(path: Path | str, limits: ReadLimits | None = None) -> Package:
+def open_package(path: Path | str | PackageSnapshot, limits: ReadLimits | None = None) -> Package:
     """Like ``inspect_package`` but raises ``PackageError`` with the first error; for callers that only
     want to use a package (run, pack, publish) rather than report on it."""
     package, findings = inspect_package(path, limits)
     errors = [f for f in findings if f.severity is Severity.ERROR]
     if package is None or errors:
         first = errors[0] if errors else Finding.error("archive", "package could not be read")
-        raise PackageError(f"{path}: {first.message}", hint=first.hint)
+        shown = path.path if isinstance(path, PackageSnapshot) else path
+        raise PackageError(f"{shown}: {first.message}", hint=first.hint)
     return package
 
 

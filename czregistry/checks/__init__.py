@@ -82,6 +82,11 @@ class CheckContext:
             self.report.measurements.setdefault("device", self._session.device)
         return self._session
 
+    @property
+    def loaded_session(self) -> Session | None:
+        """The session if a check loaded one (``session`` loads on first use; this never does)."""
+        return self._session
+
     def measure(self, key: str, value: Any) -> None:
         self.report.measurements[key] = value
 

@@ -206,12 +206,24 @@ class Registry:
                 signer_public_key: Path | None = None) -> PublishResult:
         """Admit the package (``admission.admit``: validate with ``validator``, smoke, sign with
         ``sign_key`` or check ``signed``), unless ``evidence`` from an earlier ``admit`` is given; then store
-        the blob and record the version with its evidence (the rows are committed last). The blob is stored
-        only if its bytes hash to the evidence's ``sha256``, so the evidence always describes the bytes
-        stored."""
-        from ..admission import admit
+        the blob and record the version with its evidence (the rows are committed last).
 
-        path = Path(path)
+        The file is read once (a ``PackageSnapshot``, or the one ``evidence`` holds): admission and the blob
+        store see the same bytes, stored without being read or hashed again, so the evidence describes exactly
+        the bytes stored. Evidence without a snapshot is stored from ``path`` only if those bytes hash to its
+        ``sha256``."""
+        with contextlib.ExitStack() as stack:
+            return self._publish(stack, Path(path), name, version, bump_part, static, allow_invalid, note, tags,
+                                 smoke, sign_key, validator, evidence, signed, signer_public_key)
+
+    def _publish(self, stack: contextlib.ExitStack, path: Path, name: str | None, version: str | None,
+                 bump_part: Bump | None, static: bool, allow_invalid: bool, note: str | None,
+                 tags: dict[str, str] | None, smoke: bool, sign_key: Path | str | None, validator: Validator | None,
+                 evidence: Evidence | None, signed: SignedPackage | None,
+                 signer_public_key: Path | None) -> PublishResult:
+        from ..admission import PackageSnapshot, admit
+        from ..package import require_package_file
+
         tags = check_tags(tags or {})
         if name is not None:
             canonical_name(name)  # an empty or overlong --name is refused before any work
@@ -223,15 +235,20 @@ class Registry:
                                 "published", hint="publish with --sign PRIVATE.pem (czreg keygen makes a key pair)")
         new_version = parse_version(version) if version is not None else None
         if evidence is None:
-            evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
+            require_package_file(path)
+            snapshot = stack.enter_context(PackageSnapshot.read(path))
+            evidence = admit(snapshot, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
                              sign_key=sign_key, signed=signed, signer_public_key=signer_public_key,
                              validator=validator)
         ident = evidence.identity
         display, cname, kind, model_type, classes = (ident.display, ident.canonical, ident.kind, ident.model_type,
                                                      ident.classes)
         report, smoke_report, forced, signed = evidence.report, evidence.smoke, evidence.forced, evidence.signed
+        held = evidence.snapshot if evidence.snapshot is not None and not evidence.snapshot.closed else None
 
         def put() -> tuple[str, int]:
+            if held is not None and held.sha256 == report.sha256:
+                return self.store.put(held.stream(), expected=held.sha256, verified=True)
             with path.open("rb") as fh:
                 return self.store.put(fh, expected=report.sha256)
 

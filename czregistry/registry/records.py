@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import Session
 
+    from ..package import PackageSnapshot
     from ..report import Report
     from ..sharing.signing import SignedPackage
     from .versions import Bump
@@ -124,6 +125,9 @@ class Evidence:
     signed: SignedPackage | None
     evaluation: dict[str, Any] | None
     forced: bool  # admitted only because of --allow-invalid
+    #: The bytes admitted, while the caller that read them keeps them open: ``publish`` stores these (no
+    #: second read or hash of the file); ``None`` when ``admit`` read the path itself and let go of them.
+    snapshot: PackageSnapshot | None = field(default=None, repr=False, compare=False)
 
     @property
     def valid(self) -> bool:

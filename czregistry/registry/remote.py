@@ -24,7 +24,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from .. import __version__, errors
@@ -210,35 +210,48 @@ class RemoteRegistry:
         path = Path(path)
         if (version is None) == (bump_part is None):
             raise UsageError("give exactly one of --version and --bump", hint="e.g. --version 1.2.0 or --bump minor")
-        if sign_key is not None and (evidence is None or evidence.signed is None):
-            from ..admission import admit
+        with contextlib.ExitStack() as stack:
+            if sign_key is not None and (evidence is None or evidence.signed is None):
+                from ..admission import PackageSnapshot, admit
+                from ..package import require_package_file
 
-            evidence = admit(path, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
-                             sign_key=sign_key)
-        signed = evidence.signed if evidence is not None else None
-        tail = [signed.signature, signed.attestation, signed.public_key] if signed is not None else []
-        try:
-            h, size = hashlib.sha256(), 0
-            with path.open("rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-            if signed is not None and signed.sha256 != h.hexdigest():
-                raise UsageError(f"{path.name} changed after it was signed; not published", hint="publish again")
-            params: list[tuple[str, Any]] = [("name", name), ("version", version), ("bump", bump_part),
-                                             ("static", static), ("allow_invalid", allow_invalid),
-                                             ("smoke", smoke), ("note", note)]
-            params += [("tag", f"{k}={v}") for k, v in (tags or {}).items()]
-            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size + sum(map(len, tail))),
-                       "X-Czreg-Filename": path.name, "X-Czreg-Sha256": h.hexdigest()}
-            if signed is not None:
-                headers.update({"X-Czreg-Package-Length": str(size), "X-Czreg-Signature-Length": str(len(tail[0])),
-                                "X-Czreg-Attestation-Length": str(len(tail[1])),
-                                "X-Czreg-Public-Key-Length": str(len(tail[2]))})
-            with path.open("rb") as fh:
-                r = self._open("POST", "/publish", params, body=_body(fh, size, tail), headers=headers)
-        except OSError as exc:
-            raise UsageError(f"cannot read package {path}: {exc.strerror or exc}", hint="check the path") from None
+                require_package_file(path)
+                snapshot = stack.enter_context(PackageSnapshot.read(path))  # signed and uploaded: the same bytes
+                evidence = admit(snapshot, name=name, static=static, smoke=smoke, allow_invalid=allow_invalid,
+                                 sign_key=sign_key)
+            held = evidence.snapshot if evidence is not None and evidence.snapshot is not None else None
+            signed = evidence.signed if evidence is not None else None
+            tail = [signed.signature, signed.attestation, signed.public_key] if signed is not None else []
+            try:
+                if held is not None and not held.closed:
+                    digest, size = held.sha256, held.size
+                else:
+                    h, size = hashlib.sha256(), 0
+                    with path.open("rb") as fh:
+                        while chunk := fh.read(CHUNK):
+                            h.update(chunk)
+                            size += len(chunk)
+                    digest = h.hexdigest()
+                if signed is not None and signed.sha256 != digest:
+                    raise UsageError(f"{path.name} changed after it was signed; not published", hint="publish again")
+                params: list[tuple[str, Any]] = [("name", name), ("version", version), ("bump", bump_part),
+                                                 ("static", static), ("allow_invalid", allow_invalid),
+                                                 ("smoke", smoke), ("note", note)]
+                params += [("tag", f"{k}={v}") for k, v in (tags or {}).items()]
+                headers = {"Content-Type": "application/octet-stream",
+                           "Content-Length": str(size + sum(map(len, tail))),
+                           "X-Czreg-Filename": path.name, "X-Czreg-Sha256": digest}
+                if signed is not None:
+                    headers.update({"X-Czreg-Package-Length": str(size),
+                                    "X-Czreg-Signature-Length": str(len(tail[0])),
+                                    "X-Czreg-Attestation-Length": str(len(tail[1])),
+                                    "X-Czreg-Public-Key-Length": str(len(tail[2]))})
+                with contextlib.ExitStack() as reading:
+                    body: IO[bytes] = held.stream() if held is not None and not held.closed else \
+                        reading.enter_context(path.open("rb"))
+                    r = self._open("POST", "/publish", params, body=_body(body, size, tail), headers=headers)
+            except OSError as exc:
+                raise UsageError(f"cannot read package {path}: {exc.strerror or exc}", hint="check the path") from None
         try:
             out = json.loads(r.resp.read())
         except (OSError, ValueError, http.client.HTTPException) as exc:

@@ -41,8 +41,10 @@ class BlobStore(Protocol):
 
     location: str
 
-    def put(self, src: IO[bytes], *, expected: str | None = None) -> tuple[str, int]:
-        """Store the stream; return (digest, size). Idempotent: existing bytes are kept, not rewritten."""
+    def put(self, src: IO[bytes], *, expected: str | None = None, verified: bool = False) -> tuple[str, int]:
+        """Store the stream; return (digest, size). Idempotent: existing bytes are kept, not rewritten.
+        ``verified``: the caller hashed exactly these bytes to ``expected`` already (a ``PackageSnapshot``,
+        which nobody else can change), so the store need not hash them again."""
         ...
 
     def open(self, digest: str) -> IO[bytes]:
@@ -80,21 +82,22 @@ class LocalBlobStore:
     def path(self, digest: str) -> Path:
         return self.root / "sha256" / digest[:2] / digest[2:]
 
-    def put(self, src: IO[bytes], *, expected: str | None = None) -> tuple[str, int]:
+    def put(self, src: IO[bytes], *, expected: str | None = None, verified: bool = False) -> tuple[str, int]:
         self._mkdir(self._tmp)
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
-        h = hashlib.sha256()
+        h = None if verified and expected is not None else hashlib.sha256()
         size = 0
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                                    self._file_mode), "wb") as out:
                 while chunk := src.read(CHUNK):
-                    h.update(chunk)
+                    if h is not None:
+                        h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            digest = h.hexdigest()
+            digest = h.hexdigest() if h is not None else str(expected)
             if expected is not None and digest != expected:
                 raise RegistryError(f"the package changed while it was being stored (sha256 {digest}, "
                                     f"expected {expected})", hint="publish again once the file is complete")

@@ -11,19 +11,23 @@ stores it next to the version (``publish --smoke``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends import Device
+from ..backends import Device, Session
 from ..errors import CzregError, UnsafeGraphError
 from ..metadata import ModelInfo
 from ..probing import SEED, centred_origin, probe_image, seam_band
 from ..report import Finding, Report
 from ..selection import load_session
+
+if TYPE_CHECKING:
+    from ..package import PackageSnapshot
 
 __all__ = ["SEAM_TOLERANCE", "smoke_test", "synthetic_image"]
 
@@ -92,45 +96,68 @@ def _semantics(report: Report, info: ModelInfo, out: np.ndarray) -> None:
             report.add(Finding.info("smoke.value_semantics", f"output in [0, 1] (values {lo:.3g} .. {hi:.3g})"))
 
 
-def smoke_test(path: Path | str, *, image: Path | str | None = None, backend: str | None = None,
+def smoke_test(path: Path | str | PackageSnapshot, *, image: Path | str | None = None, backend: str | None = None,
                device: Device = "auto", tile: tuple[int, ...] | None = None, batch_size: int = 4,
                tiles_per_axis: float = 2.5, seed: int = 0, max_whole_pixels: int = MAX_WHOLE_PIXELS,
-               probe_budget: float = 20.0, trust_graph: bool = False) -> Report:
+               probe_budget: float = 20.0, trust_graph: bool = False, session: Session | None = None) -> Report:
     """Run ``path`` tiled and report shape, finiteness, value semantics, seam error and throughput.
 
     Never raises for problems of the package: they become error findings (``smoke.*``; a graph the static
     audit refuses is ``model.graph.unsafe_ops`` and nothing runs, unless ``trust_graph``).
-    """
+
+    ``path`` may be a ``PackageSnapshot`` (admission's one read of the file), and ``session`` a session of its
+    model that validation already loaded through ``load_session`` (so the audit passed); it is borrowed, not
+    closed, and the model is not loaded again."""
+    from ..package import PackageSnapshot
+
+    if isinstance(path, PackageSnapshot):
+        return _smoke(path, image, backend, device, tile, batch_size, tiles_per_axis, seed, max_whole_pixels,
+                      probe_budget, trust_graph, session)
+    try:
+        snapshot = PackageSnapshot.read(path)
+    except CzregError as exc:
+        report = Report(path=str(path))
+        report.add(Finding.error("smoke.package", exc.message, hint=exc.hint))
+        return report
+    with snapshot:
+        return _smoke(snapshot, image, backend, device, tile, batch_size, tiles_per_axis, seed, max_whole_pixels,
+                      probe_budget, trust_graph, session)
+
+
+def _smoke(snapshot: PackageSnapshot, image: Path | str | None, backend: str | None, device: Device,
+           tile: tuple[int, ...] | None, batch_size: int, tiles_per_axis: float, seed: int, max_whole_pixels: int,
+           probe_budget: float, trust_graph: bool, borrowed: Session | None) -> Report:
     from ..package import open_package
     from .pipeline import predict_image
     from .plan import ModelGeometry, RunOptions, model_geometry, plan_for_model
 
-    report = Report(path=str(path))
+    report = Report(path=str(snapshot.path))
     meas = report.measurements
     try:
-        pkg = open_package(path)
+        pkg = open_package(snapshot)
     except CzregError as exc:
         report.add(Finding.error("smoke.package", exc.message, hint=exc.hint))
         return report
-    from ..package import sha256_file
-
-    report.format, report.sha256 = pkg.kind, sha256_file(pkg.path)
+    report.format, report.sha256 = pkg.kind, snapshot.sha256
     info = ModelInfo.from_package(pkg)
     if info.type is not None and not info.is_dense:
         report.add(Finding.info("smoke.not_tiled", f"{info.type} models give one result per tile; no tiling "
                                                    "to test"))
         return report
-    try:
-        session = load_session(pkg, backend, device, trust_graph=trust_graph)
-    except UnsafeGraphError as exc:
-        report.add(Finding.error("model.graph.unsafe_ops", exc.message, hint=exc.hint))
-        if exc.audit is not None:
-            meas["graph_audit"] = exc.audit
-        return report
-    except CzregError as exc:
-        report.add(Finding.error("smoke.load", exc.message, hint=exc.hint))
-        return report
-    with session:
+    if borrowed is not None:
+        session = borrowed
+    else:
+        try:
+            session = load_session(pkg, backend, device, trust_graph=trust_graph)
+        except UnsafeGraphError as exc:
+            report.add(Finding.error("model.graph.unsafe_ops", exc.message, hint=exc.hint))
+            if exc.audit is not None:
+                meas["graph_audit"] = exc.audit
+            return report
+        except CzregError as exc:
+            report.add(Finding.error("smoke.load", exc.message, hint=exc.hint))
+            return report
+    with session if borrowed is None else contextlib.nullcontext(session):
         meas["smoke.backend"], meas["smoke.device"] = session.backend, session.device
         try:
             geom = model_geometry(session, info, time_budget=probe_budget)

@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import __version__
@@ -300,12 +300,17 @@ def _sha256_file(path: Path) -> str:
 
 def sign_package(path: Path | str, private_key: Path | str, *, report: Report | dict[str, Any],
                  smoke: Report | dict[str, Any] | None = None, password: bytes | None = None,
-                 write: bool = True, force: bool = False) -> SignedPackage:
+                 write: bool = True, force: bool = False, sha256: str | None = None) -> SignedPackage:
     """Sign ``path`` with model-signing's key method and attest ``report`` (and ``smoke``) about its bytes.
 
     ``report`` must be the validation report of these very bytes (its ``sha256`` is checked). With
     ``write``, ``PACKAGE.sig`` and ``PACKAGE.att`` appear beside the package (each written whole or not at
     all; existing ones are kept unless ``force``).
+
+    ``sha256``: the digest of the package's bytes, already computed by whoever read them (admission's
+    ``PackageSnapshot``): model-signing then signs a manifest of that digest instead of hashing ``path``
+    again, so the signature is about exactly the bytes that were validated and are stored, whatever
+    happens to the file meanwhile. The bundle is the one model-signing's own ``sign`` writes for those bytes.
     """
     require_extra("model_signing", "OpenSSL")
     from model_signing import hashing, signing
@@ -328,7 +333,10 @@ def sign_package(path: Path | str, private_key: Path | str, *, report: Report | 
         config = signing.Config().set_hashing_config(
             hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
         try:
-            config.use_elliptic_key_signer(private_key=tmp_key).sign(path, tmp_sig)
+            if sha256 is None:
+                config.use_elliptic_key_signer(private_key=tmp_key).sign(path, tmp_sig)
+            else:
+                _sign_digest(path, sha256, tmp_key, tmp_sig)
         except Exception as exc:
             raise SignatureError(f"model-signing could not sign {path.name}: {first_line(exc)}") from None
         signature = tmp_sig.read_bytes()
@@ -351,6 +359,25 @@ def sign_package(path: Path | str, private_key: Path | str, *, report: Report | 
         _write_atomic(sig_out, signature)
         _write_atomic(att_out, attestation)
     return SignedPackage(sha256, kid, signature, attestation, _public_pem(key.public_key()))
+
+
+def _sign_digest(path: Path, sha256: str, key_file: Path, out: Path) -> None:
+    """What ``model_signing.signing.Config.sign(path, out)`` does, with the file's digest given rather than
+    computed: the hashing configuration describes the serialisation of ``path`` (``files_to_hash=[]`` hashes
+    nothing) and the manifest gets the one item model-signing's file serialiser makes for a single file (``.``,
+    its SHA-256). Kept byte-for-byte equal to model-signing's own payload by
+    ``tests/test_admission_io.py::test_signing_a_known_digest_is_model_signings_payload``."""
+    from model_signing import hashing, manifest, signing
+    from model_signing._hashing.hashing import Digest
+    from model_signing._signing.signing import Payload
+
+    hashing_config = hashing.Config().use_file_serialization(hashing_algorithm="sha256")
+    described = hashing_config.hash(path, files_to_hash=[])
+    item = manifest.FileManifestItem(path=PurePosixPath("."), digest=Digest("sha256", bytes.fromhex(sha256)))
+    made = manifest.Manifest(described.model_name, [item], described._serialization_type)
+    signer = signing.Config().use_elliptic_key_signer(private_key=key_file)._signer
+    assert signer is not None
+    signer.sign(Payload(made)).write(out)
 
 
 def _private_key_file(key: Any, folder: Path) -> Path:
