@@ -81,7 +81,7 @@ def test_2d_planes_equal_the_single_process_run(client: Any, model_cache: ModelC
 def test_one_zarr_format_in_both_paths_and_equal_to_the_ome_tiff(client: Any, model_cache: ModelCache,
                                                                    tmp_path: Path, kind: str) -> None:
     """``-o x.zarr`` is the same OME-Zarr 0.5 with or without --dask: the same metadata, array layout
-    (CYX, 256 px chunks, 2048 px sharded rows) and shard files byte for byte; the pixels equal the OME-TIFF
+    (CYX, 256 px chunks, shards of up to 2048 x 2048 px) and shard files byte for byte; the pixels equal the OME-TIFF
     output's."""
     import tifffile
     import zarr
@@ -103,12 +103,56 @@ def test_one_zarr_format_in_both_paths_and_equal_to_the_ome_tiff(client: Any, mo
     assert ome["multiscales"][0]["datasets"][0]["path"] == "0"
     for a in arrays:
         assert a.metadata.zarr_format == 3 and a.shape == (single.shape[-1], 300, 2600)
-        assert a.chunks == (single.shape[-1], 256, 256) and a.shards == (single.shape[-1], 256, 2048)
+        assert a.chunks == (single.shape[-1], 256, 256) and a.shards == (single.shape[-1], 512, 2048)
 
     def shard_files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in (root / "0" / "c").rglob("*") if p.is_file()}
 
     assert shard_files(tmp_path / "single.zarr") == shard_files(tmp_path / "dask.zarr")
+
+
+@pytest.mark.parametrize("kind", ["labels", "uint8"])
+def test_sharded_output_reads_in_zarr_and_ome_zarr_py_as_the_ome_tiff(client: Any, model_cache: ModelCache,
+                                                                       tmp_path: Path, kind: str) -> None:
+    """What OME-Zarr consumers see: the sharded output (2 x 2 shards of up to 8 x 8 chunks, appended chunk
+    row by chunk row) of the single process and of Dask (2048 px blocks) read with zarr and with
+    ome-zarr-py (``ome_zarr.io.parse_url`` + ``ome_zarr.reader.Reader``) holds the OME-TIFF output's pixels
+    of the same run, on the same axes (the class axis ``c`` is the OME-TIFF's samples ``S``)."""
+    import tifffile
+    import zarr
+
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (2300, 2200), 6)
+    options = RunOptions(output_kind=kind)  # type: ignore[arg-type]
+    run(pkg, img, tmp_path / "single.ome.tiff", options)
+    run(pkg, img, tmp_path / "single.zarr", options)
+    run_dask(pkg, [img], tmp_path / "dask.zarr", options, client=client, block=2048)
+    with tifffile.TiffFile(tmp_path / "single.ome.tiff") as tf:
+        tiff, tiff_axes = tf.series[0].asarray(), tf.series[0].axes
+    classes = 1 if kind == "labels" else 2
+    assert tiff_axes == ("YX" if classes == 1 else "YXS") and len(np.unique(tiff)) > 1
+    want = tiff.reshape(2300, 2200, classes)
+    for name in ("single.zarr", "dask.zarr"):
+        array = zarr.open_group(str(tmp_path / name), mode="r")["0"]
+        assert array.chunks == (classes, 256, 256) and array.shards == (classes, 2048, 2048)
+        assert len([p for p in (tmp_path / name / "0" / "c").rglob("*") if p.is_file()]) == 4
+        assert np.array_equal(np.moveaxis(array[...], 0, -1), want)
+        location = parse_url(str(tmp_path / name))
+        assert location is not None
+        nodes = list(reader.Reader(location)())
+        image = nodes[0]
+        axes = [a["name"] for a in image.metadata["axes"]]
+        assert axes == ["c", "y", "x"] and [a.get("type") for a in image.metadata["axes"]] == [
+            "channel", "space", "space"]
+        assert len(image.data) == 1  # one resolution level
+        pixels = image.data[0].compute(scheduler="synchronous")
+        assert pixels.dtype == tiff.dtype and pixels.shape == (classes, 2300, 2200)
+        assert np.array_equal(np.moveaxis(pixels, 0, -1), want)
+        # the same axes as the OME-TIFF's: its samples axis S is the class axis c
+        assert "".join(a.upper() for a in axes).replace("C", "") + ("S" if classes > 1 else "") == tiff_axes
 
 
 def test_3d_volume_equals_the_single_process_run(client: Any, model_cache: ModelCache, tmp_path: Path) -> None:

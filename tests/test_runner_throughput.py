@@ -214,12 +214,33 @@ def test_reflected_reads_by_runs_equal_take(n: int) -> None:
             assert np.array_equal(_take_runs(moved, idx - lo, 1), np.take(moved, idx - lo, axis=1))
 
 
+def _shard_chunks(raw: bytes, per: tuple[int, ...]) -> dict[tuple[int, ...], bytes]:
+    """A shard file's chunks by position, read through its index (checked against its CRC32C)."""
+    import google_crc32c
+
+    n = math.prod(per)
+    index_bytes = raw[-(16 * n + 4):-4]
+    assert google_crc32c.value(index_bytes) == int.from_bytes(raw[-4:], "little")
+    index = np.frombuffer(index_bytes, "<u8").reshape(*per, 2)
+    out = {}
+    for pos in np.ndindex(*per):
+        off, length = (int(v) for v in index[pos])
+        if off != 2**64 - 1:
+            out[pos] = raw[off:off + length]
+    # the chunks fill the file before the index, each once
+    assert sum(len(b) for b in out.values()) == len(raw) - 16 * n - 4
+    return out
+
+
 @pytest.mark.parametrize("case", [("float32", 2, (), (600, 530)), ("uint8", 1, (2,), (300, 700)),
-                                  ("uint8", 2, (), (3, 300, 280)), ("uint8", 3, (), (520, 2600))])
-def test_zarr_shard_files_are_zarrs_own(tmp_path: Path, case: tuple[str, int, tuple[int, ...], tuple[int, ...]]
-                                        ) -> None:
-    """Our shard files are byte for byte what Zarr writes for the same OME-Zarr array (chunks in Zarr's
-    order, the index and its CRC32C); all-empty shards and empty chunks are left out as Zarr leaves them."""
+                                  ("uint8", 2, (), (3, 300, 280)), ("uint8", 3, (), (520, 2600)),
+                                  ("uint8", 1, (), (2600, 4500)), ("uint8", 1, (), (2, 2300, 2100))])
+def test_zarr_shard_files_hold_zarrs_own_chunks(tmp_path: Path,
+                                                case: tuple[str, int, tuple[int, ...], tuple[int, ...]]) -> None:
+    """Our shard files, appended chunk row by chunk row, hold exactly the chunks Zarr writes for the same
+    OME-Zarr array (same encoded bytes, the same chunks left out as empty, a valid index and CRC32C), in C
+    order instead of Zarr's Morton order: byte for byte Zarr's file where the two orders agree (shards one
+    chunk high). All-empty shards and empty chunks are left out as Zarr leaves them."""
     import zarr
 
     from czregistry.run.omezarr import read_ome_zarr
@@ -228,6 +249,8 @@ def test_zarr_shard_files_are_zarrs_own(tmp_path: Path, case: tuple[str, int, tu
     data = (np.random.default_rng(len(spatial)).random((*lead, *spatial, channels))
             * (255 if dtype == "uint8" else 1)).astype(dtype)
     data[..., :256, :256, :] = 0  # an empty chunk: Zarr does not write it, neither may we
+    if spatial[-2] > 2048:
+        data[..., 2048:, 2048:, :] = 0  # an empty shard: no file
     spec = OutputSpec("T" * len(lead), lead, spatial, channels, np.dtype(dtype))
     sink = ZarrWriterSink(tmp_path / "ours.zarr", spec)
     assert sink.shards.direct and sink.workers >= 1
@@ -247,10 +270,36 @@ def test_zarr_shard_files_are_zarrs_own(tmp_path: Path, case: tuple[str, int, tu
                 and p.name != "zarr.json"}
 
     ours, theirs = shard_files(tmp_path / "ours.zarr" / "0"), shard_files(tmp_path / "ref.zarr")
-    assert ours == theirs and len(theirs) >= 2
+    per = tuple(s // c for s, c in zip(ours_array.shards, ours_array.chunks))
+    assert sorted(ours) == sorted(theirs) and theirs
+    for name in theirs:
+        assert _shard_chunks(ours[name], per) == _shard_chunks(theirs[name], per)
+        if sum(n > 1 for n in per) <= 1:  # Morton order is C order: the very same file
+            assert ours[name] == theirs[name]
     assert np.array_equal(read_ome_zarr(tmp_path / "ours.zarr"), data)
-    if spatial[-1] > 2048:  # a shard holds a row of up to 8 chunks: fewer files than chunks
-        assert ours_array.shards[-1] == 2048 and len(ours) < math.prod(-(-n // 256) for n in spatial[-2:])
+    assert np.array_equal(ref[...], ours_array[...])
+    if spatial[-2] > 2048:  # shards of up to 8 x 8 chunks: one file per 2048 x 2048 px that holds a label
+        assert ours_array.shards[-2:] == (2048, 2048)
+        held = [bool(data[..., y:y + 2048, x:x + 2048, :].any()) for y in range(0, spatial[-2], 2048)
+                for x in range(0, spatial[-1], 2048)]
+        assert False in held and len(ours) == sum(held) * (spatial[0] if len(spatial) == 3 else 1)
+    assert not list((tmp_path / "ours.zarr").rglob("*.tmp"))
+
+
+def test_zarr_abort_leaves_no_partial_shard(tmp_path: Path) -> None:
+    """Shards stay open across chunk rows; an abort closes and removes their temporary files."""
+    spec = OutputSpec("", (), (2300, 600), 1, np.dtype(np.uint8))
+    sink = ZarrWriterSink(tmp_path / "a.zarr", spec)
+    data = np.random.default_rng(5).integers(1, 255, (2300, 600, 1), dtype=np.uint8)
+    for s in range(0, 1000, 100):
+        sink.write(0, s, data[s:s + 100])
+    while sink._pending:
+        sink._retire()
+    tmps = list((tmp_path / "a.zarr").rglob("*.tmp"))
+    assert len(tmps) == 1 and sink.shards.unfinished == 1  # the first shard row: open, not renamed yet
+    sink.abort()
+    assert sink.shards.unfinished == 0 and not [p for p in (tmp_path / "a.zarr" / "0").rglob("*") if p.is_file()
+                                                and p.name != "zarr.json"]
 
 
 def test_zarr_fallback_path_writes_the_same_array(tmp_path: Path) -> None:

@@ -20,15 +20,15 @@ import numpy as np
 from ..errors import RunError, UsageError, as_disk_full
 from .writers import OutputSpec, RowBuffer
 
-__all__ = ["ZARR_CHUNK", "ZARR_SHARD_X", "OmeZarrLayout", "OmeZarrShards", "ZarrWriterSink", "create_ome_zarr",
+__all__ = ["ZARR_CHUNK", "ZARR_SHARD", "OmeZarrLayout", "OmeZarrShards", "ZarrWriterSink", "create_ome_zarr",
            "ome_array_axes", "ome_zarr_attrs", "read_ome_zarr"]
 
 
 #: Output chunk edge (pixels per Y/X), as the OME-TIFF tiles.
 ZARR_CHUNK = 256
-#: Shard width along X: one shard holds a row of up to 8 chunks (2048 px), so a 256-row block of an
-#: 8192 px wide image is 4 files instead of 32 (and 32 directories).
-ZARR_SHARD_X = 2048
+#: Shard edge along Y and X: a shard holds up to 8 x 8 chunks (2048 x 2048 px), so an 8192 x 8192 output
+#: is 16 files instead of 1024 chunk files (every file created costs ~0.4 ms on ext4).
+ZARR_SHARD = 2048
 
 
 def ome_array_axes(lead_axes: str, nd: int) -> str:
@@ -64,9 +64,11 @@ def ome_zarr_attrs(axes: str, pixel_size: dict[str, float], name: str) -> dict[s
 class OmeZarrLayout:
     """Shape, chunks and shards of the output array ``0`` in OME-Zarr axis order (``axes``).
 
-    Chunks are 256 x 256 (x 1 slice in 3D) with all classes in one chunk; a shard is one chunk high and up
-    to ``ZARR_SHARD_X`` wide, narrowed so that it divides ``block`` (the Dask block edge: no two blocks
-    share a shard file). The single-process run and the Dask run with its default block get the same layout.
+    Chunks are 256 x 256 (x 1 slice in 3D) with all classes in one chunk; a shard is up to ``ZARR_SHARD``
+    high and wide (one slice deep in 3D), narrowed so that it divides ``block`` (the Dask block edge: no
+    two blocks share a shard file) and to what the image needs. Shards this tall need no row buffering:
+    ``OmeZarrShards.write_rows`` appends each chunk row to the open shard file. The single-process run and
+    the Dask run with its default block get the same layout.
     """
 
     axes: str
@@ -81,17 +83,17 @@ class OmeZarrLayout:
         nd = len(spatial)
         axes = ome_array_axes(lead_axes, nd)
         c = ZARR_CHUNK if block is None else min(ZARR_CHUNK, block)
-        per = ZARR_SHARD_X // c
+        most = ZARR_SHARD // c
         if block is not None:  # the shard must divide the block: the largest count of chunks that does
             k = max(1, block // c)
-            per = max(d for d in range(1, min(per, k) + 1) if k % d == 0)
-        per = max(1, min(per, -(-int(spatial[-1]) // c)))  # no wider than the image needs
+            most = max(d for d in range(1, min(most, k) + 1) if k % d == 0)
+        per_y, per_x = (max(1, min(most, -(-int(n) // c))) for n in spatial[-2:])  # no larger than needed
         sizes = dict(zip(lead_axes, lead_shape))
         sp_shape, sp_chunk = iter(spatial), iter((c, c) if nd == 2 else (1, c, c))
         shape = tuple(int(channels) if a == "C" else int(sizes[a]) if a in sizes else int(next(sp_shape))
                       for a in axes)
         chunks = tuple(int(channels) if a == "C" else 1 if a in sizes else next(sp_chunk) for a in axes)
-        shards = (*chunks[:-1], chunks[-1] * per)
+        shards = (*chunks[:-2], chunks[-2] * per_y, chunks[-1] * per_x)
         return cls(axes, lead_axes, shape, chunks, shards)
 
     def to_array(self, data: np.ndarray) -> np.ndarray:
@@ -120,18 +122,48 @@ def create_ome_zarr(root: Path, layout: OmeZarrLayout, dtype: np.dtype[Any], att
                               fill_value=0)
 
 
+class _OpenShard:
+    """A shard file being written layer by layer: its temporary file (made at the first non-empty chunk),
+    the bytes written so far and its index (offset, length per chunk; ``2**64-1`` = only the fill value)."""
+
+    __slots__ = ("fh", "index", "layers", "path", "pos", "tmp")
+
+    def __init__(self, path: Path, per: tuple[int, ...]) -> None:
+        self.path = path
+        self.tmp: Path | None = None
+        self.fh: Any = None
+        self.index = np.full((*per, 2), np.uint64(2**64 - 1), np.dtype("<u8"))
+        self.pos = 0
+        self.layers = 0  # chunk layers along the first spatial axis written so far
+
+    def discard(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
 class OmeZarrShards:
-    """Writes shard-aligned regions of the output array, one shard file per task.
+    """Writes the output array's shards directly in Zarr's sharding format, layer by layer.
 
     Through ``array[key] = block`` every chunk went through Zarr's event loop one at a time (1-3 ms per
-    256 x 256 chunk, most of it overhead, on one core), and without sharding every chunk was its own file
-    in its own directory (1-2 ms of ``mkdir`` + ``open`` on ext4). Here a shard's chunks are encoded with
-    the array's own codec (numcodecs' zstd, what Zarr calls) and written as one file: the chunks in
-    Zarr's (Morton) order, then the index (offset, length per chunk, ``2**64-1`` for a chunk holding only
-    the fill value, little-endian uint64, then its CRC32C), exactly Zarr's sharding format; a shard whose
-    chunks are all empty is not written. Files are written under a temporary name and renamed. Only the
-    layout ``create_ome_zarr`` makes on a local store is handled; ``direct`` is False for anything else and
-    shards then go through Zarr's own writes.
+    256 x 256 chunk, most of it overhead, on one core), and every file created costs ~0.4 ms on ext4, so
+    shards are large (up to 8 x 8 chunks in 2D) and written here. Zarr v3 allows a shard's chunks in any
+    order with the index at the end, so a shard need not be buffered whole: ``write_rows`` appends each
+    chunk layer (one chunk row in 2D, one slice in 3D) to the shard's open file as it arrives, and the last
+    layer adds the index (offset, length per chunk, ``2**64-1`` for a chunk holding only the fill value,
+    little-endian uint64) and its CRC32C. Memory stays one layer; open files are the shards across one
+    layer. Chunks are encoded with the array's own codec (numcodecs' zstd, what Zarr calls), so each
+    chunk's bytes are Zarr's; they lie in C order (Zarr's own writer uses Morton order, the same for shards
+    one chunk high), which every reader follows through the index. Empty chunks are left out and a shard
+    whose chunks are all empty is not written, as Zarr does. Files are written under a temporary name and
+    renamed when complete. Only the layout ``create_ome_zarr`` makes on a local store is handled;
+    ``direct`` is False for anything else and layers then go through Zarr's own writes.
+
+    Callers keep each shard's layers in order and in one thread at a time (the single-process sink gives
+    a shard column to one lane; a Dask block owns its shards); different shards may be written at once.
     """
 
     def __init__(self, array: Any, layout: OmeZarrLayout) -> None:
@@ -140,10 +172,12 @@ class OmeZarrShards:
         self.shards = layout.shards
         self.chunks = layout.chunks
         self.per = tuple(s // c for s, c in zip(self.shards, self.chunks))
-        self.fill = 0
+        #: the array axis along which layers arrive (the first spatial axis)
+        self.axis = len(layout.axes) - (len(layout.shape) - len(layout.lead_axes) - 1)
         self.compress: Callable[[Any], bytes] | None = None
         self.root: Path | None = None
-        self.order: list[tuple[int, ...]] = list(itertools.product(*(range(n) for n in self.per)))
+        self._open: dict[tuple[int, ...], _OpenShard] = {}
+        self._lock = threading.Lock()
         self._made: set[Path] = set()
         self.direct = self._direct()
 
@@ -184,12 +218,6 @@ class OmeZarrShards:
                 return False
             if bool(self.array.config.write_empty_chunks) or meta.fill_value != 0:
                 return False
-            try:
-                from zarr.core.indexing import morton_order_iter
-
-                self.order = list(morton_order_iter(self.per))
-            except ImportError:  # an older layout of Zarr's internals: C order reads the same
-                pass
             self._crc = google_crc32c.value
             self.root = Path(store.root) / self.array.path if self.array.path else Path(store.root)
         except Exception:  # an unexpected Zarr version or layout: use Zarr's own writes
@@ -209,65 +237,120 @@ class OmeZarrShards:
         return parts
 
     def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
-        """Write one shard (``data`` may be short at the array's far edges)."""
+        """Write one whole shard (``data`` may be short at the array's far edges)."""
+        self.write_rows(tuple(c * s for c, s in zip(coords, self.shards)), data)
+
+    def write_rows(self, origin: Sequence[int], data: np.ndarray) -> None:
+        """Append whole chunk layers of one shard: ``data`` (array axis order) lies at ``origin``, which is on
+        the shard grid except along the layer axis, where it is on the chunk grid and continues the shard's
+        previous layers. The shard is finished when its last layer (or the array's last) is written."""
+        a = self.axis
+        coords = tuple(o // s for o, s in zip(origin, self.shards))
+        first = origin[a] % self.shards[a] // self.chunks[a]  # the shard's layer that data starts with
+        if any(o % s for i, (o, s) in enumerate(zip(origin, self.shards)) if i != a) or origin[a] % self.chunks[a]:
+            raise RunError(f"internal error: rows at {tuple(origin)} are not on the shard grid {self.shards}")
         if not self.direct:
-            key = tuple(slice(c * s, c * s + n) for c, s, n in zip(coords, self.shards, data.shape))
+            key = tuple(slice(o, o + n) for o, n in zip(origin, data.shape))
             self.array[key] = data
             return
-        assert self.root is not None
-        index = np.full((*self.per, 2), np.uint64(2**64 - 1), np.dtype("<u8"))
-        payloads: list[Any] = []
-        pos = 0
-        for inner in self.order:
-            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(inner, self.chunks))
-            part = data[region]
-            if part.size == 0:
-                continue
-            if part.shape != self.chunks:  # edge chunks are stored whole, padded with the fill value
-                full = np.zeros(self.chunks, self.dtype)
-                full[tuple(slice(0, k) for k in part.shape)] = part
-                chunk = full
-            else:  # one contiguous copy, made first: the emptiness test reads contiguous memory
-                chunk = np.ascontiguousarray(part, self.dtype)
-            if not chunk.any():
-                continue
-            raw = chunk.data.cast("B")
-            payload = self.compress(raw) if self.compress is not None else bytes(raw)
-            payloads.append(payload)
-            index[inner] = (pos, len(payload))
-            pos += len(payload)
-        path = self.root.joinpath("c", *(str(c) for c in coords))
-        if not payloads:  # all fill value: no file (an earlier, interrupted run's one goes)
-            path.unlink(missing_ok=True)
-            return
-        index_bytes = index.tobytes()
-        if path.parent not in self._made:  # one mkdir per folder, not per shard
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        with self._lock:
+            shard = self._open.get(coords)
+            if shard is None:
+                if first:
+                    raise RunError(f"internal error: shard {coords} starts at its layer {first}")
+                assert self.root is not None
+                shard = self._open[coords] = _OpenShard(self.root.joinpath("c", *map(str, coords)), self.per)
+        if shard.layers != first:
+            raise RunError(f"internal error: shard {coords} got layer {first} after {shard.layers} layers")
         try:
-            with tmp.open("wb") as fh:
-                for payload in payloads:
-                    fh.write(payload)
-                fh.write(index_bytes)
-                fh.write(np.uint32(self._crc(index_bytes)).astype("<u4").tobytes())
-            tmp.replace(path)
+            self._append(shard, first, data)
+            end = min(origin[a] - origin[a] % self.shards[a] + self.shards[a], self.layout.shape[a])
+            if origin[a] + data.shape[a] >= end:
+                self._finish(shard)
+                with self._lock:
+                    del self._open[coords]
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            shard.discard()
+            with self._lock:
+                self._open.pop(coords, None)
             raise
+
+    def _append(self, shard: _OpenShard, first: int, data: np.ndarray) -> None:
+        """Encode ``data``'s chunks (one copy of the whole region into chunk order, one emptiness test for
+        all of them) and append the non-empty ones with one write."""
+        n = tuple(-(-k // c) for k, c in zip(data.shape, self.chunks))
+        padded = tuple(m * c for m, c in zip(n, self.chunks))
+        if padded != data.shape:  # edge chunks are stored whole, padded with the fill value
+            full = np.zeros(padded, self.dtype)
+            full[tuple(slice(0, k) for k in data.shape)] = data
+            data = full
+        nd = len(n)
+        split = data.reshape([x for m, c in zip(n, self.chunks) for x in (m, c)])
+        blocks = np.ascontiguousarray(split.transpose([*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)]), self.dtype)
+        flat = blocks.reshape(math.prod(n), -1)
+        full_ = flat.any(axis=1)
+        shard.layers += n[self.axis]
+        if not full_.any():
+            return
+        payloads: list[Any] = []
+        index = shard.index
+        pos = shard.pos
+        base = [0] * nd
+        base[self.axis] = first
+        for i in np.flatnonzero(full_).tolist():
+            raw = flat[i].data.cast("B")
+            payload = self.compress(raw) if self.compress is not None else bytes(raw)
+            inner = np.unravel_index(i, n)
+            index[tuple(b + int(j) for b, j in zip(base, inner))] = (pos, len(payload))
+            pos += len(payload)
+            payloads.append(payload)
+        if shard.fh is None:
+            parent = shard.path.parent
+            if parent not in self._made:  # one mkdir per folder, not per shard
+                parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(parent)
+            shard.tmp = shard.path.with_name(f".{shard.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            shard.fh = shard.tmp.open("wb", buffering=0)
+        shard.fh.write(b"".join(payloads))
+        shard.pos = pos
+
+    def _finish(self, shard: _OpenShard) -> None:
+        if shard.fh is None:  # all fill value: no file (an earlier, interrupted run's one goes)
+            shard.path.unlink(missing_ok=True)
+            return
+        index_bytes = shard.index.tobytes()
+        shard.fh.write(index_bytes + int(self._crc(index_bytes)).to_bytes(4, "little"))
+        shard.fh.close()
+        shard.fh = None
+        assert shard.tmp is not None
+        shard.tmp.replace(shard.path)
+        shard.tmp = None
+
+    @property
+    def unfinished(self) -> int:
+        """How many shards are open (some of their layers written, not the last)."""
+        return len(self._open)
+
+    def discard(self) -> None:
+        """Close and remove the shards still being written (an aborted run)."""
+        with self._lock:
+            shards, self._open = list(self._open.values()), {}
+        for shard in shards:
+            shard.discard()
 
 
 class ZarrWriterSink:
     """OME-Zarr 0.5 (Zarr v3): a group with ``multiscales`` metadata and one sharded array ``0`` in OME axis
     order (``TCYX``, ``CZYX``, ...), the layout ``czreg run --dask`` writes (``OmeZarrLayout``).
 
-    Shards are encoded and written by a small thread pool (zstd and file writes release the GIL), so the
-    caller only hands rows over; see ``OmeZarrShards``. Each row block is cut into ``workers`` runs of
-    consecutive shards, one task each. What is in flight is bounded by bytes, not by count: a run costs
-    the part of the row block it keeps alive plus two shards (the contiguous copies and the encoded bytes
-    of the shard being written), and all in flight together may cost one row block of the output (``unit``
-    rows, full width) plus those copies (one run always goes). So the writer adds at most about one row
-    block to the runner's memory, while every thread of the pool has work.
+    Each chunk row (a slice in 3D) the ``RowBuffer`` releases is appended to the open shard files across
+    it by a few single-thread lanes (zstd and file writes release the GIL), so the caller only hands rows
+    over; see ``OmeZarrShards``. The shards across a row are cut into ``workers`` runs of consecutive
+    shards, and a run always goes to the same lane: a shard's rows are appended in order by one thread.
+    What is in flight is bounded by bytes, not by count: a task costs the part of the row it keeps alive
+    plus one copy of it (the chunks in chunk order) and its encoded bytes, and all in flight together may
+    cost one chunk row of the output (``unit`` rows, full width) plus those copies (one task always goes).
+    So the writer adds about one chunk row to the runner's memory, while every lane has work.
     """
 
     def __init__(self, path: Path, spec: OutputSpec) -> None:
@@ -284,18 +367,14 @@ class ZarrWriterSink:
         self.array = create_ome_zarr(path, self.layout, spec.dtype, attrs)
         self.shards = OmeZarrShards(self.array, self.layout)
         self.workers = max(1, min(8, os.cpu_count() or 1)) if self.shards.direct else 1
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="czreg-zarr")
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"czreg-zarr{i}") for i in range(self.workers)]
         self._pending: collections.deque[tuple[Any, int]] = collections.deque()  # (future, bytes)
         self._pending_bytes = 0
         itemsize = np.dtype(spec.dtype).itemsize
-        #: bytes of one shard; a shard being written costs about twice that (its chunks' contiguous
-        #: copies and the encoded bytes)
-        self.shard_bytes = math.prod(self.layout.shards) * itemsize
-        #: the most that runs queued or being written may cost together (one run always goes)
-        self.max_pending_bytes = (spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
-                                  + 2 * self.workers * self.shard_bytes)
+        #: the most that tasks queued or being written may cost together (one task always goes)
+        self.max_pending_bytes = 2 * spec.unit * math.prod(spec.spatial[1:]) * spec.channels * itemsize
         self._lock = threading.Lock()
-        #: seconds the pool's threads were busy encoding and writing, summed over threads
+        #: seconds the lanes were busy encoding and writing, summed over lanes
         self.busy_seconds = 0.0
 
     def _timed(self, fn: Callable[..., None], *args: Any) -> None:
@@ -311,11 +390,11 @@ class ZarrWriterSink:
         self._pending_bytes -= nbytes
         future.result()  # raises what a worker raised
 
-    def _submit(self, cost: int, fn: Callable[..., None], *args: Any) -> None:
+    def _submit(self, lane: int, cost: int, fn: Callable[..., None], *args: Any) -> None:
         while self._pending and (self._pending[0][0].done()
                                  or self._pending_bytes + cost > self.max_pending_bytes):
             self._retire()
-        self._pending.append((self._pool.submit(self._timed, fn, *args), cost))
+        self._pending.append((self._lanes[lane].submit(self._timed, fn, *args), cost))
         self._pending_bytes += cost
 
     def write(self, plane: int, start: int, block: np.ndarray) -> None:
@@ -323,38 +402,50 @@ class ZarrWriterSink:
         chunks = list(self.buffer.push(start, block))
         if start + block.shape[0] == self.spec.spatial[0]:
             chunks += list(self.buffer.flush())
+        widths = self.layout.shards[self.shards.axis + 1:]
         for s, rows in chunks:
-            # rows start on a chunk row (the buffer releases whole units), which is the shard grid
+            # rows start on a chunk row (the buffer releases whole units) and cover the full width
             origin = self.layout.origin(lead, (s, *(0,) * (len(self.spec.spatial) - 1)))
-            parts = self.shards.split(origin, self.layout.to_array(rows))
-            size = -(-len(parts) // self.workers)
-            for i in range(0, len(parts), size):
-                run = parts[i:i + size]
-                cost = sum(part.nbytes for _, part in run) + 2 * self.shard_bytes
-                self._submit(cost, self._write_shards, run)
+            data = self.layout.to_array(rows)
+            grid = list(itertools.product(*(range(0, n, w) for n, w in zip(data.shape[self.shards.axis + 1:],
+                                                                           widths))))
+            size = -(-len(grid) // self.workers)
+            for lane, i in enumerate(range(0, len(grid), size)):
+                run = grid[i:i + size]
+                parts = []
+                for offs in run:
+                    key: tuple[Any, ...] = (..., *(slice(o, o + w) for o, w in zip(offs, widths)))
+                    parts.append(((*origin[:self.shards.axis + 1], *offs), data[key]))
+                cost = 2 * sum(part.nbytes for _, part in parts)
+                self._submit(lane, cost, self._write_rows, parts)
 
-    def _write_shards(self, parts: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
-        for coords, data in parts:
-            self.shards.write(coords, data)
+    def _write_rows(self, parts: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
+        for origin, data in parts:
+            self.shards.write_rows(origin, data)
 
     def close(self) -> None:
         try:
             while self._pending:
                 self._retire()
+            if self.shards.unfinished:
+                raise RunError(f"internal error: {self.shards.unfinished} shard(s) were left unfinished")
         except BaseException as exc:
             self.abort()
             if isinstance(exc, RunError):
                 raise
             raise as_disk_full(exc, str(self.path.parent)) or RunError(
                 f"writing the Zarr output failed: {exc}") from exc
-        self._pool.shutdown(wait=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
 
     def abort(self) -> None:
         for f, _ in self._pending:
             f.cancel()
         self._pending.clear()
         self._pending_bytes = 0
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+        self.shards.discard()
 
 
 def read_ome_zarr(path: Path | str) -> np.ndarray:
