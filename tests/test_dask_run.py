@@ -176,7 +176,8 @@ def test_local_1_runs_in_this_process_with_the_clients_session(model_cache: Mode
     assert after["lent"][digest] == before["lent"].get(digest, 0) + 2
     from czregistry.run import dask_run
 
-    assert not dask_run._SESSIONS and not dask_run._SOURCES and not dask_run._ARRAYS  # nothing kept after the run
+    # nothing kept after the run: no session loaded or lent, no reader or writer open
+    assert not dask_run._SESSIONS and not dask_run._LENT_BY_RUN and not dask_run._SOURCES and not dask_run._ARRAYS
 
 
 def test_local_1_interrupted_stops_its_block_and_resumes_on_other_workers(client: Any, model_cache: ModelCache,
@@ -200,7 +201,7 @@ def test_local_1_interrupted_stops_its_block_and_resumes_on_other_workers(client
     assert 2 <= len(markers) < 16 and not out.exists()
     from czregistry.run import dask_run
 
-    assert not dask_run._SESSIONS and not dask_run._STOPPED  # the lent session was taken back
+    assert not dask_run._LENT_BY_RUN and not dask_run._STOPPED  # the lent session was taken back
     res = run_dask(pkg, [img], out, RunOptions(), client=client, resume=True, block=256)
     assert res.blocks_skipped == len(markers) and res.blocks_run == 16 - len(markers)
     assert np.array_equal(read_output(out), _single(pkg, img, tmp_path / "ref.zarr", RunOptions()))

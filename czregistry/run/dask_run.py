@@ -27,10 +27,18 @@ store also writes by rename), so a run killed at any point, even with SIGKILL, l
 first block is written (the cluster does not start, every block fails) removes its part folder.
 
 **Workers** load the model once per process (a cache keyed by the package's SHA-256, checked against the
-file on first load) and keep image readers and output arrays open between blocks. Where a worker sees
-several GPUs (``CUDA_VISIBLE_DEVICES=0,1,...``) a LocalCluster worker pins itself to one of them by its
-number before loading the model. A task whose worker dies is rescheduled by Dask; a block that raises is
-retried once, and a second failure stops the run with a ``RunError`` naming the block.
+file on first load) and keep image readers and output arrays open between blocks. ``local:1`` is one worker
+thread in the client process that borrows the client's already loaded and audited session (no second
+process, no second load; see ``open_dask_client``).
+
+**Blocks.** The default 2D block edge (``default_block_edge``) is the largest multiple of the output's shard
+extent that keeps a block within 256 MiB and still leaves two blocks per worker (one block for ``local:1``):
+fewer blocks, fewer seam tiles predicted twice, and the OME-Zarr shard layout of the single-process run.
+
+Where a worker sees several GPUs (``CUDA_VISIBLE_DEVICES=0,1,...``) a LocalCluster worker pins itself to
+one of them by its number before loading the model (``local:1`` uses the client's device). A task whose
+worker dies is rescheduled by Dask; a block that raises is retried once, and a second failure stops the run
+with a ``RunError`` naming the block.
 """
 
 from __future__ import annotations
@@ -351,6 +359,8 @@ _LOADS: dict[str, int] = {}
 _BLOCKS_DONE = 0
 #: Per process: sessions lent by a client to its in-process worker (``local:1``), per package digest.
 _LENT: dict[str, int] = {}
+#: The lent sessions by run token (``ImageJob.run``): looked up before the worker's own cache.
+_LENT_BY_RUN: dict[str, Any] = {}
 #: Tokens of in-process runs that were stopped (interrupt, a block failing twice): their running block
 #: stops at its next tile, so closing the cluster does not wait for it to finish.
 _STOPPED: set[str] = set()
@@ -362,22 +372,20 @@ def worker_stats() -> dict[str, Any]:
     return {"pid": os.getpid(), "loads": dict(_LOADS), "lent": dict(_LENT), "blocks": _BLOCKS_DONE}
 
 
-def _lend_session(digest: str, session: Any, device: str) -> Callable[[], None]:
-    """Put the client's session into this process's worker cache, keyed exactly as ``_load`` looks it up, so
-    an in-process worker (``local:1``) predicts with it instead of loading the model a second time (the
-    client loaded and audited it already). Returns the function that takes it out again; call it only once
-    no block can still run (after the cluster closed), and close the session after that."""
-    key = (digest, session.backend, device)
+def _lend_session(run: str, digest: str, session: Any) -> Callable[[], None]:
+    """Lend the client's session to its in-process worker (``local:1``), so that worker predicts with it
+    instead of loading the model a second time (the client loaded and audited it already). Keyed by the
+    run's token, not only by digest as the worker cache is: two runs of one package in one process (threads
+    of a library user) each predict with their own session, and neither closes the other's. Returns the
+    function that takes it back; call it only once no block can still run (after the cluster closed), and
+    close the session after that."""
     with _LOCK:
-        if key in _SESSIONS:  # a session this process loaded itself (a worker of another run): keep using it
-            return lambda: None
-        _SESSIONS[key] = session
+        _LENT_BY_RUN[run] = session
         _LENT[digest] = _LENT.get(digest, 0) + 1
 
     def take_back() -> None:
         with _LOCK:
-            if _SESSIONS.get(key) is session:
-                del _SESSIONS[key]
+            _LENT_BY_RUN.pop(run, None)
 
     return take_back
 
@@ -435,7 +443,8 @@ def _load(package: str, digest: str, backend: str | None, device: str) -> Any:
 
 
 def _session(job: ImageJob) -> Any:
-    return _load(job.package, job.digest, job.backend, job.device)
+    lent = _LENT_BY_RUN.get(job.run) if job.run else None
+    return lent if lent is not None else _load(job.package, job.digest, job.backend, job.device)
 
 
 def _warm(package: str, digest: str, backend: str | None, device: str) -> str:
@@ -836,7 +845,9 @@ class _ClusterStarter:
     client (or raises what starting raised);
     ``close`` closes what was started, whenever it finishes starting."""
 
-    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str]) -> None:
+    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str] | None) -> None:
+        """``warm``: what ``_warm`` loads on every worker; None for ``local:1``, which borrows the client's
+        session (``_lend_session``) and loads nothing."""
         self._cm = open_dask_client(scheduler)
         self._warm = warm
         self.client: Any = None
@@ -848,8 +859,9 @@ class _ClusterStarter:
     def _start(self) -> None:
         try:
             self.client = self._cm.__enter__()
-            for address in self.client.scheduler_info().get("workers", {}):
-                self._futures.append(self.client.submit(_warm, *self._warm, workers=[address], pure=False,
+            warm = self._warm
+            for address in self.client.scheduler_info().get("workers", {}) if warm is not None else ():
+                self._futures.append(self.client.submit(_warm, *(warm or ()), workers=[address], pure=False,
                                                         key=f"czreg-warm-{uuid.uuid4().hex[:8]}"))
         except BaseException as exc:  # raised by ``get`` on the caller's thread
             self.error = exc
@@ -875,7 +887,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     """Run ``package`` over ``images`` on a Dask cluster; see the module docstring.
 
     ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
-    closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D). An existing
+    closed afterwards. ``block`` is the block edge in pixels (default: ``default_block_edge`` in 2D, the
+    edge of the earlier run when resuming; 256 in 3D). An existing
     output is refused (``UsageError``, as ``czreg run`` without ``--force``) unless ``force``; with
     ``resume``, ``force`` also starts afresh where the earlier run's state does not match this one.
     Nothing is left behind by a run that fails before its first block is written.
@@ -953,12 +966,12 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         session = planning.enter_context(load_session(pkg, options.backend, options.device,
                                                       trust_graph=options.trust_graph))
         backend, device = session.backend, session.device
-        if in_process:  # lend the session before the worker starts, so its warm-up finds it
+        if in_process:  # lend the session before the worker starts
             lent.push(planning.pop_all())  # closed after the cluster (run_dask), after the lend is taken back
-            lent.callback(_lend_session(digest, session, options.device))
+            lent.callback(_lend_session(run_token, digest, session))
         if client is None:  # the audit passed: start the cluster now, while the client probes and plans
-            starters.append(_ClusterStarter(scheduler, (str(Path(package).resolve()), digest, backend,
-                                                        options.device)))
+            starters.append(_ClusterStarter(scheduler, None if in_process else (
+                str(Path(package).resolve()), digest, backend, options.device)))
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
         if block and (block < 16 or (block > ZARR_CHUNK and block % ZARR_CHUNK)):
             raise UsageError(f"--block-size {block}: use a multiple of {ZARR_CHUNK} (or 16..{ZARR_CHUNK})")
