@@ -1,6 +1,7 @@
 """``czreg run --dask``: on a real LocalCluster of 2 worker processes, the output equals the single-process
 run bit for bit (2D, 3D, several images, blending), a SIGKILLed run resumes to the same bytes, a block that
-fails twice stops the run naming the block, and each worker loads the model once."""
+fails twice stops the run naming the block, and each worker loads the model once; ``local:1`` runs in the
+client process with the client's session (one load), equal to the single process, and stops on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -189,6 +190,97 @@ def test_each_worker_loads_the_model_once(client: Any, model_cache: ModelCache, 
     assert len(busy) == 2 and sum(s["blocks"] for s in busy) >= 2 * 4 * 5
     assert all(s["loads"][digest] == 1 for s in busy), stats
     assert len({s["pid"] for s in stats}) == 2 and os.getpid() not in {s["pid"] for s in stats}
+
+
+def test_local_1_runs_in_this_process_with_the_clients_session(model_cache: ModelCache, tmp_path: Path) -> None:
+    """``local:1`` is one worker thread in the client process that predicts with the client's own session:
+    the model is loaded once (by the client; the worker borrows it), the default block is the whole image
+    (no seam tile predicted twice) and the output equals the single-process run's, shard files included."""
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (300, 2600), 11)
+    digest = sha256_file(pkg)
+    before = worker_stats()
+    for kind in ("labels", "probabilities"):
+        options = RunOptions(output_kind=kind)  # type: ignore[arg-type]
+        want = _single(pkg, img, tmp_path / f"ref-{kind}.zarr", options)
+        res = run_dask(pkg, [img], tmp_path / f"{kind}.zarr", options, scheduler="local:1")
+        assert np.array_equal(read_output(tmp_path / f"{kind}.zarr"), want)
+        assert res.model_loads == 1 and res.workers == 1
+        assert res.blocks == 1 and res.tiles_run == res.tiles and res.redundancy == 1.0
+        assert res.block_shape == [4096, 4096]
+
+        def shard_files(root: Path) -> dict[str, bytes]:
+            return {str(p.relative_to(root)): p.read_bytes() for p in (root / "0" / "c").rglob("*") if p.is_file()}
+
+        assert shard_files(tmp_path / f"ref-{kind}.zarr") == shard_files(tmp_path / f"{kind}.zarr")
+    after = worker_stats()
+    # the blocks ran here, with the lent session: no load in this process, two sessions lent
+    assert after["pid"] == os.getpid() and after["blocks"] == before["blocks"] + 2
+    assert after["loads"].get(digest, 0) == before["loads"].get(digest, 0) == 0
+    assert after["lent"][digest] == before["lent"].get(digest, 0) + 2
+    from czregistry.run import dask_run
+
+    # nothing kept after the run: no session loaded or lent, no reader or writer open
+    assert not dask_run._SESSIONS and not dask_run._LENT_BY_RUN and not dask_run._SOURCES and not dask_run._ARRAYS
+
+
+def test_local_1_interrupted_stops_its_block_and_resumes_on_other_workers(client: Any, model_cache: ModelCache,
+                                                                           tmp_path: Path) -> None:
+    """Ctrl-C during a ``local:1`` run: the block still running in the worker thread stops at its next tile
+    (the cluster closes without waiting for it), finished blocks keep their markers, and ``--resume`` on a
+    cluster of two worker processes finishes it to the single-process output."""
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (1024, 1024), 12)
+    out = tmp_path / "out.zarr"
+    seen: list[int] = []
+
+    def interrupt(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dask(pkg, [img], out, RunOptions(), scheduler="local:1", block=256, progress=interrupt)
+    markers = list((tmp_path / ".out.zarr.dask.part" / ".czreg" / "blocks").glob("*.done"))
+    assert 2 <= len(markers) < 16 and not out.exists()
+    from czregistry.run import dask_run
+
+    assert not dask_run._LENT_BY_RUN and not dask_run._STOPPED  # the lent session was taken back
+    res = run_dask(pkg, [img], out, RunOptions(), client=client, resume=True, block=256)
+    assert res.blocks_skipped == len(markers) and res.blocks_run == 16 - len(markers)
+    assert np.array_equal(read_output(out), _single(pkg, img, tmp_path / "ref.zarr", RunOptions()))
+
+
+def test_resume_keeps_the_planned_block_edge_on_another_cluster(client: Any, model_cache: ModelCache,
+                                                                tmp_path: Path) -> None:
+    """The default block edge depends on the worker count (one block for ``local:1``, at least two per
+    worker otherwise); ``--resume`` without ``--block-size`` takes the edge from the earlier run's manifest,
+    so resuming a ``local:1`` output on two workers is not refused as 'the options differ (block)'."""
+    pkg = model_cache("unet")
+    img = _image(tmp_path / "img.npy", (300, 2600), 13)
+    first = run_dask(pkg, [img], tmp_path / "out.zarr", RunOptions(), scheduler="local:1")
+    fresh = run_dask(pkg, [img], tmp_path / "other.zarr", RunOptions(), client=client)
+    assert first.block_shape == [4096, 4096] and fresh.block_shape == [2048, 2048]  # 1 block; 2 for 2 workers
+    again = run_dask(pkg, [img], tmp_path / "out.zarr", RunOptions(), client=client, resume=True)
+    assert again.tiles_run == 0 and again.block_shape == [4096, 4096]
+    assert np.array_equal(read_output(tmp_path / "out.zarr"), read_output(tmp_path / "other.zarr"))
+
+
+@pytest.mark.parametrize(("images", "per_pixel", "workers", "edge"), [
+    ([(1, (8192, 8192))], 2, 1, 8192),  # labels of 8-bit grey, one worker: one block, no seam tiles
+    ([(1, (8192, 8192))], 2, 2, 4096),  # two workers: 4 blocks, 2 each
+    ([(1, (8192, 8192))], 2, 4, 2048),  # four: 16 blocks (4096 px would leave 4, one each)
+    ([(1, (8192, 8192))], 2, None, 4096),  # worker count unknown (a scheduler address): the earlier rule
+    ([(1, (8192, 8192))], 9, 1, 4096),  # float32 of 2 classes: 8192 px would hold 576 MiB
+    ([(1, (8192, 8192))], 80, 1, 2048),  # float32 of 20 classes: even 2048 px exceeds it; never below
+    ([(3, (4000, 4000))], 2, 2, 2048),  # 3 planes: 4096 px gives 3 blocks for 2 workers, 2048 px 12
+    ([(1, (40000, 40000))], 2, 1, 10240),  # a 40k slide on one worker: the byte bound decides
+])
+def test_default_block_edge(images: list[tuple[int, tuple[int, int]]], per_pixel: float, workers: int | None,
+                            edge: int) -> None:
+    from czregistry.run.dask_run import default_block_edge
+
+    assert default_block_edge(images, per_pixel, workers, lambda e: True, 2048) == edge
 
 
 def test_a_block_failing_twice_stops_the_run_and_names_it(client: Any, model_cache: ModelCache,

@@ -97,11 +97,12 @@ class _Progress:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @force_option
 @click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
-              help="Run blocks on Dask: local:N (N worker processes here) or tcp://host:8786 (a running "
-                   "scheduler). Writes OME-Zarr, resumable.")
+              help="Run blocks on Dask: local:N (N worker processes here; local:1 is one worker thread in this "
+                   "process) or tcp://host:8786 (a running scheduler). Writes OME-Zarr, resumable.")
 @click.option("--resume", is_flag=True, help="With --dask: skip the blocks an interrupted run finished.")
 @click.option("--block-size", type=click.IntRange(min=16), default=None, metavar="PX",
-              help="With --dask: block edge in pixels, a multiple of 256 (default 2048 in 2D, 256 in 3D).")
+              help="With --dask: block edge in pixels, a multiple of 256 (default in 2D: the largest that fits "
+                   "256 MiB and leaves 2 blocks per worker, one block for local:1; 256 in 3D).")
 @json_option
 def run_cmd(package: Path, images: tuple[Path, ...], output: Path, output_kind: str, compression: str,
             tiff_layout: str | None, batch_size: int | None, device: str,

@@ -27,10 +27,18 @@ store also writes by rename), so a run killed at any point, even with SIGKILL, l
 first block is written (the cluster does not start, every block fails) removes its part folder.
 
 **Workers** load the model once per process (a cache keyed by the package's SHA-256, checked against the
-file on first load) and keep image readers and output arrays open between blocks. Where a worker sees
-several GPUs (``CUDA_VISIBLE_DEVICES=0,1,...``) a LocalCluster worker pins itself to one of them by its
-number before loading the model. A task whose worker dies is rescheduled by Dask; a block that raises is
-retried once, and a second failure stops the run with a ``RunError`` naming the block.
+file on first load) and keep image readers and output arrays open between blocks. ``local:1`` is one worker
+thread in the client process that borrows the client's already loaded and audited session (no second
+process, no second load; see ``open_dask_client``).
+
+**Blocks.** The default 2D block edge (``default_block_edge``) is the largest multiple of the output's shard
+extent that keeps a block within 256 MiB and still leaves two blocks per worker (one block for ``local:1``):
+fewer blocks, fewer seam tiles predicted twice, and the OME-Zarr shard layout of the single-process run.
+
+Where a worker sees several GPUs (``CUDA_VISIBLE_DEVICES=0,1,...``) a LocalCluster worker pins itself to
+one of them by its number before loading the model (``local:1`` uses the client's device). A task whose
+worker dies is rescheduled by Dask; a block that raises is retried once, and a second failure stops the run
+with a ``RunError`` naming the block.
 """
 
 from __future__ import annotations
@@ -55,18 +63,23 @@ import numpy as np
 from ..errors import CzregError, RunError, UsageError
 from .tiling import Span, TileGrid
 
-__all__ = ["DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_2D_LARGE_OUTPUT", "DEFAULT_BLOCK_3D", "Block", "DaskRunResult",
-           "ImageJob", "block_tasks", "content_sha256", "max_local_workers", "open_dask_client", "output_paths",
-           "parse_scheduler", "read_output", "run_dask", "worker_stats"]
+__all__ = ["BLOCKS_PER_WORKER", "DEFAULT_BLOCK_2D", "DEFAULT_BLOCK_2D_LARGE_OUTPUT", "DEFAULT_BLOCK_3D", "Block",
+           "DaskRunResult", "ImageJob", "block_tasks", "content_sha256", "default_block_edge", "max_local_workers",
+           "open_dask_client", "output_paths", "parse_scheduler", "read_output", "run_dask", "worker_stats"]
 
-#: Default block edge (pixels per spatial axis). 2D: 4096 px when a block's output stays within
-#: ``_BLOCK_OUT_BYTES`` (labels, uint8, float32 up to 3 classes), else 2048 px: a 256 px tile grid repeats
-#: the tiles on block seams, 17% of them with 2048 px blocks and 5.5% with 4096 px (measured: ``--dask
-#: local:1`` took 1.30-1.46x the single process with 4096 px blocks against 1.47-1.65x with 2048).
+#: Default block edge (pixels per spatial axis). 2D: chosen per run by ``default_block_edge`` from the worker
+#: count, the images and the bytes a block holds; these two are its bounds where the worker count is not
+#: known (a scheduler address): 4096 px when a block stays within ``_BLOCK_BYTES``, else 2048 px.
 #: 3D: 256 voxels per axis keeps a float32 block of a few classes near 0.3 GB per worker.
 DEFAULT_BLOCK_2D = 4096
 DEFAULT_BLOCK_2D_LARGE_OUTPUT = 2048
-_BLOCK_OUT_BYTES = 256 * 1024 * 1024
+#: The most bytes a default 2D block holds: its input as read, a float32 copy where the model needs one,
+#: and its output (labels 1 byte, uint8 / float32 per class). 256 MiB: an 8192 px block of 8-bit grey in,
+#: labels or uint8 of 2 classes out (128-192 MiB); 4096 px for float32 of up to 3 classes.
+_BLOCK_BYTES = 256 * 1024 * 1024
+#: With several workers, the default block edge leaves at least this many blocks per worker thread, so the
+#: last blocks do not leave all but one worker idle (one worker: one block is best, see ``default_block_edge``).
+BLOCKS_PER_WORKER = 2
 DEFAULT_BLOCK_3D = 256
 _META = ".czreg"
 _MANIFEST = "run.json"
@@ -101,6 +114,7 @@ class ImageJob:
     lead_axes: str
     out_array: str  # path of the Zarr array "0" inside the output group
     markers: str  # folder of the block markers
+    run: str = ""  # this run's token: an in-process worker stops its block when the run is stopped
 
     def adapter(self) -> Any:
         """The package's ``InputAdapter`` (the same one ``czreg run`` uses in one process)."""
@@ -149,6 +163,9 @@ class DaskRunResult:
     device: str
     grid: dict[str, Any]
     geometry: dict[str, Any]
+    #: loads of the model: the client's one plus, for each worker process that ran blocks, its loads of this
+    #: package so far (a reused worker's earlier load counts; ``local:1`` lends the client's session: 1)
+    model_loads: int = 0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +226,43 @@ def block_tasks(grid: TileGrid, image: int, n_planes: int, block: int, blend: bo
             sub, offset = _sub_grid(grid, region, blend)
             blocks.append(Block(image, plane, tuple(index), region, offset, sub))
     return blocks
+
+
+def default_block_edge(images: Sequence[tuple[int, Sequence[int]]], bytes_per_pixel: float, workers: int | None,
+                       same_layout: Callable[[int], bool], unit: int) -> int:
+    """The default 2D block edge: the largest multiple of ``unit`` (the single-process run's shard extent)
+    whose block stays within ``_BLOCK_BYTES`` and still gives every worker enough blocks.
+
+    ``images``: (planes, spatial shape) per image; ``bytes_per_pixel``: what a block holds per pixel (input,
+    float32 copy, output); ``workers``: worker threads of the cluster (None: not known, e.g. a scheduler
+    address before it is reached); ``same_layout(edge)``: whether blocks of that edge keep the OME-Zarr shard
+    layout of the single-process run (edges that would narrow the shards are never chosen by default).
+
+    Why: blocks exist for memory bounds and to spread work, but every block boundary repeats the tiles on
+    it (a 256 px tile grid: 17% extra tile predictions with 2048 px blocks, 5.5% with 4096 px, none with one
+    block). One worker gains nothing from several blocks, so it gets the largest block the byte bound allows
+    (an 8192 px labels image: one block, no seam tiles). Several workers get at least ``BLOCKS_PER_WORKER``
+    blocks per worker thread where the images allow it (else the edge with the most blocks, ``unit``), so
+    the last blocks do not run alone while other workers idle. Of the edges that give the fewest such
+    blocks the smallest is taken: 8192 px in 2 x 2 blocks is cut 4096 + 4096, not 6144 + 2048. Unknown
+    worker counts keep the earlier rule (4096 px within the byte bound, else ``unit``).
+    """
+    largest = max((max(int(n) for n in sp) for _, sp in images), default=unit)
+    top = max(unit, -(-largest // unit) * unit)
+    edges = [e for e in range(unit, top + 1, unit) if e == unit or same_layout(e)]
+    fits = [e for e in edges if e * e * bytes_per_pixel <= _BLOCK_BYTES] or [unit]
+    if workers is None:
+        return ([e for e in fits if e <= DEFAULT_BLOCK_2D] or [unit])[-1]
+
+    def count(edge: int) -> int:
+        return sum(planes * int(np.prod([-(-int(n) // edge) for n in sp])) for planes, sp in images)
+
+    want = 1 if workers <= 1 else BLOCKS_PER_WORKER * workers
+    enough = [e for e in fits if count(e) >= want]
+    if not enough:
+        return fits[0]
+    fewest = min(count(e) for e in enough)  # fewest blocks = fewest seams; of those edges the most even cut
+    return min(e for e in enough if count(e) == fewest)
 
 
 def output_paths(images: Sequence[Path], output: Path) -> list[Path]:
@@ -303,11 +357,49 @@ _ARRAYS: dict[str, Any] = {}
 #: Per worker process: model loads per package digest and blocks computed (``worker_stats``).
 _LOADS: dict[str, int] = {}
 _BLOCKS_DONE = 0
+#: Per process: sessions lent by a client to its in-process worker (``local:1``), per package digest.
+_LENT: dict[str, int] = {}
+#: The lent sessions by run token (``ImageJob.run``): looked up before the worker's own cache.
+_LENT_BY_RUN: dict[str, Any] = {}
+#: Tokens of in-process runs that were stopped (interrupt, a block failing twice): their running block
+#: stops at its next tile, so closing the cluster does not wait for it to finish.
+_STOPPED: set[str] = set()
 
 
 def worker_stats() -> dict[str, Any]:
-    """This process's model loads per package digest and blocks computed (``client.run(worker_stats)``)."""
-    return {"pid": os.getpid(), "loads": dict(_LOADS), "blocks": _BLOCKS_DONE}
+    """This process's model loads per package digest, sessions lent to it by an in-process client
+    (``local:1``) and blocks computed (``client.run(worker_stats)``)."""
+    return {"pid": os.getpid(), "loads": dict(_LOADS), "lent": dict(_LENT), "blocks": _BLOCKS_DONE}
+
+
+def _lend_session(run: str, digest: str, session: Any) -> Callable[[], None]:
+    """Lend the client's session to its in-process worker (``local:1``), so that worker predicts with it
+    instead of loading the model a second time (the client loaded and audited it already). Keyed by the
+    run's token, not only by digest as the worker cache is: two runs of one package in one process (threads
+    of a library user) each predict with their own session, and neither closes the other's. Returns the
+    function that takes it back; call it only once no block can still run (after the cluster closed), and
+    close the session after that."""
+    with _LOCK:
+        _LENT_BY_RUN[run] = session
+        _LENT[digest] = _LENT.get(digest, 0) + 1
+
+    def take_back() -> None:
+        with _LOCK:
+            _LENT_BY_RUN.pop(run, None)
+
+    return take_back
+
+
+def _release(jobs: Sequence[ImageJob]) -> None:
+    """Close the image readers and drop the output writers an in-process worker kept open for ``jobs``: the
+    client process lives on after the run (a worker process would have ended with its cluster)."""
+    with _LOCK:
+        for job in jobs:
+            src = _SOURCES.pop((job.image, job.axes), None)
+            if src is not None:
+                with contextlib.suppress(Exception):
+                    src.close()
+            _ARRAYS.pop(job.out_array, None)
 
 
 def _pin_gpu(device: str) -> None:
@@ -351,7 +443,8 @@ def _load(package: str, digest: str, backend: str | None, device: str) -> Any:
 
 
 def _session(job: ImageJob) -> Any:
-    return _load(job.package, job.digest, job.backend, job.device)
+    lent = _LENT_BY_RUN.get(job.run) if job.run else None
+    return lent if lent is not None else _load(job.package, job.digest, job.backend, job.device)
 
 
 def _warm(package: str, digest: str, backend: str | None, device: str) -> str:
@@ -414,7 +507,11 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     scale = float(np.iinfo(raw.dtype).max) if adapter.passes_raw(raw.dtype, raw.shape[-1]) else None
     x = raw if scale is not None else adapter(raw)
 
+    stop = job.run
+
     def read(_plane: int, tile: Any) -> np.ndarray:
+        if stop in _STOPPED:  # only an in-process worker sees its client's stop (a process worker is ended)
+            raise RunError("the run was stopped")
         return x[tile.read_slices]
 
     kind = job.output_kind
@@ -457,7 +554,8 @@ def _run_block(job: ImageJob, block: Block) -> dict[str, Any]:
               "predict_seconds": round(predictor.predict_seconds, 3)}
     _atomic_write_text(Path(job.markers) / f"{block.key}.done", json.dumps(marker))
     _BLOCKS_DONE += 1
-    return {"tiles": grid.n_tiles, "seconds": seconds, "predict_seconds": predictor.predict_seconds}
+    return {"tiles": grid.n_tiles, "seconds": seconds, "predict_seconds": predictor.predict_seconds,
+            "pid": os.getpid(), "loads": _LOADS.get(job.digest, 0)}
 
 
 # --- the client -------------------------------------------------------------------------------------
@@ -503,6 +601,13 @@ def parse_scheduler(scheduler: str) -> int | str:
 def open_dask_client(scheduler: str, *, timeout: float | None = None) -> Iterator[Any]:
     """``local`` / ``local:N`` (a LocalCluster of N single-threaded worker processes) or a scheduler address.
 
+    ``local:1`` is one worker *thread* in this process (``processes=False``), not a worker process: one
+    worker gains nothing from a process of its own (ONNX Runtime, torch and TensorFlow release the GIL while
+    predicting and use every core from one session, as Dask recommends threads for such work), but a process
+    costs its start, importing the backend there and a second model load (about 1.6 s of a 7-10 s run on
+    8192²). ``run_dask`` lends that worker the client's own session (``_lend_session``). ``local:N`` with
+    N > 1 keeps processes: one session each, no GIL shared between their Python parts.
+
     ``timeout``: seconds to start the LocalCluster (default 60) or to reach the scheduler (default Dask's
     ``distributed.comm.timeouts.connect``, 30 s; ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s`` shortens
     it): an address nobody listens on is retried until then.
@@ -523,8 +628,11 @@ def open_dask_client(scheduler: str, *, timeout: float | None = None) -> Iterato
         # a block that raises is retried once (submit(retries=1)); a task whose worker dies twice fails
         with dask.config.set({"distributed.scheduler.allowed-failures": 1,
                               "distributed.comm.timeouts.connect": f"{int(local_timeout)}s"}):
-            cluster = LocalCluster(n_workers=target, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=dashboard, silence_logs=logging.CRITICAL)
+            # tcp on the loopback for local:1 too: in-process ("inproc") addresses would put the scheduler's
+            # HTTP server (health, metrics) on the machine's network address
+            cluster = LocalCluster(n_workers=target, threads_per_worker=1, processes=target > 1,
+                                   protocol="tcp://", host="127.0.0.1", dashboard_address=dashboard,
+                                   silence_logs=logging.CRITICAL)
             try:
                 client = Client(cluster, timeout=local_timeout)
             except BaseException:
@@ -552,6 +660,16 @@ def open_dask_client(scheduler: str, *, timeout: float | None = None) -> Iterato
     finally:
         with contextlib.suppress(Exception):
             client.close(timeout=30)
+
+
+def _worker_threads(client: Any) -> int | None:
+    """Worker threads of a running cluster (None when it has none yet or cannot say): the default block
+    edge depends on it."""
+    try:
+        workers = client.scheduler_info().get("workers", {})
+        return sum(int(w.get("nthreads", 1)) for w in workers.values()) or None
+    except Exception:  # only informs the block edge
+        return None
 
 
 def _dashboard(client: Any) -> str | None:
@@ -727,7 +845,9 @@ class _ClusterStarter:
     client (or raises what starting raised);
     ``close`` closes what was started, whenever it finishes starting."""
 
-    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str]) -> None:
+    def __init__(self, scheduler: str, warm: tuple[str, str, str | None, str] | None) -> None:
+        """``warm``: what ``_warm`` loads on every worker; None for ``local:1``, which borrows the client's
+        session (``_lend_session``) and loads nothing."""
         self._cm = open_dask_client(scheduler)
         self._warm = warm
         self.client: Any = None
@@ -739,8 +859,9 @@ class _ClusterStarter:
     def _start(self) -> None:
         try:
             self.client = self._cm.__enter__()
-            for address in self.client.scheduler_info().get("workers", {}):
-                self._futures.append(self.client.submit(_warm, *self._warm, workers=[address], pure=False,
+            warm = self._warm
+            for address in self.client.scheduler_info().get("workers", {}) if warm is not None else ():
+                self._futures.append(self.client.submit(_warm, *(warm or ()), workers=[address], pure=False,
                                                         key=f"czreg-warm-{uuid.uuid4().hex[:8]}"))
         except BaseException as exc:  # raised by ``get`` on the caller's thread
             self.error = exc
@@ -766,7 +887,8 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     """Run ``package`` over ``images`` on a Dask cluster; see the module docstring.
 
     ``client`` (a ``distributed.Client``) is used as is; otherwise one is opened for ``scheduler`` and
-    closed afterwards. ``block`` is the block edge in pixels (default 2048 in 2D, 256 in 3D). An existing
+    closed afterwards. ``block`` is the block edge in pixels (default: ``default_block_edge`` in 2D, the
+    edge of the earlier run when resuming; 256 in 3D). An existing
     output is refused (``UsageError``, as ``czreg run`` without ``--force``) unless ``force``; with
     ``resume``, ``force`` also starts afresh where the earlier run's state does not match this one.
     Nothing is left behind by a run that fails before its first block is written.
@@ -796,32 +918,43 @@ def run_dask(package: Path | str, images: Sequence[Path | str], output: Path | s
     pkg, info = open_tileable(package, options.output_kind)
     digest = sha256_file(package)
     starters: list[_ClusterStarter] = []  # started by _run_planned once the client's audit has passed
-    try:
-        return _run_planned(package, paths, outs, options, pkg, info, digest, client, starters,
-                            scheduler=scheduler, resume=resume, block=block, progress=progress, on_plan=on_plan,
-                            on_dashboard=on_dashboard, force=force, t_start=t_start)
-    finally:
-        for starter in starters:
-            starter.close()
+    # local:1 lends the client's session to its in-process worker: closed only after the cluster closed
+    with contextlib.ExitStack() as lent:
+        try:
+            return _run_planned(package, paths, outs, options, pkg, info, digest, client, starters, lent,
+                                scheduler=scheduler, resume=resume, block=block, progress=progress,
+                                on_plan=on_plan, on_dashboard=on_dashboard, force=force, t_start=t_start)
+        finally:
+            for starter in starters:
+                starter.close()
 
 
 def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], options: Any, pkg: Any, info: Any,
-                 digest: str, client: Any, starters: list[_ClusterStarter], *, scheduler: str, resume: bool,
-                 block: int | None, progress: Progress | None, on_plan: Callable[[int], None] | None,
-                 on_dashboard: Callable[[str], None] | None, force: bool, t_start: float) -> DaskRunResult:
+                 digest: str, client: Any, starters: list[_ClusterStarter], lent: contextlib.ExitStack, *,
+                 scheduler: str, resume: bool, block: int | None, progress: Progress | None,
+                 on_plan: Callable[[int], None] | None, on_dashboard: Callable[[str], None] | None, force: bool,
+                 t_start: float) -> DaskRunResult:
     """``run_dask`` once the package is open. Without ``client`` the cluster is started (into ``starters``)
     right after the client's own ``load_session`` has audited the graph, never before: a worker loads the
-    model with ``trust_graph=True`` (the client checked that digest), so no worker may start first."""
+    model with ``trust_graph=True`` (the client checked that digest), so no worker may start first.
+
+    ``local:1`` (one worker thread in this process, ``open_dask_client``) gets the client's session: it is
+    put into the worker cache before the cluster starts and kept open in ``lent`` (closed by ``run_dask``
+    after the cluster), so the model is loaded once, as in the single-process run."""
     from ..selection import load_session
     from .adapt import InputAdapter
     from .assemble import out_dtype
     from .omezarr import ZARR_CHUNK, OmeZarrLayout, ome_zarr_attrs
-    from .plan import model_facts, plan_for_model
+    from .plan import plan_for_model
     from .readers import open_image
     from .tiling import plan_tiles
 
     bgr, color = info.bgr, info.color_handling  # the input facts, derived once (ModelInfo / InputAdapter)
     notes: list[str] = []
+    target_spec = parse_scheduler(scheduler) if client is None else None
+    in_process = target_spec == 1  # local:1: a worker thread in this process (open_dask_client)
+    run_token = uuid.uuid4().hex
+    threads = _worker_threads(client) if client is not None else target_spec if isinstance(target_spec, int) else None
 
     # --- plan on the client, once: the same grid as the single-process run ---
     jobs: list[ImageJob] = []
@@ -829,45 +962,66 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
     grids: list[TileGrid] = []
     creators: list[Callable[[Path], None]] = []
     manifests: list[dict[str, Any]] = []
-    with load_session(pkg, options.backend, options.device, trust_graph=options.trust_graph) as session:
+    with contextlib.ExitStack() as planning:
+        session = planning.enter_context(load_session(pkg, options.backend, options.device,
+                                                      trust_graph=options.trust_graph))
         backend, device = session.backend, session.device
+        if in_process:  # lend the session before the worker starts
+            lent.push(planning.pop_all())  # closed after the cluster (run_dask), after the lend is taken back
+            lent.callback(_lend_session(run_token, digest, session))
         if client is None:  # the audit passed: start the cluster now, while the client probes and plans
-            starters.append(_ClusterStarter(scheduler, (str(Path(package).resolve()), digest, backend,
-                                                        options.device)))
+            starters.append(_ClusterStarter(scheduler, None if in_process else (
+                str(Path(package).resolve()), digest, backend, options.device)))
         nd = info.spatial_ndim or len(session.signature.inputs[0].shape) - 2
-        edge = block or (DEFAULT_BLOCK_2D if nd == 2 else DEFAULT_BLOCK_3D)
-        if not block and nd == 2:  # the 4096 px default only where a block's output stays small
-            _, _, out_ch0 = model_facts(session, info, options.tile)
-            kind0 = options.output_kind
-            per_pixel = (1 if kind0 == "labels" else out_ch0) * out_dtype(kind0, out_ch0).itemsize
-            if DEFAULT_BLOCK_2D ** 2 * per_pixel > _BLOCK_OUT_BYTES:
-                edge = DEFAULT_BLOCK_2D_LARGE_OUTPUT
-        if edge < 16 or (edge > ZARR_CHUNK and edge % ZARR_CHUNK):
-            raise UsageError(f"--block-size {edge}: use a multiple of {ZARR_CHUNK} (or 16..{ZARR_CHUNK})")
+        if block and (block < 16 or (block > ZARR_CHUNK and block % ZARR_CHUNK)):
+            raise UsageError(f"--block-size {block}: use a multiple of {ZARR_CHUNK} (or 16..{ZARR_CHUNK})")
+        if not block and resume:  # a run resumed by other workers keeps the block edge it was planned with
+            block = _planned_block(outs)
         geom = None
         grid0: TileGrid | None = None
         in_ch = out_ch = 0
-        for i, path in enumerate(paths):
+        shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], dict[str, float]]] = []
+        in_bytes = 0.0  # bytes per pixel of a block's input: as read, plus a float32 copy where one is made
+        for path in paths:
             src = open_image(path, options.axes)
             try:
                 lead_axes, lead_shape, spatial = src.layout(nd)
                 if grid0 is None:
                     grid, geom, in_ch, out_ch = plan_for_model(session, info, spatial, options, notes)
                     grid0 = grid
-                else:
-                    grid = plan_tiles(spatial, grid0.tile, border=grid0.border, step=grid0.step,
-                                      geometry=options.geometry)
                 # fail early on channel problems, before any output exists
                 lead0 = (0,) * len(lead_shape)
-                InputAdapter.for_model(info, in_ch, options.channels)(src.read(lead0, [slice(0, 1)] * nd))
-                pixel_size = dict(src.pixel_size)
+                sample = src.read(lead0, [slice(0, 1)] * nd)
+                adapter = InputAdapter.for_model(info, in_ch, options.channels)
+                adapter(sample)
+                raw_bytes = sample.dtype.itemsize * sample.shape[-1]
+                copy = 0 if adapter.passes_raw(sample.dtype, sample.shape[-1]) else 4 * in_ch
+                in_bytes = max(in_bytes, raw_bytes + copy)
+                shapes.append((lead_axes, tuple(lead_shape), tuple(spatial), dict(src.pixel_size)))
             finally:
                 src.close()
+        assert geom is not None and grid0 is not None
+        kind = options.output_kind
+        out_c = 1 if kind == "labels" else out_ch
+        dtype = out_dtype(kind, out_ch)
+        if block:
+            edge = block
+        elif nd != 2:
+            edge = DEFAULT_BLOCK_3D
+        else:
+            lead_axes, lead_shape, spatial, _ = shapes[0]
+            single = OmeZarrLayout.plan(lead_axes, lead_shape, spatial, out_c)
+            unit = max(single.shards[single.axes.index(a)] for a in "YX")
+            edge = default_block_edge(
+                [(int(np.prod(ls)) if ls else 1, sp) for _, ls, sp, _ in shapes],
+                in_bytes + out_c * dtype.itemsize, threads,
+                lambda e: all(OmeZarrLayout.plan(la, ls, sp, out_c, e) == OmeZarrLayout.plan(la, ls, sp, out_c)
+                              for la, ls, sp, _ in shapes), unit)
+        for i, (path, (lead_axes, lead_shape, spatial, pixel_size)) in enumerate(zip(paths, shapes)):
+            grid = grid0 if i == 0 else plan_tiles(spatial, grid0.tile, border=grid0.border, step=grid0.step,
+                                                   geometry=options.geometry)
             if not pixel_size and info.scaling:
                 pixel_size = {ax: v * 1e6 for ax, v in zip("XYZ", info.scaling)}
-            kind = options.output_kind
-            out_c = 1 if kind == "labels" else out_ch
-            dtype = out_dtype(kind, out_ch)
             layout = OmeZarrLayout.plan(lead_axes, lead_shape, spatial, out_c, edge)
             axes = layout.axes
             n_planes = int(np.prod(lead_shape)) if lead_shape else 1
@@ -894,9 +1048,8 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
                 image=str(path.resolve()), axes=options.axes, lead_shape=tuple(lead_shape),
                 spatial=tuple(spatial), in_channels=in_ch, out_channels=out_ch, select=options.channels,
                 color_handling=color, bgr=bgr, batch_size=options.batch_size, blend=options.blend,
-                output_kind=kind, array_axes=axes, lead_axes=lead_axes, out_array="", markers=""))
+                output_kind=kind, array_axes=axes, lead_axes=lead_axes, out_array="", markers="", run=run_token))
             blocks.extend(block_tasks(grid, i, n_planes, edge, options.blend))
-    assert geom is not None and grid0 is not None
 
     # --- outputs: where to write, decided before anything is written ---
     targets = [_check_output(final, manifests[i], paths[i], resume, force, notes) for i, final in enumerate(outs)]
@@ -921,6 +1074,7 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         if n == 0:
             _finish(targets[i].root, outs[i], force)
     tiles_run = 0
+    loads: dict[int, int] = {}  # per worker process that ran blocks: its loads of the model so far
     dashboard: str | None = None
     workers = 0
     started: list[_Target] = []
@@ -932,8 +1086,13 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         with contextlib.ExitStack() as stack:
             if todo:
                 if client is None:
+                    if in_process:  # last: drop what the worker thread kept open, once the cluster closed
+                        stack.callback(_release, jobs)
+                        stack.callback(_STOPPED.discard, run_token)
                     client = starters[0].get()
                     stack.callback(starters[0].close)
+                    if in_process:  # first: a block still running stops at its next tile, so close is quick
+                        stack.callback(_STOPPED.add, run_token)
                 dashboard = _dashboard(client)
                 if dashboard and on_dashboard is not None:
                     on_dashboard(dashboard)
@@ -945,7 +1104,7 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
                         _start_part(target, creators[i])
                 submitted = True
                 tiles_run = _schedule(client, jobs, todo, paths, progress, total_run,
-                                      lambda i: _finish(targets[i].root, outs[i], force), remaining)
+                                      lambda i: _finish(targets[i].root, outs[i], force), remaining, loads)
     except BaseException:
         # (after our LocalCluster closed: no worker writes any more) a part folder we started that holds no
         # finished block has nothing for --resume; one with markers is kept (interrupt, a block failing twice)
@@ -968,7 +1127,21 @@ def _run_planned(package: Path | str, paths: list[Path], outs: list[Path], optio
         tiles_per_second=round(tiles_run / seconds, 2) if seconds else 0.0, backend=backend, device=device,
         grid=grid0.to_dict(), geometry={"stride": list(geom.stride), "halo": list(geom.halo),
                                         "source": geom.source, "global_context": geom.global_context},
-        notes=notes)
+        model_loads=1 + sum(loads.values()), notes=notes)
+
+
+def _planned_block(outs: Sequence[Path]) -> int | None:
+    """The block edge an earlier run of these outputs was planned with (its manifest), for ``--resume``
+    without ``--block-size``: the default edge depends on the worker count, and resuming on another
+    cluster must not be refused for that alone."""
+    for final in outs:
+        for cand in (final.parent / f".{final.name}.dask.part", final):
+            found = _read_manifest(cand)
+            plan = found.get("plan") if found else None
+            edge = plan.get("block") if isinstance(plan, dict) else None
+            if isinstance(edge, int) and not isinstance(edge, bool) and edge >= 16:
+                return edge
+    return None
 
 
 def _shape_of(manifest: dict[str, Any], job: ImageJob) -> list[int]:
@@ -977,8 +1150,9 @@ def _shape_of(manifest: dict[str, Any], job: ImageJob) -> list[int]:
 
 def _schedule(client: Any, jobs: list[ImageJob], todo: list[Block], paths: list[Path],
               progress: Progress | None, total: int, finish: Callable[[int], None],
-              remaining: dict[int, int]) -> int:
-    """Submit every block (retried once), follow completions, stop on the first block that fails twice."""
+              remaining: dict[int, int], loads: dict[int, int]) -> int:
+    """Submit every block (retried once), follow completions, stop on the first block that fails twice.
+    ``loads`` collects each worker process's model loads as its blocks report them."""
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:8]
@@ -998,6 +1172,7 @@ def _schedule(client: Any, jobs: list[ImageJob], todo: list[Block], paths: list[
                                hint="finished blocks keep their markers: fix the cause and rerun with --resume")
             res = fut.result()
             done_tiles += int(res["tiles"])
+            loads[int(res["pid"])] = max(loads.get(int(res["pid"]), 0), int(res["loads"]))
             if progress is not None:
                 progress(done_tiles, total)
             remaining[b.image] -= 1
