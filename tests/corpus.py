@@ -173,7 +173,8 @@ def _care_unet() -> Any:
 def _monai(kind: str) -> Callable[[], Any]:
     """MONAI networks, small widths (the verdicts depend on the layers, not the width): ``basicunet`` with
     BatchNorm (local), ``unet-instancenorm`` (per-image InstanceNorm: global), ``unetr`` (ViT encoder with
-    position embeddings learnt at its 64x64 ``img_size``: only that size runs)."""
+    position embeddings learnt at its 64x64 ``img_size``: only that size runs), ``swinunetr`` (Swin encoder,
+    shifted 7x7 windows whose padding and masks are traced at the export size, instance norm)."""
 
     def build() -> Any:
         import torch

@@ -497,9 +497,10 @@ def test_swinunetr_runs_on_some_sizes_only_and_its_context_is_global(
     """MONAI's SwinUNETR (2D, defaults: patch 2, window 7, instance norm; exported with dynamic H/W). Its shifted
     windows are padded and masked with shapes traced at 64x64: the graph runs on multiples of 32 up to a few windows
     (64x128 runs, 64x256 does not), so the probe stops growing there and reads its largest window. Instance norm
-    and the deepest stage's window (7 tokens of 32 px: the whole tile) make every output depend on the whole tile:
-    global context. Checked by running it: two tiles 32 px apart (on its size step) differ at the centre of their
-    overlap, and blanking one end of a window changes the other end."""
+    (per-tile statistics in its convolutional blocks) and the last stage's attention window (at 64 px its 4x4 tokens
+    of 16 px: the whole tile) make every output depend on the whole tile: global context. Checked by running it: two
+    tiles 32 px apart (on its size step) differ at the centre of their overlap, and blanking one end of a window
+    changes the other end."""
     from czregistry.package import open_package
     from czregistry.selection import load_session
 
