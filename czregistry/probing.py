@@ -18,7 +18,8 @@ edge of either window is ``min(p - s, W - 1 - p)``; the error profile ``E(d)`` i
 among overlap pixels at distance ``>= d``. The **halo** is the smallest ``d`` with ``E(d) <= tol`` (pixels
 at least that far from a tile edge are exact, so a tiling border of ``halo`` pixels is seamless). The
 **stride** is the smallest shift whose overlap agrees beyond some distance: shifting a pooling network by
-less than its total pooling factor changes the pooling phase and the whole overlap differs.
+less than its total pooling factor changes the pooling phase and the whole overlap differs. A shift counts as
+the stride only when an inner band of distances agrees (``EXACT_MARGIN``), not just the window's centre.
 
 Receptive fields larger than the window
 ---------------------------------------
@@ -28,7 +29,9 @@ A ResNet encoder sees hundreds of pixels: in a 256-pixel window no pixel is out 
 **decay** of the profile: on the stride grid a local network's error falls with distance
 (``E(D/4) / E(3D/4) >= DECAY_RATIO``, ``D`` the largest distance), while a shift off the grid changes the
 whole overlap. Once the profile reaches the tolerance the halo is exact; if the largest window still shows
-decay but not the tolerance, the halo is reported as a **lower bound** (``halo_bound``).
+decay but not the tolerance, the halo is reported as a **lower bound** (``halo_bound``). A window the graph
+refuses (shapes traced at one size can cap the sizes it runs on) stops the growth; the largest window it ran on
+is then read like a fixed-size graph's single window.
 
 Global context needs evidence
 -----------------------------
