@@ -18,7 +18,8 @@ edge of either window is ``min(p - s, W - 1 - p)``; the error profile ``E(d)`` i
 among overlap pixels at distance ``>= d``. The **halo** is the smallest ``d`` with ``E(d) <= tol`` (pixels
 at least that far from a tile edge are exact, so a tiling border of ``halo`` pixels is seamless). The
 **stride** is the smallest shift whose overlap agrees beyond some distance: shifting a pooling network by
-less than its total pooling factor changes the pooling phase and the whole overlap differs.
+less than its total pooling factor changes the pooling phase and the whole overlap differs. A shift counts as
+the stride only when an inner band of distances agrees (``EXACT_MARGIN``), not just the window's centre.
 
 Receptive fields larger than the window
 ---------------------------------------
@@ -28,7 +29,9 @@ A ResNet encoder sees hundreds of pixels: in a 256-pixel window no pixel is out 
 **decay** of the profile: on the stride grid a local network's error falls with distance
 (``E(D/4) / E(3D/4) >= DECAY_RATIO``, ``D`` the largest distance), while a shift off the grid changes the
 whole overlap. Once the profile reaches the tolerance the halo is exact; if the largest window still shows
-decay but not the tolerance, the halo is reported as a **lower bound** (``halo_bound``).
+decay but not the tolerance, the halo is reported as a **lower bound** (``halo_bound``). A window the graph
+refuses (shapes traced at one size can cap the sizes it runs on) stops the growth; the largest window it ran on
+is then read like a fixed-size graph's single window.
 
 Global context needs evidence
 -----------------------------
@@ -84,6 +87,9 @@ MAX_STRIDE = 32
 #: A shift profile "decays" when ``E(D/4) / E(3D/4)`` is at least this (a local network, receptive field
 #: larger than the window); off-grid shifts and global statistics stay within a factor of ~3.
 DECAY_RATIO = 8.0
+#: The stride search takes a shift's profile as exact only when at least ``1/EXACT_MARGIN`` of its distances (the
+#: innermost ones, at least 2) are within the tolerance (``Prober._classify``).
+EXACT_MARGIN = 8
 #: A crop's prediction may differ from the whole prediction beyond the halo by this many tolerances before it
 #: counts as evidence: at a crop's corners two edges' sub-tolerance effects add up.
 EQ_FACTOR = 10.0
@@ -479,17 +485,23 @@ class Prober:
         near = float(profile[dmax // 4])
         return near / far if far > 0 else math.inf
 
-    def _classify(self, axis: int, shift: int, window: tuple[int, ...], tol: float
+    def _classify(self, axis: int, shift: int, window: tuple[int, ...], tol: float, *, margin: bool = False
                   ) -> tuple[str, int | None, float | None]:
         """("exact", halo, None), ("decaying", None, ratio) or ("flat", None, ratio); ("none", ...) when the
-        shift does not fit (at most a quarter window) or the graph refused."""
+        shift does not fit (at most a quarter window) or the graph refused.
+
+        With ``margin`` (the stride search) a profile counts as exact only when it stays within the tolerance
+        over at least the innermost eighth of its distances (``EXACT_MARGIN``): an off-grid shift whose error
+        sits just above the tolerance can dip below it at the window's centre, where ``E(d)`` is the maximum over
+        a column or two, and would otherwise pass for the stride with a halo of half the window."""
         if shift > window[axis] // 4:
             return "none", None, None
         prof = self.shift_profile(axis, shift, window)
         if prof is None or prof.size < 4:
             return "none", None, None
         halo = self.halo_from_profile(prof, tol)
-        if halo is not None:
+        dmax = prof.size - 1
+        if halo is not None and not (margin and halo > dmax - max(2, dmax // EXACT_MARGIN)):
             return "exact", halo, None
         ratio = self.decay_of(prof)
         return ("decaying" if ratio >= DECAY_RATIO else "flat"), None, ratio
@@ -532,14 +544,14 @@ class Prober:
         for s in cands:
             if self.over_budget:
                 break
-            kind, halo, ratio = self._classify(axis, s, window, tol)
+            kind, halo, ratio = self._classify(axis, s, window, tol, margin=True)
             if kind not in ("exact", "decaying"):
                 continue
             reduced = True
             while reduced and s > 1 and not self.over_budget:
                 reduced = False
                 for prime in _prime_factors(s):
-                    k2, h2, r2 = self._classify(axis, s // prime, window, tol)
+                    k2, h2, r2 = self._classify(axis, s // prime, window, tol, margin=True)
                     as_good = k2 == "exact" if kind == "exact" else (
                         k2 == "exact" or (k2 == "decaying" and self._deep_error(axis, s // prime, window)
                                           <= 2 * self._deep_error(axis, s, window)))
@@ -620,12 +632,24 @@ class Prober:
         """Stride, halo (or its lower bound) and global-context evidence along one axis."""
         res = _Axis()
         stride: int | None = None
+        last = base  # the largest window the graph ran on
+        confined = not growable  # the window cannot grow: one window must tell local from global
         for window in self._windows(base, axis, step or 1, growable):
             if self.over_budget:
                 notes.append(f"axis {axis}: halo probing stopped at the time budget")
                 break
             w = window[axis]
-            res.window = w
+            if window != base:
+                try:
+                    self.predict((0,) * len(window), window)
+                except ProbeRejected as exc:
+                    # Shapes traced at one size (attention masks, window partitions) can cap the sizes a graph
+                    # runs on: the probe stops growing there, and reads the largest window as a fixed one.
+                    notes.append(f"axis {axis}: the graph refused the {list(window)} probe window "
+                                 f"({str(exc)[:120]}); the halo probe stops at {res.window} px")
+                    confined = True
+                    break
+            res.window, last = w, window
             if stride is None:
                 stride, kind, halo, ratio = self._find_stride(axis, window, step, tol)
             else:
@@ -686,19 +710,21 @@ class Prober:
                 break
             if res.residual is not None:
                 break
-        if not growable and res.halo is None and not res.evidence and not self.over_budget:
-            # A fixed-size graph gives one window only: the change must fall between the band next to the
-            # blanked quarter and the band 5/8 of the window away, or the whole window is the context.
-            pair = self._content_change(axis, base)
+        if confined and res.halo is None and not res.evidence and not self.over_budget:
+            # A fixed-size graph gives one window only (a capped one, its largest): the change must fall between
+            # the band next to the blanked quarter and the band 5/8 of the window away, or the whole window is
+            # the context.
+            pair = self._content_change(axis, last)
+            what = "the fixed tile" if not growable else f"the largest window the graph runs on ({list(last)})"
             if pair is not None and pair[0] > tol and pair[0] * FAR_FALL >= pair[1]:
-                res.evidence.append(f"axis {axis}: blanking the last quarter of the fixed tile changes the output "
-                                    f"{base[axis] // 2 + base[axis] // 8} px away by {pair[0]:.3g} (next to it: "
+                res.evidence.append(f"axis {axis}: blanking the last quarter of {what} changes the output "
+                                    f"{last[axis] // 2 + last[axis] // 8} px away by {pair[0]:.3g} (next to it: "
                                     f"{pair[1]:.3g}): the change does not fall with distance")
                 res.strength, res.stride = pair[0], None
-        if not growable and res.stride is None and res.halo is None and not res.evidence and not self.over_budget:
-            res.stride = self._estimate_stride(axis, base, step)
+        if confined and res.stride is None and res.halo is None and not res.evidence and not self.over_budget:
+            res.stride = self._estimate_stride(axis, last, step)
             if res.stride is not None:
-                res.bound = max(0, (base[axis] - 1 - res.stride) // 2)
+                res.bound = max(0, (last[axis] - 1 - res.stride) // 2)
         if res.stride is not None and res.stride > 1 and not self.over_budget and not res.evidence:
             win = tuple(res.window if i == axis else v for i, v in enumerate(base))
             prof = self.shift_profile(axis, 1, win)

@@ -173,11 +173,12 @@ def _care_unet() -> Any:
 def _monai(kind: str) -> Callable[[], Any]:
     """MONAI networks, small widths (the verdicts depend on the layers, not the width): ``basicunet`` with
     BatchNorm (local), ``unet-instancenorm`` (per-image InstanceNorm: global), ``unetr`` (ViT encoder with
-    position embeddings learnt at its 64x64 ``img_size``: only that size runs)."""
+    position embeddings learnt at its 64x64 ``img_size``: only that size runs), ``swinunetr`` (Swin encoder,
+    shifted 7x7 windows whose padding and masks are traced at the export size, instance norm)."""
 
     def build() -> Any:
         import torch
-        from monai.networks.nets import UNETR, BasicUNet, UNet
+        from monai.networks.nets import UNETR, BasicUNet, SwinUNETR, UNet
 
         torch.manual_seed(0)
         net: Any
@@ -189,10 +190,13 @@ def _monai(kind: str) -> Callable[[], Any]:
             net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2),
                        num_res_units=1, norm="instance")
             head = None
-        else:
+        elif kind == "unetr":
             net = UNETR(in_channels=1, out_channels=2, img_size=(64, 64), spatial_dims=2, feature_size=8,
                         hidden_size=96, mlp_dim=192, num_heads=4)
             head = None
+        else:  # swinunetr: MONAI's defaults (window 7, patch 2, instance norm) at the smallest width and depth
+            net = SwinUNETR(in_channels=1, out_channels=2, spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1))
+            head = net.out.conv.conv
         if head is not None:
             _confident(head)
         return net.eval()
@@ -270,6 +274,7 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
     Entry("monai-unet-instancenorm", _monai("unet-instancenorm"), "torch", tile=(128, 128), channels=1,
           min_overlap=(16, 16)),
     Entry("monai-unetr", _monai("unetr"), "torch", tile=(64, 64), channels=1, min_overlap=(16, 16)),
+    Entry("monai-swinunetr", _monai("swinunetr"), "torch", tile=(64, 64), channels=1, min_overlap=(16, 16)),
     Entry("care-unet3d", _care_unet3d_torch, "torch", mtype="Regression", tile=(16, 64, 64), channels=1, classes=1,
           min_overlap=(8, 16, 16), post="none"),
 ]}

@@ -174,6 +174,8 @@ GLOBAL = {
     "smp-deeplabv3plus-resnet18": {"severity": None, "stride": 16},
     # MONAI UNet with InstanceNorm: per-image (per-tile) statistics in every block.
     "monai-unet-instancenorm": {"severity": Severity.ERROR, "stride": 4},
+    # SegFormer (MiT-b0): efficient self-attention over the whole tile (keys and values pooled by 8 to 1/32).
+    "smp-segformer-mit_b0": {"severity": Severity.ERROR, "stride": 32},
 }
 
 
@@ -438,3 +440,84 @@ def test_unetr_runs_only_at_its_trained_size_and_its_attention_is_global(
         b = session.predict(np.ascontiguousarray(img[:, :, 16:]))[0]
     centre = np.abs(a[24:40, 32:48].astype(np.float64) - b[24:40, 16:32].astype(np.float64)).max()
     assert centre > 10 * TOL, centre
+
+
+def _tiles_minus_whole(path: Path, tile: tuple[int, ...], overlap: tuple[int, ...], stride: int, n: int = 2) -> float:
+    """``n`` tiles per axis overlapping by exactly ``overlap`` (an image of ``n * tile - (n - 1) * overlap``),
+    stitched at the middle of each overlap as the host does: every stitched pixel is at least ``overlap / 2`` px
+    from an inner tile edge, and the pixels at the cuts exactly that far."""
+    shape = tuple(n * t - (n - 1) * o for t, o in zip(tile, overlap))
+    return tiled_minus_whole(path, shape, tile=tile, border=min(overlap) // 2, stride=(stride,) * len(tile))
+
+
+@pytest.mark.slow
+def test_mobilenet_unet_stride_and_halo_are_the_same_on_both_axes_and_tile_exactly(
+        corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """smp U-Net with a MobileNetV2 encoder (random weights: a weak deep path, output range ~0.05). A one-pixel
+    shift changes it by ~1e-2, a 4-pixel shift by 1.4e-4 (the stride-8 and deeper levels' phase), just above the
+    tolerance: the stride search once took shift 4 for the stride on one axis because that error dipped below the
+    tolerance at the 256-pixel window's centre only (halo 125 = half the window; ``probing.EXACT_MARGIN``). The
+    network is symmetric in H and W, and so must be its figures; checked by tiling at the recommended overlap
+    (seamless) and at one well below it (seams)."""
+    report = reports("smp-unet-mobilenet_v2")
+    m = report.measurements
+    assert report.valid and not report.warnings, report.to_json()
+    assert m["global_context"] is False and m["stride"] == [8, 8], m["stride"]
+    assert all(14 <= h <= 24 for h in m["halo"]), m["halo"]
+    assert abs(m["halo"][0] - m["halo"][1]) <= 4
+    assert m["min_overlap_exact_seam_error"] <= 2 * TOL
+    path = corpus("smp-unet-mobilenet_v2")
+    need = tuple(-(-2 * h // 8) * 8 for h in m["halo"])  # the recommended MinOverlap on the stride grid
+    assert _tiles_minus_whole(path, (256, 256), need, 8) <= 2 * TOL
+    assert _tiles_minus_whole(path, (256, 256), (16, 16), 8) > TOL  # 8 px from the cut: seams
+
+
+@pytest.mark.slow
+def test_3d_care_unet_tiles_exactly_at_its_declared_overlap_and_not_one_voxel_below_the_halo(
+        corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """The 3D CARE U-Net (tile 16x64x64, MinOverlap 8x16x16): validate measures halo 4/4/5 at stride 1 and calls
+    the declared overlap seamless; tiles at that overlap equal whole-volume inference, and tiles whose cut lies one
+    voxel inside the halo on every axis do not (the halo is tight, not merely sufficient)."""
+    report = reports("care-unet3d")
+    m = report.measurements
+    assert report.valid and not report.warnings, report.to_json()
+    assert m["stride"] == [1, 1, 1] and all(3 <= h <= 6 for h in m["halo"]), m
+    assert m["seam_error"] <= 3 * TOL
+    entry = CORPUS["care-unet3d"]
+    path = corpus("care-unet3d")
+    declared = _tiles_minus_whole(path, entry.tile, entry.min_overlap, 1)
+    assert declared <= 3 * TOL, declared
+    # Three smaller tiles per axis keep the volume on the graph's size step (4) with overlaps of 2 (halo - 1).
+    below = _tiles_minus_whole(path, (16, 32, 32), tuple(2 * (h - 1) for h in m["halo"]), 1, n=3)
+    assert below > 3 * TOL, below
+
+
+def test_swinunetr_runs_on_some_sizes_only_and_its_context_is_global(
+        corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
+    """MONAI's SwinUNETR (2D, defaults: patch 2, window 7, instance norm; exported with dynamic H/W). Its shifted
+    windows are padded and masked with shapes traced at 64x64: the graph runs on multiples of 32 up to a few windows
+    (64x128 runs, 64x256 does not), so the probe stops growing there and reads its largest window. Instance norm
+    (per-tile statistics in its convolutional blocks) and the last stage's attention window (at 64 px its 4x4 tokens
+    of 16 px: the whole tile) make every output depend on the whole tile: global context. Checked by running it: two
+    tiles 32 px apart (on its size step) differ at the centre of their overlap, and blanking one end of a window
+    changes the other end."""
+    from czregistry.package import open_package
+    from czregistry.selection import load_session
+
+    report = reports("monai-swinunetr")
+    m = report.measurements
+    assert m["step"] == [32, 32] and m["accepts_other_sizes"] is True, report.to_json()
+    assert m["global_context"] is True and "model.invariance.equivariance" in _findings(report, Severity.ERROR)
+    assert any("refused the [64, 256] probe window" in n for n in m["probe"]["notes"]), m["probe"]["notes"]
+    assert any("does not fall with distance" in e for e in m["probe"]["global_evidence"])
+    img = np.random.default_rng(0).random((1, 64, 96, 1), dtype=np.float32)
+    with load_session(open_package(corpus("monai-swinunetr")), None, "cpu") as session:
+        a = session.predict(np.ascontiguousarray(img[:, :, :64]))[0].astype(np.float64)
+        b = session.predict(np.ascontiguousarray(img[:, :, 32:]))[0].astype(np.float64)
+        blank = img[:, :, :64].copy()
+        blank[:, :, 48:] = 0.0
+        c = session.predict(blank)[0].astype(np.float64)
+    centre = np.abs(a[24:40, 40:56] - b[24:40, 8:24]).max()  # 8 px and more from either tile's edge
+    assert centre > 10 * TOL, centre
+    far = np.abs(a[:, :8] - c[:, :8]).max()  # 40 px and more from the blanked quarter
+    assert far > 10 * TOL, far
