@@ -1064,7 +1064,7 @@ def test_run_dask_worker_count_is_bounded(spec: str, world: World, tmp_path: Pat
     """A typo such as local:999 would fork hundreds of processes, each loading the model: a usage error
     (exit 2) before anything is loaded or written, naming the bound."""
     pytest.importorskip("distributed")
-    from czregistry.run.dask_run import max_local_workers
+    from czregistry.run.cluster import max_local_workers
 
     top = max_local_workers()
     assert top == max(64, 4 * (os.cpu_count() or 1))

@@ -25,9 +25,11 @@ pytest.importorskip("distributed")
 from czregistry.cli import main
 from czregistry.errors import RunError
 from czregistry.package import sha256_file
-from czregistry.run.dask_run import open_dask_client, read_output, run_dask, worker_stats
+from czregistry.run.cluster import open_dask_client
+from czregistry.run.dask_run import read_output, run_dask
 from czregistry.run.plan import RunOptions
 from czregistry.run.runner import run
+from czregistry.run.worker import worker_stats
 
 ModelCache = Callable[..., Path]
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,10 +220,10 @@ def test_local_1_runs_in_this_process_with_the_clients_session(model_cache: Mode
     assert after["pid"] == os.getpid() and after["blocks"] == before["blocks"] + 2
     assert after["loads"].get(digest, 0) == before["loads"].get(digest, 0) == 0
     assert after["lent"][digest] == before["lent"].get(digest, 0) + 2
-    from czregistry.run import dask_run
+    from czregistry.run import worker
 
     # nothing kept after the run: no session loaded or lent, no reader or writer open
-    assert not dask_run._SESSIONS and not dask_run._LENT_BY_RUN and not dask_run._SOURCES and not dask_run._ARRAYS
+    assert not worker._SESSIONS and not worker._LENT_BY_RUN and not worker._SOURCES and not worker._ARRAYS
 
 
 def test_local_1_interrupted_stops_its_block_and_resumes_on_other_workers(client: Any, model_cache: ModelCache,
@@ -243,9 +245,9 @@ def test_local_1_interrupted_stops_its_block_and_resumes_on_other_workers(client
         run_dask(pkg, [img], out, RunOptions(), scheduler="local:1", block=256, progress=interrupt)
     markers = list((tmp_path / ".out.zarr.dask.part" / ".czreg" / "blocks").glob("*.done"))
     assert 2 <= len(markers) < 16 and not out.exists()
-    from czregistry.run import dask_run
+    from czregistry.run import worker
 
-    assert not dask_run._LENT_BY_RUN and not dask_run._STOPPED  # the lent session was taken back
+    assert not worker._LENT_BY_RUN and not worker._STOPPED  # the lent session was taken back
     res = run_dask(pkg, [img], out, RunOptions(), client=client, resume=True, block=256)
     assert res.blocks_skipped == len(markers) and res.blocks_run == 16 - len(markers)
     assert np.array_equal(read_output(out), _single(pkg, img, tmp_path / "ref.zarr", RunOptions()))
@@ -278,7 +280,7 @@ def test_resume_keeps_the_planned_block_edge_on_another_cluster(client: Any, mod
 ])
 def test_default_block_edge(images: list[tuple[int, tuple[int, int]]], per_pixel: float, workers: int | None,
                             edge: int) -> None:
-    from czregistry.run.dask_run import default_block_edge
+    from czregistry.run.blocks import default_block_edge
 
     assert default_block_edge(images, per_pixel, workers, lambda e: True, 2048) == edge
 
@@ -367,7 +369,7 @@ def test_content_sha256_sees_content_not_size_or_mtime(tmp_path: Path) -> None:
     Same size and mtime with other bytes differ; a copy with other mtimes does not; a link loop ends."""
     import shutil
 
-    from czregistry.run.dask_run import content_sha256
+    from czregistry.run.resume import content_sha256
 
     f = tmp_path / "a.npy"
     f.write_bytes(b"x" * 3_000_000)

@@ -36,8 +36,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_path_feeds_the_same_model_input(case: str, tmp_path: Path) -> None:
     from czregistry.evaluate.engine import _model_input
-    from czregistry.run.dask_run import ImageJob
     from czregistry.run.smoke import _load_given
+    from czregistry.run.worker import ImageJob
 
     info, channels, raw, want = CASES[case]
     assert info.bgr is (case == "bgr") and info.color_handling == ("SplitRgb" if case == "splitrgb" else

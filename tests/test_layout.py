@@ -134,7 +134,8 @@ def test_the_wings_are_subpackages() -> None:
     for wing, members in {"pack": ("core", "sources", "sessions", "tile", "metadata", "unpack"),
                           "onnx": ("graph", "session", "source"), "sharing": ("signing", "oci", "_smallfile"),
                           "run": ("runner", "plan", "readers", "adapt", "pipeline", "assemble", "writers", "omezarr",
-                                  "source", "tiling", "czi", "smoke", "dask_run")}.items():
+                                  "source", "tiling", "czi", "smoke", "dask_run", "blocks", "resume",
+                                  "cluster", "worker")}.items():
         for member in members:
             assert (PKG / wing / f"{member}.py").is_file(), f"czregistry/{wing}/{member}.py"
     assert not list(PKG.glob("_pack_*.py")), "packing modules belong in czregistry/pack/"

@@ -5,7 +5,7 @@ a ``source.ImageSource``), ``adapt`` (input scaling and channels), ``pipeline`` 
 threads: ``TiledPredictor``, ``predict_image``), ``assemble`` (placing and blending tiles, output conversion),
 ``writers`` (the output contract and OME-TIFF) and ``omezarr`` (OME-Zarr 0.5), joined by ``runner`` (``run``);
 ``tiling`` (the tile grid and blend weights), ``smoke`` (the tiled smoke test) and ``dask_run`` (the same run
-spread over a Dask cluster).
+spread over a Dask cluster: ``blocks``, ``resume`` for its outputs, ``cluster`` and ``worker``).
 
 Names are resolved lazily: ``czregistry.run.tiling`` alone does not import the runner or NumPy.
 """
