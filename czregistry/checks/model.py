@@ -422,9 +422,7 @@ class ReceptiveFieldCheck(_SpatialCheck):
         declared = "BorderSize" if info.kind == "czmodel" else "MinOverlap/2"
         short = [a for a, b, h in zip(axes, border or [0] * nd, halo) if b < h]
         if short:
-            seam_txt = (f"; tiling at the declared overlap differs from the whole prediction by up to "
-                        f"{seam.seam_error:.3g} ({100 * (seam.seam_error_rel or 0):.3g}% of the output range)"
-                        if seam is not None and seam.seam_error is not None else "")
+            seam_txt = _seam_text(seam)
             what = (f"declared border {_fmt(border)} px ({declared}) is below the measured halo" if border
                     else "no border is declared, but the measured halo is")
             yield Finding.warning(f"{cid}.border", f"{what} {_fmt(halo)} px on "
@@ -571,13 +569,22 @@ class ReceptiveFieldCheck(_SpatialCheck):
             ctx.measure("seam_method", seam.method)
         if any(b < h for b, h in zip(border, halo)):
             declared = "BorderSize" if info.kind == "czmodel" else "MinOverlap/2"
-            seam_txt = (f"; tiling at the declared overlap differs from the whole prediction by up to "
-                        f"{seam.seam_error:.3g} ({100 * (seam.seam_error_rel or 0):.3g}% of the output range)"
-                        if seam is not None and seam.seam_error is not None else "")
+            seam_txt = _seam_text(seam)
             yield Finding.warning(f"{cid}.border", f"declared border {_fmt(border)} px ({declared}) is far below the "
                                   f"halo, which is {what}{_fmt(halo)} px: tiles will show seams{seam_txt}",
                                   hint=_overlap_hint(info, inv, halo, prober.tile, bound=bound))
         yield from self._offgrid(cid, inv)
+
+
+def _seam_text(seam: TilingResult | None) -> str:
+    """The seam figure for a border warning, naming what the tiles were compared with: the whole image's
+    prediction, or, on a graph that runs only on its tile, a tile centred on the cut (the best reference
+    such a graph allows; saying "whole prediction" there would claim a measurement that never ran)."""
+    if seam is None or seam.seam_error is None:
+        return ""
+    against = "a tile centred on the cut" if seam.method == "tiles-vs-centre-window" else "the whole prediction"
+    return (f"; tiling at the declared overlap differs from {against} by up to {seam.seam_error:.3g} "
+            f"({100 * (seam.seam_error_rel or 0):.3g}% of the output range)")
 
 
 def _fixed_overlaps(declared: list[int], tile: tuple[int, ...], grid: list[int]) -> list[list[int]]:
