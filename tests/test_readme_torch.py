@@ -66,15 +66,12 @@ def _agree_then_fix(tmp_path: Path, package: Path, repack: Any) -> None:
     """At MinOverlap 64: a seam warning whose figure is within 2x of smoke's, smoke FAILs; at the recommended
     MinOverlap: no warning at all, smoke PASSes."""
     report, smoke = _validate_then_smoke(package)
-    print("declared:", report["measurements"]["seam_error"], smoke["measurements"]["smoke.seam_error"],
-          _border(report))
     assert report["valid"] and not smoke["valid"], (report, smoke)
     v, s = report["measurements"]["seam_error"], smoke["measurements"]["smoke.seam_error"]
     assert s > 0.05 and 0.5 <= v / s <= 2, (v, s)
     want = _recommended(report)
     fixed = repack(want)
     again, smoke2 = _validate_then_smoke(fixed)
-    print("recommended:", want, again["measurements"]["seam_error"], smoke2["measurements"]["smoke.seam_error"])
     assert again["valid"] and not [f for f in again["findings"] if f["severity"] != "info"], again
     assert smoke2["valid"], smoke2
     assert smoke2["measurements"]["smoke.seam_error"] <= 1e-4 * 2
