@@ -396,3 +396,11 @@ def test_content_sha256_sees_content_not_size_or_mtime(tmp_path: Path) -> None:
     (copy / "c" / "0" / "1").write_bytes(b"chunk-b")
     (copy / "c" / "0" / "1").rename(copy / "c" / "0" / "2")  # same bytes under another name
     assert content_sha256(copy) != digest
+
+
+def test_the_in_process_worker_runs_without_dasks_stack_sampler() -> None:
+    """``local:1`` shares this process's GIL with the predictor's threads: Dask's statistical profiler (a stack
+    sample of every thread each 10 ms) is off there, and on for process workers, which have a GIL of their own."""
+    with open_dask_client("local:1", timeout=60) as c:
+        assert c.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks) == {
+            a: False for a in c.scheduler_info()["workers"]}

@@ -86,8 +86,14 @@ def open_dask_client(scheduler: str, *, timeout: float | None = None) -> Iterato
         # the dashboard needs bokeh; without it the scheduler would only log a warning
         dashboard = "127.0.0.1:0" if importlib.util.find_spec("bokeh") is not None else None
         # a block that raises is retried once (submit(retries=1)); a task whose worker dies twice fails
-        with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                              "distributed.comm.timeouts.connect": f"{int(local_timeout)}s"}):
+        settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": 1,
+                                    "distributed.comm.timeouts.connect": f"{int(local_timeout)}s"}
+        if target == 1:
+            # Dask's statistical profiler samples every thread's stack each 10 ms under the GIL; in our own
+            # process that includes the predictor's reader and writer threads, and cost the in-process
+            # worker about 5% of an 8192² run (docs/runner.md). Process workers keep it (their own GIL).
+            settings["distributed.worker.profile.enabled"] = False
+        with dask.config.set(settings):
             # tcp on the loopback for local:1 too: in-process ("inproc") addresses would put the scheduler's
             # HTTP server (health, metrics) on the machine's network address
             cluster = LocalCluster(n_workers=target, threads_per_worker=1, processes=target > 1,
