@@ -296,20 +296,23 @@ def child_zarr_runner(package: str, image: str, out: str, batch: int) -> dict[st
     from czregistry.run.plan import RunOptions
     from czregistry.run.runner import run
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     res = run(package, image, out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"))
-    return {"seconds": time.perf_counter() - t0, "tiles": res.tiles, "predict_seconds": res.predict_seconds}
+    return {"seconds": time.perf_counter() - t0, "tiles": res.tiles, "predict_seconds": res.predict_seconds,
+            "cpu": _cpu_seconds() - cpu0}
 
 
 def child_dask(package: str, image: str, out: str, batch: int, workers: int, block: int) -> dict[str, Any]:
     from czregistry.run.dask_run import run_dask
     from czregistry.run.plan import RunOptions
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     res = run_dask(package, [image], out, RunOptions(batch_size=batch, output_kind="labels", device="cpu"),
                    scheduler=f"local:{workers}", block=block or None)
+    # CPU of this process: all of local:1's work (its worker is a thread here), only the client's otherwise
     return {"seconds": time.perf_counter() - t0, "tiles_run": res.tiles_run, "tiles": res.tiles,
-            "blocks": res.blocks, "redundancy": res.redundancy, "workers": res.workers}
+            "blocks": res.blocks, "redundancy": res.redundancy, "workers": res.workers,
+            "cpu": _cpu_seconds() - cpu0 if workers == 1 else None}
 
 
 def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, block: int, repeat: int = 1) -> None:
@@ -322,14 +325,15 @@ def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, bloc
     print(f"\nmodel: small U-Net (1 pooling), tile {TILE}, overlap {OVERLAP}, batch {batch}, ONNX Runtime CPU, "
           f"{os.cpu_count()} cores; labels to Zarr; dask = czreg run --dask local:N (block {block or 'default'}); "
           f"{repeat} interleaved round(s)\n")
-    print("| image | workers | wall s, median (runs) | vs single process (per round) | tiles predicted (grid) "
-          "| blocks | identical |")
-    print("|---|---|---|---|---|---|---|")
+    print("| image | workers | wall s, median (runs) | vs single process (per round) | CPU s, median (x single) "
+          "| tiles predicted (grid) | blocks | identical |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
         image = tmp / f"img{size}.tif"
         make_image(image, size)
         ref = tmp / f"single{size}.zarr"
         runs: dict[str, list[float]] = {"single": [], **{f"local:{n}": [] for n in workers}}
+        cpus: dict[str, list[float]] = {k: [] for k in runs}
         info: dict[str, dict[str, Any]] = {}
         same: dict[str, bool] = {}
         ratios: dict[str, list[float]] = {f"local:{n}": [] for n in workers}
@@ -337,6 +341,7 @@ def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, bloc
             shutil.rmtree(ref, ignore_errors=True)
             single = _child([me, "--child", "zarr", str(package), str(image), str(ref), str(batch)])
             runs["single"].append(single["seconds"])
+            cpus["single"].append(single["cpu"])
             info["single"] = single
             want = read_output(ref)
             for n in workers:
@@ -344,6 +349,8 @@ def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, bloc
                 d = _child([me, "--child", "dask", str(package), str(image), str(out), str(batch), str(n),
                             str(block)])
                 runs[f"local:{n}"].append(d["seconds"])
+                if d.get("cpu") is not None:
+                    cpus[f"local:{n}"].append(d["cpu"])
                 ratios[f"local:{n}"].append(d["seconds"] / single["seconds"])
                 info[f"local:{n}"] = d
                 same[f"local:{n}"] = same.get(f"local:{n}", True) and bool(np.array_equal(read_output(out), want))
@@ -352,12 +359,22 @@ def dask_table(tmp: Path, sizes: list[int], workers: list[int], batch: int, bloc
         def fmt(xs: list[float]) -> str:
             return f"{float(np.median(xs)):.1f} ({'/'.join(f'{x:.1f}' for x in xs)})"
 
-        print(f"| {size}x{size} | single process | {fmt(runs['single'])} | 1.00x | {info['single']['tiles']} | - | - |")
+        # CPU seconds of the process (all threads): steadier than wall time on a shared or virtual machine,
+        # and for local:1 (a worker thread in the process) the whole cost of the run; worker processes'
+        # CPU is not seen from here ("-")
+        cpu_single = float(np.median(cpus["single"]))
+
+        def cpu(k: str, cpus: dict[str, list[float]] = cpus, base: float = cpu_single) -> str:
+            return f"{float(np.median(cpus[k])):.1f} ({float(np.median(cpus[k])) / base:.2f}x)" if cpus[k] else "-"
+
+        print(f"| {size}x{size} | single process | {fmt(runs['single'])} | 1.00x | {cpu('single')} | "
+              f"{info['single']['tiles']} | - | - |")
         for n in workers:
             k = f"local:{n}"
             d, r = info[k], ratios[k]
             print(f"| {size}x{size} | {k} | {fmt(runs[k])} | {float(np.median(r)):.2f}x "
-                  f"({'/'.join(f'{x:.2f}' for x in r)}) | {d['tiles_run']} ({d['tiles']}, x{d['redundancy']:.2f}) | "
+                  f"({'/'.join(f'{x:.2f}' for x in r)}) | {cpu(k)} | {d['tiles_run']} ({d['tiles']}, "
+                  f"x{d['redundancy']:.2f}) | "
                   f"{d['blocks']} | {same[k]} |", flush=True)
         shutil.rmtree(ref, ignore_errors=True)
         image.unlink()
