@@ -402,5 +402,5 @@ def test_the_in_process_worker_runs_without_dasks_stack_sampler() -> None:
     """``local:1`` shares this process's GIL with the predictor's threads: Dask's statistical profiler (a stack
     sample of every thread each 10 ms) is off there, and on for process workers, which have a GIL of their own."""
     with open_dask_client("local:1", timeout=60) as c:
-        assert c.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks) == {
-            a: False for a in c.scheduler_info()["workers"]}
+        sampling = c.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert sampling == dict.fromkeys(c.scheduler_info()["workers"], False)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OutputTarget", "check_output", "content_sha256", "create_output", "discard_unfinished",
            "finish_output", "image_identity", "markers_folder", "occupied", "output_paths", "planned_block",
-           "refuse_existing", "start_part", "write_marker"]
+           "refuse_existing", "remove_path", "start_part", "write_marker"]
 
 _META = ".czreg"
 _MANIFEST = "run.json"
@@ -92,7 +92,9 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a folder tree, whatever is at ``path`` (outputs are folders for Zarr, files for
+    TIFF); never follows a link into a folder. Shared by the single-process runner and the Dask run."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -262,7 +264,7 @@ def check_output(final: Path, manifest: dict[str, Any], image: Path, resume: boo
 def start_part(target: OutputTarget, create: Callable[[Path], None]) -> None:
     """(Re)create the part folder: ours (it has a manifest) or replaced under ``--force``."""
     if occupied(target.part):
-        _remove(target.part)
+        remove_path(target.part)
     target.part.mkdir(parents=True)
     create(target.part)
 
@@ -275,7 +277,7 @@ def finish_output(root: Path, final: Path, force: bool) -> None:
     if occupied(final):
         if not force:  # appeared during the run: keep both, the result stays resumable in the part folder
             raise refuse_existing(final)
-        _remove(final)
+        remove_path(final)
     root.replace(final)
 
 
@@ -283,7 +285,7 @@ def discard_unfinished(part: Path) -> None:
     """Remove the part folder ``part`` when it holds no finished block: it has nothing for ``--resume``. One
     with markers is kept (interrupt, a block failing twice)."""
     if occupied(part) and not _markers(part):
-        _remove(part)
+        remove_path(part)
 
 
 def planned_block(outs: Sequence[Path]) -> int | None:

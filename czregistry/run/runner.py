@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from . import pipeline as tile_pipeline
 from .assemble import Packer, out_dtype
 from .pipeline import Bands, Progress, TiledPredictor
 from .plan import OutputKind, RunOptions, plan_for_model
+from .resume import remove_path
 from .tiling import Tile
 
 if TYPE_CHECKING:
@@ -112,13 +112,6 @@ def open_tileable(package: Path | str, output_kind: OutputKind) -> tuple[Package
     return pkg, info
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _sweep_stale_parts(final: Path) -> None:
     """Remove our own temp outputs for ``final`` left by a run that was killed (SIGKILL, power loss): the
     name carries the writer's pid, and a part whose pid no longer runs is stale. Others' files are kept."""
@@ -129,7 +122,7 @@ def _sweep_stale_parts(final: Path) -> None:
         try:
             os.kill(int(pid_text), 0)
         except ProcessLookupError:
-            _remove(part)
+            remove_path(part)
         except OSError:  # alive but another user's, or not ours to judge
             continue
 
@@ -146,11 +139,11 @@ def _temp_output(final: Path) -> Iterator[Path]:
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
-            _remove(final)
+            remove_path(final)
         tmp.replace(final)
     finally:
         if tmp.exists():
-            _remove(tmp)
+            remove_path(tmp)
 
 
 def run(package: Path | str, image: Path | str, output: Path | str, options: RunOptions | None = None,
