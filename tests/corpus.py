@@ -246,6 +246,9 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
     Entry("smp-deeplabv3plus-resnet18", _smp("DeepLabV3Plus"), "torch"),
     Entry("smp-pan-resnet18", _smp("PAN"), "torch"),
     Entry("smp-unet-efficientnet-b0", _smp("Unet", "efficientnet-b0"), "torch", slow=True),
+    # ConvNeXt (timm through smp): a 4x4 stride-4 patchify stem, 7x7 depthwise convolutions and LayerNorm over the
+    # channels of each pixel (local, unlike GroupNorm or InstanceNorm)
+    Entry("smp-unet-convnext_atto", _smp("Unet", "tu-convnext_atto"), "torch", slow=True),
     Entry("keras-encoder-decoder", _keras_encoder_decoder(False), "keras", tile=(128, 128), channels=1,
           min_overlap=(16, 16)),
     Entry("keras-encoder-decoder-skip", _keras_encoder_decoder(True), "keras", tile=(128, 128), channels=1,

@@ -126,11 +126,14 @@ LOCAL = {
         "check_tile": (128, 128), "check_shape": (128, 400)},
     "unet3d": {"stride": 4, "halo": (6, 14), "warnings": {"model.receptive_field.border"},
         "check_tile": (32, 64, 64), "check_shape": (32, 64, 160)},
+    # ConvNeXt-atto encoder: LayerNorm over each pixel's channels is local (not a per-image statistic)
+    "smp-unet-convnext_atto": {"stride": 32, "halo": (40, 90), "warnings": set(),
+        "check_tile": (256, 256), "check_shape": (256, 640)},
     # MONAI's BasicUNet with BatchNorm (4 poolings; at 128 px the probe pins the halo)
     "monai-basicunet": {"stride": 4, "halo": (4, 10), "warnings": set(),
         "check_tile": (128, 128), "check_shape": (128, 320)},  # whole image on its size step of 16
 }
-HEAVY = {"smp-unet-resnet18", "smp-linknet-resnet18"}
+HEAVY = {"smp-unet-resnet18", "smp-linknet-resnet18", "smp-unet-convnext_atto"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in LOCAL])
