@@ -74,6 +74,7 @@ __all__ = [
     "measure_tiling",
     "probe_image",
     "seam_band",
+    "seam_limit",
 ]
 
 #: Agreement tolerance, relative to ``max(1, output range)``; see the module docstring.
@@ -191,6 +192,14 @@ def centred_origin(cut: int, tile: int, grid: int, anchor: int = 0) -> int:
     whole image would show there, so it is the reference for seams at ``cut`` (``Prober.measure_tiling`` on the
     probe image and ``czreg smoke`` on its image both use it)."""
     return anchor + (cut - tile // 2 - anchor) // max(1, grid) * max(1, grid)
+
+
+def seam_limit(spatial_ndim: int, output_range: float) -> float:
+    """The largest seam error that still counts as seamless: ``TOLERANCE`` per spatial axis, scaled by the output
+    range (at least 1). A tile corner sums the effects of its ``nd`` edges, so a 2D tiling meets twice one edge's
+    error there. ``validate`` (``Prober.measure_tiling``) and ``czreg smoke`` both judge by this one limit: with
+    two limits a package between them validated clean and failed its smoke test."""
+    return spatial_ndim * TOLERANCE * max(1.0, output_range)
 
 
 def seam_band(border: int, tile: int) -> int:
@@ -919,7 +928,6 @@ class Prober:
         if key in self.tilings:
             return self.tilings[key]
         rng = max(inv.output_range, 1e-12)
-        tol = inv.tolerance
         if inv.accepts_other_sizes and all(q is not None for q in inv.step):
             full = tuple(w + p for w, p in zip(window, pos))
             if math.prod(full) > 4 * MAX_PROBE_PIXELS:
@@ -940,7 +948,7 @@ class Prober:
                 stitched[region] = pred[local]
             diff = np.abs(stitched.astype(np.float64) - whole.astype(np.float64))
             err = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
-            result = TilingResult(used, err, err / rng, "tiled-vs-whole", err <= nd * tol)
+            result = TilingResult(used, err, err / rng, "tiled-vs-whole", err <= seam_limit(nd, rng))
         else:
             errs = []
             for axis in range(nd):
@@ -950,7 +958,7 @@ class Prober:
             if not errs:
                 return None
             err = max(errs)
-            result = TilingResult(used, err, err / rng, "tiles-vs-centre-window", err <= nd * tol)
+            result = TilingResult(used, err, err / rng, "tiles-vs-centre-window", err <= seam_limit(nd, rng))
         self.tilings[key] = result
         return result
 

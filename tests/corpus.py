@@ -266,6 +266,7 @@ CORPUS: dict[str, Entry] = {e.name: e for e in [
     # fixed-size exports (issue 23): the README's PyTorch example, a CARE U-Net and the dilated network
     Entry("smp-unet-resnet18-fixed128", _smp("Unet"), "torch", tile=(128, 128), min_overlap=(64, 64),
           fixed_size=True),
+    Entry("smp-linknet-resnet18-fixed", _smp("Linknet"), "torch", tile=(256, 256), fixed_size=True, slow=True),
     Entry("care-unet-fixed", _care_unet, "keras", mtype="Regression", tile=(256, 256), channels=1, classes=1,
           min_overlap=(64, 64), fixed_size=True),
     Entry("dilated-context-fixed", _dilated_torch, "torch", tile=(128, 128), channels=1, min_overlap=(16, 16),

@@ -352,7 +352,8 @@ def test_every_corpus_network_passes_the_static_graph_audit(name: str, corpus: C
 
 #: Corpus entries cheap enough to validate *and* smoke here, dynamic and fixed-size: seams expected or not.
 AGREE = {"keras-encoder-decoder": False, "care-unet": False, "dilated-context": True,
-         "care-unet-fixed": False, "dilated-context-fixed": True, "smp-unet-resnet18-fixed128": True}
+         "care-unet-fixed": False, "dilated-context-fixed": True, "smp-unet-resnet18-fixed128": True,
+         "smp-linknet-resnet18-fixed": True}
 _SEAM_FINDINGS = {"model.receptive_field.border", "model.receptive_field.seams"}
 
 
@@ -394,10 +395,16 @@ def test_fixed_tile_with_a_halo_wider_than_it_warns_at_the_border_with_a_tile_hi
     assert report.measurements["seam_error_rel"] > 0.05
 
 
+@pytest.mark.parametrize(("name", "need_range"), [("dilated-context-fixed", (50, 68)),
+                                                  pytest.param("smp-linknet-resnet18-fixed", (120, 250),
+                                                               marks=pytest.mark.slow)])
 def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass(
-        tmp_path: Path, corpus: Callable[[str], Path], reports: Callable[[str], Report]) -> None:
-    """The fixed-size dilated network (halo 32 in a 128 tile, MinOverlap 16): validate's hint names the overlap that
-    removes the seams; declared, it validates without a border warning and smoke passes."""
+        name: str, need_range: tuple[int, int], tmp_path: Path, corpus: Callable[[str], Path],
+        reports: Callable[[str], Report]) -> None:
+    """Fixed-size graphs whose halo fits their tile (the dilated network: halo 32 in a 128 tile, MinOverlap 16; smp's
+    Linknet fixed at 256, MinOverlap 128): validate's hint names the overlap that removes the seams; declared, it
+    validates without a border warning and smoke passes. Both judge by one limit (``probing.seam_limit``): with
+    two, Linknet at its recommended overlap validated clean (1.6e-4) and failed its smoke test (1.4e-4)."""
     import json
     import re
     import zipfile
@@ -405,14 +412,16 @@ def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass
     from czregistry.package import open_package, write_package
     from czregistry.run.smoke import smoke_test
 
-    report = reports("dilated-context-fixed")
+    report = reports(name)
     border = next(f for f in report.findings if f.check == "model.receptive_field.border")
     assert border.hint is not None
     match = re.match(r"set MinOverlap to \[(\d+), (\d+)\]", border.hint)
     assert match, border.hint
     need = [int(match.group(1)), int(match.group(2))]
-    assert report.measurements["min_overlap_exact"] == need and 50 <= need[0] <= 68
-    src = open_package(corpus("dilated-context-fixed"))
+    assert need_range[0] <= need[0] <= need_range[1], need
+    assert report.measurements.get("min_overlap_exact") in (need, None)
+    assert report.measurements.get("min_overlap_needed") in (need, None)
+    src = open_package(corpus(name))
     meta = json.loads(zipfile.ZipFile(src.path).read("model.json"))
     meta["MinOverlap"] = need
     fixed = write_package(tmp_path / "fixed.czann", meta, src.read_model_bytes())
@@ -420,7 +429,7 @@ def test_the_recommended_overlap_of_a_fixed_tile_validates_clean_and_smokes_pass
     assert again.valid and not again.warnings, again.to_json()
     smoke = smoke_test(fixed, device="cpu")
     assert smoke.valid, smoke.to_json()
-    assert smoke.measurements["smoke.seam_error"] <= TOL
+    assert smoke.measurements["smoke.seam_error"] <= 2 * TOL  # probing.seam_limit: TOL per spatial axis
 
 
 def test_unetr_runs_only_at_its_trained_size_and_its_attention_is_global(

@@ -22,17 +22,15 @@ import numpy as np
 from ..backends import Device, Session
 from ..errors import CzregError, UnsafeGraphError
 from ..metadata import ModelInfo
-from ..probing import SEED, centred_origin, probe_image, seam_band
+from ..probing import SEED, centred_origin, probe_image, seam_band, seam_limit
 from ..report import Finding, Report
 from ..selection import load_session
 
 if TYPE_CHECKING:
     from ..package import PackageSnapshot
 
-__all__ = ["SEAM_TOLERANCE", "smoke_test", "synthetic_image"]
+__all__ = ["smoke_test", "synthetic_image"]
 
-#: Tiled and whole-image outputs agree when they differ by at most this times max(1, output range).
-SEAM_TOLERANCE = 1e-4
 #: Largest image (pixels per plane) the smoke test predicts whole for the seam comparison.
 MAX_WHOLE_PIXELS = 4 * 1024 * 1024
 
@@ -293,7 +291,7 @@ def _compare_fixed_tiles(report: Report, session: Any, img: np.ndarray, out: np.
     meas["smoke.seam_error_rel"] = worst / rng
     meas["smoke.seam_method"] = f"tiled output and {cuts} fixed-size tiles centred on the cuts" + (
         " (the graph refused the whole image)" if refused else "")
-    if worst <= SEAM_TOLERANCE * rng:
+    if worst <= seam_limit(len(tile), rng):
         report.add(Finding.info("smoke.seams", f"fixed tile size {list(tile)}, overlap {overlap}: the stitched "
                                                f"output equals tiles centred on the cuts (max difference "
                                                f"{worst:.2g} over {cuts} cuts)"))
@@ -342,7 +340,7 @@ def _compare_whole(report: Report, session: Any, img: np.ndarray, out: np.ndarra
     rng = float(max(1.0, whole.max() - whole.min()))
     meas["smoke.seam_error"] = err
     meas["smoke.seam_error_rel"] = err / rng
-    if err <= SEAM_TOLERANCE * rng:
+    if err <= seam_limit(out.ndim - 1, rng):
         report.add(Finding.info("smoke.seams", f"tiled output equals whole-image output (max difference "
                                                f"{err:.2g})"))
     else:
