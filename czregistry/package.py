@@ -169,6 +169,9 @@ def require_package_file(path: Path) -> None:
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a package file",
                          hint=f"name the package files, e.g. {path / '*.czann'}")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise UsageError(f"{path} is not a regular file (a pipe, socket or device), so not a package",
+                         hint="name the package file itself")
     if not path.is_file():
         raise UsageError(f"no such package file: {path}", hint="check the path")
 

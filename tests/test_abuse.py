@@ -2115,3 +2115,22 @@ def test_stale_spool_of_a_dead_planar_run_is_swept(world: World, tmp_path: Path)
             "--tiff-layout", "planar")
     assert r.exit_code == 0, r.output
     assert out.is_file() and not stale.exists() and _files(tmp_path) == ["mask.ome.tiff"]
+
+
+# --- a package path that is a pipe (reading it would block or never end) ---
+
+
+def test_a_fifo_as_the_package_is_refused_in_one_line_without_opening_it(world: World, tmp_path: Path) -> None:
+    fifo = tmp_path / "p.czann"
+    os.mkfifo(fifo)
+    reg = tmp_path / "reg.db"
+    assert cli("init", str(reg)).exit_code == 0
+    for args in (["validate", str(fifo)], ["smoke", str(fifo)], ["inspect", str(fifo)],
+                 ["publish", str(fifo), "--registry", str(reg), "--name", "x", "--version", "1.0.0"],
+                 ["run", str(fifo), str(world.image), "-o", str(tmp_path / "o.ome.tiff")]):
+        r = cli(*args)  # a read of the pipe would block this test forever: refused before any open
+        assert r.exit_code == 2, (args, r.output)
+        _assert_one_line(r.output)
+        assert "is not a regular file (a pipe, socket or device)" in r.output, r.output
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reg.db"))
+    assert left == ["p.czann"], left  # no output, no part file
