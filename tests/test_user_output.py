@@ -48,13 +48,13 @@ def test_pack_and_validate_log_their_steps_on_stderr(onnx_file: Path, tmp_path: 
     names = [line.rsplit(" ... ", 1)[0] for line in steps]
     for want in ("pack: loading the model", "pack: checking that the model takes 64x64 tiles",
                  "pack: running the source model", "pack: comparing the package with the source",
-                 "validate: hashing the package", "validate: loading the model", "validate: model.invariance",
-                 "pack: validating the package"):
+                 "validate: reading and hashing the package", "validate: loading the model",
+                 "validate: model.invariance", "pack: validating the package"):
         assert want in names, res.stderr
     res = _cli("validate", str(pkg))
     assert res.exit_code == 0, res.output
     names = [line.rsplit(" ... ", 1)[0] for line in res.stderr.splitlines() if STEP_LINE.match(line)]
-    assert names[:2] == ["validate: hashing the package", "validate: reading the package"]
+    assert names[:2] == ["validate: reading and hashing the package", "validate: reading the package"]
     assert "validate: model.receptive_field" in names and "\r" not in res.stderr and "\033" not in res.stderr
     assert "VALID" in res.stdout and not STEP_LINE.search(res.stdout)
     # -q silences it; by default (2 s threshold) a fast step stays out of the log

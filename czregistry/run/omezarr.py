@@ -122,6 +122,21 @@ def create_ome_zarr(root: Path, layout: OmeZarrLayout, dtype: np.dtype[Any], att
                               fill_value=0)
 
 
+def _write_all(fd: int, parts: list[Any]) -> None:
+    """Write ``parts`` in order with one ``writev``, without joining them first (a join is one more copy of a
+    whole chunk layer, ~0.8 MB for a 384 px wide float32 two-class row, alive beside the encoded chunks), and
+    finish a short write the way ``write`` would (a signal, a full disk's last bytes)."""
+    done = os.writev(fd, parts) if parts else 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if done >= len(view):
+            done -= len(view)
+            continue
+        view, done = view[done:], 0
+        while view:
+            view = view[os.write(fd, view):]
+
+
 class _OpenShard:
     """A shard file being written layer by layer: its temporary file (made at the first non-empty chunk),
     the bytes written so far and its index (offset, length per chunk; ``2**64-1`` = only the fill value)."""
@@ -276,8 +291,10 @@ class OmeZarrShards:
             raise
 
     def _append(self, shard: _OpenShard, first: int, data: np.ndarray) -> None:
-        """Encode ``data``'s chunks (one copy of the whole region into chunk order, one emptiness test for
-        all of them) and append the non-empty ones with one write."""
+        """Encode ``data``'s chunks in C order (Zarr's chunk order within the layer), each copied to contiguous
+        memory on its own, and append the non-empty ones with one ``writev``. A chunk at a time, not the whole
+        layer in chunk order: that copy sat beside the layer and its encoded bytes (~0.8 MB more at a peak,
+        for a 384 px wide float32 two-class row; ``tests/test_runner.py`` bounds the runner's peak)."""
         n = tuple(-(-k // c) for k, c in zip(data.shape, self.chunks))
         padded = tuple(m * c for m, c in zip(n, self.chunks))
         if padded != data.shape:  # edge chunks are stored whole, padded with the fill value
@@ -286,24 +303,24 @@ class OmeZarrShards:
             data = full
         nd = len(n)
         split = data.reshape([x for m, c in zip(n, self.chunks) for x in (m, c)])
-        blocks = np.ascontiguousarray(split.transpose([*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)]), self.dtype)
-        flat = blocks.reshape(math.prod(n), -1)
-        full_ = flat.any(axis=1)
         shard.layers += n[self.axis]
-        if not full_.any():
-            return
         payloads: list[Any] = []
         index = shard.index
         pos = shard.pos
         base = [0] * nd
         base[self.axis] = first
-        for i in np.flatnonzero(full_).tolist():
-            raw = flat[i].data.cast("B")
+        whole = (slice(None),)
+        for inner in np.ndindex(*n):
+            chunk = np.ascontiguousarray(split[tuple(x for i in inner for x in (i, *whole))], self.dtype)
+            if not chunk.any():  # only the fill value: not stored
+                continue
+            raw = chunk.data.cast("B")
             payload = self.compress(raw) if self.compress is not None else bytes(raw)
-            inner = np.unravel_index(i, n)
             index[tuple(b + int(j) for b, j in zip(base, inner))] = (pos, len(payload))
             pos += len(payload)
             payloads.append(payload)
+        if not payloads:
+            return
         if shard.fh is None:
             parent = shard.path.parent
             if parent not in self._made:  # one mkdir per folder, not per shard
@@ -311,7 +328,7 @@ class OmeZarrShards:
                 self._made.add(parent)
             shard.tmp = shard.path.with_name(f".{shard.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             shard.fh = shard.tmp.open("wb", buffering=0)
-        shard.fh.write(b"".join(payloads))
+        _write_all(shard.fh.fileno(), payloads)
         shard.pos = pos
 
     def _finish(self, shard: _OpenShard) -> None:
