@@ -1124,6 +1124,13 @@ def test_run_dask_where_every_block_fails_leaves_no_part(world: World, tmp_path:
     assert _files(out) == []
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: Ctrl-C as a terminal delivers it. A suite started in the background by a
+    non-interactive shell (``bash .ci/run &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT
+    ignored: the run would never see the interrupt this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted_dask_run(world: World, pkg: Path, img: Path, out: Path) -> set[str]:
     """Start ``run --dask local:1`` in a subprocess, Ctrl-C it once two blocks are finished; return the
     finished blocks (the part folder is kept for --resume)."""
@@ -1131,7 +1138,7 @@ def _interrupted_dask_run(world: World, pkg: Path, img: Path, out: Path) -> set[
     proc = subprocess.Popen([sys.executable, "-m", "czregistry", "run", str(pkg), str(img), "-o", str(out),
                              "--dask", "local:1", "--block-size", "128", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(world),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 240
         while len(list(markers.glob("*.done"))) < 2:
