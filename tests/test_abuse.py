@@ -256,10 +256,15 @@ def test_sigterm_leaves_nothing_behind(cmd: Command, world: World, tmp_path: Pat
         assert (out / "k.pem").exists() == (out / "k.pub").exists(), _files(out)
 
 
+def _dead_pid() -> str:
+    """The pid of a process that has exited: what a run killed with SIGKILL leaves in its part file's name."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_stale_part_of_a_dead_run_is_swept(world: World, tmp_path: Path) -> None:
     out = tmp_path / "mask.ome.tiff"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    dead = _dead_pid()
     stale = tmp_path / f".mask.ome.tiff.{dead}-0badc0de.part"
     stale.write_bytes(b"half")
     foreign = tmp_path / ".mask.ome.tiff.notours.part"  # not our naming: kept
@@ -2114,8 +2119,7 @@ def test_a_failing_planar_writer_removes_its_spools(tmp_path: Path) -> None:
 
 def test_stale_spool_of_a_dead_planar_run_is_swept(world: World, tmp_path: Path) -> None:
     out = tmp_path / "mask.ome.tiff"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    dead = _dead_pid()
     stale = tmp_path / f".mask.ome.tiff.{dead}-0badc0de-spool1.part"
     stale.write_bytes(b"encoded tiles")
     r = cli("run", str(world.pkg), str(world.image), "-o", str(out), "-q", "--output-kind", "uint8",
