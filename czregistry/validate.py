@@ -11,7 +11,7 @@ from .audit import GRAPH_AUDIT_CHECK
 from .backends import Session
 from .checks import CheckContext, ValidateOptions
 from .errors import CzregError, PackageError, UsageError
-from .package import MiB, PackageSnapshot
+from .package import MiB, PackageSnapshot, require_package_file
 from .progress import step
 from .report import Finding, Report, Severity
 from .selection import load_session, registered_checks
@@ -27,8 +27,7 @@ def validate(path: Path | str | PackageSnapshot, options: ValidateOptions | None
     if isinstance(path, PackageSnapshot):
         return validate_snapshot(path, options)[0]
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such package file: {path}", hint="check the path")
+    require_package_file(path)  # missing, a folder, a pipe or a device: one UsageError, nothing opened
     limits = (options or ValidateOptions()).limits
     if path.stat().st_size > limits.max_total_bytes + MiB:  # hostile input is a finding, never read whole
         report = Report(path=str(path), strict=(options or ValidateOptions()).strict)

@@ -2143,5 +2143,10 @@ def test_a_fifo_as_the_package_is_refused_in_one_line_without_opening_it(world: 
         assert r.exit_code == 2, (args, r.output)
         _assert_one_line(r.output)
         assert "is not a regular file (a pipe, socket or device)" in r.output, r.output
+    from czregistry.errors import UsageError
+    from czregistry.validate import validate
+
+    with pytest.raises(UsageError, match="is not a regular file"):  # the library entry point, the same rule
+        validate(fifo)
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reg.db"))
     assert left == ["p.czann"], left  # no output, no part file
